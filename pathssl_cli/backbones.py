@@ -1,0 +1,269 @@
+"""The one backbone registry used by pretraining, evaluation and segmentation.
+
+Every backbone is a timm model behind one contract (`Backbone`): pooled features (B, D), multi-scale feature maps
+for dense tasks, its feature dimension, and the normalisation statistics that travel with its weights.
+Weights are local files only (never downloaded), loaded strictly without executing code from the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+from torch import nn
+
+from pathssl_cli.errors import SpecError
+from pathssl_cli.registry import Registry
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Lunit's TCGA-pretrained release (Kang et al. 2023, github.com/lunit-io/benchmark-ssl).
+LUNIT_TCGA_MEAN = (0.70322989, 0.53606487, 0.66096631)
+LUNIT_TCGA_STD = (0.21716536, 0.26081574, 0.20723464)
+NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "lunit_tcga": (LUNIT_TCGA_MEAN, LUNIT_TCGA_STD),
+}
+Normalization = Literal["auto", "imagenet", "lunit_tcga"]
+EXPORT_FORMAT = "pathssl-backbone"
+TIMM_PREFIX = "timm:"
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    timm_name: str
+    family: Literal["cnn", "vit"]
+    default_img_size: int
+    description: str
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    # ViT blocks whose tokens become the dense feature maps (evenly spaced, as in ViTDet/UNETR adapters).
+    vit_map_blocks: tuple[int, ...] | None = None
+
+
+BACKBONES: Registry[BackboneInfo] = Registry("backbone")
+BACKBONES.add("resnet50", BackboneInfo("resnet50", "cnn", 224, "ResNet-50 (paper: MoCo v2, SwAV, Barlow Twins)"))
+BACKBONES.add("vit_small_patch16_224", BackboneInfo("vit_small_patch16_224", "vit", 224,
+                                                    "ViT-S/16 (paper: DINO)", vit_map_blocks=(2, 5, 8, 11)))
+BACKBONES.add("vit_small_patch8_224", BackboneInfo("vit_small_patch8_224", "vit", 224,
+                                                   "ViT-S/8 (paper: DINO)", vit_map_blocks=(2, 5, 8, 11)))
+BACKBONES.add("resnet18", BackboneInfo("resnet18", "cnn", 224, "ResNet-18, a smaller CNN for quick GPU runs"))
+BACKBONES.add("vit_tiny_patch16_224", BackboneInfo("vit_tiny_patch16_224", "vit", 224, "ViT-Ti/16",
+                                                   vit_map_blocks=(2, 5, 8, 11)))
+BACKBONES.add("resnet_tiny", BackboneInfo("test_resnet", "cnn", 64, "0.4M-parameter ResNet for CPU tests"))
+BACKBONES.add("vit_tiny", BackboneInfo("test_vit", "vit", 64, "0.3M-parameter ViT with 8 px patches for CPU tests",
+                                       timm_kwargs={"patch_size": 8}, vit_map_blocks=(1, 2, 3, 5)))
+
+
+def is_known_backbone(name: str) -> bool:
+    if name.startswith(TIMM_PREFIX):
+        return timm.is_model(name.removeprefix(TIMM_PREFIX))
+    return name in BACKBONES
+
+
+def backbone_info(name: str) -> BackboneInfo:
+    """Registry entry for `name`; 'timm:<model>' passes any timm architecture through explicitly."""
+    if name.startswith(TIMM_PREFIX):
+        timm_name = name.removeprefix(TIMM_PREFIX)
+        if not timm.is_model(timm_name):
+            raise SpecError(f"unknown timm model {timm_name!r}; `python -c \"import timm; print(timm.list_models("
+                            f"'*{timm_name[:6]}*'))\"` lists similar names")
+        is_vit = "vit" in timm_name or "deit" in timm_name
+        return BackboneInfo(timm_name, "vit" if is_vit else "cnn", 224, f"timm pass-through: {timm_name}")
+    return BACKBONES.get(name)
+
+
+class Backbone(nn.Module):
+    """A timm model behind pathssl's backbone contract.
+
+    `forward(x)` → pooled features (B, feature_dim); `forward_maps(x)` → multi-scale NCHW maps (ResNet stages at
+    strides 4-32, or ViT tokens of `vit_map_blocks` reshaped to the patch grid). `x` is normalised with
+    `mean`/`std`. ViTs accept any input size (timm's dynamic position-embedding interpolation), so 32-96 px CPU
+    tests and multi-crop views both work.
+    """
+
+    def __init__(self, name: str, info: BackboneInfo, timm_model: nn.Module, img_size: int,
+                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.name = name
+        self.info = info
+        self.timm_model = timm_model
+        self.img_size = img_size
+        self.mean = mean
+        self.std = std
+        self.feature_dim: int = int(timm_model.num_features)  # type: ignore[arg-type]
+        patch = getattr(getattr(timm_model, "patch_embed", None), "patch_size", None)
+        self.patch_size: int | None = int(patch[0]) if patch is not None else None
+        self._map_shapes: tuple[list[int], list[int]] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.timm_model(x)
+
+    def forward_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        indices: int | list[int] = list(self.info.vit_map_blocks) if self.info.vit_map_blocks else 4
+        maps = self.timm_model.forward_intermediates(x, indices=indices, intermediates_only=True)  # type: ignore
+        return list(maps)
+
+    def _probe_maps(self) -> tuple[list[int], list[int]]:
+        if self._map_shapes is None:
+            size = max(64, 4 * (self.patch_size or 16))
+            device = next(self.parameters()).device
+            was_training = self.training
+            self.eval()
+            with torch.no_grad():
+                maps = self.forward_maps(torch.zeros(1, 3, size, size, device=device))
+            self.train(was_training)
+            self._map_shapes = ([m.shape[1] for m in maps], [size // m.shape[-1] for m in maps])
+        return self._map_shapes
+
+    @property
+    def map_channels(self) -> list[int]:
+        return self._probe_maps()[0]
+
+    @property
+    def map_strides(self) -> list[int]:
+        return self._probe_maps()[1]
+
+
+def _build_timm(info: BackboneInfo, img_size: int) -> nn.Module:
+    kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, **info.timm_kwargs}
+    if info.family == "vit":
+        kwargs.update(img_size=img_size, dynamic_img_size=True)
+    return timm.create_model(info.timm_name, **kwargs)
+
+
+def create_backbone(name: str, weights: str | Path = "random", img_size: int | None = None,
+                    normalization: Normalization | tuple[tuple[float, ...], tuple[float, ...]] = "auto"
+                    ) -> Backbone:
+    """Build a registry backbone with random weights or strictly loaded local weights.
+
+    `normalization="auto"` takes the statistics stored with a pathssl export, else ImageNet's; Lunit's released
+    TCGA weights carry no metadata, so give `normalization="lunit_tcga"` for them.
+    """
+    info = backbone_info(name)
+    stored_meta: dict[str, Any] = {}
+    state: dict[str, torch.Tensor] | None = None
+    if str(weights) != "random":
+        state, stored_meta = read_weights(Path(weights))
+        if img_size is None and "img_size" in stored_meta:
+            img_size = int(stored_meta["img_size"])
+    size = img_size or info.default_img_size
+    model = _build_timm(info, size)
+    if state is not None:
+        load_backbone_state(model, state, source=Path(weights))
+    if isinstance(normalization, tuple):
+        mean, std = tuple(normalization[0]), tuple(normalization[1])
+    elif normalization == "auto":
+        mean = tuple(stored_meta.get("mean", IMAGENET_MEAN))
+        std = tuple(stored_meta.get("std", IMAGENET_STD))
+    else:
+        mean, std = NORMALIZATIONS[normalization]
+    return Backbone(name, info, model, size, mean, std)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------------- weights I/O
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and metadata from a safetensors file or a torch file loaded with `weights_only=True`."""
+    if not path.exists():
+        raise SpecError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            raw_meta = fh.metadata() or {}
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 - safe_open has no iterator
+        meta = {k: json.loads(v) for k, v in raw_meta.items() if k != "format"}
+        return tensors, meta
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise SpecError(f"{path}: refusing to load: it is not a plain tensor checkpoint ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0][:200]}). pathssl loads weights with weights_only=True so a file "
+                        "cannot run code; re-save it as a state dict or safetensors.") from None
+    meta = {key: obj[key] for key in ("mean", "std", "img_size") if isinstance(obj, dict) and key in obj}
+    return _find_state_dict(obj, path), meta
+
+
+def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    # Checkpoint containers seen in the wild: timm/torchvision ('state_dict', 'model'), DINO ('teacher'),
+    # pathssl pretrain ('method' holding 'backbone.timm_model.*').
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    if isinstance(obj, dict):
+        for key in ("backbone", "state_dict", "model", "method", "teacher", "student"):
+            if isinstance(obj.get(key), dict):
+                return _find_state_dict(obj[key], path)
+    raise SpecError(f"{path}: no state dict found (expected a dict of tensors, possibly under 'state_dict', "
+                    "'model', 'backbone', 'method' or 'teacher')")
+
+
+_PREFIXES = ("", "module.", "backbone.", "module.backbone.", "timm_model.", "backbone.timm_model.",
+             "module.backbone.timm_model.", "encoder.", "model.", "student.backbone.", "teacher.backbone.")
+# Classifier and projection heads are not part of a backbone: dropped on purpose, as Lunit's release drops `fc`.
+_HEAD_PREFIXES = ("fc.", "head.", "head_drop.", "classifier.", "heads.")
+
+
+def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load `state` into a timm model strictly, whatever prefix the file used; report mismatches clearly."""
+    expected = set(model.state_dict())
+    best_prefix = max(_PREFIXES, key=lambda p: len(expected & {k[len(p):] for k in state if k.startswith(p)}))
+    selected = {k[len(best_prefix):]: v for k, v in state.items() if k.startswith(best_prefix)}
+    selected = {k: v for k, v in selected.items() if not k.startswith(_HEAD_PREFIXES) or k in expected}
+    if "pos_embed" in selected and hasattr(model, "patch_embed"):
+        from timm.models.vision_transformer import checkpoint_filter_fn
+
+        selected = checkpoint_filter_fn(selected, model)  # resamples position embeddings to this input size
+    missing = sorted(expected - set(selected))
+    unexpected = sorted(set(selected) - expected)
+    if missing or unexpected:
+        def listing(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+
+        parts = [f"{source}: weights do not match the backbone (strict loading)."]
+        if missing:
+            parts.append(f"missing {len(missing)} keys: {listing(missing)}.")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} keys: {listing(unexpected)}.")
+        parts.append("Check that model.backbone names the architecture these weights were trained with.")
+        raise SpecError(" ".join(parts))
+    try:
+        model.load_state_dict(selected, strict=True)
+    except RuntimeError as exc:  # shape mismatches
+        raise SpecError(f"{source}: weights do not fit the backbone: {str(exc).splitlines()[-1].strip()}. Check "
+                        "that model.backbone names the architecture these weights were trained with.") from None
+
+
+def export_backbone(backbone: Backbone, path: str | Path) -> Path:
+    """Write the backbone alone as safetensors with timm keys and its normalisation as metadata.
+
+    Loads with `create_backbone(name, weights=path)` and with
+    `timm.create_model(timm_name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=path))`.
+    """
+    from safetensors.torch import save_file
+
+    from pathssl_cli.runs import atomic_path
+
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.timm_model.state_dict().items()}
+    metadata = {"format": "pt", "pathssl_format": json.dumps(EXPORT_FORMAT), "backbone": json.dumps(backbone.name),
+                "timm_name": json.dumps(backbone.info.timm_name), "img_size": json.dumps(backbone.img_size),
+                "mean": json.dumps(list(backbone.mean)), "std": json.dumps(list(backbone.std))}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return path
+
+
+def describe_backbones() -> list[dict[str, Any]]:
+    """Rows for `pathssl backbones list`: parameter count, feature dim, patch size, default normalisation."""
+    rows = []
+    for name, info in BACKBONES.items():
+        model = _build_timm(info, info.default_img_size)
+        patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+        rows.append({"name": name, "timm_name": info.timm_name, "params": sum(p.numel() for p in model.parameters()),
+                     "feature_dim": int(model.num_features), "patch_size": int(patch[0]) if patch else None,
+                     "default_img_size": info.default_img_size, "normalization": "imagenet",
+                     "description": info.description})
+    return rows

@@ -1,0 +1,102 @@
+"""Spec kinds and the public loading API.
+
+Each kind maps to the pydantic model that validates it; models are imported lazily so that `pathssl spec
+validate` on a tile spec never pays for importing the training stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from pathssl_cli.errors import Problem, SpecError
+from pathssl_cli.registry import closest
+from pathssl_cli.specs.core import (
+    BackboneName,
+    InputPath,
+    OutputPath,
+    PathPattern,
+    Section,
+    SpecModel,
+    WeightsRef,
+    apply_overrides,
+    build_spec,
+    load_with_extends,
+)
+
+__all__ = [
+    "SPEC_KINDS", "BackboneName", "InputPath", "OutputPath", "PathPattern", "Section", "SpecModel", "WeightsRef",
+    "load_spec", "spec_model", "spec_schema", "spec_to_toml",
+]
+
+SPEC_KINDS: dict[str, str] = {
+    "tile": "pathssl_cli.specs.tile:TileSpec",
+    "pretrain": "pathssl_cli.specs.pretrain:PretrainSpec",
+    "linear": "pathssl_cli.specs.evaluate:LinearSpec",
+    "finetune": "pathssl_cli.specs.evaluate:FinetuneSpec",
+    "knn": "pathssl_cli.specs.evaluate:KnnSpec",
+    "subsample": "pathssl_cli.specs.subsample:SubsampleSpec",
+    "segment": "pathssl_cli.specs.segment:SegmentSpec",
+}
+
+
+def spec_model(kind: str) -> type[SpecModel]:
+    if kind not in SPEC_KINDS:
+        hint = closest(kind, list(SPEC_KINDS))
+        did_you_mean = f" Did you mean {hint!r}?" if hint else ""
+        raise SpecError(f"unknown spec kind {kind!r}.{did_you_mean} Valid kinds: {', '.join(SPEC_KINDS)}")
+    module_name, _, class_name = SPEC_KINDS[kind].partition(":")
+    model: type[SpecModel] = getattr(importlib.import_module(module_name), class_name)
+    return model
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = (), kind: str | None = None) -> SpecModel:
+    """Load, merge, override, validate and resolve a spec file; raise `SpecError` listing every problem."""
+    path = Path(path)
+    data, origins = load_with_extends(path)
+    data = apply_overrides(data, overrides, origins)
+    source = path.resolve()
+    found = data.get("kind")
+    if found is None:
+        expected = f" (kind = {kind!r} for this command)" if kind else ""
+        raise SpecError([Problem(f"{source}: kind", f"missing the top-level 'kind' key{expected}. "
+                                 f"Valid kinds: {', '.join(SPEC_KINDS)}")])
+    if not isinstance(found, str) or found not in SPEC_KINDS:
+        hint = closest(str(found), list(SPEC_KINDS))
+        did_you_mean = f" Did you mean {hint!r}?" if hint else ""
+        raise SpecError([Problem(f"{source}: kind",
+                                 f"unknown kind {found!r}.{did_you_mean} Valid kinds: {', '.join(SPEC_KINDS)}")])
+    if kind is not None and found != kind:
+        raise SpecError([Problem(f"{source}: kind", f"this command needs a spec of kind {kind!r}, but the file "
+                                 f"has kind = {found!r}. Use the command for {found!r} specs or another file.")])
+    return build_spec(spec_model(found), data, origins, base_dir=source.parent, source=source)
+
+
+def _without_none(value: Any) -> Any:
+    # TOML has no null: an unset optional field is simply absent from the resolved spec.
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
+
+
+def spec_to_toml(spec: SpecModel) -> str:
+    """The resolved spec as TOML text: what `pathssl spec show` prints and every run saves as spec.toml."""
+    data = _without_none(spec.model_dump(mode="json"))
+    ordered = {"kind": data.pop("kind")} if "kind" in data else {}
+    ordered.update(data)
+    return tomli_w.dumps(ordered)
+
+
+def spec_schema(kind: str) -> str:
+    """JSON Schema of a spec kind, for editors' TOML plugins (e.g. Taplo's `#:schema` directive)."""
+    schema = spec_model(kind).model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema.setdefault("title", f"pathssl {kind} spec")
+    return json.dumps(schema, indent=2)
