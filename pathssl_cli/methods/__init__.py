@@ -1,0 +1,35 @@
+"""SSL methods: one file per method (options, loss as a pure function, the `SSLMethod`), one registry.
+
+Adding a method: a file with `@METHODS.register("<name>")` on its `SSLMethod` subclass, its import below, and its
+options class in `MethodOptionsUnion`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from pathssl_cli.methods.barlow_twins import BarlowTwins, BarlowTwinsOptions, barlow_twins_loss
+from pathssl_cli.methods.base import METHODS, MethodOptions, SSLMethod
+from pathssl_cli.methods.dino import DINO, DINOOptions, dino_loss, update_center
+from pathssl_cli.methods.mocov2 import MoCoV2, MoCoV2Options, infonce_loss
+from pathssl_cli.methods.swav import SwAV, SwAVOptions, sinkhorn_knopp, swav_loss
+
+#: The `[method]` table of a pretrain spec: the options model picked by `name`.
+MethodOptionsUnion = Annotated[
+    Union[MoCoV2Options, SwAVOptions, BarlowTwinsOptions, DINOOptions],  # noqa: UP007 - pydantic discriminator
+    Field(discriminator="name"),
+]
+
+
+def create_method(backbone, options: MethodOptions, *, steps_per_epoch: int, total_steps: int) -> SSLMethod:  # type: ignore[no-untyped-def]
+    """The registered method for `options.name`, built around `backbone` (the student that gets exported)."""
+    return METHODS.get(options.name)(backbone, options, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+
+
+__all__ = [
+    "DINO", "METHODS", "BarlowTwins", "BarlowTwinsOptions", "DINOOptions", "MethodOptions", "MethodOptionsUnion",
+    "MoCoV2", "MoCoV2Options", "SSLMethod", "SwAV", "SwAVOptions", "barlow_twins_loss", "create_method",
+    "dino_loss", "infonce_loss", "sinkhorn_knopp", "swav_loss", "update_center",
+]

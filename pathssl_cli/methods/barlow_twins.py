@@ -1,0 +1,84 @@
+"""Barlow Twins (Zbontar et al. 2021, "Barlow Twins: Self-Supervised Learning via Redundancy Reduction").
+
+Matches facebookresearch/barlowtwins `main.py`: projector 8192-8192-8192 (Linear without bias → BN → ReLU, last
+Linear without bias), each view projected separately, embeddings normalised by an affine-free BatchNorm over the
+global batch, cross-correlation summed over ranks and divided by the global batch size, loss
+Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij² with λ = 0.0051. barlowtwins sums C with a raw `all_reduce` (no gradient
+through the other ranks' terms); we use a gradient-carrying all-reduce, so DDP's averaged gradient equals the
+single-process gradient of the global-batch loss (the raw version is that divided by the world size).
+The LARS learning rates for weights / biases and norms are the optimiser's (`param_groups` marks the split).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from pathssl_cli.methods.base import (
+    METHODS,
+    MethodOptions,
+    SSLMethod,
+    all_reduce_sum,
+    all_reduce_sum_with_grad,
+)
+from pathssl_cli.methods.heads import BarlowTwinsHead
+
+BN_EPS = 1e-5  # nn.BatchNorm1d's default, which barlowtwins' `self.bn` uses
+
+
+class BarlowTwinsOptions(MethodOptions):
+    name: Literal["barlow_twins"] = "barlow_twins"
+    projector_dims: tuple[int, ...] = Field((8192, 8192, 8192), min_length=1, description="Projector layer "
+                                            "widths (features); barlowtwins `--projector 8192-8192-8192`.")
+    lambd: float = Field(0.0051, ge=0, description="Weight of the off-diagonal (redundancy) term (unitless); "
+                         "barlowtwins `--lambd 0.0051`.")
+
+
+def global_batch_standardize(z: Tensor) -> Tensor:
+    """(z − mean) / sqrt(var + 1e-5) per feature, mean and biased var over the global batch (all ranks), with
+    gradients, i.e. `nn.BatchNorm1d(affine=False)` in training mode over the global batch. z: (B_local, D)."""
+    count = all_reduce_sum(z.new_tensor(float(z.shape[0])))
+    mean = all_reduce_sum_with_grad(z.sum(dim=0)) / count
+    var = all_reduce_sum_with_grad(((z - mean) ** 2).sum(dim=0)) / count
+    return (z - mean) / torch.sqrt(var + BN_EPS)
+
+
+def off_diagonal(matrix: Tensor) -> Tensor:
+    """The off-diagonal entries of a square (n, n) matrix, flattened (n·(n−1),)."""
+    n = matrix.shape[0]
+    return matrix.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
+
+
+def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float) -> Tensor:
+    """Barlow Twins loss (barlowtwins `main.py` `BarlowTwins.forward`).
+
+    z1, z2 (B_local, D): projector outputs of the two views on this rank. C = BN(z1)ᵀ BN(z2) / N summed over
+    ranks (N the global batch), loss = Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij². The same scalar on every rank.
+    """
+    z1 = global_batch_standardize(z1.float())
+    z2 = global_batch_standardize(z2.float())
+    count = all_reduce_sum(z1.new_tensor(float(z1.shape[0])))
+    c = all_reduce_sum_with_grad(z1.T @ z2) / count
+    on_diagonal = (torch.diagonal(c) - 1).pow(2).sum()
+    return on_diagonal + lambd * off_diagonal(c).pow(2).sum()
+
+
+@METHODS.register("barlow_twins")
+class BarlowTwins(SSLMethod):
+    options_model = BarlowTwinsOptions
+    options: BarlowTwinsOptions
+
+    def __init__(self, backbone: nn.Module, options: BarlowTwinsOptions, *, steps_per_epoch: int,
+                 total_steps: int) -> None:
+        super().__init__(backbone, options, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        self.n_global_views, self.n_local_views = 2, 0
+        self.projector = BarlowTwinsHead(backbone.feature_dim, options.projector_dims)
+
+    def forward(self, views: list[Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
+        self.check_views(views)
+        z1 = self.projector(self.backbone(views[0]))
+        z2 = self.projector(self.backbone(views[1]))
+        return barlow_twins_loss(z1, z2, self.options.lambd), {}

@@ -1,0 +1,168 @@
+"""The contract between an SSL method and the one pre-training loop (`pathssl_cli/pretrain.py`).
+
+A method is an `nn.Module` that owns the student backbone, its heads, any teacher / key encoder, and its state
+(queues, pointers, the DINO centre) as registered buffers, so `state_dict()` checkpoints all of it. The loop does:
+
+    method = METHODS.get(options.name)(backbone, options, steps_per_epoch=S, total_steps=T)
+    optimizer = make_optimizer(method.param_groups(), ...)
+    model = DDP(method)                                  # when distributed; see "DDP" below
+    for step in range(start, T):
+        loss, logs = model(views, step)                  # views: n_global_views global views, then local ones
+        loss.backward()
+        method.on_before_optimizer_step(step)            # drop frozen grads, per-parameter clipping
+        optimizer.step(); optimizer.zero_grad()
+        method.on_after_optimizer_step(step)             # EMA teacher / key encoder, prototype normalisation
+
+- `views`: a list of `n_global_views + n_local_views` tensors, each (B_local, 3, h, w), already normalised;
+  views of the same size are batched through the backbone together (dino `MultiCropWrapper`, swav `resnet50.py`).
+- The returned loss is this rank's loss, scaled so that DDP's gradient *averaging* gives the gradient of the
+  global-batch loss: per-sample losses are means over the local batch (gathered keys/centres carry no gradient),
+  and losses that are global by construction (Barlow Twins' cross-correlation) are identical on every rank and
+  use a gradient-carrying all-reduce whose backward sums the W identical upstream gradients (W × 1/W = 1).
+- All schedules (momentum, temperature) are precomputed per-step arrays indexed by `step`, so resuming at step k
+  needs nothing but k and the state dict.
+- DDP: every buffer is kept identical on all ranks (queues hold *gathered* features), so DDP's default
+  `broadcast_buffers=True` is harmless, and a checkpoint does not depend on the world size.
+- BatchNorm inside the heads is `GlobalBatchNorm1d` (statistics over the global batch, like SyncBN, but it works
+  on CPU/gloo too). Converting the *backbone's* BatchNorm to SyncBN on GPU is the loop's job.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from pydantic import Field
+from torch import Tensor, nn
+
+from pathssl_cli.distributed import (  # noqa: F401 - re-exported for the method modules
+    all_reduce_sum,
+    all_reduce_sum_with_grad,
+    gather_no_grad,
+    rank,
+    world_size,
+)
+from pathssl_cli.registry import Registry
+from pathssl_cli.specs.core import Section
+
+
+class MethodOptions(Section):
+    """Options of one SSL method; each method subclasses this with `name: Literal["<method>"]`."""
+
+    name: str = Field(description="The SSL method: mocov2 | swav | barlow_twins | dino.")
+
+
+# ------------------------------------------------------------------------------------------ distributed helpers
+@torch.no_grad()
+def all_reduce_max(x: Tensor) -> Tensor:
+    """Element-wise maximum of `x` over ranks, as a new tensor without gradient."""
+    out = x.detach().clone()
+    if world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- schedules
+def momentum_schedule(base: float, total_steps: int, cosine_to_one: bool) -> np.ndarray:
+    """Per-step EMA momentum: constant `base`, or dino `cosine_scheduler(base, 1, ...)`:
+    m_i = 1 - (1 - base)(1 + cos(pi i / T)) / 2, which starts at `base` and approaches 1."""
+    if not cosine_to_one:
+        return np.full(max(total_steps, 1), base, dtype=np.float64)
+    i = np.arange(max(total_steps, 1))
+    return 1.0 + 0.5 * (base - 1.0) * (1.0 + np.cos(np.pi * i / max(total_steps, 1)))
+
+
+def at_step(schedule: np.ndarray, step: int) -> float:
+    """The schedule's value at `step`, holding the last value if a run goes past its planned length."""
+    return float(schedule[min(max(step, 0), len(schedule) - 1)])
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher ← momentum · teacher + (1 − momentum) · student, parameter by parameter (buffers are not averaged,
+    as in moco `_momentum_update_key_encoder` and dino's teacher update)."""
+    teacher_params = list(teacher.parameters())
+    student_params = list(student.parameters())
+    if len(teacher_params) != len(student_params):
+        raise RuntimeError("teacher and student have different parameter lists")
+    for t, s in zip(teacher_params, student_params):
+        t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
+
+
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy whose parameters never receive gradients (teacher / key encoder)."""
+    twin = copy.deepcopy(module)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+# --------------------------------------------------------------------------------------------------- the method
+class SSLMethod(nn.Module):
+    """Base class of the four methods; see the module docstring for the contract."""
+
+    options_model: ClassVar[type[MethodOptions]]
+    n_global_views: int
+    n_local_views: int
+    backbone: nn.Module  # pathssl_cli.backbones.Backbone: the student / query backbone that gets exported
+
+    def __init__(self, backbone: nn.Module, options: MethodOptions, *, steps_per_epoch: int,
+                 total_steps: int) -> None:
+        super().__init__()
+        if steps_per_epoch <= 0 or total_steps <= 0:
+            raise ValueError(f"steps_per_epoch and total_steps must be positive, got {steps_per_epoch}, "
+                             f"{total_steps}")
+        self.backbone = backbone
+        self.options = options
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def forward(self, views: list[Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def on_before_optimizer_step(self, step: int) -> None:
+        """Called after backward, before the optimiser step (gradients are already averaged by DDP)."""
+
+    def on_after_optimizer_step(self, step: int) -> None:
+        """Called after the optimiser step: EMA updates, prototype normalisation."""
+
+    def check_views(self, views: Sequence[Tensor]) -> None:
+        expected = self.n_global_views + self.n_local_views
+        if len(views) != expected:
+            raise ValueError(f"{type(self).__name__} expects {self.n_global_views} global + {self.n_local_views} "
+                             f"local views, got {len(views)}")
+
+    def param_groups(self) -> list[dict]:
+        """Trainable parameters (frozen teacher / key encoder excluded), split for weight decay and LARS:
+        weights get decay; biases and norm parameters (1-d tensors, barlowtwins `exclude_bias_and_norm`, dino
+        `get_params_groups`) get neither weight decay nor LARS adaptation."""
+        decayed, not_decayed = [], []
+        for p in self.parameters():
+            if not p.requires_grad:
+                continue
+            (not_decayed if p.ndim <= 1 else decayed).append(p)
+        return [{"params": decayed, "weight_decay_applies": True},
+                {"params": not_decayed, "weight_decay_applies": False, "lars_exclude": True}]
+
+
+def backbone_multicrop(backbone: nn.Module, views: Sequence[Tensor]) -> Tensor:
+    """Backbone features of all views, (V·B, D) in view order; consecutive views of equal size run as one batch."""
+    outputs: list[Tensor] = []
+    start = 0
+    while start < len(views):
+        end = start + 1
+        while end < len(views) and views[end].shape[-2:] == views[start].shape[-2:]:
+            end += 1
+        outputs.append(backbone(torch.cat(list(views[start:end]), dim=0)))
+        start = end
+    return torch.cat(outputs, dim=0)
+
+
+METHODS: Registry[type[SSLMethod]] = Registry("SSL method")
