@@ -1,0 +1,1 @@
+"""Downstream protocols on frozen or fine-tuned backbones: linear probe, k-NN and fine-tuning."""

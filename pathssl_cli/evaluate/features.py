@@ -1,0 +1,145 @@
+"""Frozen-backbone feature extraction with an on-disk cache.
+
+The linear and kNN protocols look at every image exactly once: features are extracted with the eval transform
+and stored, and every later classifier (the whole lr × weight-decay × seed sweep, both k of kNN, a second
+protocol on the same backbone) reads the stored tensor.
+
+Cache key (sha256 of a canonical JSON): backbone name, the sha256 of the weights file's bytes (so retraining or
+replacing a file under the same name invalidates it; "random" weights are keyed by the seed that initialised
+them), the dataset name and root, the split, the ordered item ids (which covers a `train_subset` file and the
+seeded val split), and the transform (image size, mean, std). One entry is one file written atomically, so a
+killed extraction leaves no entry and the next run redoes that split only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from pathssl_cli.console import info, progress
+from pathssl_cli.distributed import autocast
+from pathssl_cli.runs import atomic_write, load_checkpoint, save_checkpoint
+
+CACHE_VERSION = 1
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_identity(weights: str | Path, seed: int) -> str:
+    """What identifies the backbone's parameters: the file's content hash, or the seed of a random init."""
+    return f"random:seed={seed}" if str(weights) == "random" else f"sha256:{file_sha256(weights)}"
+
+
+@dataclass(frozen=True)
+class FeatureKey:
+    backbone: str
+    weights: str                      # weights_identity(...)
+    dataset: str
+    root: str
+    split: str
+    ids_sha256: str
+    transform: str                    # canonical description of the eval transform
+
+    @staticmethod
+    def ids_digest(ids: list[str]) -> str:
+        return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+
+    def digest(self) -> str:
+        payload = json.dumps({"version": CACHE_VERSION, **self.__dict__}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+
+@dataclass
+class Features:
+    features: torch.Tensor            # (N, D) float32
+    targets: torch.Tensor             # (N,) int64
+    seconds: float                    # extraction wall time (0 on a cache hit)
+    cache_hit: bool
+
+
+def transform_description(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> str:
+    return json.dumps({"kind": "eval", "img_size": img_size, "mean": [round(m, 8) for m in mean],
+                       "std": [round(s, 8) for s in std]})
+
+
+def cache_path(cache_dir: Path, key: FeatureKey) -> Path:
+    return cache_dir / f"{key.split}-{key.digest()[:24]}.pt"
+
+
+def load_cached(cache_dir: Path | None, key: FeatureKey) -> Features | None:
+    if cache_dir is None:
+        return None
+    path = cache_path(cache_dir, key)
+    if not path.exists():
+        return None
+    state = load_checkpoint(path)
+    if state.get("key") != json.dumps(key.__dict__, sort_keys=True):
+        return None  # a 96-bit prefix collision, or a file from another version: recompute
+    return Features(state["features"], state["targets"], 0.0, cache_hit=True)
+
+
+def store(cache_dir: Path, key: FeatureKey, feats: Features) -> Path:
+    path = cache_path(cache_dir, key)
+    save_checkpoint({"key": json.dumps(key.__dict__, sort_keys=True), "features": feats.features,
+                     "targets": feats.targets}, path)
+    # A human-readable sidecar: what the opaque file name stands for.
+    atomic_write(path.with_suffix(".json"), json.dumps({**key.__dict__, "n": len(feats.targets),
+                                                        "dim": int(feats.features.shape[1])}, indent=2) + "\n")
+    return path
+
+
+def make_loader(dataset: Dataset[Any], batch_size: int, workers: int, device: torch.device) -> DataLoader[Any]:
+    """Workers decode and transform while the backbone runs; pinned memory makes the host→GPU copy async."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False,
+                      prefetch_factor=4 if workers > 0 else None)
+
+
+@torch.no_grad()
+def extract(backbone: torch.nn.Module, dataset: Dataset[Any], *, batch_size: int, workers: int,
+            device: torch.device, precision: str = "fp32", desc: str = "features") -> Features:
+    """Run the frozen backbone (eval mode) over `dataset` in order; features come back as float32 on the CPU."""
+    backbone.eval().to(device)
+    loader = make_loader(dataset, batch_size, workers, device)
+    chunks: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    start = time.perf_counter()
+    with progress(total=len(dataset), desc=desc, unit="img") as bar:  # type: ignore[arg-type]
+        for images, targets in loader:
+            images = images.to(device, non_blocking=True)
+            with autocast(device, precision):  # type: ignore[arg-type]
+                out = backbone(images)
+            chunks.append(out.float().cpu())
+            labels.append(torch.as_tensor(targets, dtype=torch.int64))
+            bar.update(len(images))
+    seconds = time.perf_counter() - start
+    feats = torch.cat(chunks) if chunks else torch.zeros(0, 0)
+    return Features(feats, torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64), seconds, False)
+
+
+def cached_features(backbone: torch.nn.Module, dataset: Any, key: FeatureKey, cache_dir: Path | None, *,
+                    batch_size: int, workers: int, device: torch.device, precision: str = "fp32") -> Features:
+    """Features of `dataset` from the cache when `key` is there, else extracted and stored."""
+    hit = load_cached(cache_dir, key)
+    if hit is not None:
+        if len(hit.targets) == len(dataset) and torch.equal(hit.targets, torch.as_tensor(dataset.targets)):
+            info(f"{key.split}: {len(hit.targets)} cached features ({cache_path(cache_dir, key).name})")  # type: ignore[arg-type]
+            return hit
+    feats = extract(backbone, dataset, batch_size=batch_size, workers=workers, device=device,
+                    precision=precision, desc=f"features {key.split}")
+    if cache_dir is not None:
+        store(cache_dir, key, feats)
+    return feats

@@ -1,0 +1,186 @@
+"""Many linear classifiers trained at once on cached features: the whole lr × weight-decay × seed sweep.
+
+Every head is an independent `nn.Linear(D, C)` with its own lr, weight decay, initialisation and minibatch order
+(the seed). Stacking them as W (G, D, C) turns the sweep into one batched matmul per step instead of G Python
+training loops, which is what keeps a full linear evaluation, sweep included, cheaper than the one-time feature
+extraction (benchmarks/linear_eval_cost.py).
+
+The optimisers are written out here because torch's cannot give each slice of one tensor its own lr and weight
+decay; each follows torch's update rule exactly (tests/evaluate/test_probe.py checks them against torch.optim on
+one head):
+- SGD (torch.optim.SGD, dampening 0, no Nesterov): g += wd·W; buf = m·buf + g (buf = g at the first step);
+  W -= lr·buf. Weight decay applies to the bias too, as when `linear.parameters()` is handed to torch.optim.SGD in
+  DINO's eval_linear.py.
+- AdamW (torch.optim.AdamW): W *= 1 - lr·wd; m, v moving averages with bias correction; W -= lr·m̂/(√v̂ + eps).
+The initialisation is DINO's (eval_linear.py LinearClassifier): weight ~ N(0, 0.01²), bias 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pathssl_cli.console import progress
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    lr: float
+    weight_decay: float
+    seed: int
+
+
+@dataclass(frozen=True)
+class ProbeSchedule:
+    """What all heads share: optimiser kind, number of steps, batch size and when to validate."""
+
+    optimizer: Literal["sgd", "adamw"]
+    steps: int
+    batch_size: int
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    eval_every: int = 100
+    select_by: Literal["top1", "balanced_acc"] = "top1"
+
+
+@dataclass
+class ProbeResult:
+    """Best-by-validation weights of every head and the validation score each reached."""
+
+    weight: torch.Tensor          # (G, D, C)
+    bias: torch.Tensor            # (G, C)
+    best_val: torch.Tensor        # (G,) selection metric of the kept weights
+    best_step: torch.Tensor       # (G,) step after which they were kept
+    history: list[dict[str, float | int | list[float]]] = field(default_factory=list)
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """(G, N, C) logits of every head."""
+        return torch.baddbmm(self.bias[:, None, :], features.float().expand(len(self.weight), -1, -1),
+                             self.weight)
+
+
+def lr_factors(schedule: ProbeSchedule) -> np.ndarray:
+    """Per-step multiplier of each head's lr: half cosine from 1 towards 0 (as torch's CosineAnnealingLR with
+    eta_min 0 stepped every step), or 1 throughout."""
+    i = np.arange(schedule.steps)
+    if schedule.lr_schedule == "constant":
+        return np.ones(schedule.steps)
+    return 0.5 * (1.0 + np.cos(np.pi * i / schedule.steps))
+
+
+def selection_metric(logits: torch.Tensor, targets: torch.Tensor, num_classes: int,
+                     kind: Literal["top1", "balanced_acc"]) -> torch.Tensor:
+    """(G,) top-1 accuracy or balanced accuracy (mean recall over classes present in `targets`) per head."""
+    correct = (logits.argmax(dim=2) == targets[None, :]).float()           # (G, N)
+    if kind == "top1":
+        return correct.mean(dim=1)
+    onehot = F.one_hot(targets, num_classes).float()                       # (N, C)
+    support = onehot.sum(dim=0)                                            # (C,)
+    recall = (correct @ onehot) / support.clamp(min=1)                     # (G, C)
+    present = support > 0
+    return recall[:, present].mean(dim=1)
+
+
+def train_probes(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
+                 num_classes: int, heads: list[HeadConfig], schedule: ProbeSchedule,
+                 desc: str = "linear probes") -> ProbeResult:
+    """Train every head in `heads` for `schedule.steps` minibatch steps; keep each head's best-by-val weights.
+
+    train_x: (N, D) float features, train_y: (N,) int64. Each head draws its own random permutation of the
+    training set every epoch (from its seed), so seeds differ both in initialisation and in data order.
+    """
+    n, dim = train_x.shape
+    g_count = len(heads)
+    train_x, val_x = train_x.float(), val_x.float()
+    train_y, val_y = train_y.long(), val_y.long()
+    batch = min(schedule.batch_size, n)
+
+    weight = torch.empty(g_count, dim, num_classes)
+    bias = torch.zeros(g_count, num_classes)
+    generators = []
+    for g, head in enumerate(heads):
+        gen = torch.Generator().manual_seed(head.seed)
+        weight[g] = torch.randn(dim, num_classes, generator=gen) * 0.01
+        generators.append(gen)
+    lr = torch.tensor([h.lr for h in heads], dtype=torch.float32)
+    wd = torch.tensor([h.weight_decay for h in heads], dtype=torch.float32)
+    factors = lr_factors(schedule)
+
+    state_w = [torch.zeros_like(weight), torch.zeros_like(weight)]          # SGD: buf; AdamW: m, v
+    state_b = [torch.zeros_like(bias), torch.zeros_like(bias)]
+    best_w, best_b = weight.clone(), bias.clone()
+    best_val = torch.full((g_count,), -1.0)
+    best_step = torch.zeros(g_count, dtype=torch.long)
+    history: list[dict[str, float | int | list[float]]] = []
+
+    order = torch.empty(g_count, 0, dtype=torch.long)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    with progress(total=schedule.steps, desc=desc, unit="step") as bar:
+        for step in range(schedule.steps):
+            if order.shape[1] < batch:
+                # A fresh epoch: each head's own permutation, appended so that no sample is skipped.
+                fresh = torch.stack([torch.randperm(n, generator=gen) for gen in generators])
+                order = torch.cat([order, fresh], dim=1)
+            idx, order = order[:, :batch], order[:, batch:]
+            logits = torch.baddbmm(bias[:, None, :], train_x[idx], weight)         # (G, B, C)
+            loss = F.cross_entropy(logits.reshape(-1, num_classes), train_y[idx].reshape(-1),
+                                   reduction="none").view(g_count, -1).mean(dim=1)
+            grad_w, grad_b = torch.autograd.grad(loss.sum(), [weight, bias])
+            step_lr = lr * float(factors[step])
+            with torch.no_grad():
+                _update(weight, grad_w, state_w, step_lr, wd, step, schedule)
+                _update(bias, grad_b, state_b, step_lr, wd, step, schedule)
+            last = step + 1 == schedule.steps
+            if (step + 1) % schedule.eval_every == 0 or last:
+                with torch.no_grad():
+                    val_logits = torch.baddbmm(bias[:, None, :], val_x.expand(g_count, -1, -1), weight)
+                    score = selection_metric(val_logits, val_y, num_classes, schedule.select_by)
+                    improved = score > best_val
+                    best_w[improved] = weight[improved]
+                    best_b[improved] = bias[improved]
+                    best_val = torch.where(improved, score, best_val)
+                    best_step = torch.where(improved, torch.full_like(best_step, step + 1), best_step)
+                history.append({"step": step + 1, "train_loss": loss.detach().mean().item(),
+                                "val": [round(v, 6) for v in score.tolist()]})
+                bar.set_postfix(val_best=f"{best_val.max().item():.4f}")
+            bar.update(1)
+    return ProbeResult(weight=best_w, bias=best_b, best_val=best_val, best_step=best_step, history=history)
+
+
+def _update(param: torch.Tensor, grad: torch.Tensor, state: list[torch.Tensor], lr: torch.Tensor,
+            wd: torch.Tensor, step: int, schedule: ProbeSchedule) -> None:
+    """One in-place optimiser step; lr and wd are (G,) and broadcast over each head's slice."""
+    shape = (-1,) + (1,) * (param.ndim - 1)
+    lr_b, wd_b = lr.view(shape), wd.view(shape)
+    if schedule.optimizer == "sgd":
+        grad = grad + wd_b * param
+        buf = state[0]
+        if step == 0:
+            buf.copy_(grad)
+        else:
+            buf.mul_(schedule.momentum).add_(grad)
+        param.sub_(lr_b * buf)
+        return
+    beta1, beta2 = schedule.betas
+    t = step + 1
+    param.mul_(1.0 - lr_b * wd_b)
+    m, v = state
+    m.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    m_hat = m / (1.0 - beta1**t)
+    denom = (v / (1.0 - beta2**t)).sqrt().add_(schedule.eps)
+    param.sub_(lr_b * m_hat / denom)
+
+
+def steps_for_epochs(epochs: int, n_train: int, batch_size: int) -> int:
+    """Minibatch steps in `epochs` passes over `n_train` samples (the last batch of a pass may be partial in
+    a per-epoch loader; here batches run on across epochs, so this is the same number of samples seen)."""
+    return max(1, math.ceil(epochs * n_train / max(1, min(batch_size, n_train))))
