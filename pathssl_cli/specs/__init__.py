@@ -74,7 +74,7 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), kind: str | None 
     if kind is not None and found != kind:
         raise SpecError([Problem(f"{source}: kind", f"this command needs a spec of kind {kind!r}, but the file "
                                  f"has kind = {found!r}. Use the command for {found!r} specs or another file.")])
-    return build_spec(spec_model(found), data, origins, base_dir=source.parent, source=source)
+    return build_spec(spec_model(found), data, origins, source=source)
 
 
 def _without_none(value: Any) -> Any:

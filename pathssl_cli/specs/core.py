@@ -7,6 +7,7 @@ and what was expected, and for unknown keys the closest valid key.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import types
@@ -284,7 +285,9 @@ def iter_path_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[BaseM
     for name, field in type(model).model_fields.items():
         dotted = f"{prefix}{name}"
         value = getattr(model, name)
-        marker = _marker_of(field.annotation)
+        # pydantic moves a top-level Annotated[...] marker into field.metadata; nested ones stay in the annotation
+        marker = next((m for m in field.metadata if isinstance(m, _PathMarker)), None) or _marker_of(
+            field.annotation)
         if marker is not None:
             yield model, name, dotted, marker
         children = value if isinstance(value, list | tuple) else list(value.values()) \
@@ -294,19 +297,20 @@ def iter_path_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[BaseM
                 yield from iter_path_fields(child, f"{dotted}.")
 
 
-def resolve_paths(spec: BaseModel, origins: dict[str, Path], base_dir: Path, default_file: str) -> list[Problem]:
+def resolve_paths(spec: BaseModel, origins: dict[str, Path], default_file: str) -> list[Problem]:
     """Make relative paths absolute (against the file that set them) and check that inputs exist."""
     problems = []
     for owner, name, dotted, marker in list(iter_path_fields(spec)):
         origin = origins.get(dotted)
-        base = origin.parent if origin is not None else base_dir
+        # a value from a file is relative to that file; defaults and --set values to the working directory
+        base = origin.parent if origin is not None else Path.cwd()
         value = getattr(owner, name)
 
         def resolve(item: Any) -> Any:
             if isinstance(item, Path | str) and not (isinstance(item, str) and item == "random"):
                 text = str(item)
                 path = Path(text).expanduser()
-                resolved = path if path.is_absolute() else base / path
+                resolved = path if path.is_absolute() else Path(os.path.normpath(base / path))
                 if marker.kind == "input" and not resolved.exists():
                     problems.append(Problem(f"{_file_for(dotted, origins, default_file)}: {dotted}",
                                             f"file not found: {resolved} (given as {text!r}, relative to "
@@ -326,13 +330,13 @@ def resolve_paths(spec: BaseModel, origins: dict[str, Path], base_dir: Path, def
 
 # ------------------------------------------------------------------------------------------------- loading
 def build_spec(model: type[SpecModel], data: dict[str, Any], origins: dict[str, Path], *,
-               base_dir: Path, source: Path | None) -> SpecModel:
+               source: Path | None) -> SpecModel:
     default_file = str(source) if source is not None else "spec"
     try:
         spec = model.model_validate(data)
     except ValidationError as exc:
         raise SpecError(validation_problems(model, exc, origins, default_file)) from None
-    problems = resolve_paths(spec, origins, base_dir, default_file)
+    problems = resolve_paths(spec, origins, default_file)
     if not problems:
         problems = spec.check_inputs()
     if problems:
