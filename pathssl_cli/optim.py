@@ -13,7 +13,6 @@ LARS additionally reads `lars_exclude` (no trust-ratio adaptation, Barlow Twins'
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -168,14 +167,12 @@ def build_optimizer(name: str, groups: Sequence[dict[str, Any]], *, momentum: fl
     raise ValueError(f"unknown optimiser {name!r}")
 
 
-def clip_gradients(parameters: Iterable[torch.Tensor], max_norm: float) -> None:
-    """Clip each parameter's gradient to L2 norm `max_norm`, as dino `utils.clip_gradients` does (per parameter,
-    not the global norm: DINO's 3.0 is meant this way); `max_norm <= 0` disables it."""
-    if max_norm <= 0 or math.isinf(max_norm):
-        return
-    for p in parameters:
-        if p.grad is None:
-            continue
-        norm = torch.linalg.vector_norm(p.grad.detach())
-        # Scale factor min(1, max_norm / norm) without a host sync; 1e-6 as in the reference.
-        p.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+def build_schedules(*, peak_lr: float, total_steps: int, warmup_steps: int = 0, final_lr_fraction: float = 0.0,
+                    warmup_start_fraction: float = 0.0, weight_decay: float = 0.0,
+                    weight_decay_end: float | None = None) -> Schedules:
+    """Warm-up + cosine lr from `peak_lr` to `peak_lr × final_lr_fraction`, and a cosine weight decay
+    `weight_decay → weight_decay_end` over the whole run (no warm-up, as DINO's), constant when no end is given."""
+    lr = cosine_schedule(peak_lr, peak_lr * final_lr_fraction, total_steps, warmup_steps,
+                         peak_lr * warmup_start_fraction)
+    end = weight_decay if weight_decay_end is None else weight_decay_end
+    return Schedules(lr=lr, weight_decay=cosine_schedule(weight_decay, end, total_steps))

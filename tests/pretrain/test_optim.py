@@ -14,7 +14,6 @@ from pathssl_cli.optim import (
     Schedules,
     apply_schedules,
     build_optimizer,
-    clip_gradients,
     cosine_schedule,
     decay_split,
     scaled_lr,
@@ -110,11 +109,15 @@ def test_torch_optimisers_take_group_weight_decay(name: str) -> None:
     assert [g["weight_decay"] for g in opt.param_groups] == [0.04, 0.0]
 
 
-def test_per_parameter_gradient_clipping_like_dino() -> None:
-    a = nn.Parameter(torch.zeros(2))
-    b = nn.Parameter(torch.zeros(2))
-    a.grad = torch.tensor([3.0, 4.0])  # norm 5 -> clipped to norm 3
-    b.grad = torch.tensor([0.3, 0.4])  # norm 0.5 -> untouched
-    clip_gradients([a, b], 3.0)
-    torch.testing.assert_close(a.grad, torch.tensor([3.0, 4.0]) * 3 / (5 + 1e-6))
-    torch.testing.assert_close(b.grad, torch.tensor([0.3, 0.4]))
+def test_build_schedules_combines_warmup_cosine_and_weight_decay() -> None:
+    from pathssl_cli.optim import build_schedules
+
+    s = build_schedules(peak_lr=2.0, total_steps=5, warmup_steps=2, final_lr_fraction=0.5,
+                        warmup_start_fraction=0.25, weight_decay=0.04, weight_decay_end=0.4)
+    # warm-up linspace(0.5, 2, 2) = [0.5, 2]; cosine 2 -> 1 over 3 steps: 1 + (1 + cos(pi i / 3)) / 2
+    np.testing.assert_allclose(s.lr, [0.5, 2.0, 2.0, 1.75, 1.25])
+    np.testing.assert_allclose(s.weight_decay[0], 0.04)
+    # step 2 of 5: 0.4 + (0.04 - 0.4)(1 + cos(2 pi / 5)) / 2, cos(2 pi / 5) = (sqrt(5) - 1) / 4
+    np.testing.assert_allclose(s.weight_decay[2], 0.4 - 0.18 * (1 + (math.sqrt(5) - 1) / 4))
+    constant = build_schedules(peak_lr=1.0, total_steps=3, weight_decay=1e-4)
+    np.testing.assert_allclose(constant.weight_decay, [1e-4] * 3)
