@@ -1,0 +1,6 @@
+"""Batched SSL view generation: recipes (`views`), tensor ops (`ops`) and stain augmentation (`stain`)."""
+
+from pathssl_cli.augment.stain import StainStats, fit_stain_stats
+from pathssl_cli.augment.views import BatchViews, ViewRecipe, recipe_for
+
+__all__ = ["BatchViews", "StainStats", "ViewRecipe", "fit_stain_stats", "recipe_for"]

@@ -1,0 +1,273 @@
+"""Stain augmentation for H&E tiles: RandStainNA and HED jitter, batched, plus the colour-space conversions.
+
+RandStainNA (Shen et al., MICCAI 2022; yiqings/RandStainNA): each image's per-channel mean and std in a colour
+space (LAB, HSV or HED) are moved to a *virtual template* sampled from the distribution of those statistics over
+the training tiles (Reinhard transfer): x' = (x - mean_img) / std_img * std_tgt + mean_tgt. Kang et al.
+(CVPR 2023, §4) use it as one of the four pathology techniques. Differences from the reference code, on purpose:
+
+- colour spaces are in their natural units, computed in float: LAB as skimage (L ∈ [0, 100], D65), HSV in [0, 1],
+  HED as `skimage.color.rgb2hed`; the reference converts with 8-bit OpenCV LAB/HSV. Statistics fitted here are
+  only valid for this module (they are saved with the space they belong to).
+- "laplace" is fitted by maximum likelihood (median, mean absolute deviation); the reference reuses mean/std.
+- "gmm" fits a Gaussian mixture to the joint 6-d vector (3 means, 3 stds) so correlated statistics are sampled
+  together (the RandStainNA-GMM variant).
+- back-conversion clips to [0, 1]; the reference min-max rescales HED output, which changes brightness.
+- a sampled target std is kept ≥ 1 % of its fitted mean: a negative std would mirror the image's contrast.
+
+HED jitter (Tellez et al., 2018 and 2019): per channel in HED space, h' = h · α + β with α ~ U(1-σ, 1+σ) and
+β ~ U(-b, b). Tellez et al. 2019 call σ = b = 0.05 "HED-light" and 0.2 "HED-strong".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pathssl_cli.augment.ops import hsv_to_rgb, rgb_to_hsv
+
+ColorSpace = Literal["lab", "hsv", "hed"]
+Distribution = Literal["normal", "laplace", "gmm"]
+
+# ------------------------------------------------------------------------------------- colour-space conversions
+# sRGB (D65) ↔ CIE XYZ, the matrix skimage uses
+_XYZ_FROM_RGB = torch.tensor(
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]],
+    dtype=torch.float64,
+)
+_RGB_FROM_XYZ = torch.linalg.inv(_XYZ_FROM_RGB)
+_D65_WHITE = torch.tensor([0.95047, 1.0, 1.08883], dtype=torch.float64)
+# Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB), as skimage.color.rgb_from_hed
+_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
+_HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
+_LOG_EPS = float(np.log(1e-6))  # skimage clips RGB at 1e-6 before the optical-density log
+
+
+def _mix(images: Tensor, matrix: Tensor) -> Tensor:
+    """Apply a 3×3 colour matrix to (B, 3, H, W): out[:, i] = Σ_j matrix[i, j] · images[:, j]."""
+    return torch.einsum("ij,bjhw->bihw", matrix.to(images), images)
+
+
+def rgb_to_lab(images: Tensor) -> Tensor:
+    linear = torch.where(images > 0.04045, ((images + 0.055) / 1.055) ** 2.4, images / 12.92)
+    xyz = _mix(linear, _XYZ_FROM_RGB) / _D65_WHITE.to(images).reshape(1, 3, 1, 1)
+    f = torch.where(xyz > 0.008856, xyz.clamp(min=1e-12) ** (1.0 / 3.0), 7.787 * xyz + 16.0 / 116.0)
+    fx, fy, fz = f.unbind(dim=1)
+    return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=1)
+
+
+def lab_to_rgb(lab: Tensor) -> Tensor:
+    lightness, a, b = lab.unbind(dim=1)
+    fy = (lightness + 16.0) / 116.0
+    f = torch.stack([fy + a / 500.0, fy, fy - b / 200.0], dim=1)
+    xyz = torch.where(f > 0.2068966, f**3, (f - 16.0 / 116.0) / 7.787).clamp(min=0.0)
+    linear = _mix(xyz * _D65_WHITE.to(lab).reshape(1, 3, 1, 1), _RGB_FROM_XYZ).clamp(min=0.0)
+    srgb = torch.where(linear > 0.0031308, 1.055 * linear ** (1.0 / 2.4) - 0.055, 12.92 * linear)
+    return srgb.clamp(0.0, 1.0)
+
+
+def rgb_to_hed(images: Tensor, clip: bool = True) -> Tensor:
+    """Optical densities of haematoxylin, eosin and DAB, as `skimage.color.rgb2hed`.
+
+    clip=False keeps the negative densities skimage clips away, so `hed_to_rgb` inverts it exactly: the
+    augmentations use that, or an identity transfer would already change off-gamut pixels.
+    """
+    density = torch.log(images.clamp(min=1e-6)) / _LOG_EPS
+    hed = _mix(density, _HED_FROM_RGB.T)
+    return hed.clamp(min=0.0) if clip else hed
+
+
+def hed_to_rgb(hed: Tensor) -> Tensor:
+    """Inverse of `rgb_to_hed` (as `skimage.color.hed2rgb`), clipped to [0, 1]."""
+    log_rgb = _mix(hed * _LOG_EPS, _RGB_FROM_HED.T)
+    return torch.exp(log_rgb).clamp(0.0, 1.0)
+
+
+def to_space(images: Tensor, space: ColorSpace) -> Tensor:
+    """RGB → space; HED unclipped (see `rgb_to_hed`), so that `from_space` inverts it."""
+    if space == "lab":
+        return rgb_to_lab(images)
+    if space == "hed":
+        return rgb_to_hed(images, clip=False)
+    return rgb_to_hsv(images)
+
+
+def from_space(values: Tensor, space: ColorSpace) -> Tensor:
+    if space == "lab":
+        return lab_to_rgb(values)
+    if space == "hed":
+        return hed_to_rgb(values)
+    hue = torch.remainder(values[:, 0], 1.0)
+    return hsv_to_rgb(torch.stack([hue, values[:, 1].clamp(0, 1), values[:, 2].clamp(0, 1)], dim=1))
+
+
+def channel_stats(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-image channel mean and population std (B, 3) each, as the reference (np.mean / np.std)."""
+    flat = values.flatten(2)
+    return flat.mean(dim=2), flat.std(dim=2, correction=0)
+
+
+# --------------------------------------------------------------------------------------------- fitted statistics
+@dataclass
+class StainStats:
+    """The distribution of per-image channel statistics over training tiles, in one colour space.
+
+    params, by distribution (lists are per channel of the space, in order):
+    - normal / laplace: `mean_loc`, `mean_scale` (the images' channel means), `std_loc`, `std_scale` (their stds).
+      normal: loc = average, scale = standard deviation; laplace: loc = median, scale = mean |x - median|.
+    - gmm: `weights` (K,), `means` (K, 6), `covariances` (K, 6, 6) over the vector (mean_1..3, std_1..3).
+    """
+
+    space: ColorSpace
+    distribution: Distribution
+    params: dict[str, Any]
+    n_images: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: Path | str) -> None:
+        from pathssl_cli.runs import atomic_write
+
+        atomic_write(Path(path), json.dumps(self.to_dict(), indent=2))
+
+    @classmethod
+    def load(cls, path: Path | str) -> StainStats:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "space": self.space,
+            "distribution": self.distribution,
+            "params": self.params,
+            "n_images": self.n_images,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StainStats:
+        return cls(
+            space=data["space"],
+            distribution=data["distribution"],
+            params=data["params"],
+            n_images=int(data.get("n_images", 0)),
+            extra=dict(data.get("extra", {})),
+        )
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """n virtual templates: target channel means and stds, (n, 3) float64 each, on the generator's device."""
+        device = generator.device if generator is not None else torch.device("cpu")
+        p = self.params
+        if self.distribution == "gmm":
+            weights = torch.tensor(p["weights"], dtype=torch.float64, device=device)
+            means = torch.tensor(p["means"], dtype=torch.float64, device=device)
+            chol = torch.linalg.cholesky(torch.tensor(p["covariances"], dtype=torch.float64, device=device))
+            component = torch.multinomial(weights, n, replacement=True, generator=generator)
+            noise = torch.randn(n, means.shape[1], dtype=torch.float64, device=device, generator=generator)
+            vectors = means[component] + torch.einsum("nij,nj->ni", chol[component], noise)
+            target_mean, target_std = vectors[:, :3], vectors[:, 3:]
+            std_floor = 0.01 * means[:, 3:].min(dim=0).values.abs()
+        else:
+            spread = 1.0 + float(self.extra.get("std_hyper", 0.0))
+            tensors = {k: torch.tensor(p[k], dtype=torch.float64, device=device) for k in _MOMENT_KEYS}
+            draws = _standard_draws(self.distribution, (2, n, 3), device, generator)
+            target_mean = tensors["mean_loc"] + tensors["mean_scale"] * spread * draws[0]
+            target_std = tensors["std_loc"] + tensors["std_scale"] * spread * draws[1]
+            std_floor = 0.01 * tensors["std_loc"].abs()
+        return target_mean, torch.maximum(target_std, std_floor.expand_as(target_std))
+
+
+_MOMENT_KEYS = ("mean_loc", "mean_scale", "std_loc", "std_scale")
+
+
+def _standard_draws(
+    distribution: Distribution, shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None
+) -> Tensor:
+    if distribution == "normal":
+        return torch.randn(shape, dtype=torch.float64, device=device, generator=generator)
+    # Laplace(0, 1) by inverse CDF of u ~ U(-1/2, 1/2)
+    u = torch.rand(shape, dtype=torch.float64, device=device, generator=generator) - 0.5
+    return -torch.sign(u) * torch.log1p(-2.0 * u.abs().clamp(max=0.5 - 1e-12))
+
+
+def image_statistics(images: Iterable[np.ndarray], space: ColorSpace = "lab") -> np.ndarray:
+    """(N, 6) per-image channel means and stds in `space` for uint8 H×W×3 RGB arrays."""
+    rows = []
+    for image in images:
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].double() / 255.0
+        mean, std = channel_stats(to_space(tensor, space))
+        rows.append(torch.cat([mean[0], std[0]]).numpy())
+    return np.stack(rows) if rows else np.zeros((0, 6))
+
+
+def fit_stain_stats(
+    images: Iterable[np.ndarray],
+    space: ColorSpace = "lab",
+    distribution: Distribution = "normal",
+    *,
+    gmm_components: int = 3,
+    seed: int = 0,
+) -> StainStats:
+    """Fit the distribution of per-image channel statistics on uint8 H×W×3 RGB tiles."""
+    stats = image_statistics(images, space)
+    n = stats.shape[0]
+    if n < 2:
+        raise ValueError(f"fitting stain statistics needs at least 2 images, got {n}")
+    if distribution == "gmm":
+        from sklearn.mixture import GaussianMixture
+
+        components = max(1, min(gmm_components, n // 2))
+        gmm = GaussianMixture(components, covariance_type="full", reg_covar=1e-6, random_state=seed).fit(stats)
+        params: dict[str, Any] = {
+            "weights": gmm.weights_.tolist(),
+            "means": gmm.means_.tolist(),
+            "covariances": gmm.covariances_.tolist(),
+        }
+    else:
+        means, stds = stats[:, :3], stats[:, 3:]
+        if distribution == "normal":
+            loc_m, scale_m = means.mean(0), means.std(0)
+            loc_s, scale_s = stds.mean(0), stds.std(0)
+        else:
+            loc_m, loc_s = np.median(means, 0), np.median(stds, 0)
+            scale_m, scale_s = np.abs(means - loc_m).mean(0), np.abs(stds - loc_s).mean(0)
+        params = {
+            "mean_loc": loc_m.tolist(),
+            "mean_scale": scale_m.tolist(),
+            "std_loc": loc_s.tolist(),
+            "std_scale": scale_s.tolist(),
+        }
+    return StainStats(space=space, distribution=distribution, params=params, n_images=n)
+
+
+# ------------------------------------------------------------------------------------------------ augmentations
+def reinhard_transfer(values: Tensor, target_mean: Tensor, target_std: Tensor) -> Tensor:
+    """Move each image's channel mean/std (in any space) to the targets (B, 3). Std is floored as the reference."""
+    mean, std = channel_stats(values)
+    scale = target_std.to(values) / std.clamp(min=1e-4)
+    return (values - mean[..., None, None]) * scale[..., None, None] + target_mean.to(values)[..., None, None]
+
+
+def rand_stain(
+    images: Tensor, stats: StainStats, generator: torch.Generator | None = None, std_hyper: float = 0.0
+) -> Tensor:
+    """RandStainNA on float RGB (B, 3, H, W) in [0, 1]: every image gets its own sampled virtual template."""
+    extra = dict(stats.extra)
+    extra["std_hyper"] = std_hyper
+    sampler = StainStats(stats.space, stats.distribution, stats.params, stats.n_images, extra)
+    target_mean, target_std = sampler.sample(images.shape[0], generator)
+    values = to_space(images, stats.space)
+    return from_space(reinhard_transfer(values, target_mean, target_std), stats.space).to(images.dtype)
+
+
+def hed_jitter(
+    images: Tensor, alpha: Tensor, beta: Tensor
+) -> Tensor:
+    """Tellez HED jitter with per-sample, per-channel factors alpha, beta (B, 3)."""
+    hed = rgb_to_hed(images, clip=False)
+    hed = hed * alpha.to(hed)[..., None, None] + beta.to(hed)[..., None, None]
+    return hed_to_rgb(hed).to(images.dtype)
