@@ -120,13 +120,13 @@ class MoCoV2(SSLMethod):
         negatives = self.queue.clone().detach()
         q1, k2 = self._query(views[0]), self._key(views[1], step)
         loss = infonce_loss(q1, k2, negatives, self.options.temperature)
-        keys = k2
+        keys = [k2]
         if self.options.symmetric:
             q2, k1 = self._query(views[1]), self._key(views[0], step)
             loss = 0.5 * (loss + infonce_loss(q2, k1, negatives, self.options.temperature))
-            keys = torch.cat([k2, k1])
-        if self.training:
-            enqueue(self.queue, self.queue_pointer, gather_no_grad(keys))
+            keys.append(k1)
+        if self.training:  # gathered per view so the queue order does not depend on the world size
+            enqueue(self.queue, self.queue_pointer, torch.cat([gather_no_grad(k) for k in keys]))
         logs = {"momentum": at_step(self.momentum, step),
                 "positive_similarity": float((q1.detach() * k2).sum(dim=1).mean())}
         return loss, logs

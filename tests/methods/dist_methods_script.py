@@ -1,0 +1,32 @@
+"""Run under `python -m torch.distributed.run --nproc-per-node 2 --standalone dist_methods_script.py OUT_DIR`:
+every method for a few steps under DDP (gloo), rank 0 saving losses, averaged gradients and final state to
+OUT_DIR/<method>.pt for tests/methods/test_methods_distributed.py to compare with one process."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _dist_common import METHOD_NAMES, run_steps  # noqa: E402
+
+
+def main() -> None:
+    out_dir = Path(sys.argv[1])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for name in METHOD_NAMES:
+        result = run_steps(name, rank, world, wrap=DistributedDataParallel)
+        if rank == 0:
+            torch.save(result, out_dir / f"{name}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
