@@ -1,0 +1,502 @@
+"""`pathssl segment predict`: HoVer-Net on image files and whole-slide regions with bounded memory.
+
+Inference follows HoVer-Net's tiling (vqdang/hover_net `infer/tile.py`): input patches step by the output
+size, so every output pixel is predicted exactly once, from a patch centred on it, on a grid anchored at the
+image origin; borders are reflect-padded. Post-processing runs per *chunk*: a block of `chunk_size` output
+pixels plus a `chunk_margin` of context on each side (both multiples of the output size, so the chunk's
+network outputs equal those of a whole-image pass). An instance belongs to the chunk whose core holds its
+centroid, so each nucleus is written exactly once, whole, even across chunk borders; where two owners' pixels
+meet, the first written keeps them. Memory is bounded by the chunk size: the instance map is a memory-mapped
+.npy reopened per chunk, and the JSON/GeoJSON are streamed.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import cv2
+import numpy as np
+import torch
+
+from pathssl_cli.console import info, progress
+from pathssl_cli.distributed import autocast, resolve_device
+from pathssl_cli.errors import SpecError, WorkFailed
+from pathssl_cli.runs import atomic_path, open_run
+from pathssl_cli.segment.datasets import IMAGE_SUFFIXES, _pad_to, read_image
+from pathssl_cli.specs.segment import SegmentSpec
+
+# QuPath-friendly colours by type id (0 = untyped); PanNuke order after background.
+TYPE_COLOURS = [
+    (255, 255, 0),
+    (255, 0, 0),
+    (0, 255, 0),
+    (0, 0, 255),
+    (255, 0, 255),
+    (0, 255, 255),
+    (255, 128, 0),
+    (128, 0, 255),
+]
+
+
+class ImageReader:
+    """A whole image file in memory (image files are tile-sized to slide-crop-sized)."""
+
+    def __init__(self, path: Path) -> None:
+        self.image = read_image(path)
+        self.height, self.width = self.image.shape[:2]
+
+    def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        return _pad_to(self.image, top, left, height, width, reflect=True)
+
+
+class SlideReader:
+    """Level-0 windows of a slide region through tiffslide; only the requested window is decoded."""
+
+    def __init__(self, path: Path, region: tuple[int, int, int, int] | None) -> None:
+        import tiffslide
+
+        try:
+            self.slide = tiffslide.TiffSlide(str(path))
+        except Exception as exc:  # tiffslide raises several types for unreadable files
+            raise WorkFailed(f"{path}: cannot open as a slide ({exc})") from None
+        full_w, full_h = self.slide.dimensions
+        x, y, w, h = region if region is not None else (0, 0, full_w, full_h)
+        if x < 0 or y < 0 or w <= 0 or h <= 0 or x + w > full_w or y + h > full_h:
+            raise SpecError(
+                f"predict.region {region} lies outside the slide ({full_w}x{full_h} at level 0)",
+                where=str(path),
+            )
+        self.x0, self.y0, self.width, self.height = x, y, w, h
+
+    def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
+        t, l_ = max(top, 0), max(left, 0)
+        b, r = min(top + height, self.height), min(left + width, self.width)
+        crop = np.asarray(
+            self.slide.read_region((self.x0 + l_, self.y0 + t), 0, (r - l_, b - t), as_array=True)
+        )
+        crop = crop[..., :3]
+        # Pad the way ImageReader does, relative to the region, so both readers give the same patches.
+        return (
+            _pad_to(crop, top - t, left - l_, height, width, reflect=True)
+            if (t, l_, b, r) != (top, left, top + height, left + width)
+            else crop
+        )
+
+
+def open_reader(path: Path, region: tuple[int, int, int, int] | None) -> ImageReader | SlideReader:
+    if path.suffix.lower() in (".png", ".jpg", ".jpeg") or (
+        path.suffix.lower() in IMAGE_SUFFIXES
+        and region is None
+        and path.stat().st_size < 64 * 2**20
+        and not _is_pyramid(path)
+    ):
+        return ImageReader(path)
+    return SlideReader(path, region)
+
+
+def _is_pyramid(path: Path) -> bool:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return len(tif.series[0].levels) > 1 or tif.pages[0].is_tiled
+    except Exception:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ inference
+@torch.no_grad()
+def predict_window(
+    model: torch.nn.Module,
+    reader: ImageReader | SlideReader,
+    top: int,
+    left: int,
+    height: int,
+    width: int,
+    *,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Network outputs for the window [top, top+height) x [left, left+width) of `reader`.
+
+    `top` and `left` must be multiples of the model's output size (the global tile grid). Returns np_prob
+    (h, w) float32, hv (2, h, w) float32 and type_prob (C, h, w) float32 or None.
+    """
+    in_size, out_size = model.input_size, model.output_size
+    margin = (in_size - out_size) // 2
+    rows, cols = math.ceil(height / out_size), math.ceil(width / out_size)
+    np_out = np.zeros((rows * out_size, cols * out_size), np.float32)
+    hv_out = np.zeros((2, *np_out.shape), np.float32)
+    tp_out: np.ndarray | None = None
+    positions = [(r * out_size, c * out_size) for r in range(rows) for c in range(cols)]
+    for start in range(0, len(positions), batch_size):
+        chunk = positions[start : start + batch_size]
+        patches = np.stack(
+            [reader.read(top + r - margin, left + c - margin, in_size, in_size) for r, c in chunk]
+        )
+        x = torch.from_numpy(patches).to(device).permute(0, 3, 1, 2).float().div_(255.0)
+        with autocast(device, precision):  # type: ignore[arg-type]
+            out = model(x)
+        np_prob = torch.softmax(out["np"].float(), dim=1)[:, 1].cpu().numpy()
+        hv = out["hv"].float().cpu().numpy()
+        tp = torch.softmax(out["tp"].float(), dim=1).cpu().numpy() if "tp" in out else None
+        if tp is not None and tp_out is None:
+            tp_out = np.zeros((tp.shape[1], *np_out.shape), np.float32)
+        for k, (r, c) in enumerate(chunk):
+            np_out[r : r + out_size, c : c + out_size] = np_prob[k]
+            hv_out[:, r : r + out_size, c : c + out_size] = hv[k]
+            if tp_out is not None and tp is not None:
+                tp_out[:, r : r + out_size, c : c + out_size] = tp[k]
+    crop = (slice(0, height), slice(0, width))
+    return (
+        np_out[crop],
+        hv_out[(slice(None), *crop)],
+        None if tp_out is None else tp_out[(slice(None), *crop)],
+    )
+
+
+@dataclass(frozen=True)
+class Chunk:
+    top: int  # core, in output/region px
+    left: int
+    bottom: int
+    right: int
+    win_top: int  # core plus margin, clipped to the image
+    win_left: int
+    win_bottom: int
+    win_right: int
+
+
+def plan_chunks(height: int, width: int, chunk_size: int, margin: int, out_size: int) -> list[Chunk]:
+    """Chunks in raster order; sizes and margins rounded up to multiples of `out_size` (the tile grid)."""
+    size = math.ceil(chunk_size / out_size) * out_size
+    margin = math.ceil(margin / out_size) * out_size
+    chunks = []
+    for top in range(0, height, size):
+        for left in range(0, width, size):
+            bottom, right = min(top + size, height), min(left + size, width)
+            chunks.append(
+                Chunk(
+                    top,
+                    left,
+                    bottom,
+                    right,
+                    max(top - margin, 0),
+                    max(left - margin, 0),
+                    min(bottom + margin, height),
+                    min(right + margin, width),
+                )
+            )
+    return chunks
+
+
+@dataclass
+class PredictOutputs:
+    inst_map: Path
+    instances: Path
+    geojson: Path
+    overlay: Path | None
+    count: int
+
+
+class _JsonListWriter:
+    """Stream a JSON list (or GeoJSON FeatureCollection) item by item, so no instance list lives in memory."""
+
+    def __init__(self, fh: TextIO, head: str, tail: str) -> None:
+        self.fh, self.tail, self.first = fh, tail, True
+        fh.write(head)
+
+    def add(self, obj: Any) -> None:
+        self.fh.write(("" if self.first else ",\n") + json.dumps(obj))
+        self.first = False
+
+    def close(self) -> None:
+        self.fh.write(self.tail)
+
+
+def segment_image(
+    model: torch.nn.Module,
+    reader: ImageReader | SlideReader,
+    out_prefix: Path,
+    *,
+    chunk_size: int = 2048,
+    chunk_margin: int = 64,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    precision: str = "fp32",
+    map_format: str = "npy",
+    overlay: bool = True,
+    overlay_max_px: int = 8192,
+    type_names: list[str] | None = None,
+    postprocess: Callable[..., tuple[np.ndarray, dict[int, Any]]] | None = None,
+    postprocess_kwargs: dict[str, Any] | None = None,
+) -> PredictOutputs:
+    """Segment the nuclei of one image/region; writes <prefix>.{npy|tif}, .json, .geojson, .overlay.png.
+
+    `postprocess(np_prob, hv, type_prob, **postprocess_kwargs) -> (inst_map, {id: Instance})` defaults to
+    HoVer-Net's watershed. Its per-window min-max normalisations make results depend slightly on the window,
+    as in HoVer-Net's own tiled WSI inference; larger chunks mean fewer such seams.
+    """
+    from pathssl_cli.segment.postproc import hovernet_postprocess
+
+    postprocess = postprocess or hovernet_postprocess
+
+    height, width = reader.height, reader.width
+    chunks = plan_chunks(height, width, chunk_size, chunk_margin, model.output_size)
+    scale = min(1.0, overlay_max_px / max(height, width))
+    canvas = (
+        np.zeros((max(1, round(height * scale)), max(1, round(width * scale)), 3), np.uint8)
+        if overlay
+        else None
+    )
+    paths = PredictOutputs(
+        out_prefix.with_suffix(f".{map_format}"),
+        out_prefix.with_suffix(".json"),
+        out_prefix.with_suffix(".geojson"),
+        out_prefix.with_suffix(".overlay.png") if overlay else None,
+        0,
+    )
+    next_id = 1
+    # The .npy is the map itself, or (for .tif) a hidden scratch file converted tile by tile at the end.
+    scratch = out_prefix.parent / f".{out_prefix.name}.scratch.npy"
+    with ExitStack() as stack:
+        npy_tmp = stack.enter_context(atomic_path(paths.inst_map)) if map_format == "npy" else scratch
+        np.lib.format.open_memmap(npy_tmp, mode="w+", dtype=np.int32, shape=(height, width)).flush()
+        json_fh = stack.enter_context(stack.enter_context(atomic_path(paths.instances)).open("w"))
+        geo_fh = stack.enter_context(stack.enter_context(atomic_path(paths.geojson)).open("w"))
+        records = _JsonListWriter(json_fh, "[\n", "\n]\n")
+        features = _JsonListWriter(geo_fh, '{"type": "FeatureCollection", "features": [\n', "\n]}\n")
+        try:
+            with progress(total=len(chunks), desc=out_prefix.name, unit="chunk") as bar:
+                for chunk in chunks:
+                    next_id = _segment_chunk(
+                        model,
+                        reader,
+                        chunk,
+                        npy_tmp,
+                        next_id,
+                        records,
+                        features,
+                        canvas,
+                        scale,
+                        type_names,
+                        postprocess,
+                        postprocess_kwargs or {},
+                        batch_size=batch_size,
+                        device=device,
+                        precision=precision,
+                    )
+                    bar.update(1)
+            records.close()
+            features.close()
+            if map_format == "tif":
+                with atomic_path(paths.inst_map) as tif_tmp:
+                    _npy_to_tiled_tif(scratch, tif_tmp)
+        finally:
+            scratch.unlink(missing_ok=True)
+    if canvas is not None and paths.overlay is not None:
+        _ok, png = cv2.imencode(".png", cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+        with atomic_path(paths.overlay) as tmp:
+            tmp.write_bytes(png.tobytes())
+    paths.count = next_id - 1
+    return paths
+
+
+def _segment_chunk(
+    model: torch.nn.Module,
+    reader: ImageReader | SlideReader,
+    chunk: Chunk,
+    npy_path: Path,
+    next_id: int,
+    records: _JsonListWriter,
+    features: _JsonListWriter,
+    canvas: np.ndarray | None,
+    scale: float,
+    type_names: list[str] | None,
+    postprocess: Any,
+    pp_kwargs: dict[str, Any],
+    **infer: Any,
+) -> int:
+    c = chunk
+    np_prob, hv, tp = predict_window(
+        model, reader, c.win_top, c.win_left, c.win_bottom - c.win_top, c.win_right - c.win_left, **infer
+    )
+    local, instances = postprocess(np_prob, hv, tp, **pp_kwargs)
+    owned = [
+        inst
+        for inst in instances.values()
+        if c.top <= inst.centroid[1] + c.win_top < c.bottom
+        and c.left <= inst.centroid[0] + c.win_left < c.right
+    ]
+    # Reopened per chunk so only this window's pages are ever resident: RSS bounded by the chunk, not the slide.
+    inst_map = np.load(npy_path, mmap_mode="r+")
+    window = inst_map[c.win_top : c.win_bottom, c.win_left : c.win_right]
+    lookup = np.zeros(len(instances) + 1, np.int32)
+    for inst in owned:
+        lookup[inst.id] = next_id
+        inst_id, r0, c0, r1, c1 = next_id, *inst.bbox
+        contour = inst.contour + np.array([c.win_left, c.win_top])
+        type_name = (
+            None
+            if inst.type is None
+            else (type_names[inst.type] if type_names and inst.type < len(type_names) else str(inst.type))
+        )
+        records.add(
+            {
+                "id": inst_id,
+                "bbox": [r0 + c.win_top, c0 + c.win_left, r1 + c.win_top, c1 + c.win_left],
+                "centroid": [inst.centroid[0] + c.win_left, inst.centroid[1] + c.win_top],
+                "contour": contour.tolist(),
+                "type": inst.type,
+                "type_name": type_name,
+                "type_prob": inst.type_prob,
+            }
+        )
+        ring = contour.tolist() + contour[:1].tolist()
+        colour = TYPE_COLOURS[(inst.type or 0) % len(TYPE_COLOURS)]
+        properties: dict[str, Any] = {"objectType": "detection", "id": inst_id}
+        if type_name is not None:
+            properties["classification"] = {"name": type_name, "color": list(colour)}
+        if len(ring) >= 4:
+            features.add(
+                {
+                    "type": "Feature",
+                    "id": str(inst_id),
+                    "geometry": {"type": "Polygon", "coordinates": [ring]},
+                    "properties": properties,
+                }
+            )
+        if canvas is not None:
+            pts = np.round(contour * scale).astype(np.int32).reshape(-1, 1, 2)
+            cv2.polylines(canvas, [pts], True, colour, 1)
+        next_id += 1
+    new = lookup[local]
+    free = window == 0
+    window[free] = new[free]
+    inst_map.flush()
+    del window, inst_map
+    if canvas is not None:
+        _paint_background(canvas, reader, c, scale)
+    return next_id
+
+
+def _paint_background(canvas: np.ndarray, reader: ImageReader | SlideReader, c: Chunk, scale: float) -> None:
+    """Put the chunk's downscaled RGB under pixels no contour has coloured yet (contours stay on top)."""
+    t, l_ = round(c.top * scale), round(c.left * scale)
+    b, r = max(t + 1, round(c.bottom * scale)), max(l_ + 1, round(c.right * scale))
+    b, r = min(b, canvas.shape[0]), min(r, canvas.shape[1])
+    if b <= t or r <= l_:
+        return
+    rgb = reader.read(c.top, c.left, c.bottom - c.top, c.right - c.left)
+    small = cv2.resize(rgb, (r - l_, b - t), interpolation=cv2.INTER_AREA)
+    target = canvas[t:b, l_:r]
+    empty = ~target.any(axis=-1)
+    target[empty] = small[empty]
+
+
+def _npy_to_tiled_tif(npy_path: Path, tif_path: Path, tile: int = 256) -> None:
+    import tifffile
+
+    shape = np.load(npy_path, mmap_mode="r").shape
+
+    def tiles() -> Iterator[np.ndarray]:
+        for top in range(0, shape[0], tile):
+            band = np.load(npy_path, mmap_mode="r")
+            for left in range(0, shape[1], tile):
+                block = np.zeros((tile, tile), np.int32)
+                part = band[top : top + tile, left : left + tile]
+                block[: part.shape[0], : part.shape[1]] = part
+                yield block
+            del band
+
+    tifffile.imwrite(tif_path, tiles(), shape=shape, dtype=np.int32, tile=(tile, tile), compression="zlib")
+
+
+# ------------------------------------------------------------------------------------------------- command
+def expand_inputs(patterns: list[str]) -> list[Path]:
+    found: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
+        found += [Path(m) for m in matches if Path(m).is_file()]
+    return found
+
+
+def run_segment_predict(spec: SegmentSpec) -> dict[str, Any]:
+    """Segment every `predict.inputs` file; returns {"outputs": [...], "instances": total}."""
+    from pathssl_cli.segment.train import default_model_path, load_model
+
+    p = spec.predict
+    inputs = expand_inputs(p.inputs)
+    if not inputs:
+        raise SpecError(f"predict.inputs {p.inputs} matches no file; give image or slide paths or globs")
+    model_path = default_model_path(spec)
+    if not model_path.exists():
+        raise SpecError(
+            f"no trained model at {model_path}: run `pathssl segment train` first or set model.checkpoint"
+        )
+    device = resolve_device(spec.run.device)
+    precision = spec.run.precision if device.type == "cuda" else "fp32"
+    model = load_model(model_path, device)
+    type_names = _type_names(spec, model.config.num_types)
+    out_dir = Path(spec.run.output_dir) / "predictions"
+    results, failed = [], []
+    with open_run(spec, Path(spec.run.output_dir) / "predict_run", seed=spec.run.seed) as run:
+        for path in inputs:
+            prefix = out_dir / path.stem
+            if prefix.with_suffix(".geojson").exists() and prefix.with_suffix(f".{p.map_format}").exists():
+                info(f"{path}: outputs exist, skipped (delete them to predict again)")
+                continue
+            try:
+                reader = open_reader(path, p.region)
+                outputs = segment_image(
+                    model,
+                    reader,
+                    prefix,
+                    chunk_size=p.chunk_size,
+                    chunk_margin=p.chunk_margin,
+                    batch_size=p.batch_size,
+                    device=device,
+                    precision=precision,
+                    map_format=p.map_format,
+                    overlay=p.overlay,
+                    overlay_max_px=p.overlay_max_px,
+                    type_names=type_names,
+                )
+            except (WorkFailed, OSError, ValueError) as exc:
+                failed.append(f"{path}: {exc}")
+                continue
+            results.append(
+                {
+                    "input": str(path),
+                    "instances": outputs.count,
+                    "inst_map": str(outputs.inst_map),
+                    "json": str(outputs.instances),
+                    "geojson": str(outputs.geojson),
+                    "overlay": str(outputs.overlay) if outputs.overlay else None,
+                }
+            )
+            info(f"{path}: {outputs.count} nuclei -> {prefix}.*")
+        summary = {"outputs": results, "instances": sum(r["instances"] for r in results), "failed": failed}
+        run.write_json("predict_summary.json", summary)
+    if failed:
+        raise WorkFailed(f"{len(failed)} of {len(inputs)} inputs failed:\n" + "\n".join(failed))
+    return summary
+
+
+def _type_names(spec: SegmentSpec, num_classes: int) -> list[str] | None:
+    from pathssl_cli.segment.datasets import CONSEP_TYPES_4, PANNUKE_TYPES
+
+    if num_classes == 0:
+        return None
+    names = {"pannuke": PANNUKE_TYPES, "consep": CONSEP_TYPES_4}.get(spec.data.format)
+    if names is not None and len(names) == num_classes - 1:
+        return ["background", *names]
+    return ["background", *(f"type_{i}" for i in range(1, num_classes))]
