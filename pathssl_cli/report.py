@@ -1,0 +1,172 @@
+"""`pathssl report RUN_DIR...`: the paper-style results table from the runs' metrics.json files.
+
+Rows are what was evaluated (SSL method + backbone + weights), columns are dataset × protocol (e.g. `crc /
+linear`, `pcam / knn_k20`, `bach / linear[subset_1pct]`), and each cell is mean ± std over seeds of one metric
+(top-1 accuracy by default, as in Kang et al.; values in %). Writes the markdown table, the same table as CSV
+(mean, std and seed count in separate columns) and a grouped bar chart with std error bars.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pathssl_cli.console import info, warn
+from pathssl_cli.errors import Problem, SpecError
+from pathssl_cli.runs import atomic_path, atomic_write
+
+METRIC_LABELS = {"top1": "top-1 accuracy", "balanced_acc": "balanced accuracy", "macro_f1": "macro-F1",
+                 "auroc": "AUROC"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    mean: float
+    std: float
+    n: int
+    source: Path
+
+
+def find_metrics(run_dirs: Iterable[Path]) -> list[Path]:
+    """metrics.json of each run dir; a folder without one is searched below (e.g. `runs/eval`)."""
+    found: list[Path] = []
+    problems: list[Problem] = []
+    for run_dir in run_dirs:
+        direct = run_dir / "metrics.json"
+        if direct.is_file():
+            found.append(direct)
+        elif run_dir.is_dir() and (below := sorted(run_dir.rglob("metrics.json"))):
+            found.extend(below)
+        elif run_dir.is_file() and run_dir.name == "metrics.json":
+            found.append(run_dir)
+        else:
+            what = "does not exist" if not run_dir.exists() else "holds no metrics.json (nor any folder below)"
+            problems.append(Problem(str(run_dir), f"{what}. Give run directories written by `pathssl evaluate "
+                                    "linear|finetune|knn` (a finished run has metrics.json)."))
+    if problems:
+        raise SpecError(problems)
+    return found
+
+
+def weights_label(weights: str) -> str:
+    """'random', or the weights file named with its folder (runs/dino_tcga/backbone.safetensors →
+    dino_tcga/backbone), which identifies a pretrain run without the whole path."""
+    if weights == "random":
+        return "random"
+    path = Path(weights)
+    return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
+
+
+def row_key(record: dict[str, Any]) -> tuple[str, str, str]:
+    return (record.get("method") or "-", str(record.get("backbone", "?")), weights_label(str(record.get("weights"))))
+
+
+def record_cells(record: dict[str, Any], metric: str) -> list[tuple[str, dict[str, Any]]]:
+    """(column, summary) for the run's main result and each variant (other k of kNN)."""
+    dataset = record.get("dataset", "?")
+    out = [(f"{dataset} / {record.get('label') or record.get('protocol', '?')}", record.get("metrics", {}))]
+    for label, summary in (record.get("variants") or {}).items():
+        out.append((f"{dataset} / {label}", summary))
+    return [(column, summary[metric]) for column, summary in out if metric in summary]
+
+
+def collect(files: list[Path], metric: str) -> tuple[dict[tuple[str, str, str], dict[str, Cell]], list[str]]:
+    table: dict[tuple[str, str, str], dict[str, Cell]] = {}
+    columns: list[str] = []
+    problems: list[Problem] = []
+    for path in files:
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            problems.append(Problem(str(path), f"cannot read as JSON ({exc}); rerun that evaluation."))
+            continue
+        if not isinstance(record, dict) or "metrics" not in record:
+            problems.append(Problem(str(path), "not a pathssl evaluation metrics.json (no 'metrics' key)."))
+            continue
+        row = table.setdefault(row_key(record), {})
+        for column, summary in record_cells(record, metric):
+            if column in row:
+                warn(f"{column} for {' + '.join(row_key(record))} appears twice ({row[column].source} and "
+                     f"{path}); keeping {path}")
+            row[column] = Cell(float(summary["mean"]), float(summary.get("std", 0.0)),
+                               len(summary.get("values", [])) or 1, path)
+            if column not in columns:
+                columns.append(column)
+    if problems:
+        raise SpecError(problems)
+    return table, sorted(columns)
+
+
+def markdown(table: dict[tuple[str, str, str], dict[str, Cell]], columns: list[str], metric: str) -> str:
+    header = ["method", "backbone", "weights", *columns]
+    lines = [f"{METRIC_LABELS.get(metric, metric)} (%), mean ± std over seeds", "",
+             "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + [":---:"] * len(columns)) + "|"]
+    for key in sorted(table):
+        cells = [f"{100 * c.mean:.2f} ± {100 * c.std:.2f}" if (c := table[key].get(col)) else "—"
+                 for col in columns]
+        lines.append("| " + " | ".join([*key, *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(table: dict[tuple[str, str, str], dict[str, Cell]], columns: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["method", "backbone", "weights",
+                     *[f"{col} {part}" for col in columns for part in ("mean", "std", "n")]])
+    for key in sorted(table):
+        values: list[str] = []
+        for col in columns:
+            c = table[key].get(col)
+            values += [f"{100 * c.mean:.4f}", f"{100 * c.std:.4f}", str(c.n)] if c else ["", "", ""]
+        writer.writerow([*key, *values])
+    return buffer.getvalue()
+
+
+def bar_chart(table: dict[tuple[str, str, str], dict[str, Cell]], columns: list[str], metric: str,
+              path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(table)
+    width = 0.8 / max(1, len(rows))
+    x = np.arange(len(columns))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(columns) + 2), 4.5))
+    for i, key in enumerate(rows):
+        means = [100 * table[key][c].mean if c in table[key] else np.nan for c in columns]
+        stds = [100 * table[key][c].std if c in table[key] else 0.0 for c in columns]
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=" + ".join(key))
+    ax.set_xticks(x, columns, rotation=30, ha="right")
+    ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def run_report(run_dirs: list[Path], out: Path | None, metric: str = "top1") -> Path:
+    """Write `out` (markdown; default ./report.md) plus `.csv` and `.png` beside it; returns the markdown path."""
+    if metric not in METRIC_LABELS:
+        raise SpecError(f"unknown metric {metric!r}; choose one of {', '.join(METRIC_LABELS)}")
+    table, columns = collect(find_metrics(run_dirs), metric)
+    if not columns:
+        raise SpecError(f"none of the runs reports {metric!r} (AUROC exists for binary tasks only).")
+    out = Path(out) if out is not None else Path("report.md")
+    text = markdown(table, columns, metric)
+    atomic_write(out, text)
+    atomic_write(out.with_suffix(".csv"), csv_text(table, columns))
+    bar_chart(table, columns, metric, out.with_suffix(".png"))
+    print(text, end="")
+    info(f"report: {len(table)} rows × {len(columns)} columns → {out}, {out.with_suffix('.csv')}, "
+         f"{out.with_suffix('.png')}")
+    return out
