@@ -117,7 +117,7 @@ class _ShardReader:
 def decode(data: bytes) -> np.ndarray:
     """Encoded image bytes → uint8 H×W×3 RGB."""
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"))
+        return np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy refuses read-only arrays
 
 
 def load_tile(ref: TileRef, reader: _ShardReader) -> np.ndarray:
@@ -127,8 +127,8 @@ def load_tile(ref: TileRef, reader: _ShardReader) -> np.ndarray:
 
 def _to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
     if image.shape[0] != size or image.shape[1] != size:
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous()
+        image = np.array(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
+    return torch.from_numpy(image).permute(2, 0, 1).contiguous()
 
 
 def _shard_ordered(indices: np.ndarray, shards: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -1,0 +1,154 @@
+"""Colour conversions against skimage, RandStainNA by its definition, fitting against numpy, HED jitter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage.color import hed2rgb, lab2rgb, rgb2hed, rgb2hsv, rgb2lab
+
+from pathssl_cli.augment import stain
+from pathssl_cli.augment.stain import StainStats, fit_stain_stats
+
+
+def _rgb(batch: int = 3, size: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def _he_like(n: int, size: int = 16, seed: int = 0, noise: tuple[float, float] = (5, 25)) -> list[np.ndarray]:
+    """Pink/purple tiles with per-tile stain strength: uint8 H×W×3 as the data stream gives them."""
+    rng = np.random.default_rng(seed)
+    tiles = []
+    for _ in range(n):
+        base = np.array([200, 120, 180]) + rng.normal(0, 15, 3)
+        pixels = base + rng.normal(0, rng.uniform(*noise), (size, size, 3))
+        tiles.append(np.clip(pixels, 0, 255).astype(np.uint8))
+    return tiles
+
+
+def _nhwc(x: torch.Tensor) -> np.ndarray:
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def _nchw(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(x).permute(0, 3, 1, 2)
+
+
+def test_lab_matches_skimage_both_ways() -> None:
+    x = _rgb()
+    torch.testing.assert_close(stain.rgb_to_lab(x), _nchw(rgb2lab(_nhwc(x))), atol=1e-9, rtol=0)
+    lab = _nchw(rgb2lab(_nhwc(x)))
+    torch.testing.assert_close(stain.lab_to_rgb(lab), _nchw(lab2rgb(_nhwc(lab))), atol=1e-9, rtol=0)
+    torch.testing.assert_close(stain.lab_to_rgb(stain.rgb_to_lab(x)), x, atol=1e-9, rtol=0)
+
+
+def test_hed_matches_skimage_and_unclipped_round_trip() -> None:
+    x = _rgb()
+    hed = _nchw(rgb2hed(_nhwc(x)))
+    torch.testing.assert_close(stain.rgb_to_hed(x), hed, atol=1e-12, rtol=0)
+    torch.testing.assert_close(stain.hed_to_rgb(hed), _nchw(hed2rgb(_nhwc(hed))), atol=1e-12, rtol=0)
+    # unclipped densities invert exactly, also for pixels outside the H-E-DAB gamut
+    torch.testing.assert_close(stain.hed_to_rgb(stain.rgb_to_hed(x.clamp(min=1e-6), clip=False)),
+                               x.clamp(min=1e-6), atol=1e-9, rtol=0)
+
+
+def test_hsv_space_round_trips() -> None:
+    x = _rgb()
+    hsv = stain.to_space(x, "hsv")
+    torch.testing.assert_close(hsv, _nchw(rgb2hsv(_nhwc(x))), atol=1e-9, rtol=0)
+    torch.testing.assert_close(stain.from_space(hsv, "hsv"), x, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("space", ["lab", "hsv", "hed"])
+def test_reinhard_transfer_hits_the_target_statistics(space: str) -> None:
+    values = stain.to_space(_rgb(), space)
+    target_mean = torch.tensor([[50.0, 3.0, -2.0], [0.4, 0.3, 0.7], [0.1, 0.2, 0.0]], dtype=torch.float64)
+    target_std = torch.tensor([[9.0, 4.0, 5.0], [0.1, 0.05, 0.2], [0.03, 0.02, 0.01]], dtype=torch.float64)
+    out = stain.reinhard_transfer(values, target_mean, target_std)
+    flat = out.flatten(2).numpy()
+    np.testing.assert_allclose(flat.mean(axis=2), target_mean.numpy(), atol=1e-9)
+    np.testing.assert_allclose(flat.std(axis=2), target_std.numpy(), rtol=1e-9)
+
+
+def test_rand_stain_moves_lab_statistics_to_the_sampled_template() -> None:
+    # mild tiles: their sampled templates stay inside the sRGB gamut, so clipping barely interferes
+    tiles = _he_like(6, size=32, noise=(3, 8))
+    x = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).double() / 255
+    stats = fit_stain_stats(_he_like(40, seed=1, noise=(3, 8)), "lab", "normal")
+    out = stain.rand_stain(x, stats, torch.Generator().manual_seed(7))
+    target_mean, target_std = stats.sample(6, torch.Generator().manual_seed(7))  # the same draws
+    lab = rgb2lab(_nhwc(out)).reshape(6, -1, 3)  # measured independently with skimage
+    # in-gamut templates: only float rounding and rare clipped pixels separate output from target
+    np.testing.assert_allclose(lab.mean(axis=1), target_mean.numpy(), atol=0.05)
+    np.testing.assert_allclose(lab.std(axis=1), target_std.numpy(), rtol=0.01, atol=0.05)
+
+
+def test_fit_normal_and_laplace_match_numpy_on_skimage_statistics() -> None:
+    tiles = _he_like(30)
+    per_image = []
+    for tile in tiles:  # reference statistics computed with skimage + numpy only
+        lab = rgb2lab(tile).reshape(-1, 3)
+        per_image.append(np.concatenate([lab.mean(0), lab.std(0)]))
+    reference = np.array(per_image)
+    normal = fit_stain_stats(tiles, "lab", "normal")
+    np.testing.assert_allclose(normal.params["mean_loc"], reference[:, :3].mean(0), rtol=1e-9)
+    np.testing.assert_allclose(normal.params["mean_scale"], reference[:, :3].std(0), rtol=1e-6)
+    np.testing.assert_allclose(normal.params["std_loc"], reference[:, 3:].mean(0), rtol=1e-9)
+    np.testing.assert_allclose(normal.params["std_scale"], reference[:, 3:].std(0), rtol=1e-6)
+    laplace = fit_stain_stats(tiles, "lab", "laplace")
+    median = np.median(reference, axis=0)
+    np.testing.assert_allclose(laplace.params["mean_loc"], median[:3], rtol=1e-9)
+    np.testing.assert_allclose(laplace.params["std_scale"], np.abs(reference[:, 3:] - median[3:]).mean(0), rtol=1e-6)
+    assert normal.n_images == 30
+
+
+def test_gmm_with_one_component_is_the_sample_gaussian() -> None:
+    tiles = _he_like(40)
+    stats = fit_stain_stats(tiles, "hed", "gmm", gmm_components=1)
+    reference = stain.image_statistics(tiles, "hed")
+    np.testing.assert_allclose(stats.params["weights"], [1.0])
+    np.testing.assert_allclose(stats.params["means"][0], reference.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(stats.params["covariances"][0], np.cov(reference.T, bias=True), atol=1e-5)
+
+
+@pytest.mark.parametrize("distribution", ["normal", "laplace"])
+def test_sampling_follows_the_fitted_distribution(distribution: str) -> None:
+    params = {"mean_loc": [60.0, 10.0, -5.0], "mean_scale": [4.0, 2.0, 1.0],
+              "std_loc": [12.0, 5.0, 6.0], "std_scale": [1.0, 0.5, 0.5]}
+    stats = StainStats("lab", distribution, params)  # type: ignore[arg-type]
+    means, stds = stats.sample(40_000, torch.Generator().manual_seed(0))
+    means_np, stds_np = means.numpy(), stds.numpy()
+    if distribution == "normal":
+        np.testing.assert_allclose(means_np.mean(0), params["mean_loc"], atol=0.1)
+        np.testing.assert_allclose(means_np.std(0), params["mean_scale"], rtol=0.03)
+    else:  # Laplace(loc, b): median = loc, mean |x - loc| = b
+        np.testing.assert_allclose(np.median(means_np, 0), params["mean_loc"], atol=0.1)
+        np.testing.assert_allclose(np.abs(means_np - params["mean_loc"]).mean(0), params["mean_scale"], rtol=0.03)
+    np.testing.assert_allclose(np.median(stds_np, 0), params["std_loc"], atol=0.05)
+    assert (stds_np > 0).all()
+
+
+def test_stats_save_load_round_trip(tmp_path: Path) -> None:
+    stats = fit_stain_stats(_he_like(10), "hsv", "gmm", gmm_components=2)
+    stats.save(tmp_path / "stain.json")
+    loaded = StainStats.load(tmp_path / "stain.json")
+    assert loaded == stats
+    a = loaded.sample(5, torch.Generator().manual_seed(1))
+    b = stats.sample(5, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+
+
+def test_hed_jitter_identity_and_haematoxylin_shift() -> None:
+    x = _rgb().clamp(0.05, 0.95)
+    ones, zeros = torch.ones(3, 3), torch.zeros(3, 3)
+    torch.testing.assert_close(stain.hed_jitter(x, ones, zeros), x, atol=1e-9, rtol=0)
+    beta = torch.tensor([[0.02, 0.0, 0.0]] * 3)
+    out = stain.hed_jitter(x, ones, beta)
+    shift = stain.rgb_to_hed(out, clip=False) - stain.rgb_to_hed(x, clip=False)
+    unclipped = ((out > 0) & (out < 1)).all(dim=1)  # pixels where the RGB clip did not interfere
+    assert unclipped.float().mean() > 0.5
+    torch.testing.assert_close(shift[:, 0][unclipped], torch.full_like(shift[:, 0][unclipped], 0.02),
+                               atol=1e-9, rtol=0)
+    assert shift[:, 1:].permute(1, 0, 2, 3)[:, unclipped].abs().max() < 1e-9
