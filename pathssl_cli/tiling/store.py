@@ -114,6 +114,10 @@ def iter_shard(path: str | Path) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
                 yield key, item["jpg"], json.loads(item["json"])
 
 
+def read_manifest_part(store_dir: Path, slide: str) -> list[dict[str, Any]]:
+    return _read_csv(store_dir / "parts" / f"{slide}.csv")
+
+
 def slide_complete(store_dir: Path, slide: str) -> bool:
     return (store_dir / "parts" / f"{slide}.csv").exists()
 
