@@ -1,9 +1,9 @@
 """The classification benchmarks of the paper (BACH, CRC, PCam, MHIST) plus any ImageFolder or CSV dataset.
 
-Each dataset is one file in `pathssl_cli/data/datasets/` (its docstring documents the official layout and how
-its train/val/test splits are made) and one line in `DATASETS` below. A loader takes the `[data]` section and a
-split name and returns a `ClassificationDataset`; `open_dataset` adds what all share: the `train_subset` file of
-the low-label regimes and an eval transform.
+Each dataset is one file in `pathssl_cli/data/datasets/` (its docstring documents the official layout and
+how its train/val/test splits are made) and one line in `DATASETS` below. A loader takes the `[data]` section
+and a split name and returns a `ClassificationDataset`; `open_dataset` adds what all share: the `train_subset`
+file of the low-label regimes. `eval_transform` is the deterministic evaluation transform.
 """
 
 from __future__ import annotations
@@ -65,33 +65,35 @@ def apply_subset(dataset: ClassificationDataset, data: DataSection) -> Classific
     meta = subset_metadata(path)
     source = meta.get("source", {})
     if source.get("kind") == "images":
-        raise SpecError(f"{path}: this subset lists segmentation images ({source.get('format')}), not the train "
-                        f"split of a classification dataset; give data.train_subset a file written from a [data] "
-                        "source.")
-    # The train split depends on how val (and for BACH/CSV, test) were carved; a file made under other settings
-    # would silently leak val items into training, so settings that shape the split must agree.
+        raise SpecError(f"{path}: this subset lists segmentation images ({source.get('format')}), not the "
+                        "train split of a classification dataset; give data.train_subset a file written "
+                        "from a [data] source.")
+    # The train split depends on how val (and for BACH/CSV, test) were carved; a file made under other
+    # settings would silently leak val items into training, so settings that shape the split must agree.
     mismatched = [f"{key} = {source[key]!r} in the file, {getattr(data, key)!r} in this spec"
                   for key in ("dataset", "val_fraction", "test_fraction", "split_seed")
                   if key in source and source[key] != getattr(data, key)]
     if mismatched:
         raise SpecError(f"{path}: written for another split of the data: {'; '.join(mismatched)}. Rerun "
-                        "`pathssl subsample` with this [data] section, or set these fields to the file's values.")
+                        "`pathssl subsample` with this [data] section, or set these fields to the file's "
+                        "values.")
     rows = read_subset_rows(path)
     position = {item: i for i, item in enumerate(dataset.ids)}
     unknown = [item for item, _ in rows if item not in position]
     if unknown:
         raise SpecError(f"{path}: {len(unknown)} of its {len(rows)} ids are not in the train split of "
-                        f"{data.dataset} at {data.root}: {count_text(unknown)}. The file was written for other "
-                        "data; rerun `pathssl subsample` on this dataset.")
+                        f"{data.dataset} at {data.root}: {count_text(unknown)}. The file was written for "
+                        "other data; rerun `pathssl subsample` on this dataset.")
     wrong = [f"{item} (file: {label}, dataset: {dataset.classes[dataset.targets[position[item]]]})"
              for item, label in rows if dataset.classes[dataset.targets[position[item]]] != label]
     if wrong:
-        raise SpecError(f"{path}: labels do not match the dataset for {len(wrong)} item(s): {count_text(wrong)}. "
-                        "Rerun `pathssl subsample` on this dataset.")
+        raise SpecError(f"{path}: labels do not match the dataset for {len(wrong)} item(s): "
+                        f"{count_text(wrong)}. Rerun `pathssl subsample` on this dataset.")
     return dataset.select(sorted(position[item] for item, _ in rows))
 
 
-def layout_problems(data: DataSection, splits: Sequence[Split] = SPLITS, where: str = "data") -> list[Problem]:
+def layout_problems(data: DataSection, splits: Sequence[Split] = SPLITS,
+                    where: str = "data") -> list[Problem]:
     """Every layout problem of the given splits, for a spec's `check_inputs` (so they surface before work)."""
     problems: list[Problem] = []
     seen: set[str] = set()

@@ -7,10 +7,10 @@ the seed and the items, not on file listing order or on the other fractions aske
 keep no item of some class is refused (exit 2) with the smallest fraction that keeps one of every class.
 
 Sources. A `[data]` section subsamples the *train* split of a classification dataset, after its val (and test)
-hold-outs, so an evaluation with the same `[data]` settings and `train_subset = <file>` trains on exactly these
-items. An `[images]` section subsamples a segmentation dataset at image level: CoNSeP-style `Images/*.png`
-(item id = file stem, a single stratum "image") or a PanNuke fold's `types.npy` (item id = the index into the
-fold's arrays, strata = tissue types).
+hold-outs, so an evaluation with the same `[data]` settings and `train_subset = <file>` trains on exactly
+these items. An `[images]` section subsamples a segmentation dataset at image level: CoNSeP-style
+`Images/*.png` (item id = file stem, a single stratum "image") or a PanNuke fold's `types.npy` (item id =
+the index into the fold's arrays, strata = tissue types).
 
 Subset file format (`subset_<percent>pct.csv`, e.g. `subset_1pct.csv`)::
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,13 +60,16 @@ def kept_count(fraction: float, n: int) -> int:
 
 def minimum_fraction(n: int) -> float:
     """The smallest fraction f with round(f × n) ≥ 1, i.e. 1 / (2n), rounded up to 4 significant digits."""
-    value = 1 / (2 * n)
-    rounded = float(f"{value:.4g}")
-    return rounded if rounded >= value else float(f"{value * 1.0001:.4g}")
+    exact = Fraction(1, 2 * n)
+    step = Fraction(10) ** (math.floor(math.log10(exact)) - 3)
+    candidate = math.ceil(exact / step) * step
+    while kept_count(float(candidate), n) < 1:  # float(candidate) may round just below the exact bound
+        candidate += step
+    return float(candidate)
 
 
-def nested_subsets(ids: Sequence[str], targets: np.ndarray, classes: Sequence[str], fractions: Sequence[float],
-                   seed: int) -> dict[float, np.ndarray]:
+def nested_subsets(ids: Sequence[str], targets: np.ndarray, classes: Sequence[str],
+                   fractions: Sequence[float], seed: int) -> dict[float, np.ndarray]:
     """fraction → sorted positions kept; nested across fractions, stratified by class, ≥ 1 item per class.
 
     Raises `SpecError` when a fraction would keep no item of a class that has items.
@@ -79,7 +83,8 @@ def nested_subsets(ids: Sequence[str], targets: np.ndarray, classes: Sequence[st
     for index, name in enumerate(classes):
         members = np.flatnonzero(targets == index)
         if len(members):
-            orders[name] = members[class_permutation([ids[m] for m in members], seed, name, salt="subsample")]
+            member_ids = [ids[int(m)] for m in members]
+            orders[name] = members[class_permutation(member_ids, seed, name, salt="subsample")]
             counts[name] = len(members)
     problems = []
     for fraction in fractions:
@@ -87,9 +92,10 @@ def nested_subsets(ids: Sequence[str], targets: np.ndarray, classes: Sequence[st
         if empty:
             smallest = min(counts[name] for name in empty)
             problems.append(Problem("subsample.fractions", (
-                f"fraction {fraction:g} would keep no item of class(es) {count_text(empty)} (the smallest has "
-                f"{smallest} item(s); round({fraction:g} × {smallest}) = 0). Every class needs at least one "
-                f"example: use fractions ≥ {minimum_fraction(min(counts.values())):g} for this dataset.")))
+                f"fraction {fraction:g} would keep no item of class(es) {count_text(empty)} (the smallest "
+                f"has {smallest} item(s); round({fraction:g} × {smallest}) = 0). Every class needs at "
+                f"least one example: use fractions ≥ {minimum_fraction(min(counts.values())):g} for this "
+                "dataset.")))
     if problems:
         raise SpecError(problems)
     return {fraction: np.sort(np.concatenate([order[:kept_count(fraction, len(order))]
@@ -137,8 +143,8 @@ def consep_items(root: Path) -> Items:
     """CoNSeP-style image folder: `root/Images/<name>.png` (official `CoNSeP/Train` or `CoNSeP/Test`)."""
     images = root / "Images"
     if not images.is_dir():
-        raise SpecError(f"{images}: expected the CoNSeP Images/ folder, but it {describe_missing(images)}. Set "
-                        "images.root to a folder holding Images/*.png, such as CoNSeP/Train.")
+        raise SpecError(f"{images}: expected the CoNSeP Images/ folder, but it {describe_missing(images)}. "
+                        "Set images.root to a folder holding Images/*.png, such as CoNSeP/Train.")
     stems = sorted(p.stem for p in images.glob("*.png") if not p.name.startswith("."))
     if not stems:
         raise SpecError(f"{images}: no .png images; CoNSeP images are Images/<name>.png.")
@@ -150,8 +156,9 @@ def pannuke_items(root: Path) -> Items:
     """A PanNuke fold: `types.npy` (N,) tissue names, e.g. `Fold 1/images/fold1/types.npy` of the release."""
     path = root if root.is_file() else root / "types.npy"
     if not path.is_file():
-        raise SpecError(f"{path}: expected PanNuke's types.npy, but it {describe_missing(path)}. Set images.root "
-                        "to the fold folder holding images.npy and types.npy (e.g. 'Fold 1/images/fold1').")
+        raise SpecError(f"{path}: expected PanNuke's types.npy, but it {describe_missing(path)}. Set "
+                        "images.root to the fold folder holding images.npy and types.npy (e.g. 'Fold "
+                        "1/images/fold1').")
     try:
         types = np.load(path, allow_pickle=False)
     except ValueError:
@@ -213,7 +220,8 @@ def read_subset_rows(path: str | Path) -> list[tuple[str, str | None]]:
         raise SpecError(f"{path}: the subset lists no items.")
     ids = [item for item, _ in rows]
     if len(set(ids)) != len(ids):
-        raise SpecError(f"{path}: ids repeat ({len(ids) - len(set(ids))} duplicates); each item is listed once.")
+        raise SpecError(f"{path}: ids repeat ({len(ids) - len(set(ids))} duplicates); each item is listed "
+                        "once.")
     return rows
 
 
@@ -242,7 +250,7 @@ def _open(path: Path) -> io.TextIOWrapper:
 
 
 def run_subsample(spec: SubsampleSpec) -> dict[str, Any]:
-    """Write one subset file per fraction into `spec.run.output_dir`, plus `subsets.json`; return its content."""
+    """Write a subset file per fraction into `spec.run.output_dir` plus `subsets.json`; return the latter."""
     items = load_items(spec)
     fractions = spec.subsample.fractions
     seed = spec.subsample.seed

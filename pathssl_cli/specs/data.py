@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from pathssl_cli.errors import Problem, SpecError
+from pathssl_cli.errors import Problem
 from pathssl_cli.specs.core import InputPath, Section
 
 
@@ -12,25 +12,26 @@ class DataSection(Section):
     """A classification dataset in its official layout (see `pathssl_cli/data/datasets/<name>.py`)."""
 
     dataset: str = Field(
-        description="Registry name of the dataset: 'bach', 'crc', 'pcam', 'mhist' (official layouts), 'folder' "
-        "(root/train|val|test/<class>/*) or 'csv' (a path,label[,split] file).")
+        description="Registry name of the dataset: 'bach', 'crc', 'pcam', 'mhist' (official layouts), "
+        "'folder' (root/train|val|test/<class>/*) or 'csv' (a path,label[,split] file).")
     root: InputPath = Field(
-        description="Dataset root in its official layout (for 'csv', the CSV file). Relative paths are relative "
-        "to the spec file.")
+        description="Dataset root in its official layout (for 'csv', the CSV file). Relative paths are "
+        "relative to the spec file.")
     train_subset: InputPath | None = Field(
         default=None,
-        description="Subset file written by `pathssl subsample` (low-label regimes): only its items of the train "
-        "split are used. None uses the whole train split.")
+        description="Subset file written by `pathssl subsample` (low-label regimes): only its items of the "
+        "train split are used. None uses the whole train split.")
     val_fraction: float = Field(
         default=0.1, gt=0, lt=1,
         description="Fraction of each class of the train pool held out for validation, used only where the "
-        "dataset has no official validation split (BACH, CRC, MHIST, a folder without val/, a CSV without val "
-        "rows). 0.1 leaves 90% for training while keeping a val set large enough to pick lr and weight decay.")
+        "dataset has no official validation split (BACH, CRC, MHIST, a folder without val/, a CSV without "
+        "val rows). 0.1 leaves 90% for training while keeping a val set large enough to pick lr and weight "
+        "decay.")
     test_fraction: float = Field(
         default=0.2, gt=0, lt=1,
-        description="Fraction of each class held out as the test split where no labelled test set exists (BACH, "
-        "whose official test labels are hidden, and a CSV without a split column). 0.2 = 20 BACH images per "
-        "class, the usual 80/20 protocol.")
+        description="Fraction of each class held out as the test split where no labelled test set exists "
+        "(BACH, whose official test labels are hidden, and a CSV without a split column). 0.2 = 20 BACH "
+        "images per class, the usual 80/20 protocol.")
     split_seed: int = Field(
         default=0,
         description="Seed of the val/test hold-outs above. Keep it fixed across runs you want to compare: it "
@@ -50,7 +51,4 @@ class DataSection(Section):
         """Problems with the dataset on disk for these splits (call from a spec's `check_inputs`)."""
         from pathssl_cli.data.benchmarks import layout_problems
 
-        try:
-            return layout_problems(self, splits, where)  # type: ignore[arg-type]
-        except SpecError as error:  # pragma: no cover - layout_problems already collects them
-            return error.problems
+        return layout_problems(self, splits, where)  # type: ignore[arg-type]

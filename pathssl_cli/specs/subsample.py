@@ -28,20 +28,22 @@ from pathssl_cli.specs.data import DataSection
 
 
 class ImageSource(Section):
-    """The images of a segmentation dataset, subsampled as whole images (nuclei of one image stay together)."""
+    """Images of a segmentation dataset, subsampled as whole images (nuclei of one image stay together)."""
 
     format: Literal["consep", "pannuke"] = Field(
-        description="'consep': a folder holding Images/*.png (item id = file stem, one stratum). 'pannuke': a "
-        "PanNuke fold folder holding types.npy, or that file (item id = array index, strata = tissue types).")
+        description="'consep': a folder holding Images/*.png (item id = file stem, one stratum). "
+        "'pannuke': a PanNuke fold folder holding types.npy, or that file (item id = array index, strata = "
+        "tissue types).")
     root: InputPath = Field(description="The folder (or types.npy file) described under `format`.")
 
 
 class SubsampleSection(Section):
     fractions: list[float] = Field(
         default=[0.01, 0.1, 1.0], min_length=1,
-        description="Fractions of each class to keep, each in (0, 1]. The paper's low-label regimes are 1% and "
-        "10% of the labels; 1.0 writes the full split in the same format for uniform specs.")
-    seed: int = Field(default=0, description="Seed of the per-class shuffles; the same seed gives the same files.")
+        description="Fractions of each class to keep, each in (0, 1]. The paper's low-label regimes are 1% "
+        "and 10% of the labels; 1.0 writes the full split in the same format for uniform specs.")
+    seed: int = Field(default=0,
+                      description="Seed of the per-class shuffles; the same seed gives the same files.")
 
     @field_validator("fractions")
     @classmethod
@@ -55,15 +57,16 @@ class SubsampleSection(Section):
 
 
 class SubsampleRun(Section):
-    output_dir: OutputPath = Field(description="Run directory for the subset files, subsets.json, spec.toml and "
-                                   "run.json.")
+    output_dir: OutputPath = Field(
+        description="Run directory for the subset files, subsets.json, spec.toml and run.json.")
 
 
 class SubsampleSpec(SpecModel):
     kind: Literal["subsample"] = Field(description="Spec kind: 'subsample'.")
     data: DataSection | None = Field(
-        default=None, description="A classification dataset whose train split is subsampled; the [data] of the "
-        "evaluation specs that will use the files (same val_fraction, test_fraction and split_seed).")
+        default=None,
+        description="A classification dataset whose train split is subsampled; the [data] of the evaluation "
+        "specs that will use the files (same val_fraction, test_fraction and split_seed).")
     images: ImageSource | None = Field(default=None, description="Segmentation images to subsample instead.")
     subsample: SubsampleSection = Field(default_factory=SubsampleSection, description="Fractions and seed.")
     run: SubsampleRun = Field(description="Where to write.")
@@ -81,7 +84,8 @@ class SubsampleSpec(SpecModel):
 
         try:
             items = load_items(self)
-            nested_subsets(items.ids, items.targets, items.classes, self.subsample.fractions, self.subsample.seed)
+            fractions, seed = self.subsample.fractions, self.subsample.seed
+            nested_subsets(items.ids, items.targets, items.classes, fractions, seed)
         except SpecError as error:
             where = "data" if self.data is not None else "images"
             return [Problem(p.where or where, p.message) for p in error.problems]

@@ -8,15 +8,15 @@ Official layout (``ICIAR2018_BACH_Challenge/Photos/`` of the release)::
     Photos/Invasive/iv001.tif ... iv100.tif
     Photos/Normal/n001.tif ... n100.tif
 
-`data.root` may be `Photos/`, or any folder above it in that path (``ICIAR2018_BACH_Challenge/`` or the folder
-holding it). The CSV and the folders must agree: every listed file must exist in the folder of its label, and
-every image must be listed.
+`data.root` may be `Photos/`, or any folder above it in that path (``ICIAR2018_BACH_Challenge/`` or the
+folder holding it). The CSV and the folders must agree: every listed file must exist in the folder of its
+label, and every image must be listed.
 
 Splits: the 100 labelled images per class are all there is (the 100 test images have hidden labels), so the
 split is ours, seeded by `data.split_seed` and stratified by class: `test` holds round(`data.test_fraction` ×
-100) images per class (20 at the default 0.2), `val` holds round(`data.val_fraction` × the rest) per class, and
-`train` the remainder. BACH does not publish patient ids, so images of one patient may fall on both sides of a
-split; results are comparable with other runs of this split, not with patient-level splits.
+100) images per class (20 at the default 0.2), `val` holds round(`data.val_fraction` × the rest) per class,
+and `train` the remainder. BACH does not publish patient ids, so images of one patient may fall on both sides
+of a split; results are comparable with other runs of this split, not with patient-level splits.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def read_ground_truth(csv_path: Path) -> dict[str, str]:
                 continue
             labels[name] = label
     if problems:
-        raise SpecError(f"{csv_path}: {len(problems)} bad row(s): {count_text(problems, 3)}. The official file has "
-                        "one 'file.tif,Class' row per image and no header.")
+        raise SpecError(f"{csv_path}: {len(problems)} bad row(s): {count_text(problems, 3)}. The official "
+                        "file has one 'file.tif,Class' row per image and no header.")
     return labels
 
 
@@ -89,7 +89,8 @@ def open_bach(data: DataSection, split: Split) -> ClassificationDataset:
                       for name in set(labels) & set(on_disk) if labels[name] != on_disk[name])
     details = []
     if disagree:
-        details.append(f"{len(disagree)} image(s) whose folder disagrees with the CSV label: {count_text(disagree)}")
+        details.append(f"{len(disagree)} image(s) whose folder disagrees with the CSV label: "
+                       f"{count_text(disagree)}")
     if missing:
         details.append(f"{len(missing)} file(s) listed in {CSV_NAME} but not found: {count_text(missing)}")
     if unlisted:

@@ -9,6 +9,7 @@ expected and how to fix it.
 from __future__ import annotations
 
 import copy
+import warnings
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -32,9 +33,10 @@ class ClassificationDataset(torch.utils.data.Dataset):
     """One split of a labelled image dataset: `len(self)` items, each an RGB image and a class index.
 
     `classes[k]` names class index k; `targets` (int64, one per item) are class indices; `ids` are stable item
-    ids (a path relative to the dataset root, or ``"idx:<row>"`` for array datasets) that subset files refer to.
-    `transform` (set by the caller) maps the uint8 HxWx3 image to the tensor `__getitem__` returns; without one,
-    `__getitem__` returns the CHW uint8 tensor. Subclasses implement `_load(row)` for their own storage.
+    ids (a path relative to the dataset root, or ``"idx:<row>"`` for array datasets) that subset files refer
+    to. `transform` (set by the caller) maps the uint8 HxWx3 image to the tensor `__getitem__` returns;
+    without one, `__getitem__` returns the CHW uint8 tensor. Subclasses implement `_load(row)` for their
+    own storage.
     """
 
     def __init__(self, name: str, split: Split, classes: Sequence[str], targets: Sequence[int] | np.ndarray,
@@ -83,20 +85,28 @@ class ClassificationDataset(torch.utils.data.Dataset):
 def read_rgb(path: Path) -> np.ndarray:
     """An image file as RGB uint8 (H, W, 3); grey, palette, RGBA and 16-bit files are converted."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode not in ("RGB", "L", "RGBA", "P"):
-                # 16-bit and float TIFFs: PIL's convert("RGB") would clip them; rescale their range to 8 bits.
-                array = np.asarray(image, dtype=np.float64)
-                peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
-                array = np.clip(array / peak * 255.0, 0, 255).astype(np.uint8)
-                return np.ascontiguousarray(np.stack([array] * 3, axis=-1) if array.ndim == 2 else array[..., :3])
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        # PIL warns before failing on a broken header; the WorkFailed below says it better, once.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:
+                image.load()
+                return _to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise WorkFailed(
             f"{path}: cannot read this image ({error}). The file is corrupt, truncated or not an image: "
-            "re-download it from the dataset's official source, or delete it and rebuild the dataset folder."
+            "re-download it from the dataset's official source, or delete it and rebuild the dataset "
+            "folder."
         ) from None
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    if image.mode.startswith(("I", "F")):
+        # 16-bit, 32-bit and float greyscale: convert("RGB") would clip them; rescale their range to 8 bits.
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        grey = np.clip(array / peak * 255.0, 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1))
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 class ImageFileDataset(ClassificationDataset):
@@ -143,13 +153,16 @@ def describe_missing(path: Path) -> str:
     parent = path.parent
     if not parent.is_dir():
         return f"does not exist (nor does {parent})"
-    entries = sorted(p.name + ("/" if p.is_dir() else "") for p in parent.iterdir() if not p.name.startswith("."))
+    entries = sorted(p.name + ("/" if p.is_dir() else "")
+                     for p in parent.iterdir() if not p.name.startswith("."))
     shown = ", ".join(entries[:12]) + (f", ... ({len(entries)} entries)" if len(entries) > 12 else "")
     return f"does not exist; {parent} holds: {shown or 'nothing'}"
 
 
-def scan_class_folders(split_dir: Path, expected: Sequence[str] | None, what: str, fix: str,
-                       extensions: Iterable[str] = IMAGE_EXTENSIONS) -> tuple[list[str], list[Path], list[int]]:
+def scan_class_folders(
+    split_dir: Path, expected: Sequence[str] | None, what: str, fix: str,
+    extensions: Iterable[str] = IMAGE_EXTENSIONS,
+) -> tuple[list[str], list[Path], list[int]]:
     """(classes, files, targets) of a folder holding one sub-folder of images per class.
 
     With `expected`, the class folders must be exactly those (the official class list, or the train split's
@@ -168,16 +181,16 @@ def scan_class_folders(split_dir: Path, expected: Sequence[str] | None, what: st
             details.append(f"unexpected folder(s) {extra}")
         if not classes:
             details.append("no class folders at all")
-        raise SpecError(f"{split_dir}: {'; '.join(details)}. Expected one folder per class: {classes or '<class>/'}; "
-                        f"found {found}. {fix}")
+        raise SpecError(f"{split_dir}: {'; '.join(details)}. Expected one folder per class: "
+                        f"{classes or '<class>/'}; found {found}. {fix}")
     files: list[Path] = []
     targets: list[int] = []
     allowed = tuple(extensions)
     for index, name in enumerate(classes):
         images = list_images(split_dir / name, allowed)
         if not images:
-            raise SpecError(f"{split_dir / name}: class folder holds no images with extension {list(allowed)}. "
-                            f"{fix}")
+            raise SpecError(f"{split_dir / name}: class folder holds no images with extension "
+                            f"{list(allowed)}. {fix}")
         files += images
         targets += [index] * len(images)
     return classes, files, targets
@@ -213,18 +226,19 @@ def stratified_holdout(ids: Sequence[str], targets: np.ndarray, classes: Sequenc
         members = np.flatnonzero(targets == index)
         n = len(members)
         n_held = min(max(int(np.floor(fraction * n + 0.5)), 1), n - 1) if n >= 2 else 0
-        order = members[class_permutation([ids[m] for m in members], seed, name, salt)]
+        order = members[class_permutation([ids[int(m)] for m in members], seed, name, salt)]
         held.append(order[:n_held])
         kept.append(order[n_held:])
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
 
 
 def carve_val(pool: ClassificationDataset, split: Split, fraction: float, seed: int) -> ClassificationDataset:
-    """The `split` part ("train" = what is left, "val" = held out) of a seeded stratified val split of `pool`."""
+    """The `split` part ("train" = the rest, "val" = held out) of a seeded stratified val split of `pool`."""
     kept, held = stratified_holdout(pool.ids, pool.targets, pool.classes, fraction, seed, salt="val")
     if split == "val" and len(held) == 0:
-        raise SpecError(f"{pool.name}: no class has two or more training items, so no validation split can be "
-                        f"held out of the {len(pool)} training items. Add data, or give an explicit val split.")
+        raise SpecError(f"{pool.name}: no class has two or more training items, so no validation split can "
+                        f"be held out of the {len(pool)} training items. Add data, or give an explicit val "
+                        "split.")
     return pool.select(held if split == "val" else kept)
 
 

@@ -44,16 +44,17 @@ def open_crc(data: DataSection, split: Split) -> ClassificationDataset:
                         f"both {TRAIN_DIR}/ and {TEST_DIR}/ ({root.parent}).")
     folder = root / (TEST_DIR if split == "test" else TRAIN_DIR)
     if not folder.is_dir():
-        raise SpecError(f"{folder}: expected the CRC {'test' if split == 'test' else 'training'} folder, but it "
-                        f"{describe_missing(folder)}. {FIX}")
+        raise SpecError(f"{folder}: expected the CRC {'test' if split == 'test' else 'training'} folder, "
+                        f"but it {describe_missing(folder)}. {FIX}")
     classes, files, targets = scan_class_folders(folder, CLASSES, "the nine CRC class folders", FIX,
                                                  extensions=(".tif", ".tiff"))
     misplaced = [f"{f.parent.name}/{f.name}" for f, t in zip(files, targets, strict=True)
                  if f.name.split("-", 1)[0] != classes[t]]
     if misplaced:
-        raise SpecError(f"{folder}: {len(misplaced)} tile(s) sit in a class folder that disagrees with the class "
-                        f"prefix of their file name: {count_text(misplaced)}. In the official release every "
-                        "<CLASS>/ folder holds only <CLASS>-*.tif; move these files to the folder of their prefix.")
+        raise SpecError(f"{folder}: {len(misplaced)} tile(s) sit in a class folder that disagrees with the "
+                        f"class prefix of their file name: {count_text(misplaced)}. In the official "
+                        "release every <CLASS>/ folder holds only <CLASS>-*.tif; move these files to the "
+                        "folder of their prefix.")
     dataset = ImageFileDataset("crc", split, folder, classes, files, targets)
     if split == "test":
         return dataset

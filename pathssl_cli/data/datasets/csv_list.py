@@ -37,19 +37,26 @@ FIX = "The CSV needs a header row 'path,label' (and optionally ',split' with tra
 
 class CsvDataset(ImageFileDataset):
     def __init__(self, split: Split, root: Path, classes: list[str], rows: list[dict[str, str]]) -> None:
-        files = [Path(r["path"]) if Path(r["path"]).is_absolute() else root / r["path"] for r in rows]
+        files = [resolve(root, r["path"]) for r in rows]
         super().__init__("csv", split, root, classes, files, [classes.index(r["label"]) for r in rows])
         self.ids = [r["path"] for r in rows]
 
 
+def resolve(folder: Path, cell: str) -> Path:
+    path = Path(cell).expanduser()
+    return path if path.is_absolute() else folder / path
+
+
 def read_rows(table: Path) -> list[dict[str, str]]:
     if not table.is_file():
-        raise SpecError(f"{table}: the csv dataset needs data.root to be the CSV file itself, not a folder. {FIX}")
+        raise SpecError(f"{table}: the csv dataset needs data.root to be the CSV file itself, not a folder. "
+                        f"{FIX}")
     with table.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         columns = [c.strip() for c in reader.fieldnames or []]
         if "path" not in columns or "label" not in columns:
-            raise SpecError(f"{table}: found columns {columns}; expected 'path', 'label' and optionally 'split'. {FIX}")
+            raise SpecError(f"{table}: found columns {columns}; expected 'path', 'label' and optionally "
+                            f"'split'. {FIX}")
         rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
     if not rows:
         raise SpecError(f"{table}: no rows. {FIX}")
@@ -59,10 +66,9 @@ def read_rows(table: Path) -> list[dict[str, str]]:
         problems += [f"row {n}: split {r['split']!r}" for n, r in enumerate(rows, start=2)
                      if r["split"] not in SPLITS]
     if problems:
-        raise SpecError(f"{table}: {len(problems)} bad cell(s): {count_text(problems)}. Splits must be one of "
-                        f"{list(SPLITS)}. {FIX}")
-    missing = [r["path"] for r in rows
-               if not (Path(r["path"]) if Path(r["path"]).is_absolute() else table.parent / r["path"]).is_file()]
+        raise SpecError(f"{table}: {len(problems)} bad cell(s): {count_text(problems)}. Splits must be one "
+                        f"of {list(SPLITS)}. {FIX}")
+    missing = [r["path"] for r in rows if not resolve(table.parent, r["path"]).is_file()]
     if missing:
         raise SpecError(f"{table}: {len(missing)} listed image(s) not found (relative paths are relative to "
                         f"{table.parent}): {count_text(missing)}.")
@@ -86,13 +92,14 @@ def open_csv(data: DataSection, split: Split) -> ClassificationDataset:
         raise SpecError(f"{table}: no row has split 'train'. {FIX}")
     unseen = sorted({r["label"] for r in rows} - train_labels)
     if unseen:
-        raise SpecError(f"{table}: label(s) {unseen} appear in val/test rows but never in train rows; a classifier "
-                        "cannot learn them. Add training rows for them or drop those rows.")
+        raise SpecError(f"{table}: label(s) {unseen} appear in val/test rows but never in train rows; a "
+                        "classifier cannot learn them. Add training rows for them or drop those rows.")
     if split != "test" and not by_split["val"]:
-        announce_once(f"{table}: no 'val' rows, so the validation split is a stratified {data.val_fraction:g} of "
-                     f"the train rows (seed {data.split_seed}).")
-        return carve_val(CsvDataset(split, table.parent, classes, by_split["train"]), split, data.val_fraction,
-                         data.split_seed)
+        announce_once(f"{table}: no 'val' rows, so the validation split is a stratified "
+                     f"{data.val_fraction:g} of the train rows (seed {data.split_seed}).")
+        train = CsvDataset(split, table.parent, classes, by_split["train"])
+        return carve_val(train, split, data.val_fraction, data.split_seed)
     if not by_split[split]:
-        raise SpecError(f"{table}: no row has split {split!r}; add some, or evaluate without a {split} split.")
+        raise SpecError(f"{table}: no row has split {split!r}; add some, or evaluate without a {split} "
+                        "split.")
     return CsvDataset(split, table.parent, classes, by_split[split])

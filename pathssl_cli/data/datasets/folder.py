@@ -32,7 +32,8 @@ from pathssl_cli.errors import SpecError
 if TYPE_CHECKING:
     from pathssl_cli.specs.data import DataSection
 
-FIX = "Lay the images out as root/train/<class>/*, root/val/<class>/* (optional) and root/test/<class>/* (optional)."
+FIX = ("Lay the images out as root/train/<class>/*, root/val/<class>/* (optional) and root/test/<class>/* "
+       "(optional).")
 
 
 def open_folder(data: DataSection, split: Split) -> ClassificationDataset:
@@ -42,20 +43,24 @@ def open_folder(data: DataSection, split: Split) -> ClassificationDataset:
         # A common mistake: one ImageFolder of class folders with no split level.
         children = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
         looks_flat = children and all(any(is_image(f) for f in c.iterdir()) for c in children)
-        hint = (f" {root} looks like a single ImageFolder of class folders ({', '.join(sorted(c.name for c in children)[:6])}):"
+        hint = (f" {root} looks like a single ImageFolder of class folders "
+                f"({', '.join(sorted(c.name for c in children)[:6])}):"
                 f" move them into {train_dir}/." if looks_flat else "")
-        raise SpecError(f"{train_dir}: expected the train split folder, but it {describe_missing(train_dir)}.{hint} {FIX}")
+        raise SpecError(f"{train_dir}: expected the train split folder, but it "
+                        f"{describe_missing(train_dir)}.{hint} {FIX}")
     classes, files, targets = scan_class_folders(train_dir, None, "one folder per class", FIX)
     if split != "test" and not (root / "val").exists():
-        announce_once(f"{root}: no val/ folder, so the validation split is a stratified {data.val_fraction:g} "
-                      f"of train/ (seed {data.split_seed}); the rest is used for training.")
+        announce_once(f"{root}: no val/ folder, so the validation split is a stratified "
+                      f"{data.val_fraction:g} of train/ (seed {data.split_seed}); the rest is used for "
+                      "training.")
         train = ImageFileDataset("folder", split, root, classes, files, targets)
         return carve_val(train, split, data.val_fraction, data.split_seed)
     if split == "train":
         return ImageFileDataset("folder", split, root, classes, files, targets)
     split_dir = root / split
     if split == "test" and not split_dir.exists():
-        raise SpecError(f"{split_dir}: this dataset has no test split (found {sorted(p.name for p in root.iterdir())}"
-                        f"). Add {split_dir}/<class>/ folders, or evaluate without a test split.")
+        raise SpecError(f"{split_dir}: this dataset has no test split (found "
+                        f"{sorted(p.name for p in root.iterdir())}). Add {split_dir}/<class>/ folders, or "
+                        "evaluate without a test split.")
     _, files, targets = scan_class_folders(split_dir, classes, f"the {split} split's class folders", FIX)
     return ImageFileDataset("folder", split, root, classes, files, targets)

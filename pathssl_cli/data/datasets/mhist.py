@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 CLASSES = ("HP", "SSA")
 NAME, LABEL, VOTES, PARTITION = ("Image Name", "Majority Vote Label", "Number of Annotators who Selected SSA",
                                  "Partition")
-FIX = "Set data.root to the folder holding annotations.csv and images/ as downloaded from bmirds.github.io/MHIST."
+FIX = ("Set data.root to the folder holding annotations.csv and images/ as downloaded from "
+       "bmirds.github.io/MHIST.")
 ANNOTATORS = 7
 
 
@@ -52,18 +53,19 @@ def open_mhist(data: DataSection, split: Split) -> ClassificationDataset:
             raise SpecError(f"{table}: missing column(s) {missing_columns}; found {columns}; expected "
                             f"{[NAME, LABEL, VOTES, PARTITION]}. {FIX}")
         rows = [{k.strip(): (v or "").strip() for k, v in row.items() if k is not None} for row in reader]
-    problems = [f"row {n}: label {r[LABEL]!r}" for n, r in enumerate(rows, start=2) if r[LABEL] not in CLASSES]
+    problems = [f"row {n}: label {r[LABEL]!r}" for n, r in enumerate(rows, start=2)
+                if r[LABEL] not in CLASSES]
     problems += [f"row {n}: partition {r[PARTITION]!r}" for n, r in enumerate(rows, start=2)
                  if r[PARTITION] not in ("train", "test")]
     if problems:
-        raise SpecError(f"{table}: {len(problems)} bad value(s): {count_text(problems)}. Labels must be HP or "
-                        "SSA and partitions train or test, as in the official file.")
+        raise SpecError(f"{table}: {len(problems)} bad value(s): {count_text(problems)}. Labels must be HP "
+                        "or SSA and partitions train or test, as in the official file.")
     # The majority label must follow from the 7 votes; a disagreement means the file was edited or corrupted.
     disagree = [f"{r[NAME]} ({r[LABEL]}, {r[VOTES]} SSA votes)" for r in rows
                 if r.get(VOTES, "").isdigit() and (int(r[VOTES]) * 2 > ANNOTATORS) != (r[LABEL] == "SSA")]
     if disagree:
-        console.warn(f"{table}: {len(disagree)} row(s) whose majority label disagrees with the SSA vote count: "
-                     f"{count_text(disagree)}; the 'Majority Vote Label' column is used.")
+        console.warn(f"{table}: {len(disagree)} row(s) whose majority label disagrees with the SSA vote "
+                     f"count: {count_text(disagree)}; the 'Majority Vote Label' column is used.")
     wanted = "test" if split == "test" else "train"
     chosen = [r for r in rows if r[PARTITION] == wanted]
     if not chosen:
@@ -71,8 +73,8 @@ def open_mhist(data: DataSection, split: Split) -> ClassificationDataset:
     files = [images / r[NAME] for r in chosen]
     absent = [f.name for f in files if not f.is_file()]
     if absent:
-        raise SpecError(f"labels do not match the images: {len(absent)} image(s) listed in {table.name} are not in "
-                        f"{images}: {count_text(absent)}. Unzip images.zip into {images}.")
+        raise SpecError(f"labels do not match the images: {len(absent)} image(s) listed in {table.name} are "
+                        f"not in {images}: {count_text(absent)}. Unzip images.zip into {images}.")
     targets = [CLASSES.index(r[LABEL]) for r in chosen]
     dataset = ImageFileDataset("mhist", split, root, CLASSES, files, targets)
     if split == "test":

@@ -3,15 +3,16 @@
 Official layout (the six files of the release, gunzipped, in `data.root`)::
 
     camelyonpatch_level_2_split_train_x.h5   dataset "x": (262144, 96, 96, 3) uint8 RGB
-    camelyonpatch_level_2_split_train_y.h5   dataset "y": (262144, 1, 1, 1) uint8, 1 = tumour in the centre 32×32
+    camelyonpatch_level_2_split_train_y.h5   dataset "y": (262144, 1, 1, 1) uint8, 1 = tumour in the
+                                             centre 32×32 px
     camelyonpatch_level_2_split_valid_{x,y}.h5   32768 patches
     camelyonpatch_level_2_split_test_{x,y}.h5    32768 patches
 
-Splits are the official ones (`valid` → "val"); classes are 0 "no_tumor", 1 "tumor". Images are read lazily, one
-patch per `load_image`, from an HDF5 handle opened on first use in each process (DataLoader workers each open
-their own; handles are never pickled), so memory never holds the 262k training patches. Labels (a few hundred
-KB) are read at open. The release ships `.h5.gz` files; those are refused with the gunzip command to run.
-Item ids are ``idx:<row>`` within the split's file.
+Splits are the official ones (`valid` → "val"); classes are 0 "no_tumor", 1 "tumor". Images are read
+lazily, one patch per `load_image`, from an HDF5 handle opened on first use in each process (DataLoader
+workers each open their own; handles are never pickled), so memory never holds the 262k training patches.
+Labels (a few hundred KB) are read at open. The release ships `.h5.gz` files; those are refused with the
+gunzip command to run. Item ids are ``idx:<row>`` within the split's file.
 """
 
 from __future__ import annotations
@@ -44,9 +45,10 @@ def pcam_file(root: Path, split: Split, part: str) -> Path:
     if gz.is_file():
         raise SpecError(f"{gz}: PatchCamelyon files must be decompressed before use (HDF5 cannot be read "
                         f"lazily through gzip). Run: gunzip {gz}  (or 'gunzip -k' to keep the archive).")
-    raise SpecError(f"{path}: expected this PatchCamelyon file, but it {describe_missing(path)}. Set data.root "
-                    "to the folder holding the six camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5 "
-                    "files from https://github.com/basveeling/pcam (gunzipped).")
+    raise SpecError(f"{path}: expected this PatchCamelyon file, but it {describe_missing(path)}. Set "
+                    "data.root to the folder holding the six "
+                    "camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5 files from "
+                    "https://github.com/basveeling/pcam (gunzipped).")
 
 
 def _dataset(handle: h5py.File, path: Path, key: str) -> h5py.Dataset:
@@ -97,15 +99,15 @@ def open_pcam(data: DataSection, split: Split) -> ClassificationDataset:
         raise SpecError(f"{root}: cannot open the PatchCamelyon HDF5 files for split {split!r} ({error}). "
                         "Re-download and gunzip them.") from None
     if len(x_shape) != 4 or tuple(x_shape[1:]) != PATCH_SHAPE or x_dtype != np.uint8:
-        raise SpecError(f"{x_path}: dataset 'x' is {x_shape} {x_dtype}; expected (N, 96, 96, 3) uint8 as in the "
-                        "official release.")
+        raise SpecError(f"{x_path}: dataset 'x' is {x_shape} {x_dtype}; expected (N, 96, 96, 3) uint8 as in "
+                        "the official release.")
     if labels is None:
-        raise SpecError(f"{y_path}: dataset 'y' has shape {y_shape}; expected (N, 1, 1, 1) as in the official "
-                        "release.")
+        raise SpecError(f"{y_path}: dataset 'y' has shape {y_shape}; expected (N, 1, 1, 1) as in the "
+                        "official release.")
     if len(labels) != x_shape[0]:
         raise SpecError(f"labels do not match the images: {y_path.name} holds {len(labels)} labels but "
-                        f"{x_path.name} holds {x_shape[0]} patches. The x and y files must come from the same "
-                        "split of the same release; re-download the pair.")
+                        f"{x_path.name} holds {x_shape[0]} patches. The x and y files must come from the "
+                        "same split of the same release; re-download the pair.")
     bad = np.setdiff1d(np.unique(labels), [0, 1])
     if len(bad):
         raise SpecError(f"{y_path}: labels must be 0 (no tumour) or 1 (tumour); found {bad[:5].tolist()}.")

@@ -1,0 +1,1 @@
+"""One file per classification benchmark; `pathssl_cli.data.benchmarks.DATASETS` registers them."""
