@@ -1,0 +1,156 @@
+"""TileStream: rank/worker split, determinism, exact resume, multi-FoV weights, image folders, sampling."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pathssl_cli.data.tiles import TileStream, sample_images
+from pathssl_cli.tiling.store import SlideShardWriter, tile_key, write_manifest
+
+SIDE = 8
+STEP = 4  # levels per id digit: flat JPEG tiles decode within ±1-2, so ids survive compression
+
+
+def _colour(tile_id: int) -> np.ndarray:
+    """Tile id as a flat colour: red and green carry its two base-64 digits."""
+    return np.array([tile_id % 64 * STEP, tile_id // 64 * STEP, 128], np.uint8)
+
+
+def _jpeg(tile_id: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((SIDE, SIDE, 3), _colour(tile_id))).save(buffer, "JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _tile_id(tile: torch.Tensor | np.ndarray) -> int:
+    tile = torch.as_tensor(np.asarray(tile))
+    if tile.shape[-1] == 3:  # H×W×3 arrays from sample_images
+        tile = tile.permute(2, 0, 1)
+    red, green = tile[0].float().mean().item(), tile[1].float().mean().item()
+    return round(red / STEP) + 64 * round(green / STEP)
+
+
+def _make_store(root: Path, slides: int = 3, per_level: int = 6, mpps: tuple[float, ...] = (0.25, 0.5),
+                first_id: int = 0) -> dict[int, float]:
+    """A store written through the tiling engineer's writer; tile i is a flat tile of grey i·STEP."""
+    ids: dict[int, float] = {}
+    next_id = first_id
+    for s in range(slides):
+        writer = SlideShardWriter(root, f"slide{s}", tiles_per_shard=4)
+        for mpp in mpps:
+            for i in range(per_level):
+                key = tile_key(f"slide{s}", mpp, i, 0)
+                row = dict(slide=f"slide{s}", mpp=mpp, level=0, x=i, y=0, size=SIDE, tissue=1.0, key=key)
+                writer.add(_jpeg(next_id), row)
+                ids[next_id] = mpp
+                next_id += 1
+        writer.commit()
+    write_manifest(root)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, float]]:
+    root = tmp_path_factory.mktemp("store")
+    return root, _make_store(root)
+
+
+def _ids(stream) -> list[int]:
+    return [_tile_id(tile) for tile in stream]
+
+
+def test_one_epoch_yields_every_tile_once(store) -> None:
+    root, ids = store
+    stream = TileStream([root], image_size=SIDE, seed=0, shuffle_buffer=5)
+    tiles = list(stream)
+    assert all(t.dtype == torch.uint8 and t.shape == (3, SIDE, SIDE) for t in tiles)
+    assert sorted(_tile_id(t) for t in tiles) == sorted(ids)
+
+
+def test_rank_split_is_disjoint_and_complete(store) -> None:
+    root, ids = store
+    per_rank = [_ids(TileStream([root], image_size=SIDE, seed=1, rank=r, world_size=3)) for r in range(3)]
+    assert len({len(p) for p in per_rank}) == 1  # 36 tiles / 3 ranks: equal and no padding
+    assert sorted(sum(per_rank, [])) == sorted(ids)
+    # 36 tiles over 5 ranks: 8 each, the 4 extra places wrap around to the start of the epoch
+    uneven = [_ids(TileStream([root], image_size=SIDE, seed=1, rank=r, world_size=5)) for r in range(5)]
+    assert [len(p) for p in uneven] == [8] * 5
+    flat = sum(uneven, [])
+    assert set(flat) == set(ids) and len(flat) - len(set(flat)) == 4
+
+
+def test_order_is_deterministic_per_seed_and_epoch(store) -> None:
+    root, _ = store
+    def order(seed: int, epoch: int) -> list[int]:
+        stream = TileStream([root], image_size=SIDE, seed=seed, shuffle_buffer=8)
+        stream.set_epoch(epoch)
+        return _ids(stream)
+    assert order(0, 0) == order(0, 0)
+    assert order(0, 1) == order(0, 1)
+    assert order(0, 0) != order(0, 1)
+    assert order(0, 0) != order(1, 0)
+
+
+def test_workers_reproduce_the_rank_stream_and_skip_resumes_exactly(store) -> None:
+    root, _ = store
+    stream = TileStream([root], image_size=SIDE, seed=2, shuffle_buffer=6, batch_size=4)
+    stream.set_epoch(3)
+    single = _ids(stream)
+    loader = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2)
+    assert [_tile_id(t) for batch in loader for t in batch] == single
+    stream.skip(12)  # three batches already consumed before a kill
+    resumed = torch.utils.data.DataLoader(stream, batch_size=4, num_workers=2)
+    assert [_tile_id(t) for batch in resumed for t in batch] == single[12:]
+    stream.set_epoch(3)  # set_epoch clears the skip
+    assert _ids(stream) == single
+
+
+def test_mpp_weights_mix_fields_of_view(tmp_path: Path) -> None:
+    ids = _make_store(tmp_path, slides=4, per_level=20)  # 80 tiles per level
+    stream = TileStream([tmp_path], image_size=SIDE, seed=0, mpp_weights={0.25: 3.0, 0.5: 1.0})
+    fractions = []
+    for epoch in range(5):
+        stream.set_epoch(epoch)
+        order = stream.global_order()
+        assert len(order) == 160  # an epoch holds as many tiles as the weighted levels
+        fractions.append(np.mean([stream.refs[i].mpp == 0.25 for i in order]))
+        # the rarer level is never repeated within an epoch before all its tiles were used
+        rare = [i for i in order if stream.refs[i].mpp == 0.5]
+        assert len(set(rare)) == len(rare)
+    assert abs(np.mean(fractions) - 0.75) < 0.04
+    only_coarse = TileStream([tmp_path], image_size=SIDE, seed=0, mpp_weights={0.25: 0.0, 0.5: 1.0})
+    assert {ids[_tile_id(t)] for t in only_coarse} == {0.5}
+    with pytest.raises(ValueError, match="levels present"):
+        TileStream([tmp_path], image_size=SIDE, mpp_weights={1.0: 1.0})
+
+
+def test_image_folders_mix_with_stores_and_are_resized(store, tmp_path: Path) -> None:
+    root, ids = store
+    folder = tmp_path / "folder" / "class_a"
+    folder.mkdir(parents=True)
+    for i in range(5):  # PNG is lossless: ids continue after the store's
+        Image.fromarray(np.full((12, 12, 3), _colour(100 + i))).save(folder / f"t{i}.png")
+    stream = TileStream([root, tmp_path / "folder"], image_size=SIDE, seed=0)
+    seen = _ids(stream)
+    assert sorted(seen) == sorted(list(ids) + [100 + i for i in range(5)])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        TileStream([tmp_path / "folder" / "missing"], image_size=SIDE)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="images"):
+        TileStream([tmp_path / "empty"], image_size=SIDE)
+
+
+def test_sample_images_is_seeded_and_without_replacement(store) -> None:
+    root, ids = store
+    first = sample_images([root], 10, seed=0)
+    assert len(first) == 10 and all(a.shape == (SIDE, SIDE, 3) and a.dtype == np.uint8 for a in first)
+    chosen = [_tile_id(a) for a in first]
+    assert len(set(chosen)) == 10 and set(chosen) <= set(ids)
+    assert [_tile_id(a) for a in sample_images([root], 10, seed=0)] == chosen
+    assert len(sample_images([root], 1000, seed=0)) == len(ids)
