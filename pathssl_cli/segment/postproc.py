@@ -10,10 +10,16 @@ The pixel pipeline is the official `__proc_np_hv` (vqdang/hover_net, models/hove
    labelled, markers under `min_size` px removed;
 6. watershed of the energy from the markers inside the foreground.
 
-What is faster than the official code, with identical output:
-- small-object removal uses one `np.bincount` instead of scikit-image's generic routine;
+What is faster than the official code (identical instance maps on all 64 CoNSeP tiles we compared, at two
+noise levels; the benchmark and tests check agreement):
+- components are labelled with `cv2.connectedComponentsWithStats` (same numbering as `scipy.ndimage.label`),
+  whose areas make small-object removal a table lookup; hole filling is one `cv2.floodFill` from the border;
+- the Sobel responses are computed in float32 instead of float64; a pixel can only change if its value lies
+  within float32 rounding of the 0.4 marker threshold;
 - a foreground blob containing exactly one marker is flooded entirely by that marker (a masked watershed
-  fills every pixel 4-connected to a seed), so watershed only runs on blobs with two or more markers;
+  fills every pixel 4-connected to a seed), so watershed only runs on blobs with two or more markers, and
+  marker pixels with no free neighbour are kept out of its priority queue (they flood nothing; only the
+  order among seeds of equal priority, which scikit-image leaves to its heap, could in principle change);
 - instance properties come from `scipy.ndimage.find_objects` and `np.bincount` (bbox, centroid, type votes)
   instead of one full-image mask per instance; only contours loop, on each instance's bbox crop.
 Differences, on purpose: ids are renumbered 1..N (the official ids are the surviving marker labels, with gaps);
@@ -31,6 +37,7 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 _MARKER_KERNEL = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 
 
 @dataclass
@@ -51,15 +58,30 @@ class Instance:
     type_prob: float | None = None
 
 
-def _remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Zero labelled components with fewer than `min_size` pixels (skimage `remove_small_objects` semantics)."""
-    sizes = np.bincount(labels.ravel())
-    too_small = sizes < min_size
-    too_small[0] = False
-    if too_small.any():
-        labels = labels.copy()
-        labels[too_small[labels]] = 0
-    return labels
+def _label_without_small(binary: np.ndarray, min_size: int) -> tuple[np.ndarray, int]:
+    """4-connected components numbered 1..K in raster order, components under `min_size` px dropped.
+
+    `cv2.connectedComponentsWithStats` numbers components like `scipy.ndimage.label` and returns their areas,
+    so small-object removal is one table lookup (skimage `remove_small_objects`: size < min_size goes).
+    """
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_size
+    keep[0] = False
+    if keep[1:].all():
+        return labels, n - 1
+    lookup = np.zeros(n, dtype=np.int32)
+    lookup[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lookup[labels], int(keep.sum())
+
+
+def _fill_holes(binary: np.ndarray) -> np.ndarray:
+    """`scipy.ndimage.binary_fill_holes` (4-connected background) by one flood fill from the border."""
+    height, width = binary.shape
+    canvas = np.zeros((height + 2, width + 2), dtype=np.uint8)
+    canvas[1:-1, 1:-1] = binary
+    flood_mask = np.zeros((height + 4, width + 4), dtype=np.uint8)
+    cv2.floodFill(canvas, flood_mask, (0, 0), 2, flags=4)
+    return canvas[1:-1, 1:-1] != 2
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -76,56 +98,63 @@ def instance_map(
     if np_prob.ndim != 2 or hv.shape != (2, *np_prob.shape):
         raise ValueError(f"expected np_prob (H, W) and hv (2, H, W), got {np_prob.shape} and {hv.shape}")
 
-    blobs, _ = ndimage.label(np_prob >= np_thresh)
-    blobs = _remove_small(blobs, min_size)
+    blobs, n_blobs = _label_without_small(np_prob >= np_thresh, min_size)
+    if n_blobs == 0:
+        return np.zeros(np_prob.shape, dtype=np.int32)
     fg = (blobs > 0).astype(np.int32)
 
-    sobel_h = cv2.Sobel(_minmax(hv[0]), cv2.CV_64F, 1, 0, ksize=sobel_ksize)
-    sobel_v = cv2.Sobel(_minmax(hv[1]), cv2.CV_64F, 0, 1, ksize=sobel_ksize)
+    sobel_h = cv2.Sobel(_minmax(hv[0]), cv2.CV_32F, 1, 0, ksize=sobel_ksize)
+    sobel_v = cv2.Sobel(_minmax(hv[1]), cv2.CV_32F, 0, 1, ksize=sobel_ksize)
     overall = np.maximum(1 - _minmax(sobel_h), 1 - _minmax(sobel_v))
     overall = overall - (1 - fg)
     overall[overall < 0] = 0
     energy = -cv2.GaussianBlur((1.0 - overall) * fg, (3, 3), 0)
 
     marker = fg.astype(bool) & ~(overall >= marker_thresh)
-    marker = ndimage.binary_fill_holes(marker).astype(np.uint8)
+    marker = _fill_holes(marker).astype(np.uint8)
     marker = cv2.morphologyEx(marker, cv2.MORPH_OPEN, _MARKER_KERNEL)
-    markers, _ = ndimage.label(marker)
-    markers = _remove_small(markers, min_size)
-    # Renumber surviving markers 1..K in label order; the watershed keeps marker ids, so the output follows.
-    kept = np.unique(markers)
-    lookup = np.zeros(int(markers.max()) + 1, dtype=np.int32)
-    lookup[kept[kept > 0]] = np.arange(1, int((kept > 0).sum()) + 1, dtype=np.int32)
-    markers = lookup[markers]
-    return _flood(energy, markers, blobs)
+    markers, n_markers = _label_without_small(marker, min_size)
+    return _flood(energy, markers, n_markers, blobs, n_blobs)
 
 
-def _flood(energy: np.ndarray, markers: np.ndarray, blobs: np.ndarray) -> np.ndarray:
+def _flood(energy: np.ndarray, markers: np.ndarray, n_markers: int, blobs: np.ndarray, n_blobs: int) -> np.ndarray:
     """Masked watershed, run only where a foreground blob holds two or more markers."""
     markers = np.where(blobs > 0, markers, 0)  # seeds outside the mask never flood anything
-    n_blobs = int(blobs.max())
     seeded = markers > 0
-    blob_of_seed, seed_id = blobs[seeded], markers[seeded]
-    # Distinct (blob, marker) pairs -> number of markers per blob.
-    pairs = np.unique(blob_of_seed.astype(np.int64) * (int(markers.max()) + 1) + seed_id)
-    pair_blob = pairs // (int(markers.max()) + 1)
-    pair_marker = pairs % (int(markers.max()) + 1)
-    markers_per_blob = np.bincount(pair_blob, minlength=n_blobs + 1)
-
-    single = markers_per_blob == 1
-    blob_to_marker = np.zeros(n_blobs + 1, dtype=np.int32)
-    blob_to_marker[pair_blob[single[pair_blob]]] = pair_marker[single[pair_blob]]
+    # Which markers sit in which blob: a dense (blob, marker) occupancy table, small for tiles.
+    occupied = np.bincount(
+        blobs[seeded].astype(np.int64) * (n_markers + 1) + markers[seeded], minlength=(n_blobs + 1) * (n_markers + 1),
+    ).reshape(n_blobs + 1, n_markers + 1) > 0
+    markers_per_blob = occupied.sum(axis=1)
+    blob_to_marker = np.where(markers_per_blob == 1, np.argmax(occupied, axis=1), 0).astype(np.int32)
     out = blob_to_marker[blobs]
 
-    multi = np.flatnonzero(markers_per_blob >= 2)
-    if len(multi):
-        multi_mask = np.isin(blobs, multi)
+    is_multi = markers_per_blob >= 2
+    if is_multi.any():
+        multi_mask = is_multi[blobs]
         rows = np.flatnonzero(multi_mask.any(axis=1))
         cols = np.flatnonzero(multi_mask.any(axis=0))
         box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-        flooded = watershed(energy[box], markers=markers[box] * multi_mask[box], mask=multi_mask[box])
-        out[box][multi_mask[box]] = flooded[multi_mask[box]]
-    return out
+        crop_mask = multi_mask[box]
+        crop_markers = np.where(crop_mask, markers[box], 0)
+        # Marker pixels with no free 4-neighbour are popped by the watershed without flooding anything: leaving
+        # them out of its mask shrinks its priority queue, the biggest cost of the whole post-processing.
+        free = (~crop_mask) | (crop_markers > 0)
+        interior = (crop_markers > 0) & (
+            cv2.erode(free.astype(np.uint8), _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=1) > 0)
+        flood_mask = crop_mask & ~interior
+        flooded = watershed(energy[box], markers=np.where(flood_mask, crop_markers, 0), mask=flood_mask)
+        flooded[interior] = crop_markers[interior]
+        out[box][crop_mask] = flooded[crop_mask]
+    # Markers whose blob was flooded by another id cannot exist; renumber surviving ids 1..N in marker order.
+    present = np.zeros(n_markers + 1, dtype=bool)
+    present[out.ravel()] = True
+    present[0] = False
+    if present[1:].all():
+        return out
+    lookup = np.zeros(n_markers + 1, dtype=np.int32)
+    lookup[present] = np.arange(1, int(present.sum()) + 1, dtype=np.int32)
+    return lookup[out]
 
 
 def describe_instances(inst_map: np.ndarray, type_prob: np.ndarray | None = None) -> dict[int, Instance]:
@@ -134,11 +163,15 @@ def describe_instances(inst_map: np.ndarray, type_prob: np.ndarray | None = None
     n = int(inst_map.max(initial=0))
     if n == 0:
         return {}
-    rows, cols = np.indices(inst_map.shape)
-    area = np.bincount(inst_map.ravel(), minlength=n + 1).astype(np.float64)
+    height, width = inst_map.shape
+    flat = inst_map.ravel()
+    area = np.bincount(flat, minlength=n + 1).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        cx = np.bincount(inst_map.ravel(), weights=cols.ravel(), minlength=n + 1) / area
-        cy = np.bincount(inst_map.ravel(), weights=rows.ravel(), minlength=n + 1) / area
+        # Sums of column / row indices per id, without materialising index grids for every pixel.
+        row_sums = np.bincount(flat,
+                               weights=np.repeat(np.arange(height, dtype=np.float64), width), minlength=n + 1)
+        col_sums = np.bincount(flat, weights=np.tile(np.arange(width, dtype=np.float64), height), minlength=n + 1)
+        cx, cy = col_sums / area, row_sums / area
 
     types = probs = None
     if type_prob is not None:
@@ -151,7 +184,8 @@ def describe_instances(inst_map: np.ndarray, type_prob: np.ndarray | None = None
     for idx, box in enumerate(ndimage.find_objects(inst_map), start=1):
         if box is None:
             continue
-        crop = np.pad((inst_map[box] == idx).astype(np.uint8), 1)
+        crop = np.zeros((box[0].stop - box[0].start + 2, box[1].stop - box[1].start + 2), dtype=np.uint8)
+        crop[1:-1, 1:-1] = inst_map[box] == idx  # a zero border keeps contours off the crop's edge
         contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         contour = max(contours, key=len).reshape(-1, 2).astype(np.int32)
         contour += np.array([box[1].start - 1, box[0].start - 1], dtype=np.int32)
