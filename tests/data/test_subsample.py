@@ -23,8 +23,10 @@ from pathssl_cli.data.subsample import (
     subset_metadata,
 )
 from pathssl_cli.errors import SpecError
-from pathssl_cli.specs import load_spec
+from pathssl_cli.specs import load_spec, spec_model
+from pathssl_cli.specs.core import load_with_extends
 from pathssl_cli.specs.data import DataSection
+from pathssl_cli.specs.subsample import SubsampleSpec
 from pathssl_cli.synthetic import write_image_folder
 
 
@@ -223,3 +225,36 @@ def test_pannuke_fold_stratified_by_tissue(tmp_path: Path) -> None:
     assert kept == {"Breast": 8, "Colon": 3, "Kidney": 1}  # round-half-up of 7.5, 3 and 1
     labels = dict(read_subset_rows(tmp_path / "out" / "subset_25pct.csv"))
     assert labels[str(indices[0])] == tissues[indices[0]]
+
+
+# ---------------------------------------------------------------------------------------------- shipped specs
+
+SPECS = Path(__file__).resolve().parents[2] / "specs" / "subsample"
+
+
+@pytest.mark.parametrize("path", sorted(SPECS.glob("*_low_label.toml")), ids=lambda p: p.name)
+def test_shipped_specs_follow_the_evaluation_convention(path: Path) -> None:
+    # The datasets are not in the repository, so the schema is validated and the paths checked against the
+    # convention that specs/evaluate/*_{1,10}pct.toml rely on (runs/subsets/<name>/subset_<pct>pct.csv).
+    data, _ = load_with_extends(path)
+    spec = spec_model("subsample").model_validate(data)
+    name = path.stem.removesuffix("_low_label")
+    assert isinstance(spec, SubsampleSpec)
+    if spec.data is not None:
+        assert spec.data.dataset == name and Path(spec.data.root) == Path("../../data") / name
+        assert {0.01, 0.1} <= set(spec.subsample.fractions)
+        assert Path(spec.run.output_dir) == Path("../../runs/subsets") / name
+    else:
+        assert spec.images is not None and spec.images.format == name
+
+
+def test_tiny_spec_runs_on_an_image_folder(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "folder", n_per_class=8, size=32, seed=1, splits=("train", "val"))
+    out = tmp_path / "subsets"
+    result = CliRunner().invoke(cli, ["subsample", str(SPECS / "tiny.toml"), "--set", f"data.root={root}",
+                                      "--set", f"run.output_dir={out}"])
+    assert result.exit_code == 0, result.output
+    assert [p.name for p in sorted(out.glob("subset_*.csv"))] == [
+        "subset_100pct.csv", "subset_25pct.csv", "subset_50pct.csv"]
+    assert len(read_subset(out / "subset_25pct.csv")) == 2 * len(json.loads((out / "subsets.json").read_text())[
+        "classes"])
