@@ -341,6 +341,10 @@ def _layout_fields(
     classes = np.stack(
         [cv2.GaussianBlur(rng.standard_normal((mask_h, mask_w)).astype(np.float32), (0, 0), big / 16) for _ in range(n_textures)]
     )
+    # Fat lies inside tissue, not at its rim: at a slide's edge it would be indistinguishable from
+    # glass for any detector, and real sections are cut through fat-rich tissue rarely at the rim.
+    adipose = TEXTURES.index("adipose")
+    classes[adipose] = np.where(tissue > 0.6, classes[adipose], -10.0)
     return tissue, classes
 
 

@@ -43,6 +43,8 @@ class TissueMask:
     def fraction(self, x: float, y: float, width: float, height: float) -> float:
         """Tissue fraction of a level-0 rectangle, with mask pixels counted by their centre."""
         h, w = self.mask.shape
+        if x + width <= 0 or y + height <= 0 or x >= w * self.scale or y >= h * self.scale:
+            return 0.0
         x0 = min(max(int(round(x / self.scale)), 0), w)
         y0 = min(max(int(round(y / self.scale)), 0), h)
         x1 = min(max(int(round((x + width) / self.scale)), x0 + 1), w)
