@@ -22,8 +22,12 @@ from pathssl_cli.console import info, warn
 from pathssl_cli.errors import Problem, SpecError
 from pathssl_cli.runs import atomic_path, atomic_write
 
-METRIC_LABELS = {"top1": "top-1 accuracy", "balanced_acc": "balanced accuracy", "macro_f1": "macro-F1",
-                 "auroc": "AUROC"}
+METRIC_LABELS = {
+    "top1": "top-1 accuracy",
+    "balanced_acc": "balanced accuracy",
+    "macro_f1": "macro-F1",
+    "auroc": "AUROC",
+}
 
 
 @dataclass(frozen=True)
@@ -47,9 +51,16 @@ def find_metrics(run_dirs: Iterable[Path]) -> list[Path]:
         elif run_dir.is_file() and run_dir.name == "metrics.json":
             found.append(run_dir)
         else:
-            what = "does not exist" if not run_dir.exists() else "holds no metrics.json (nor any folder below)"
-            problems.append(Problem(str(run_dir), f"{what}. Give run directories written by `pathssl evaluate "
-                                    "linear|finetune|knn` (a finished run has metrics.json)."))
+            what = (
+                "does not exist" if not run_dir.exists() else "holds no metrics.json (nor any folder below)"
+            )
+            problems.append(
+                Problem(
+                    str(run_dir),
+                    f"{what}. Give run directories written by `pathssl evaluate "
+                    "linear|finetune|knn` (a finished run has metrics.json).",
+                )
+            )
     if problems:
         raise SpecError(problems)
     return found
@@ -65,7 +76,11 @@ def weights_label(weights: str) -> str:
 
 
 def row_key(record: dict[str, Any]) -> tuple[str, str, str]:
-    return (record.get("method") or "-", str(record.get("backbone", "?")), weights_label(str(record.get("weights"))))
+    return (
+        record.get("method") or "-",
+        str(record.get("backbone", "?")),
+        weights_label(str(record.get("weights"))),
+    )
 
 
 def record_cells(record: dict[str, Any], metric: str) -> list[tuple[str, dict[str, Any]]]:
@@ -93,10 +108,16 @@ def collect(files: list[Path], metric: str) -> tuple[dict[tuple[str, str, str], 
         row = table.setdefault(row_key(record), {})
         for column, summary in record_cells(record, metric):
             if column in row:
-                warn(f"{column} for {' + '.join(row_key(record))} appears twice ({row[column].source} and "
-                     f"{path}); keeping {path}")
-            row[column] = Cell(float(summary["mean"]), float(summary.get("std", 0.0)),
-                               len(summary.get("values", [])) or 1, path)
+                warn(
+                    f"{column} for {' + '.join(row_key(record))} appears twice ({row[column].source} and "
+                    f"{path}); keeping {path}"
+                )
+            row[column] = Cell(
+                float(summary["mean"]),
+                float(summary.get("std", 0.0)),
+                len(summary.get("values", [])) or 1,
+                path,
+            )
             if column not in columns:
                 columns.append(column)
     if problems:
@@ -106,11 +127,17 @@ def collect(files: list[Path], metric: str) -> tuple[dict[tuple[str, str, str], 
 
 def markdown(table: dict[tuple[str, str, str], dict[str, Cell]], columns: list[str], metric: str) -> str:
     header = ["method", "backbone", "weights", *columns]
-    lines = [f"{METRIC_LABELS.get(metric, metric)} (%), mean ± std over seeds", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + [":---:"] * len(columns)) + "|"]
+    lines = [
+        f"{METRIC_LABELS.get(metric, metric)} (%), mean ± std over seeds",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] * 3 + [":---:"] * len(columns)) + "|",
+    ]
     for key in sorted(table):
-        cells = [f"{100 * c.mean:.2f} ± {100 * c.std:.2f}" if (c := table[key].get(col)) else "—"
-                 for col in columns]
+        cells = [
+            f"{100 * c.mean:.2f} ± {100 * c.std:.2f}" if (c := table[key].get(col)) else "—"
+            for col in columns
+        ]
         lines.append("| " + " | ".join([*key, *cells]) + " |")
     return "\n".join(lines) + "\n"
 
@@ -118,8 +145,14 @@ def markdown(table: dict[tuple[str, str, str], dict[str, Cell]], columns: list[s
 def csv_text(table: dict[tuple[str, str, str], dict[str, Cell]], columns: list[str]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["method", "backbone", "weights",
-                     *[f"{col} {part}" for col in columns for part in ("mean", "std", "n")]])
+    writer.writerow(
+        [
+            "method",
+            "backbone",
+            "weights",
+            *[f"{col} {part}" for col in columns for part in ("mean", "std", "n")],
+        ]
+    )
     for key in sorted(table):
         values: list[str] = []
         for col in columns:
@@ -129,8 +162,9 @@ def csv_text(table: dict[tuple[str, str, str], dict[str, Cell]], columns: list[s
     return buffer.getvalue()
 
 
-def bar_chart(table: dict[tuple[str, str, str], dict[str, Cell]], columns: list[str], metric: str,
-              path: Path) -> None:
+def bar_chart(
+    table: dict[tuple[str, str, str], dict[str, Cell]], columns: list[str], metric: str, path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,7 +177,9 @@ def bar_chart(table: dict[tuple[str, str, str], dict[str, Cell]], columns: list[
     for i, key in enumerate(rows):
         means = [100 * table[key][c].mean if c in table[key] else np.nan for c in columns]
         stds = [100 * table[key][c].std if c in table[key] else 0.0 for c in columns]
-        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=" + ".join(key))
+        ax.bar(
+            x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=" + ".join(key)
+        )
     ax.set_xticks(x, columns, rotation=30, ha="right")
     ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%)")
     ax.set_ylim(0, 100)
@@ -155,7 +191,7 @@ def bar_chart(table: dict[tuple[str, str, str], dict[str, Cell]], columns: list[
 
 
 def run_report(run_dirs: list[Path], out: Path | None, metric: str = "top1") -> Path:
-    """Write `out` (markdown; default ./report.md) plus `.csv` and `.png` beside it; returns the markdown path."""
+    """Write `out` (markdown; default ./report.md) and `.csv`, `.png` beside it; returns the markdown path."""
     if metric not in METRIC_LABELS:
         raise SpecError(f"unknown metric {metric!r}; choose one of {', '.join(METRIC_LABELS)}")
     table, columns = collect(find_metrics(run_dirs), metric)
@@ -167,6 +203,8 @@ def run_report(run_dirs: list[Path], out: Path | None, metric: str = "top1") -> 
     atomic_write(out.with_suffix(".csv"), csv_text(table, columns))
     bar_chart(table, columns, metric, out.with_suffix(".png"))
     print(text, end="")
-    info(f"report: {len(table)} rows × {len(columns)} columns → {out}, {out.with_suffix('.csv')}, "
-         f"{out.with_suffix('.png')}")
+    info(
+        f"report: {len(table)} rows × {len(columns)} columns → {out}, {out.with_suffix('.csv')}, "
+        f"{out.with_suffix('.png')}"
+    )
     return out

@@ -13,23 +13,53 @@ from pathssl_cli.errors import SpecError
 from pathssl_cli.report import run_report
 
 
-def fake_run(path: Path, *, dataset: str, protocol: str, label: str, values: list[float], method: str | None,
-             weights: str, variants: dict | None = None) -> Path:  # type: ignore[type-arg]
+def fake_run(
+    path: Path,
+    *,
+    dataset: str,
+    protocol: str,
+    label: str,
+    values: list[float],
+    method: str | None,
+    weights: str,
+    variants: dict | None = None,
+) -> Path:  # type: ignore[type-arg]
     path.mkdir(parents=True)
     mean = sum(values) / len(values)
-    record = {"protocol": protocol, "label": label, "dataset": dataset, "backbone": "resnet50", "weights": weights,
-              "method": method, "metrics": {"top1": {"mean": mean, "std": 0.01, "values": values}},
-              "variants": variants or {}}
+    record = {
+        "protocol": protocol,
+        "label": label,
+        "dataset": dataset,
+        "backbone": "resnet50",
+        "weights": weights,
+        "method": method,
+        "metrics": {"top1": {"mean": mean, "std": 0.01, "values": values}},
+        "variants": variants or {},
+    }
     (path / "metrics.json").write_text(json.dumps(record))
     return path
 
 
 def test_report_table_from_two_runs(tmp_path: Path) -> None:
-    a = fake_run(tmp_path / "runs" / "a", dataset="crc", protocol="linear", label="linear", values=[0.94, 0.96],
-                 method="dino", weights="/x/runs/dino_tcga/backbone.safetensors")
-    b = fake_run(tmp_path / "runs" / "b", dataset="pcam", protocol="knn", label="knn_k20", values=[0.8],
-                 method=None, weights="random",
-                 variants={"knn_k200": {"top1": {"mean": 0.75, "std": 0.0, "values": [0.75]}}})
+    a = fake_run(
+        tmp_path / "runs" / "a",
+        dataset="crc",
+        protocol="linear",
+        label="linear",
+        values=[0.94, 0.96],
+        method="dino",
+        weights="/x/runs/dino_tcga/backbone.safetensors",
+    )
+    b = fake_run(
+        tmp_path / "runs" / "b",
+        dataset="pcam",
+        protocol="knn",
+        label="knn_k20",
+        values=[0.8],
+        method=None,
+        weights="random",
+        variants={"knn_k200": {"top1": {"mean": 0.75, "std": 0.0, "values": [0.75]}}},
+    )
     out = run_report([a, b], tmp_path / "out" / "table.md")
     text = out.read_text().splitlines()
     assert text[2] == "| method | backbone | weights | crc / linear | pcam / knn_k20 | pcam / knn_k200 |"
@@ -44,12 +74,19 @@ def test_report_table_from_two_runs(tmp_path: Path) -> None:
 
 
 def test_report_searches_below_a_folder_and_refuses_empty_ones(tmp_path: Path) -> None:
-    fake_run(tmp_path / "runs" / "x", dataset="bach", protocol="finetune", label="finetune", values=[0.5],
-             method=None, weights="random")
+    fake_run(
+        tmp_path / "runs" / "x",
+        dataset="bach",
+        protocol="finetune",
+        label="finetune",
+        values=[0.5],
+        method=None,
+        weights="random",
+    )
     out = run_report([tmp_path / "runs"], tmp_path / "t.md")
     assert "bach / finetune" in out.read_text()
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SpecError, match="holds no metrics.json"):
+    with pytest.raises(SpecError, match=r"holds no metrics\.json"):
         run_report([tmp_path / "empty"], tmp_path / "t2.md")
 
 

@@ -1,5 +1,6 @@
-"""What the three protocols share: opening the data, building the frozen backbone, choosing the evaluation split,
-describing where the weights came from, and writing metrics.json, the per-class CSV and the confusion matrix.
+"""What the three protocols share: opening the data, building the frozen backbone, choosing the evaluation
+split, describing where the weights came from, and writing metrics.json, the per-class CSV and the confusion
+matrix.
 
 metrics.json (one per run directory, read by `pathssl report`)::
 
@@ -19,7 +20,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ from pathssl_cli.evaluate.metrics import (
     write_per_class_csv,
 )
 from pathssl_cli.runs import RunDir
+
+if TYPE_CHECKING:
+    from pathssl_cli.backbones import Backbone
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -59,19 +63,23 @@ def open_splits(data: Any, need_val: bool = True) -> tuple[dict[str, Classificat
     except SpecError:
         if data.dataset not in OPTIONAL_TEST:
             raise
-        warn(f"{data.root}: no test split, so the metrics are measured on the val split, which also picks the "
-             "checkpoint and hyper-parameters: they are optimistic. Add a test split for unbiased numbers.")
+        warn(
+            f"{data.root}: no test split, so the metrics are measured on the val split, which also picks the "
+            "checkpoint and hyper-parameters: they are optimistic. Add a test split for unbiased numbers."
+        )
         splits["eval"] = splits["val"] if need_val else open_dataset(data, "val")
         eval_split = "val"
     classes = splits["train"].classes
     for name, ds in splits.items():
         if ds.classes != classes:
-            raise SpecError(f"{data.root}: the {name} split has classes {ds.classes}, the train split {classes}; "
-                            "every split must have the same classes in the same order.")
+            raise SpecError(
+                f"{data.root}: the {name} split has classes {ds.classes}, the train split {classes}; "
+                "every split must have the same classes in the same order."
+            )
     return splits, eval_split
 
 
-def build_backbone(model: Any, seed: int) -> torch.nn.Module:
+def build_backbone(model: Any, seed: int) -> Backbone:
     from pathssl_cli.backbones import create_backbone
 
     torch.manual_seed(seed)  # makes "random" weights a function of the seed, which the feature cache keys on
@@ -103,11 +111,25 @@ def frozen_features(spec: Any, need_val: bool = True) -> FeatureSet:
             continue
         ds.transform = transform
         split = eval_split if name == "eval" else name
-        key = FeatureKey(backbone=spec.model.backbone, weights=identity, dataset=spec.data.dataset,
-                         root=str(spec.data.root), split=split, ids_sha256=FeatureKey.ids_digest(list(ds.ids)),
-                         transform=repr(transform))
-        features[name] = cached_features(backbone, ds, key, cache_dir, batch_size=spec.run.batch_size,
-                                         workers=spec.run.workers, device=device, precision=spec.run.precision)
+        key = FeatureKey(
+            backbone=spec.model.backbone,
+            weights=identity,
+            dataset=spec.data.dataset,
+            root=str(spec.data.root),
+            split=split,
+            ids_sha256=FeatureKey.ids_digest(list(ds.ids)),
+            transform=repr(transform),
+        )
+        features[name] = cached_features(
+            backbone,
+            ds,
+            key,
+            cache_dir,
+            batch_size=spec.run.batch_size,
+            workers=spec.run.workers,
+            device=device,
+            precision=spec.run.precision,
+        )
     seconds = sum(f.seconds for f in features.values())
     return FeatureSet(backbone, splits, eval_split, features, seconds)
 
@@ -144,16 +166,27 @@ def summarise(per_seed: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def write_outputs(run: RunDir, spec: Any, *, protocol: str, label: str, splits: dict[str, ClassificationDataset],
-                  eval_split: str, per_seed: list[dict[str, Any]], confusion_scores: torch.Tensor,
-                  variants: dict[str, Any] | None, settings: dict[str, Any]) -> dict[str, Any]:
+def write_outputs(
+    run: RunDir,
+    spec: Any,
+    *,
+    protocol: str,
+    label: str,
+    splits: dict[str, ClassificationDataset],
+    eval_split: str,
+    per_seed: list[dict[str, Any]],
+    confusion_scores: torch.Tensor,
+    variants: dict[str, Any] | None,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
     """metrics.json + per_class.csv + confusion_matrix.png (from `confusion_scores`: the first seed's)."""
     classes = splits["train"].classes
     targets = torch.as_tensor(splits["eval"].targets)
     cm = confusion_matrix(confusion_scores.argmax(dim=1), targets, len(classes))
     write_per_class_csv(per_class_table(cm, classes), run.file("per_class.csv"))
-    plot_confusion_matrix(cm, classes, run.file("confusion_matrix.png"),
-                          title=f"{spec.data.dataset} {label} ({eval_split})")
+    plot_confusion_matrix(
+        cm, classes, run.file("confusion_matrix.png"), title=f"{spec.data.dataset} {label} ({eval_split})"
+    )
     record = {
         "protocol": protocol,
         "label": label,

@@ -4,11 +4,11 @@ The linear and kNN protocols look at every image exactly once: features are extr
 and stored, and every later classifier (the whole lr × weight-decay × seed sweep, both k of kNN, a second
 protocol on the same backbone) reads the stored tensor.
 
-Cache key (sha256 of a canonical JSON): backbone name, the sha256 of the weights file's bytes (so retraining or
-replacing a file under the same name invalidates it; "random" weights are keyed by the seed that initialised
-them), the dataset name and root, the split, the ordered item ids (which covers a `train_subset` file and the
-seeded val split), and the transform (image size, mean, std). One entry is one file written atomically, so a
-killed extraction leaves no entry and the next run redoes that split only.
+Cache key (sha256 of a canonical JSON): backbone name, the sha256 of the weights file's bytes (so retraining
+or replacing a file under the same name invalidates it; "random" weights are keyed by the seed that
+initialised them), the dataset name and root, the split, the ordered item ids (which covers a `train_subset`
+file and the seeded val split), and the transform (image size, mean, std). One entry is one file written
+atomically, so a killed extraction leaves no entry and the next run redoes that split only.
 """
 
 from __future__ import annotations
@@ -46,12 +46,12 @@ def weights_identity(weights: str | Path, seed: int) -> str:
 @dataclass(frozen=True)
 class FeatureKey:
     backbone: str
-    weights: str                      # weights_identity(...)
+    weights: str  # weights_identity(...)
     dataset: str
     root: str
     split: str
     ids_sha256: str
-    transform: str                    # canonical description of the eval transform
+    transform: str  # canonical description of the eval transform
 
     @staticmethod
     def ids_digest(ids: list[str]) -> str:
@@ -64,15 +64,21 @@ class FeatureKey:
 
 @dataclass
 class Features:
-    features: torch.Tensor            # (N, D) float32
-    targets: torch.Tensor             # (N,) int64
-    seconds: float                    # extraction wall time (0 on a cache hit)
+    features: torch.Tensor  # (N, D) float32
+    targets: torch.Tensor  # (N,) int64
+    seconds: float  # extraction wall time (0 on a cache hit)
     cache_hit: bool
 
 
 def transform_description(img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> str:
-    return json.dumps({"kind": "eval", "img_size": img_size, "mean": [round(m, 8) for m in mean],
-                       "std": [round(s, 8) for s in std]})
+    return json.dumps(
+        {
+            "kind": "eval",
+            "img_size": img_size,
+            "mean": [round(m, 8) for m in mean],
+            "std": [round(s, 8) for s in std],
+        }
+    )
 
 
 def cache_path(cache_dir: Path, key: FeatureKey) -> Path:
@@ -93,25 +99,50 @@ def load_cached(cache_dir: Path | None, key: FeatureKey) -> Features | None:
 
 def store(cache_dir: Path, key: FeatureKey, feats: Features) -> Path:
     path = cache_path(cache_dir, key)
-    save_checkpoint({"key": json.dumps(key.__dict__, sort_keys=True), "features": feats.features,
-                     "targets": feats.targets}, path)
+    save_checkpoint(
+        {
+            "key": json.dumps(key.__dict__, sort_keys=True),
+            "features": feats.features,
+            "targets": feats.targets,
+        },
+        path,
+    )
     # A human-readable sidecar: what the opaque file name stands for.
-    atomic_write(path.with_suffix(".json"), json.dumps({**key.__dict__, "n": len(feats.targets),
-                                                        "dim": int(feats.features.shape[1])}, indent=2) + "\n")
+    atomic_write(
+        path.with_suffix(".json"),
+        json.dumps({**key.__dict__, "n": len(feats.targets), "dim": int(feats.features.shape[1])}, indent=2)
+        + "\n",
+    )
     return path
 
 
-def make_loader(dataset: Dataset[Any], batch_size: int, workers: int, device: torch.device) -> DataLoader[Any]:
+def make_loader(
+    dataset: Dataset[Any], batch_size: int, workers: int, device: torch.device
+) -> DataLoader[Any]:
     """Workers decode and transform while the backbone runs; pinned memory makes the host→GPU copy async."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False,
-                      prefetch_factor=4 if workers > 0 else None)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers > 0 else None,
+    )
 
 
 @torch.no_grad()
-def extract(backbone: torch.nn.Module, dataset: Dataset[Any], *, batch_size: int, workers: int,
-            device: torch.device, precision: str = "fp32", desc: str = "features") -> Features:
-    """Run the frozen backbone (eval mode) over `dataset` in order; features come back as float32 on the CPU."""
+def extract(
+    backbone: torch.nn.Module,
+    dataset: Dataset[Any],
+    *,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    precision: str = "fp32",
+    desc: str = "features",
+) -> Features:
+    """Run the frozen backbone (eval mode) over `dataset` in order; returns float32 features on the CPU."""
     backbone.eval().to(device)
     loader = make_loader(dataset, batch_size, workers, device)
     chunks: list[torch.Tensor] = []
@@ -130,16 +161,32 @@ def extract(backbone: torch.nn.Module, dataset: Dataset[Any], *, batch_size: int
     return Features(feats, torch.cat(labels) if labels else torch.zeros(0, dtype=torch.int64), seconds, False)
 
 
-def cached_features(backbone: torch.nn.Module, dataset: Any, key: FeatureKey, cache_dir: Path | None, *,
-                    batch_size: int, workers: int, device: torch.device, precision: str = "fp32") -> Features:
+def cached_features(
+    backbone: torch.nn.Module,
+    dataset: Any,
+    key: FeatureKey,
+    cache_dir: Path | None,
+    *,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> Features:
     """Features of `dataset` from the cache when `key` is there, else extracted and stored."""
     hit = load_cached(cache_dir, key)
     if hit is not None:
         if len(hit.targets) == len(dataset) and torch.equal(hit.targets, torch.as_tensor(dataset.targets)):
             info(f"{key.split}: {len(hit.targets)} cached features ({cache_path(cache_dir, key).name})")  # type: ignore[arg-type]
             return hit
-    feats = extract(backbone, dataset, batch_size=batch_size, workers=workers, device=device,
-                    precision=precision, desc=f"features {key.split}")
+    feats = extract(
+        backbone,
+        dataset,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        precision=precision,
+        desc=f"features {key.split}",
+    )
     if cache_dir is not None:
         store(cache_dir, key, feats)
     return feats

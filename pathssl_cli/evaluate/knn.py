@@ -25,13 +25,20 @@ from pathssl_cli.specs.evaluate import KnnSpec
 
 
 @torch.no_grad()
-def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, query_features: torch.Tensor, k: int,
-               temperature: float, num_classes: int, chunk_size: int = 1024) -> torch.Tensor:
+def knn_scores(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    query_features: torch.Tensor,
+    k: int,
+    temperature: float,
+    num_classes: int,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
     """Summed vote weight per class for every query: (Q, C) float.
 
     train_features: (N, D); train_labels: (N,) int64; query_features: (Q, D). Both feature sets are
-    L2-normalised here, so callers pass raw backbone outputs. When k > N all N samples vote. Queries are handled
-    `chunk_size` at a time so that the (chunk, N) similarity matrix, not (Q, N), bounds memory.
+    L2-normalised here, so callers pass raw backbone outputs. When k > N all N samples vote. Queries are
+    handled `chunk_size` at a time so that the (chunk, N) similarity matrix, not (Q, N), bounds memory.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
@@ -41,12 +48,12 @@ def knn_scores(train_features: torch.Tensor, train_labels: torch.Tensor, query_f
     k = min(k, train.shape[0])
     out = torch.zeros(queries.shape[0], num_classes, dtype=torch.float32, device=train.device)
     for start in range(0, queries.shape[0], chunk_size):
-        similarity = queries[start:start + chunk_size] @ train.T           # (q, N)
+        similarity = queries[start : start + chunk_size] @ train.T  # (q, N)
         top_sim, top_idx = similarity.topk(k, dim=1, largest=True, sorted=True)
-        weights = (top_sim / temperature).exp()                            # (q, k)
+        weights = (top_sim / temperature).exp()  # (q, k)
         votes = torch.zeros(top_idx.shape[0], num_classes, device=train.device)
-        votes.scatter_add_(1, labels[top_idx], weights)                    # sum weights per neighbour class
-        out[start:start + chunk_size] = votes
+        votes.scatter_add_(1, labels[top_idx], weights)  # sum weights per neighbour class
+        out[start : start + chunk_size] = votes
     return out
 
 
@@ -60,17 +67,35 @@ def run_knn(spec: KnnSpec) -> dict[str, Any]:
         device = resolve_device(spec.run.device)
         results: dict[int, tuple[dict[str, Any], torch.Tensor]] = {}
         for k in spec.knn.k:
-            scores = knn_scores(train.features.to(device), train.targets.to(device), query.features.to(device),
-                                k, spec.knn.temperature, num_classes).cpu()
+            scores = knn_scores(
+                train.features.to(device),
+                train.targets.to(device),
+                query.features.to(device),
+                k,
+                spec.knn.temperature,
+                num_classes,
+            ).cpu()
             metrics = classification_metrics(scores, query.targets, num_classes)
             results[k] = ({"seed": spec.run.seeds[0], "k": k, **metrics}, scores)
             info(f"knn k={k}: top-1 {100 * metrics['top1']:.2f}")
         first, *others = spec.knn.k
         variants = {f"knn_k{k}": summarise([results[k][0]]) for k in others}
-        settings = {"k": spec.knn.k, "temperature": spec.knn.temperature,
-                    "extraction_seconds": round(fset.extraction_seconds, 3),
-                    "feature_dim": int(train.features.shape[1])}
-        record = write_outputs(run, spec, protocol="knn", label=f"knn_k{first}", splits=fset.splits,
-                               eval_split=fset.eval_split, per_seed=[results[first][0]],
-                               confusion_scores=results[first][1], variants=variants, settings=settings)
+        settings = {
+            "k": spec.knn.k,
+            "temperature": spec.knn.temperature,
+            "extraction_seconds": round(fset.extraction_seconds, 3),
+            "feature_dim": int(train.features.shape[1]),
+        }
+        record = write_outputs(
+            run,
+            spec,
+            protocol="knn",
+            label=f"knn_k{first}",
+            splits=fset.splits,
+            eval_split=fset.eval_split,
+            per_seed=[results[first][0]],
+            confusion_scores=results[first][1],
+            variants=variants,
+            settings=settings,
+        )
     return record

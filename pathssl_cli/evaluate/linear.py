@@ -1,8 +1,8 @@
 """`pathssl evaluate linear`: a linear classifier on frozen, cached features.
 
 1. Features of train, val and the evaluation split are extracted once with the eval transform (features.py).
-2. One batched run trains every (lr, weight decay, seed) head of the sweep (probe.py); each head keeps its best
-   checkpoint by the validation metric.
+2. One batched run trains every (lr, weight decay, seed) head of the sweep (probe.py); each head keeps its
+   best checkpoint by the validation metric.
 3. For each seed, the (lr, weight decay) with the best validation score is chosen and its kept checkpoint is
    scored on the evaluation split; metrics are reported as mean ± std over seeds.
 
@@ -15,11 +15,11 @@ reference implementation of that standard protocol and marked as such:
 - 100 epochs, cosine decay to 0: dino `eval_linear.py` (--epochs 100, CosineAnnealingLR eta_min 0).
 - batch 256: moco `main_lincls.py` (-b 256); dino's lr rule is stated per 256 images.
 - head init N(0, 0.01²), bias 0: dino `eval_linear.py` LinearClassifier.
-- lr swept over {1e-2, 1e-1, 1, 10} and weight decay over {0, 1e-5, 1e-4}: the protocol fixes the optimiser but
-  tunes lr per checkpoint (dino: "We recommend tweaking the LR depending on the checkpoint evaluated"; MoCo's lr
-  30 and DINO's 1e-3 differ by 4 orders of magnitude because feature scales differ, and un-normalised pooled
-  CNN features of norm ~1 need lr ≥ 1); weight decay 0 is dino's and moco's value, the two small ones let the
-  sweep regularise small datasets such as BACH and MHIST.
+- lr swept over {1e-2, 1e-1, 1, 10} and weight decay over {0, 1e-5, 1e-4}: the protocol fixes the optimiser
+  but tunes lr per checkpoint (dino: "We recommend tweaking the LR depending on the checkpoint evaluated";
+  MoCo's lr 30 and DINO's 1e-3 differ by 4 orders of magnitude because feature scales differ, and
+  un-normalised pooled CNN features of norm ~1 need lr ≥ 1); weight decay 0 is dino's and moco's value, the
+  two small ones let the sweep regularise small datasets such as BACH and MHIST.
 - selection by val top-1, the metric the paper reports.
 
 `eva` — kaiko-ai/eva's offline classification configs as the issue states them: AdamW lr 3e-4, batch 256,
@@ -53,16 +53,33 @@ class LinearPlan:
     steps: int | None
     batch_size: int
     lr_schedule: Literal["cosine", "constant"]
-    eval_every: int | None          # None: once per epoch
+    eval_every: int | None  # None: once per epoch
     select_by: Literal["top1", "balanced_acc"]
 
 
 PRESETS: dict[str, LinearPlan] = {
-    "paper": LinearPlan(optimizer="sgd", lrs=(1e-2, 1e-1, 1.0, 10.0), weight_decays=(0.0, 1e-5, 1e-4),
-                        epochs=100, steps=None, batch_size=256, lr_schedule="cosine", eval_every=None,
-                        select_by="top1"),
-    "eva": LinearPlan(optimizer="adamw", lrs=(3e-4,), weight_decays=(0.0,), epochs=None, steps=12_500,
-                      batch_size=256, lr_schedule="cosine", eval_every=250, select_by="balanced_acc"),
+    "paper": LinearPlan(
+        optimizer="sgd",
+        lrs=(1e-2, 1e-1, 1.0, 10.0),
+        weight_decays=(0.0, 1e-5, 1e-4),
+        epochs=100,
+        steps=None,
+        batch_size=256,
+        lr_schedule="cosine",
+        eval_every=None,
+        select_by="top1",
+    ),
+    "eva": LinearPlan(
+        optimizer="adamw",
+        lrs=(3e-4,),
+        weight_decays=(0.0,),
+        epochs=None,
+        steps=12_500,
+        batch_size=256,
+        lr_schedule="cosine",
+        eval_every=250,
+        select_by="balanced_acc",
+    ),
 }
 
 
@@ -84,8 +101,14 @@ def plan_schedule(plan: LinearPlan, n_train: int) -> ProbeSchedule:
     batch = min(plan.batch_size, n_train)
     steps_per_epoch = max(1, -(-n_train // batch))
     steps = plan.steps if plan.steps is not None else steps_for_epochs(plan.epochs or 1, n_train, batch)
-    return ProbeSchedule(optimizer=plan.optimizer, steps=steps, batch_size=batch, lr_schedule=plan.lr_schedule,
-                         eval_every=plan.eval_every or steps_per_epoch, select_by=plan.select_by)
+    return ProbeSchedule(
+        optimizer=plan.optimizer,
+        steps=steps,
+        batch_size=batch,
+        lr_schedule=plan.lr_schedule,
+        eval_every=plan.eval_every or steps_per_epoch,
+        select_by=plan.select_by,
+    )
 
 
 def run_linear(spec: LinearSpec) -> dict[str, Any]:
@@ -96,43 +119,79 @@ def run_linear(spec: LinearSpec) -> dict[str, Any]:
         num_classes = len(classes)
         train, val, test = fset.features["train"], fset.features["val"], fset.features["eval"]
         schedule = plan_schedule(plan, len(train.targets))
-        heads = [HeadConfig(lr=lr, weight_decay=wd, seed=seed)
-                 for seed in spec.run.seeds for lr in plan.lrs for wd in plan.weight_decays]
-        info(f"linear: {len(heads)} heads ({len(plan.lrs)} lr × {len(plan.weight_decays)} wd × "
-             f"{len(spec.run.seeds)} seeds), {schedule.steps} steps of {schedule.batch_size} on "
-             f"{len(train.targets)} × {train.features.shape[1]} features")
-        result = train_probes(train.features, train.targets, val.features, val.targets, num_classes, heads,
-                              schedule)
+        heads = [
+            HeadConfig(lr=lr, weight_decay=wd, seed=seed)
+            for seed in spec.run.seeds
+            for lr in plan.lrs
+            for wd in plan.weight_decays
+        ]
+        info(
+            f"linear: {len(heads)} heads ({len(plan.lrs)} lr × {len(plan.weight_decays)} wd × "
+            f"{len(spec.run.seeds)} seeds), {schedule.steps} steps of {schedule.batch_size} on "
+            f"{len(train.targets)} × {train.features.shape[1]} features"
+        )
+        result = train_probes(
+            train.features, train.targets, val.features, val.targets, num_classes, heads, schedule
+        )
         for entry in result.history:
-            run.metrics.log(int(entry["step"]), train_loss=float(entry["train_loss"]),  # type: ignore[arg-type]
-                            val_best_of_sweep=max(entry["val"]))  # type: ignore[arg-type]
+            run.metrics.log(entry.step, train_loss=entry.train_loss, val_best_of_sweep=max(entry.val))
 
-        eval_scores = result.scores(test.features)                         # (G, N, C)
+        eval_scores = result.scores(test.features)  # (G, N, C)
         per_seed: list[dict[str, Any]] = []
         first_scores: torch.Tensor | None = None
         for seed in spec.run.seeds:
             members = [g for g, h in enumerate(heads) if h.seed == seed]
             best = max(members, key=lambda g: float(result.best_val[g]))  # first wins a tie: smallest lr, wd
             metrics = classification_metrics(eval_scores[best], test.targets, num_classes)
-            per_seed.append({"seed": seed, "lr": heads[best].lr, "weight_decay": heads[best].weight_decay,
-                             f"val_{plan.select_by}": float(result.best_val[best]),
-                             "best_step": int(result.best_step[best]), **metrics})
+            per_seed.append(
+                {
+                    "seed": seed,
+                    "lr": heads[best].lr,
+                    "weight_decay": heads[best].weight_decay,
+                    f"val_{plan.select_by}": float(result.best_val[best]),
+                    "best_step": int(result.best_step[best]),
+                    **metrics,
+                }
+            )
             if first_scores is None:
                 first_scores = eval_scores[best]
-        sweep = [{"lr": h.lr, "weight_decay": h.weight_decay, "seed": h.seed,
-                  f"val_{plan.select_by}": float(result.best_val[g]), "best_step": int(result.best_step[g])}
-                 for g, h in enumerate(heads)]
+        sweep = [
+            {
+                "lr": h.lr,
+                "weight_decay": h.weight_decay,
+                "seed": h.seed,
+                f"val_{plan.select_by}": float(result.best_val[g]),
+                "best_step": int(result.best_step[g]),
+            }
+            for g, h in enumerate(heads)
+        ]
         run.write_json("sweep.json", sweep)
         assert first_scores is not None
-        settings = {"preset": spec.optim.preset, **asdict(plan), "steps_run": schedule.steps,
-                    "eval_every": schedule.eval_every, "seeds": spec.run.seeds,
-                    "extraction_seconds": round(fset.extraction_seconds, 3),
-                    "feature_dim": int(train.features.shape[1])}
+        settings = {
+            "preset": spec.optim.preset,
+            **asdict(plan),
+            "steps_run": schedule.steps,
+            "eval_every": schedule.eval_every,
+            "seeds": spec.run.seeds,
+            "extraction_seconds": round(fset.extraction_seconds, 3),
+            "feature_dim": int(train.features.shape[1]),
+        }
         label = "linear" if spec.data.train_subset is None else f"linear[{spec.data.train_subset.stem}]"
-        record = write_outputs(run, spec, protocol="linear", label=label, splits=fset.splits,
-                               eval_split=fset.eval_split, per_seed=per_seed, confusion_scores=first_scores,
-                               variants=None, settings=settings)
+        record = write_outputs(
+            run,
+            spec,
+            protocol="linear",
+            label=label,
+            splits=fset.splits,
+            eval_split=fset.eval_split,
+            per_seed=per_seed,
+            confusion_scores=first_scores,
+            variants=None,
+            settings=settings,
+        )
     top1 = record["metrics"]["top1"]
-    info(f"linear {spec.data.dataset}: top-1 {100 * top1['mean']:.2f} ± {100 * top1['std']:.2f} "
-         f"({fset.eval_split}, {len(spec.run.seeds)} seeds) → {spec.run.output_dir}")
+    info(
+        f"linear {spec.data.dataset}: top-1 {100 * top1['mean']:.2f} ± {100 * top1['std']:.2f} "
+        f"({fset.eval_split}, {len(spec.run.seeds)} seeds) → {spec.run.output_dir}"
+    )
     return record

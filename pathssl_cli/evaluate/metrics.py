@@ -4,8 +4,8 @@ Top-1 accuracy is what Kang et al. (CVPR 2023) report; balanced accuracy (mean p
 reports; macro-F1 is robust to the class imbalance of MHIST and BACH's small test split; AUROC is only defined
 here for binary tasks (PCam, MHIST), computed on the positive class's probability.
 
-All scalar metrics come from torchmetrics so that they match what other toolkits compute. Macro averages follow
-torchmetrics: a class with no sample in the targets and no prediction is left out of the mean.
+All scalar metrics come from torchmetrics so that they match what other toolkits compute. Macro averages
+follow torchmetrics: a class with no sample in the targets and no prediction is left out of the mean.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ METRIC_NAMES = ("top1", "balanced_acc", "macro_f1", "auroc")
 def classification_metrics(scores: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict[str, float]:
     """Scalar metrics of one evaluation.
 
-    scores: (N, C) logits or probabilities (argmax gives the prediction; softmax is applied for AUROC, which is
-    monotone in the score difference); targets: (N,) int64 in [0, C).
+    scores: (N, C) logits or probabilities (argmax gives the prediction; softmax is applied for AUROC, which
+    is monotone in the score difference); targets: (N,) int64 in [0, C).
     Returns top1, balanced_acc, macro_f1, and auroc when C == 2, all as fractions in [0, 1].
     """
     if scores.ndim != 2 or scores.shape[1] != num_classes:
@@ -60,7 +60,7 @@ def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: in
 
 
 def per_class_table(cm: np.ndarray, class_names: list[str]) -> list[dict[str, float | int | str]]:
-    """Precision, recall and F1 per class from a confusion matrix (0 where undefined, as torchmetrics does)."""
+    """Precision, recall and F1 per class from a confusion matrix (0 where undefined, like torchmetrics)."""
     rows: list[dict[str, float | int | str]] = []
     for c, name in enumerate(class_names):
         tp = int(cm[c, c])
@@ -69,15 +69,24 @@ def per_class_table(cm: np.ndarray, class_names: list[str]) -> list[dict[str, fl
         precision = tp / predicted if predicted else 0.0
         recall = tp / support if support else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        rows.append({"class": name, "support": support, "predicted": predicted, "precision": precision,
-                     "recall": recall, "f1": f1})
+        rows.append(
+            {
+                "class": name,
+                "support": support,
+                "predicted": predicted,
+                "precision": precision,
+                "recall": recall,
+                "f1": f1,
+            }
+        )
     return rows
 
 
 def write_per_class_csv(rows: list[dict[str, float | int | str]], path: Path) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=["class", "support", "predicted", "precision", "recall", "f1"],
-                            lineterminator="\n")
+    writer = csv.DictWriter(
+        buffer, fieldnames=["class", "support", "predicted", "precision", "recall", "f1"], lineterminator="\n"
+    )
     writer.writeheader()
     for row in rows:
         writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()})
@@ -105,8 +114,15 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: list[str], path: Path, ti
         ax.set_title(title)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center",
-                    color="white" if normalised[i, j] > 0.5 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                str(cm[i, j]),
+                ha="center",
+                va="center",
+                color="white" if normalised[i, j] > 0.5 else "black",
+                fontsize=8,
+            )
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

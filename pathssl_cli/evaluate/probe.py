@@ -1,17 +1,19 @@
 """Many linear classifiers trained at once on cached features: the whole lr × weight-decay × seed sweep.
 
-Every head is an independent `nn.Linear(D, C)` with its own lr, weight decay, initialisation and minibatch order
-(the seed). Stacking them as W (G, D, C) turns the sweep into one batched matmul per step instead of G Python
-training loops, which is what keeps a full linear evaluation, sweep included, cheaper than the one-time feature
-extraction (benchmarks/linear_eval_cost.py).
+Every head is an independent `nn.Linear(D, C)` with its own lr, weight decay, initialisation and minibatch
+order (the seed). Stacking them as W (G, D, C) turns the sweep into one batched matmul per step instead of G
+Python training loops, which is what keeps a full linear evaluation, sweep included, cheaper than the one-time
+feature extraction (benchmarks/linear_eval_cost.py).
 
 The optimisers are written out here because torch's cannot give each slice of one tensor its own lr and weight
-decay; each follows torch's update rule exactly (tests/evaluate/test_probe.py checks them against torch.optim on
-one head):
+decay; each follows torch's update rule exactly (tests/evaluate/test_probe.py checks them against torch.optim
+on one head):
 - SGD (torch.optim.SGD, dampening 0, no Nesterov): g += wd·W; buf = m·buf + g (buf = g at the first step);
-  W -= lr·buf. Weight decay applies to the bias too, as when `linear.parameters()` is handed to torch.optim.SGD in
-  DINO's eval_linear.py.
-- AdamW (torch.optim.AdamW): W *= 1 - lr·wd; m, v moving averages with bias correction; W -= lr·m̂/(√v̂ + eps).
+  W -= lr·buf. Weight decay applies to the bias too, as when `linear.parameters()` is handed to
+  torch.optim.SGD in DINO's eval_linear.py.
+- AdamW (torch.optim.AdamW): W *= 1 - lr·wd; m, v moving averages with bias correction;
+  W -= lr·m̂/(√v̂ + eps).
+
 The initialisation is DINO's (eval_linear.py LinearClassifier): weight ~ N(0, 0.01²), bias 0.
 """
 
@@ -50,20 +52,31 @@ class ProbeSchedule:
     select_by: Literal["top1", "balanced_acc"] = "top1"
 
 
+@dataclass(frozen=True)
+class EvalPoint:
+    """One validation pass: the step after which it ran, the mean train loss of that step over heads, and
+    every head's validation score."""
+
+    step: int
+    train_loss: float
+    val: list[float]
+
+
 @dataclass
 class ProbeResult:
     """Best-by-validation weights of every head and the validation score each reached."""
 
-    weight: torch.Tensor          # (G, D, C)
-    bias: torch.Tensor            # (G, C)
-    best_val: torch.Tensor        # (G,) selection metric of the kept weights
-    best_step: torch.Tensor       # (G,) step after which they were kept
-    history: list[dict[str, float | int | list[float]]] = field(default_factory=list)
+    weight: torch.Tensor  # (G, D, C)
+    bias: torch.Tensor  # (G, C)
+    best_val: torch.Tensor  # (G,) selection metric of the kept weights
+    best_step: torch.Tensor  # (G,) step after which they were kept
+    history: list[EvalPoint] = field(default_factory=list)
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """(G, N, C) logits of every head."""
-        return torch.baddbmm(self.bias[:, None, :], features.float().expand(len(self.weight), -1, -1),
-                             self.weight)
+        return torch.baddbmm(
+            self.bias[:, None, :], features.float().expand(len(self.weight), -1, -1), self.weight
+        )
 
 
 def lr_factors(schedule: ProbeSchedule) -> np.ndarray:
@@ -75,22 +88,30 @@ def lr_factors(schedule: ProbeSchedule) -> np.ndarray:
     return 0.5 * (1.0 + np.cos(np.pi * i / schedule.steps))
 
 
-def selection_metric(logits: torch.Tensor, targets: torch.Tensor, num_classes: int,
-                     kind: Literal["top1", "balanced_acc"]) -> torch.Tensor:
+def selection_metric(
+    logits: torch.Tensor, targets: torch.Tensor, num_classes: int, kind: Literal["top1", "balanced_acc"]
+) -> torch.Tensor:
     """(G,) top-1 accuracy or balanced accuracy (mean recall over classes present in `targets`) per head."""
-    correct = (logits.argmax(dim=2) == targets[None, :]).float()           # (G, N)
+    correct = (logits.argmax(dim=2) == targets[None, :]).float()  # (G, N)
     if kind == "top1":
         return correct.mean(dim=1)
-    onehot = F.one_hot(targets, num_classes).float()                       # (N, C)
-    support = onehot.sum(dim=0)                                            # (C,)
-    recall = (correct @ onehot) / support.clamp(min=1)                     # (G, C)
+    onehot = F.one_hot(targets, num_classes).float()  # (N, C)
+    support = onehot.sum(dim=0)  # (C,)
+    recall = (correct @ onehot) / support.clamp(min=1)  # (G, C)
     present = support > 0
     return recall[:, present].mean(dim=1)
 
 
-def train_probes(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
-                 num_classes: int, heads: list[HeadConfig], schedule: ProbeSchedule,
-                 desc: str = "linear probes") -> ProbeResult:
+def train_probes(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    num_classes: int,
+    heads: list[HeadConfig],
+    schedule: ProbeSchedule,
+    desc: str = "linear probes",
+) -> ProbeResult:
     """Train every head in `heads` for `schedule.steps` minibatch steps; keep each head's best-by-val weights.
 
     train_x: (N, D) float features, train_y: (N,) int64. Each head draws its own random permutation of the
@@ -113,12 +134,12 @@ def train_probes(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
     wd = torch.tensor([h.weight_decay for h in heads], dtype=torch.float32)
     factors = lr_factors(schedule)
 
-    state_w = [torch.zeros_like(weight), torch.zeros_like(weight)]          # SGD: buf; AdamW: m, v
+    state_w = [torch.zeros_like(weight), torch.zeros_like(weight)]  # SGD: buf; AdamW: m, v
     state_b = [torch.zeros_like(bias), torch.zeros_like(bias)]
     best_w, best_b = weight.clone(), bias.clone()
     best_val = torch.full((g_count,), -1.0)
     best_step = torch.zeros(g_count, dtype=torch.long)
-    history: list[dict[str, float | int | list[float]]] = []
+    history: list[EvalPoint] = []
 
     order = torch.empty(g_count, 0, dtype=torch.long)
     weight.requires_grad_(True)
@@ -130,9 +151,12 @@ def train_probes(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
                 fresh = torch.stack([torch.randperm(n, generator=gen) for gen in generators])
                 order = torch.cat([order, fresh], dim=1)
             idx, order = order[:, :batch], order[:, batch:]
-            logits = torch.baddbmm(bias[:, None, :], train_x[idx], weight)         # (G, B, C)
-            loss = F.cross_entropy(logits.reshape(-1, num_classes), train_y[idx].reshape(-1),
-                                   reduction="none").view(g_count, -1).mean(dim=1)
+            logits = torch.baddbmm(bias[:, None, :], train_x[idx], weight)  # (G, B, C)
+            loss = (
+                F.cross_entropy(logits.reshape(-1, num_classes), train_y[idx].reshape(-1), reduction="none")
+                .view(g_count, -1)
+                .mean(dim=1)
+            )
             grad_w, grad_b = torch.autograd.grad(loss.sum(), [weight, bias])
             step_lr = lr * float(factors[step])
             with torch.no_grad():
@@ -148,15 +172,21 @@ def train_probes(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tens
                     best_b[improved] = bias[improved]
                     best_val = torch.where(improved, score, best_val)
                     best_step = torch.where(improved, torch.full_like(best_step, step + 1), best_step)
-                history.append({"step": step + 1, "train_loss": loss.detach().mean().item(),
-                                "val": [round(v, 6) for v in score.tolist()]})
+                history.append(EvalPoint(step + 1, loss.detach().mean().item(), score.tolist()))
                 bar.set_postfix(val_best=f"{best_val.max().item():.4f}")
             bar.update(1)
     return ProbeResult(weight=best_w, bias=best_b, best_val=best_val, best_step=best_step, history=history)
 
 
-def _update(param: torch.Tensor, grad: torch.Tensor, state: list[torch.Tensor], lr: torch.Tensor,
-            wd: torch.Tensor, step: int, schedule: ProbeSchedule) -> None:
+def _update(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: list[torch.Tensor],
+    lr: torch.Tensor,
+    wd: torch.Tensor,
+    step: int,
+    schedule: ProbeSchedule,
+) -> None:
     """One in-place optimiser step; lr and wd are (G,) and broadcast over each head's slice."""
     shape = (-1,) + (1,) * (param.ndim - 1)
     lr_b, wd_b = lr.view(shape), wd.view(shape)

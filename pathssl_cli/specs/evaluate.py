@@ -1,7 +1,7 @@
 """Specs of the downstream protocols: `linear`, `finetune` and `knn` (`pathssl evaluate ...`).
 
-All three share `[data]` (the dataset section of `pathssl_cli.specs.data`), `[model]` (which backbone and which
-weights) and `[run]` (where, which seeds, which device); each adds its own options.
+All three share `[data]` (the dataset section of `pathssl_cli.specs.data`), `[model]` (which backbone and
+which weights) and `[run]` (where, which seeds, which device); each adds its own options.
 """
 
 from __future__ import annotations
@@ -21,35 +21,57 @@ Precision = Literal["fp32", "bf16", "fp16"]
 
 class ModelSection(Section):
     backbone: BackboneName = Field(
-        "resnet50", description="Backbone name from `pathssl backbones list`. Default: the paper's ResNet-50.")
+        default="resnet50",
+        description="Backbone name from `pathssl backbones list`. Default: the paper's ResNet-50.",
+    )
     weights: WeightsRef = Field(
-        "random", description="'random', or a local weights file: a `pathssl pretrain` export "
-        "(backbone.safetensors), Lunit's release, or timm/torchvision weights. Never downloaded.")
+        default="random",
+        description="'random', or a local weights file: a `pathssl pretrain` export "
+        "(backbone.safetensors), Lunit's release, or timm/torchvision weights. Never downloaded.",
+    )
     normalization: Normalization = Field(
-        "auto", description="Input mean/std: 'auto' uses the statistics stored with a pathssl export, else "
-        "ImageNet's; Lunit's TCGA release needs 'lunit_tcga'.")
+        default="auto",
+        description="Input mean/std: 'auto' uses the statistics stored with a pathssl export, else "
+        "ImageNet's; Lunit's TCGA release needs 'lunit_tcga'.",
+    )
     img_size: int | None = Field(
-        None, ge=16, description="Input side in px; unset = the size stored with the weights, else the "
-        "backbone's default (224 for the paper's backbones). Images are resized to it.")
+        default=None,
+        ge=16,
+        description="Input side in px; unset = the size stored with the weights, else the "
+        "backbone's default (224 for the paper's backbones). Images are resized to it.",
+    )
 
 
 class RunSection(Section):
     output_dir: OutputPath = Field(description="Run directory: metrics.json, per-class CSV, confusion PNG.")
     seeds: list[int] = Field(
-        [0, 1, 2], min_length=1, description="One training per seed, reported as mean ± std; 3 seeds by "
-        "default as in eva's n_runs practice scaled down. The first seed also seeds a random-weights backbone.")
-    device: str = Field("auto", description="'auto' (GPU when present), 'cpu', 'cuda' or 'cuda:N'.")
+        default=[0, 1, 2],
+        min_length=1,
+        description="One training per seed, reported as mean ± std (3 by default: eva runs 5, the paper "
+        "reports single runs). The first seed also seeds a random-weights backbone.",
+    )
+    device: str = Field(default="auto", description="'auto' (GPU when present), 'cpu', 'cuda' or 'cuda:N'.")
     precision: Precision = Field(
-        "fp32", description="Autocast precision for the backbone: 'bf16' halves GPU time; fp32 by default so "
-        "CPU runs and cached features are exact.")
-    workers: int = Field(2, ge=0, description="DataLoader worker processes that decode and resize images.")
-    batch_size: int = Field(128, ge=1, description="Images per forward pass during feature extraction.")
+        default="fp32",
+        description="Autocast precision for the backbone: 'bf16' halves GPU time; fp32 by default so "
+        "CPU runs and cached features are exact.",
+    )
+    workers: int = Field(
+        default=2, ge=0, description="DataLoader worker processes that decode and resize images."
+    )
+    batch_size: int = Field(
+        default=128, ge=1, description="Images per forward pass during feature extraction."
+    )
     feature_cache: OutputPath | None = Field(
-        None, description="Folder of cached features shared by runs; unset = '<output_dir>/../feature_cache', "
-        "so runs written next to each other reuse each other's features.")
+        default=None,
+        description="Folder of cached features shared by runs; unset = '<output_dir>/../feature_cache', "
+        "so runs written next to each other reuse each other's features.",
+    )
 
     def cache_dir(self) -> Path:
-        return Path(self.feature_cache) if self.feature_cache else Path(self.output_dir).parent / "feature_cache"
+        return (
+            Path(self.feature_cache) if self.feature_cache else Path(self.output_dir).parent / "feature_cache"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- linear
@@ -57,24 +79,39 @@ class LinearOptim(Section):
     """Unset fields take the preset's value (see `pathssl_cli.evaluate.linear.PRESETS` for sources)."""
 
     preset: Literal["paper", "eva"] = Field(
-        "paper", description="'paper': SGD + momentum, 100 epochs, cosine (the standard linear protocol that "
-        "Kang et al. follow); 'eva': AdamW lr 3e-4, batch 256, 12,500 steps (kaiko-ai/eva).")
-    optimizer: Literal["sgd", "adamw"] | None = Field(None, description="Overrides the preset's optimiser.")
-    lrs: list[float] | None = Field(None, description="Learning rates swept on val (per the batch size used).")
-    weight_decays: list[float] | None = Field(None, description="Weight decays swept on val.")
-    epochs: int | None = Field(None, ge=1, description="Passes over the training features (paper preset).")
-    steps: int | None = Field(None, ge=1, description="Minibatch steps; when set it wins over epochs (eva).")
-    batch_size: int | None = Field(None, ge=1, description="Features per minibatch step.")
-    lr_schedule: Literal["cosine", "constant"] | None = Field(None, description="Per-step lr multiplier.")
-    eval_every: int | None = Field(None, ge=1, description="Validate every N steps; best val kept.")
+        default="paper",
+        description="'paper': SGD + momentum, 100 epochs, cosine (the standard linear protocol that "
+        "Kang et al. follow); 'eva': AdamW lr 3e-4, batch 256, 12,500 steps (kaiko-ai/eva).",
+    )
+    optimizer: Literal["sgd", "adamw"] | None = Field(
+        default=None, description="Overrides the preset's optimiser."
+    )
+    lrs: list[float] | None = Field(
+        default=None, description="Learning rates swept on val (per the batch size used)."
+    )
+    weight_decays: list[float] | None = Field(default=None, description="Weight decays swept on val.")
+    epochs: int | None = Field(
+        default=None, ge=1, description="Passes over the training features (paper preset)."
+    )
+    steps: int | None = Field(
+        default=None, ge=1, description="Minibatch steps; when set it wins over epochs (eva)."
+    )
+    batch_size: int | None = Field(default=None, ge=1, description="Features per minibatch step.")
+    lr_schedule: Literal["cosine", "constant"] | None = Field(
+        default=None, description="Per-step lr multiplier."
+    )
+    eval_every: int | None = Field(default=None, ge=1, description="Validate every N steps; best val kept.")
     select_by: Literal["top1", "balanced_acc"] | None = Field(
-        None, description="Validation metric that picks the checkpoint and the lr/wd.")
+        default=None, description="Validation metric that picks the checkpoint and the lr/wd."
+    )
 
     @model_validator(mode="after")
     def _positive_grids(self) -> LinearOptim:
         if self.lrs is not None and (not self.lrs or any(v <= 0 for v in self.lrs)):
             raise ValueError("optim.lrs must be a non-empty list of positive learning rates")
-        if self.weight_decays is not None and (not self.weight_decays or any(v < 0 for v in self.weight_decays)):
+        if self.weight_decays is not None and (
+            not self.weight_decays or any(v < 0 for v in self.weight_decays)
+        ):
             raise ValueError("optim.weight_decays must be a non-empty list of non-negative values")
         return self
 
@@ -82,8 +119,8 @@ class LinearOptim(Section):
 class LinearSpec(SpecModel):
     kind: Literal["linear"] = "linear"
     data: DataSection
-    model: ModelSection = Field(default_factory=ModelSection)
-    optim: LinearOptim = Field(default_factory=LinearOptim)
+    model: ModelSection = Field(default_factory=ModelSection, description="Backbone and weights to evaluate.")
+    optim: LinearOptim = Field(default_factory=LinearOptim, description="Linear-probe training and sweep.")
     run: RunSection
 
     def check_inputs(self) -> list[Problem]:
@@ -92,16 +129,21 @@ class LinearSpec(SpecModel):
 
 # ------------------------------------------------------------------------------------------------------- knn
 class KnnSection(Section):
-    k: list[int] = Field([20, 200], min_length=1, description="Neighbour counts; DINO's eval_knn reports 20 "
-                         "(its best) and 200.")
-    temperature: float = Field(0.07, gt=0, description="T in the vote weight exp(cos / T); DINO's 0.07.")
+    k: list[int] = Field(
+        default=[20, 200],
+        min_length=1,
+        description="Neighbour counts; DINO's eval_knn reports 20 (its best) and 200.",
+    )
+    temperature: float = Field(
+        default=0.07, gt=0, description="T in the vote weight exp(cos / T); DINO's 0.07."
+    )
 
 
 class KnnSpec(SpecModel):
     kind: Literal["knn"] = "knn"
     data: DataSection
-    model: ModelSection = Field(default_factory=ModelSection)
-    knn: KnnSection = Field(default_factory=KnnSection)
+    model: ModelSection = Field(default_factory=ModelSection, description="Backbone and weights to evaluate.")
+    knn: KnnSection = Field(default_factory=KnnSection, description="Neighbour counts and temperature.")
     run: RunSection
 
     def check_inputs(self) -> list[Problem]:
@@ -111,40 +153,68 @@ class KnnSpec(SpecModel):
 # -------------------------------------------------------------------------------------------------- finetune
 class FinetuneOptim(Section):
     optimizer: Literal["adamw", "sgd"] = Field(
-        "adamw", description="AdamW, the usual choice for fine-tuning ViTs and ResNets alike (BEiT/MAE recipe).")
-    lr: float = Field(1e-4, gt=0, description="Peak lr of the backbone's last layer for `batch_size` images; "
-                      "the new head uses `head_lr_scale` × this.")
-    head_lr_scale: float = Field(10.0, gt=0, description="The head starts from zero knowledge; a larger lr lets "
-                                 "it catch up with the pretrained body (common transfer-learning practice).")
-    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay (not on biases and norms); MAE's "
-                                "fine-tuning value.")
+        default="adamw",
+        description="AdamW, the usual choice for fine-tuning ViTs and ResNets alike (BEiT/MAE recipe).",
+    )
+    lr: float = Field(
+        default=1e-4,
+        gt=0,
+        description="Peak lr of the backbone's last layer for `batch_size` images; "
+        "the new head uses `head_lr_scale` × this.",
+    )
+    head_lr_scale: float = Field(
+        default=10.0,
+        gt=0,
+        description="The head starts from zero knowledge; a larger lr lets "
+        "it catch up with the pretrained body (common transfer-learning practice).",
+    )
+    weight_decay: float = Field(
+        default=0.05,
+        ge=0,
+        description="AdamW weight decay (not on biases and norms); MAE's fine-tuning value.",
+    )
     layer_decay: float | None = Field(
-        None, gt=0, le=1, description="Layer-wise lr decay for ViTs (BEiT/MAE: 0.65-0.75): block i of L gets "
-        "lr × decay^(L - i). Unset = one lr for the whole backbone. Ignored (with a warning) for CNNs.")
-    epochs: int = Field(30, ge=1, description="Maximum epochs; early stopping usually ends sooner.")
-    warmup_epochs: float = Field(1.0, ge=0, description="Linear warm-up before the cosine decay.")
-    batch_size: int = Field(64, ge=1, description="Images per step (per process under torchrun).")
-    patience: int = Field(5, ge=1, description="Epochs without a better val score before stopping.")
-    select_by: Literal["top1", "balanced_acc"] = Field("top1", description="Val metric for the best checkpoint.")
-    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
+        default=None,
+        gt=0,
+        le=1,
+        description="Layer-wise lr decay for ViTs (BEiT/MAE: 0.65-0.75): block i of L gets "
+        "lr × decay^(L - i). Unset = one lr for the whole backbone. Ignored (with a warning) for CNNs.",
+    )
+    epochs: int = Field(default=30, ge=1, description="Maximum epochs; early stopping usually ends sooner.")
+    warmup_epochs: float = Field(default=1.0, ge=0, description="Linear warm-up before the cosine decay.")
+    batch_size: int = Field(default=64, ge=1, description="Images per step (per process under torchrun).")
+    patience: int = Field(default=5, ge=1, description="Epochs without a better val score before stopping.")
+    select_by: Literal["top1", "balanced_acc"] = Field(
+        default="top1", description="Val metric for the best checkpoint."
+    )
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="Cross-entropy label smoothing.")
 
 
 class FinetuneAugment(Section):
-    hflip: bool = Field(True, description="Random horizontal flips: tissue has no left/right.")
-    vflip: bool = Field(True, description="Random vertical flips: tissue has no up/down either (Kang et al.).")
-    rotate90: bool = Field(True, description="Random multiples of 90°: the rest of the dihedral group.")
+    hflip: bool = Field(default=True, description="Random horizontal flips: tissue has no left/right.")
+    vflip: bool = Field(
+        default=True, description="Random vertical flips: tissue has no up/down either (Kang et al.)."
+    )
+    rotate90: bool = Field(
+        default=True, description="Random multiples of 90°: the rest of the dihedral group."
+    )
     stain: Literal["none", "hed"] = Field(
-        "hed", description="'hed' = HED jitter (Tellez et al. 2019) from pathssl_cli.augment.stain.")
-    hed_sigma: float = Field(0.05, ge=0, le=1, description="HED jitter strength: α ~ U(1-σ, 1+σ), β ~ U(-σ, σ); "
-                             "0.05 is Tellez's 'HED-light'.")
+        default="hed", description="'hed' = HED jitter (Tellez et al. 2019) from pathssl_cli.augment.stain."
+    )
+    hed_sigma: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="HED jitter strength: α ~ U(1-σ, 1+σ), β ~ U(-σ, σ); 0.05 is Tellez's 'HED-light'.",
+    )
 
 
 class FinetuneSpec(SpecModel):
     kind: Literal["finetune"] = "finetune"
     data: DataSection
-    model: ModelSection = Field(default_factory=ModelSection)
-    optim: FinetuneOptim = Field(default_factory=FinetuneOptim)
-    augment: FinetuneAugment = Field(default_factory=FinetuneAugment)
+    model: ModelSection = Field(default_factory=ModelSection, description="Backbone and weights to evaluate.")
+    optim: FinetuneOptim = Field(default_factory=FinetuneOptim, description="Fine-tuning optimisation.")
+    augment: FinetuneAugment = Field(default_factory=FinetuneAugment, description="Training augmentations.")
     run: RunSection
 
     def check_inputs(self) -> list[Problem]:

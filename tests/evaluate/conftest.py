@@ -22,5 +22,7 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pathssl_cli.backbones import create_backbone, export_backbone
 
     torch.manual_seed(123)
-    return export_backbone(create_backbone("resnet_tiny", img_size=32),
-                           tmp_path_factory.mktemp("weights") / "backbone.safetensors")
+    return export_backbone(
+        create_backbone("resnet_tiny", img_size=32),
+        tmp_path_factory.mktemp("weights") / "backbone.safetensors",
+    )

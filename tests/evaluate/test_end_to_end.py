@@ -19,8 +19,16 @@ def invoke(*args: str) -> None:
 
 
 def common(root: Path, weights: Path, out: Path) -> list[str]:
-    return ["--set", f"data.root={root}", "--set", f"model.weights={weights}", "--set", f"run.output_dir={out}",
-            "--set", "model.img_size=32"]
+    return [
+        "--set",
+        f"data.root={root}",
+        "--set",
+        f"model.weights={weights}",
+        "--set",
+        f"run.output_dir={out}",
+        "--set",
+        "model.img_size=32",
+    ]
 
 
 def read_metrics(out: Path) -> dict:  # type: ignore[type-arg]
@@ -32,8 +40,14 @@ def read_metrics(out: Path) -> dict:  # type: ignore[type-arg]
 
 def test_linear_cli(tiny_folder: Path, tiny_weights: Path, tmp_path: Path) -> None:
     out = tmp_path / "runs" / "linear"
-    invoke("evaluate", "linear", str(SPECS / "tiny_linear.toml"), *common(tiny_folder, tiny_weights, out),
-           "--set", "optim.epochs=10")
+    invoke(
+        "evaluate",
+        "linear",
+        str(SPECS / "tiny_linear.toml"),
+        *common(tiny_folder, tiny_weights, out),
+        "--set",
+        "optim.epochs=10",
+    )
     record = read_metrics(out)
     assert record["protocol"] == "linear" and record["dataset"] == "folder" and record["eval_split"] == "test"
     assert record["weights_id"].startswith("sha256:")
@@ -64,15 +78,27 @@ def test_finetune_cli_one_epoch(tiny_folder: Path, tiny_weights: Path, tmp_path:
 
 
 def test_missing_root_is_a_spec_error(tmp_path: Path) -> None:
-    result = CliRunner().invoke(cli, ["evaluate", "linear", str(SPECS / "tiny_linear.toml"),
-                                      "--set", f"data.root={tmp_path / 'nowhere'}"])
+    result = CliRunner().invoke(
+        cli,
+        ["evaluate", "linear", str(SPECS / "tiny_linear.toml"), "--set", f"data.root={tmp_path / 'nowhere'}"],
+    )
     assert result.exit_code == 2
     assert "nowhere" in result.output
 
 
 @pytest.mark.parametrize("field,value", [("optim.lrs", "[]"), ("optim.weight_decays", "[-1.0]")])
 def test_bad_sweep_grid_is_refused(tiny_folder: Path, field: str, value: str) -> None:
-    result = CliRunner().invoke(cli, ["evaluate", "linear", str(SPECS / "tiny_linear.toml"),
-                                      "--set", f"data.root={tiny_folder}", "--set", f"{field}={value}"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            "linear",
+            str(SPECS / "tiny_linear.toml"),
+            "--set",
+            f"data.root={tiny_folder}",
+            "--set",
+            f"{field}={value}",
+        ],
+    )
     assert result.exit_code == 2
     assert field.split(".")[1] in result.output

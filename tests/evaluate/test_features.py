@@ -17,8 +17,16 @@ SPECS = Path(__file__).resolve().parents[2] / "specs" / "evaluate"
 
 
 def knn_spec(root: Path, weights: Path, out: Path, *extra: str):  # type: ignore[no-untyped-def]
-    return load_spec(SPECS / "tiny_knn.toml", [f"data.root={root}", f"model.weights={weights}",
-                                               f"run.output_dir={out}", "model.img_size=32", *extra])
+    return load_spec(
+        SPECS / "tiny_knn.toml",
+        [
+            f"data.root={root}",
+            f"model.weights={weights}",
+            f"run.output_dir={out}",
+            "model.img_size=32",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture
@@ -34,8 +42,9 @@ def extract_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return calls
 
 
-def test_cache_hit_miss_and_weights_invalidation(tiny_folder: Path, tiny_weights: Path, tmp_path: Path,
-                                                 extract_calls: list[str]) -> None:
+def test_cache_hit_miss_and_weights_invalidation(
+    tiny_folder: Path, tiny_weights: Path, tmp_path: Path, extract_calls: list[str]
+) -> None:
     weights = tmp_path / "w.safetensors"
     shutil.copy(tiny_weights, weights)
     spec = knn_spec(tiny_folder, weights, tmp_path / "runs" / "a")
@@ -63,11 +72,15 @@ def test_cache_hit_miss_and_weights_invalidation(tiny_folder: Path, tiny_weights
     assert len(list((tmp_path / "runs" / "feature_cache").glob("*.pt"))) == 4
 
     # Another transform (input size) is another key as well.
-    frozen_features(knn_spec(tiny_folder, weights, tmp_path / "runs" / "a", "model.img_size=48"), need_val=False)
+    frozen_features(
+        knn_spec(tiny_folder, weights, tmp_path / "runs" / "a", "model.img_size=48"), need_val=False
+    )
     assert len(extract_calls) == 6
 
 
-def test_cached_features_equal_direct_extraction(tiny_folder: Path, tiny_weights: Path, tmp_path: Path) -> None:
+def test_cached_features_equal_direct_extraction(
+    tiny_folder: Path, tiny_weights: Path, tmp_path: Path
+) -> None:
     from pathssl_cli.backbones import create_backbone
     from pathssl_cli.data.benchmarks import eval_transform, open_dataset
 

@@ -10,8 +10,14 @@ import torch
 from pathssl_cli.evaluate.knn import knn_scores
 
 
-def brute_force_knn(train: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, k: int, temperature: float,
-                    num_classes: int) -> torch.Tensor:
+def brute_force_knn(
+    train: torch.Tensor,
+    labels: torch.Tensor,
+    queries: torch.Tensor,
+    k: int,
+    temperature: float,
+    num_classes: int,
+) -> torch.Tensor:
     """One query at a time with Python loops: cosine similarity to every training sample, sort, vote."""
     out = torch.zeros(len(queries), num_classes, dtype=torch.float64)
     for q in range(len(queries)):
