@@ -1,7 +1,7 @@
 """SSL methods: one file per method (options, loss as a pure function, the `SSLMethod`), one registry.
 
-Adding a method: a file with `@METHODS.register("<name>")` on its `SSLMethod` subclass, its import below, and its
-options class in `MethodOptionsUnion`.
+Adding a method: a file with `@METHODS.register("<name>")` on its `SSLMethod` subclass, its import below, and
+its options class in `MethodOptionsUnion`.
 """
 
 from __future__ import annotations
@@ -25,11 +25,13 @@ MethodOptionsUnion = Annotated[
 
 def create_method(backbone, options: MethodOptions, *, steps_per_epoch: int, total_steps: int) -> SSLMethod:  # type: ignore[no-untyped-def]
     """The registered method for `options.name`, built around `backbone` (the student that gets exported)."""
-    return METHODS.get(options.name)(backbone, options, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    method_class = METHODS.get(options.name)
+    return method_class(backbone, options, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
 
 
 __all__ = [
-    "DINO", "METHODS", "BarlowTwins", "BarlowTwinsOptions", "DINOOptions", "MethodOptions", "MethodOptionsUnion",
+    "DINO", "METHODS", "BarlowTwins", "BarlowTwinsOptions", "DINOOptions", "MethodOptions",
+    "MethodOptionsUnion",
     "MoCoV2", "MoCoV2Options", "SSLMethod", "SwAV", "SwAVOptions", "barlow_twins_loss", "create_method",
     "dino_loss", "infonce_loss", "sinkhorn_knopp", "swav_loss", "update_center",
 ]

@@ -1,8 +1,8 @@
 """Barlow Twins (Zbontar et al. 2021, "Barlow Twins: Self-Supervised Learning via Redundancy Reduction").
 
-Matches facebookresearch/barlowtwins `main.py`: projector 8192-8192-8192 (Linear without bias → BN → ReLU, last
-Linear without bias), each view projected separately, embeddings normalised by an affine-free BatchNorm over the
-global batch, cross-correlation summed over ranks and divided by the global batch size, loss
+Matches facebookresearch/barlowtwins `main.py`: projector 8192-8192-8192 (Linear without bias → BN → ReLU,
+last Linear without bias), each view projected separately, embeddings normalised by an affine-free BatchNorm
+over the global batch, cross-correlation summed over ranks and divided by the global batch size, loss
 Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij² with λ = 0.0051. barlowtwins sums C with a raw `all_reduce` (no gradient
 through the other ranks' terms); we use a gradient-carrying all-reduce, so DDP's averaged gradient equals the
 single-process gradient of the global-batch loss (the raw version is that divided by the world size).
@@ -23,6 +23,7 @@ from pathssl_cli.methods.base import (
     SSLMethod,
     all_reduce_sum,
     all_reduce_sum_with_grad,
+    without_autocast,
 )
 from pathssl_cli.methods.heads import BarlowTwinsHead
 
@@ -31,10 +32,14 @@ BN_EPS = 1e-5  # nn.BatchNorm1d's default, which barlowtwins' `self.bn` uses
 
 class BarlowTwinsOptions(MethodOptions):
     name: Literal["barlow_twins"] = "barlow_twins"
-    projector_dims: tuple[int, ...] = Field((8192, 8192, 8192), min_length=1, description="Projector layer "
-                                            "widths (features); barlowtwins `--projector 8192-8192-8192`.")
-    lambd: float = Field(0.0051, ge=0, description="Weight of the off-diagonal (redundancy) term (unitless); "
-                         "barlowtwins `--lambd 0.0051`.")
+    projector_dims: tuple[int, ...] = Field(
+        (8192, 8192, 8192), min_length=1,
+        description="Projector layer widths (features); barlowtwins `--projector 8192-8192-8192`.",
+    )
+    lambd: float = Field(
+        0.0051, ge=0,
+        description="Weight of the off-diagonal (redundancy) term (unitless); barlowtwins `--lambd 0.0051`.",
+    )
 
 
 def global_batch_standardize(z: Tensor) -> Tensor:
@@ -58,12 +63,14 @@ def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float) -> Tensor:
     z1, z2 (B_local, D): projector outputs of the two views on this rank. C = BN(z1)ᵀ BN(z2) / N summed over
     ranks (N the global batch), loss = Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij². The same scalar on every rank.
     """
-    z1 = global_batch_standardize(z1.float())
-    z2 = global_batch_standardize(z2.float())
-    count = all_reduce_sum(z1.new_tensor(float(z1.shape[0])))
-    c = all_reduce_sum_with_grad(z1.T @ z2) / count
-    on_diagonal = (torch.diagonal(c) - 1).pow(2).sum()
-    return on_diagonal + lambd * off_diagonal(c).pow(2).sum()
+    dtype = torch.promote_types(z1.dtype, torch.float32)
+    with without_autocast(z1):  # D² sums of N products: float32 even under bf16/fp16 autocast
+        z1 = global_batch_standardize(z1.to(dtype))
+        z2 = global_batch_standardize(z2.to(dtype))
+        count = all_reduce_sum(z1.new_tensor(float(z1.shape[0])))
+        c = all_reduce_sum_with_grad(z1.T @ z2) / count
+        on_diagonal = (torch.diagonal(c) - 1).pow(2).sum()
+        return on_diagonal + lambd * off_diagonal(c).pow(2).sum()
 
 
 @METHODS.register("barlow_twins")

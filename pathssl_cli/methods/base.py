@@ -1,7 +1,8 @@
 """The contract between an SSL method and the one pre-training loop (`pathssl_cli/pretrain.py`).
 
 A method is an `nn.Module` that owns the student backbone, its heads, any teacher / key encoder, and its state
-(queues, pointers, the DINO centre) as registered buffers, so `state_dict()` checkpoints all of it. The loop does:
+(queues, pointers, the DINO centre) as registered buffers, so `state_dict()` checkpoints all of it.
+The loop does:
 
     method = METHODS.get(options.name)(backbone, options, steps_per_epoch=S, total_steps=T)
     optimizer = make_optimizer(method.param_groups(), ...)
@@ -9,22 +10,25 @@ A method is an `nn.Module` that owns the student backbone, its heads, any teache
     for step in range(start, T):
         loss, logs = model(views, step)                  # views: n_global_views global views, then local ones
         loss.backward()
+        scaler.unscale_(optimizer)                       # fp16 only: clipping must see the true gradients
         method.on_before_optimizer_step(step)            # drop frozen grads, per-parameter clipping
         optimizer.step(); optimizer.zero_grad()
         method.on_after_optimizer_step(step)             # EMA teacher / key encoder, prototype normalisation
 
 - `views`: a list of `n_global_views + n_local_views` tensors, each (B_local, 3, h, w), already normalised;
-  views of the same size are batched through the backbone together (dino `MultiCropWrapper`, swav `resnet50.py`).
+  views of the same size are batched through the backbone together (dino `MultiCropWrapper`, swav
+  `resnet50.py`).
 - The returned loss is this rank's loss, scaled so that DDP's gradient *averaging* gives the gradient of the
-  global-batch loss: per-sample losses are means over the local batch (gathered keys/centres carry no gradient),
-  and losses that are global by construction (Barlow Twins' cross-correlation) are identical on every rank and
-  use a gradient-carrying all-reduce whose backward sums the W identical upstream gradients (W × 1/W = 1).
-- All schedules (momentum, temperature) are precomputed per-step arrays indexed by `step`, so resuming at step k
-  needs nothing but k and the state dict.
+  global-batch loss: per-sample losses are means over the local batch (gathered keys/centres carry no
+  gradient), and losses that are global by construction (Barlow Twins' cross-correlation) are identical on
+  every rank and use a gradient-carrying all-reduce whose backward sums the W identical upstream gradients
+  (W × 1/W = 1).
+- All schedules (momentum, temperature) are precomputed per-step arrays indexed by `step`, so resuming at step
+  k needs nothing but k and the state dict.
 - DDP: every buffer is kept identical on all ranks (queues hold *gathered* features), so DDP's default
   `broadcast_buffers=True` is harmless, and a checkpoint does not depend on the world size.
-- BatchNorm inside the heads is `GlobalBatchNorm1d` (statistics over the global batch, like SyncBN, but it works
-  on CPU/gloo too). Converting the *backbone's* BatchNorm to SyncBN on GPU is the loop's job.
+- BatchNorm inside the heads is `GlobalBatchNorm1d` (statistics over the global batch, like SyncBN, but it
+  works on CPU/gloo too). Converting the *backbone's* BatchNorm to SyncBN on GPU is the loop's job.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ class MethodOptions(Section):
     name: str = Field(description="The SSL method: mocov2 | swav | barlow_twins | dino.")
 
 
-# ------------------------------------------------------------------------------------------ distributed helpers
+# ---------------------------------------------------------------------------------------- distributed helpers
 @torch.no_grad()
 def all_reduce_max(x: Tensor) -> Tensor:
     """Element-wise maximum of `x` over ranks, as a new tensor without gradient."""
@@ -64,6 +68,11 @@ def all_reduce_max(x: Tensor) -> Tensor:
     if world_size() > 1:
         dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out
+
+
+def without_autocast(x: Tensor) -> torch.autocast:
+    """A context that turns autocast off on `x`'s device: losses whose sums lose too much in bf16/fp16."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
 
 
 # -------------------------------------------------------------------------------------------------- schedules
@@ -83,13 +92,13 @@ def at_step(schedule: np.ndarray, step: int) -> float:
 
 @torch.no_grad()
 def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
-    """teacher ← momentum · teacher + (1 − momentum) · student, parameter by parameter (buffers are not averaged,
-    as in moco `_momentum_update_key_encoder` and dino's teacher update)."""
+    """teacher ← momentum · teacher + (1 − momentum) · student, parameter by parameter (buffers are not
+    averaged, as in moco `_momentum_update_key_encoder` and dino's teacher update)."""
     teacher_params = list(teacher.parameters())
     student_params = list(student.parameters())
     if len(teacher_params) != len(student_params):
         raise RuntimeError("teacher and student have different parameter lists")
-    for t, s in zip(teacher_params, student_params):
+    for t, s in zip(teacher_params, student_params, strict=True):
         t.mul_(momentum).add_(s.detach(), alpha=1.0 - momentum)
 
 
@@ -101,7 +110,7 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     return twin
 
 
-# --------------------------------------------------------------------------------------------------- the method
+# ------------------------------------------------------------------------------------------------- the method
 class SSLMethod(nn.Module):
     """Base class of the four methods; see the module docstring for the contract."""
 
@@ -136,8 +145,8 @@ class SSLMethod(nn.Module):
     def check_views(self, views: Sequence[Tensor]) -> None:
         expected = self.n_global_views + self.n_local_views
         if len(views) != expected:
-            raise ValueError(f"{type(self).__name__} expects {self.n_global_views} global + {self.n_local_views} "
-                             f"local views, got {len(views)}")
+            raise ValueError(f"{type(self).__name__} expects {self.n_global_views} global + "
+                             f"{self.n_local_views} local views, got {len(views)}")
 
     def param_groups(self) -> list[dict]:
         """Trainable parameters (frozen teacher / key encoder excluded), split for weight decay and LARS:
@@ -153,7 +162,8 @@ class SSLMethod(nn.Module):
 
 
 def backbone_multicrop(backbone: nn.Module, views: Sequence[Tensor]) -> Tensor:
-    """Backbone features of all views, (V·B, D) in view order; consecutive views of equal size run as one batch."""
+    """Backbone features of all views, (V·B, D) in view order; consecutive views of equal size run as one
+    batch."""
     outputs: list[Tensor] = []
     start = 0
     while start < len(views):

@@ -1,5 +1,6 @@
-"""Projection heads: one generic `ProjectionHead` built from (in, out, batchnorm, activation, bias) blocks, and a
-thin subclass per method with the official layer layout (sizes are options so tiny specs use small dims)."""
+"""Projection heads: one generic `ProjectionHead` built from (in, out, batchnorm, activation, bias) blocks,
+and a thin subclass per method with the official layer layout (sizes are options, so tiny specs use small
+dimensions)."""
 
 from __future__ import annotations
 
@@ -69,18 +70,21 @@ class MoCoV2Head(ProjectionHead):
     """moco `builder.py` with `--mlp`: Linear(d, d) → ReLU → Linear(d, 128), biases, no BatchNorm."""
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> None:
-        super().__init__([Block(in_dim, hidden_dim, False, nn.ReLU()), Block(hidden_dim, out_dim, False, None)])
+        super().__init__([Block(in_dim, hidden_dim, False, nn.ReLU()),
+                          Block(hidden_dim, out_dim, False, None)])
 
 
 class SwAVHead(ProjectionHead):
     """swav `src/resnet50.py` `projection_head`: Linear(2048, 2048) → BN → ReLU → Linear(2048, 128)."""
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 128) -> None:
-        super().__init__([Block(in_dim, hidden_dim, True, nn.ReLU()), Block(hidden_dim, out_dim, False, None)])
+        super().__init__([Block(in_dim, hidden_dim, True, nn.ReLU()),
+                          Block(hidden_dim, out_dim, False, None)])
 
 
 class BarlowTwinsHead(ProjectionHead):
-    """barlowtwins `main.py` projector: (Linear no bias → BN → ReLU) × (n-1), then Linear no bias (8192-8192-8192)."""
+    """barlowtwins `main.py` projector: (Linear no bias → BN → ReLU) × (n-1), then Linear no bias
+    (8192-8192-8192)."""
 
     def __init__(self, in_dim: int, dims: Sequence[int] = (8192, 8192, 8192)) -> None:
         sizes = [in_dim, *dims]

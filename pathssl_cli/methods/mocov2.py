@@ -8,9 +8,9 @@ Shuffle-BN: we do moco's gather → shuffle → encode → gather → unshuffle 
 (`_batch_shuffle_ddp` / `_batch_unshuffle_ddp`), because it is what the paper and its numbers use, and SyncBN
 would not stop the intra-batch leak that shuffle-BN exists to prevent (SyncBN statistics still come from the
 same images as the positives). The permutation is drawn from a generator seeded with the step, so every rank
-draws the same one without a broadcast, and a resumed run draws the same ones. In a single process shuffling the
-batch cannot change BatchNorm statistics, so it is skipped (as moco, which only runs under DDP). With a BN-free
-backbone (ViT) shuffle-BN is a no-op either way.
+draws the same one without a broadcast, and a resumed run draws the same ones. In a single process shuffling
+the batch cannot change BatchNorm statistics, so it is skipped (as moco, which only runs under DDP). With a
+BN-free backbone (ViT) shuffle-BN is a no-op either way.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathssl_cli.methods.base import (
     gather_no_grad,
     momentum_schedule,
     rank,
+    without_autocast,
     world_size,
 )
 from pathssl_cli.methods.heads import MoCoV2Head
@@ -39,46 +40,76 @@ from pathssl_cli.methods.heads import MoCoV2Head
 
 class MoCoV2Options(MethodOptions):
     name: Literal["mocov2"] = "mocov2"
-    hidden_dim: int = Field(2048, gt=0, description="Head hidden width (features). moco `--mlp` uses the "
-                            "backbone width, 2048 for ResNet-50.")
-    out_dim: int = Field(128, gt=0, description="Embedding width (features); moco `--moco-dim` 128.")
-    queue_size: int = Field(65536, gt=0, description="Negative keys kept (keys); moco `--moco-k` 65536.")
-    temperature: float = Field(0.2, gt=0, description="InfoNCE temperature (unitless); MoCo v2 uses 0.2 "
-                               "(`--moco-t 0.2`).")
-    momentum: float = Field(0.999, ge=0, le=1, description="Key-encoder EMA momentum per step (unitless); moco "
-                            "`--moco-m` 0.999.")
-    momentum_cosine: bool = Field(False, description="Raise the momentum from `momentum` to 1 on a cosine over "
-                                  "the run (MoCo v3 / BYOL); off in MoCo v2.")
-    symmetric: bool = Field(False, description="Also contrast view 2's queries with view 1's keys and average "
-                            "the two losses (MoCo v3 paper's symmetrised MoCo v2); both key sets are enqueued. "
-                            "Off in MoCo v2.")
-    shuffle_bn: bool = Field(True, description="Shuffle the key batch across ranks before the key encoder "
-                             "(moco's shuffle-BN); no effect in a single process or on BN-free backbones.")
+    hidden_dim: int = Field(
+        2048, gt=0,
+        description="Head hidden width (features). moco `--mlp` uses the backbone width, 2048 for ResNet-50.",
+    )
+    out_dim: int = Field(
+        128, gt=0,
+        description="Embedding width (features); moco `--moco-dim` 128.",
+    )
+    queue_size: int = Field(
+        65536, gt=0,
+        description="Negative keys kept (keys); moco `--moco-k` 65536.",
+    )
+    temperature: float = Field(
+        0.2, gt=0,
+        description="InfoNCE temperature (unitless); MoCo v2 uses 0.2 (`--moco-t 0.2`).",
+    )
+    momentum: float = Field(
+        0.999, ge=0, le=1,
+        description="Key-encoder EMA momentum per step (unitless); moco `--moco-m` 0.999.",
+    )
+    momentum_cosine: bool = Field(
+        False,
+        description=(
+            "Raise the momentum from `momentum` to 1 on a cosine over the run (MoCo v3 / BYOL); off in MoCo "
+            "v2."
+        ),
+    )
+    symmetric: bool = Field(
+        False,
+        description=(
+            "Also contrast view 2's queries with view 1's keys and average the two losses (MoCo v3 paper's "
+            "symmetrised MoCo v2); both key sets are enqueued. Off in MoCo v2."
+        ),
+    )
+    shuffle_bn: bool = Field(
+        True,
+        description=(
+            "Shuffle the key batch across ranks before the key encoder (moco's shuffle-BN); no effect in a "
+            "single process or on BN-free backbones."
+        ),
+    )
 
 
 def infonce_loss(query: Tensor, positive_key: Tensor, negative_keys: Tensor, temperature: float) -> Tensor:
     """InfoNCE (van den Oord et al. 2018; moco `builder.py` + cross-entropy with label 0).
 
     query (B, D), positive_key (B, D), negative_keys (K, D): L2-normalised rows. Returns the scalar
-    mean over i of −log softmax([q_i·k_i+, q_i·n_1, …, q_i·n_K] / T)[0].
+    mean over i of −log softmax([q_i·k_i+, q_i·n_1, …, q_i·n_K] / T)[0], computed in float32.
     """
-    positive_logits = (query * positive_key).sum(dim=1, keepdim=True)
-    negative_logits = query @ negative_keys.T
-    logits = torch.cat([positive_logits, negative_logits], dim=1) / temperature
-    labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
-    return F.cross_entropy(logits, labels)
+    dtype = torch.promote_types(query.dtype, torch.float32)  # float32 at least, also under autocast
+    with without_autocast(query):
+        query, positive_key, negative_keys = (t.to(dtype) for t in (query, positive_key, negative_keys))
+        positive_logits = (query * positive_key).sum(dim=1, keepdim=True)
+        negative_logits = query @ negative_keys.T
+        logits = torch.cat([positive_logits, negative_logits], dim=1) / temperature
+        labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
+        return F.cross_entropy(logits, labels)
 
 
 @torch.no_grad()
 def enqueue(queue: Tensor, pointer: Tensor, keys: Tensor) -> None:
-    """Write `keys` (N, D) into the ring buffer `queue` (K, D) from `pointer` (a 1-element long tensor), wrapping
-    around, and advance the pointer by N mod K. moco's `_dequeue_and_enqueue` without its K % N == 0 assert."""
-    size = queue.shape[0]
-    keys = keys[-size:]  # more keys than slots: only the newest survive
-    start = int(pointer.item())
-    slots = (start + torch.arange(keys.shape[0], device=queue.device)) % size
-    queue[slots] = keys.to(queue.dtype)
-    pointer[0] = (start + keys.shape[0]) % size
+    """Write `keys` (N, D) into the ring buffer `queue` (K, D) from `pointer` (a 1-element long tensor),
+    wrapping around, and advance the pointer by N mod K: moco's `_dequeue_and_enqueue` without its
+    `K % N == 0` assert, so any batch size works (N > K keeps the newest K, as writing one by one would)."""
+    size, n_keys = queue.shape[0], keys.shape[0]
+    end = int(pointer.item()) + n_keys
+    kept = keys[-size:]  # more keys than slots: the older ones would be overwritten within this call
+    slots = (end - kept.shape[0] + torch.arange(kept.shape[0], device=queue.device)) % size
+    queue[slots] = kept.to(queue.dtype)
+    pointer[0] = end % size
 
 
 @METHODS.register("mocov2")

@@ -1,14 +1,16 @@
 """SwAV (Caron et al. 2020, "Unsupervised Learning of Visual Features by Contrasting Cluster Assignments").
 
 Matches facebookresearch/swav `main_swav.py` and `src/resnet50.py`: backbone → projection head (BN) → L2
-normalisation → prototypes (a bias-free linear layer, rows L2-normalised every step); codes from Sinkhorn-Knopp
-(ε 0.05, 3 iterations, sums all-reduced) on the crops in `crops_for_assign`, optionally with a feature queue;
-swapped prediction at temperature 0.1 from every other crop; prototypes frozen for the first epoch.
+normalisation → prototypes (a bias-free linear layer, rows L2-normalised every step); codes from
+Sinkhorn-Knopp (ε 0.05, 3 iterations, sums all-reduced) on the crops in `crops_for_assign`, optionally with
+a feature queue; swapped prediction at temperature 0.1 from every other crop; prototypes frozen for the first
+epoch.
 
 Queue: swav keeps a per-rank queue of `queue_length / world_size` features. Here every rank keeps the same
 global queue (features gathered from all ranks, newest first) and feeds Sinkhorn its own 1/W slice of it. The
-Sinkhorn input over all ranks is the same set of columns as swav's, so the codes are identical, while the buffer
-stays the same on every rank (DDP's buffer broadcast is harmless) and checkpoints do not depend on world size.
+Sinkhorn input over all ranks is the same set of columns as swav's, so the codes are identical, while the
+buffer stays the same on every rank (DDP's buffer broadcast is harmless) and checkpoints do not depend on
+the world size.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from pathssl_cli.methods.base import (
@@ -30,6 +32,7 @@ from pathssl_cli.methods.base import (
     backbone_multicrop,
     gather_no_grad,
     rank,
+    without_autocast,
     world_size,
 )
 from pathssl_cli.methods.heads import SwAVHead
@@ -37,36 +40,70 @@ from pathssl_cli.methods.heads import SwAVHead
 
 class SwAVOptions(MethodOptions):
     name: Literal["swav"] = "swav"
-    hidden_dim: int = Field(2048, gt=0, description="Projection head hidden width (features); swav "
-                            "`hidden_mlp` 2048 for ResNet-50.")
-    out_dim: int = Field(128, gt=0, description="Embedding width (features); swav `--feat_dim` 128.")
-    n_prototypes: int = Field(3000, gt=0, description="Number of prototypes (clusters); swav `--nmb_prototypes` "
-                              "3000 for ImageNet.")
-    temperature: float = Field(0.1, gt=0, description="Softmax temperature of the swapped prediction "
-                               "(unitless); swav `--temperature 0.1`.")
-    epsilon: float = Field(0.05, gt=0, description="Entropic regularisation of Sinkhorn-Knopp (unitless); "
-                           "swav `--epsilon 0.05`.")
-    sinkhorn_iterations: int = Field(3, ge=1, description="Sinkhorn-Knopp iterations; swav default 3.")
-    n_global_crops: int = Field(2, ge=2, description="High-resolution crops per image (views); swav "
-                                "`--nmb_crops 2 6`.")
-    n_local_crops: int = Field(6, ge=0, description="Low-resolution crops per image (views); swav "
-                               "`--nmb_crops 2 6` (2×224 + 6×96).")
-    crops_for_assign: tuple[int, ...] = Field((0, 1), min_length=1, description="Indices of the crops whose "
-                                              "codes are computed (views); swav `--crops_for_assign 0 1`.")
-    queue_length: int = Field(3840, ge=0, description="Features kept for Sinkhorn over all ranks (features; 0 = "
-                              "no queue); swav `--queue_length 3840` for batch 256.")
-    queue_start_epoch: int = Field(15, ge=0, description="Epoch from which the queue is filled and, once full, "
-                                   "used (epochs); swav `--epoch_queue_starts 15`.")
-    freeze_prototypes_epochs: float = Field(1.0, ge=0, description="Epochs during which prototypes get no "
-                                            "update (epochs); swav freezes them for 313 iterations = 1 epoch "
-                                            "at batch 4096.")
+    hidden_dim: int = Field(
+        2048, gt=0,
+        description="Projection head hidden width (features); swav `hidden_mlp` 2048 for ResNet-50.",
+    )
+    out_dim: int = Field(
+        128, gt=0,
+        description="Embedding width (features); swav `--feat_dim` 128.",
+    )
+    n_prototypes: int = Field(
+        3000, gt=0,
+        description="Number of prototypes (clusters); swav `--nmb_prototypes` 3000 for ImageNet.",
+    )
+    temperature: float = Field(
+        0.1, gt=0,
+        description="Softmax temperature of the swapped prediction (unitless); swav `--temperature 0.1`.",
+    )
+    epsilon: float = Field(
+        0.05, gt=0,
+        description="Entropic regularisation of Sinkhorn-Knopp (unitless); swav `--epsilon 0.05`.",
+    )
+    sinkhorn_iterations: int = Field(
+        3, ge=1,
+        description="Sinkhorn-Knopp iterations; swav default 3.",
+    )
+    n_global_crops: int = Field(
+        2, ge=2,
+        description="High-resolution crops per image (views); swav `--nmb_crops 2 6`.",
+    )
+    n_local_crops: int = Field(
+        6, ge=0,
+        description="Low-resolution crops per image (views); swav `--nmb_crops 2 6` (2×224 + 6×96).",
+    )
+    crops_for_assign: tuple[int, ...] = Field(
+        (0, 1), min_length=1,
+        description="Indices of the crops whose codes are computed (views); swav `--crops_for_assign 0 1`.",
+    )
+    queue_length: int = Field(
+        3840, ge=0,
+        description=(
+            "Features kept for Sinkhorn over all ranks (features; 0 = no queue); swav `--queue_length 3840` "
+            "for batch 256."
+        ),
+    )
+    queue_start_epoch: int = Field(
+        15, ge=0,
+        description=(
+            "Epoch from which the queue is filled and, once full, used (epochs); swav `--epoch_queue_starts "
+            "15`."
+        ),
+    )
+    freeze_prototypes_epochs: float = Field(
+        1.0, ge=0,
+        description=(
+            "Epochs during which prototypes get no update (epochs); swav freezes them for 313 iterations = 1 "
+            "epoch at batch 4096."
+        ),
+    )
 
-    def model_post_init(self, _context: object) -> None:
-        n_crops = self.n_global_crops + self.n_local_crops
-        bad = [c for c in self.crops_for_assign if not 0 <= c < self.n_global_crops]
-        if bad:
-            raise ValueError(f"crops_for_assign {list(self.crops_for_assign)} must index global crops "
-                             f"0..{self.n_global_crops - 1} (of {n_crops} crops)")
+    @model_validator(mode="after")
+    def _assign_global_crops(self) -> SwAVOptions:
+        if any(not 0 <= c < self.n_global_crops for c in self.crops_for_assign):
+            raise ValueError(f"crops_for_assign {list(self.crops_for_assign)} must index the global crops "
+                             f"0..{self.n_global_crops - 1}; set crops_for_assign = [0, 1]")
+        return self
 
 
 @torch.no_grad()
@@ -75,10 +112,10 @@ def sinkhorn_knopp(scores: Tensor, epsilon: float, n_iterations: int) -> Tensor:
 
     scores (B, K): prototype scores of this rank's B samples. Q = exp(scores / ε)ᵀ is scaled, `n_iterations`
     times, so prototypes (rows) get equal mass 1/K, then samples (columns) equal mass 1/B_total; all sums are
-    over all ranks' samples (all-reduced). Returns (B, K) codes whose rows sum to 1. Computed in float32, after
-    subtracting the global maximum score, which the first normalisation cancels exactly.
+    over all ranks' samples (all-reduced). Returns (B, K) codes whose rows sum to 1. Computed in float32 (or
+    wider), after subtracting the global maximum score, which the first normalisation cancels exactly.
     """
-    scores = scores.float()
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32))  # float32 at least, as under AMP
     top = all_reduce_max(scores.max())
     q = torch.exp((scores - top) / epsilon).T  # (K, B)
     n_prototypes = q.shape[0]
@@ -141,15 +178,17 @@ class SwAV(SSLMethod):
                 queue = self.queue[a]
                 if fill_queue and not torch.all(queue[-1] == 0):  # swav: used once full
                     mine = torch.tensor_split(queue, world_size())[rank()]
-                    crop_scores = torch.cat([mine @ self.prototypes.weight.T, crop_scores])
+                    with without_autocast(mine):
+                        queue_scores = mine @ self.prototypes.weight.T
+                    crop_scores = torch.cat([queue_scores, crop_scores.to(queue_scores.dtype)])
                     used_queue = True
                 codes.append(sinkhorn_knopp(crop_scores, self.options.epsilon,
                                             self.options.sinkhorn_iterations)[-batch:])
                 if fill_queue:
                     newest = gather_no_grad(embedding[crop * batch:(crop + 1) * batch].detach())
                     queue.copy_(torch.cat([newest, queue])[:queue.shape[0]])
-        loss = swav_loss(scores.view(len(views), batch, -1), torch.stack(codes), self.options.crops_for_assign,
-                         self.options.temperature)
+        loss = swav_loss(scores.view(len(views), batch, -1), torch.stack(codes),
+                         self.options.crops_for_assign, self.options.temperature)
         return loss, {"queue_used": float(used_queue)}
 
     def on_before_optimizer_step(self, step: int) -> None:

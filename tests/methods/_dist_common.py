@@ -1,4 +1,5 @@
-"""Shared by the 2-process torchrun script and the single-process reference: tiny methods on a BN-free backbone
+"""Shared by the 2-process torchrun script and the single-process reference: tiny methods on a BN-free
+backbone
 (vit_tiny; the heads' BatchNorm is global-batch), a fixed global batch per step, and a few plain SGD steps."""
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _dist_common import METHOD_NAMES, run_steps  # noqa: E402
+from _dist_common import METHOD_NAMES, run_steps
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """A 2-process gloo torchrun run of every method gives the same losses, DDP-averaged gradients and final state
-(queues, centre, teacher, key encoder) as one process over the same global batch. One launch for all methods."""
+(queues, centre, teacher, key encoder) as one process over the same global batch. One launch for all
+methods."""
 
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, d
 
 def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, what: str, floor: float) -> None:
     """Equal up to float32 reduction-order noise: 2e-4 of the tensor's own scale, or `floor` for tensors whose
-    true value is ~0 (e.g. the gradient of a bias just before a BatchNorm). A wrong gradient scaling, a missing
-    rank or a per-rank statistic is off by far more."""
+    true value is ~0 (e.g. the gradient of a bias just before a BatchNorm). A wrong gradient scaling, a
+    missing rank or a per-rank statistic is off by far more."""
     error = (actual.double() - expected.double()).abs().max().item()
     scale = expected.double().abs().max().item()
     assert error <= 2e-4 * scale + floor, f"{what}: max error {error:.3g} against scale {scale:.3g}"
@@ -54,7 +55,8 @@ def test_two_processes_match_one_process(name: str, distributed_results: dict[st
         assert g_multi.keys() == g_single.keys(), f"step {step}: different parameters received gradients"
         largest = max(g.abs().max().item() for g in g_single.values())
         for key in g_single:
-            assert_close_to_scale(g_multi[key], g_single[key], f"step {step} gradient of {key}", 1e-4 * largest)
+            what = f"step {step} gradient of {key}"
+            assert_close_to_scale(g_multi[key], g_single[key], what, 1e-4 * largest)
     for key, value in single["state"].items():
         if value.is_floating_point():
             assert_close_to_scale(multi["state"][key], value, f"final state {key}", 1e-5)
