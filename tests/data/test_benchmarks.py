@@ -142,6 +142,13 @@ def test_crc_missing_class_folder(tmp_path: Path) -> None:
     assert "CRC-VAL-HE-7K" in str(error.value) and "zenodo" in str(error.value)
 
 
+def test_crc_stray_folder_is_ignored_with_a_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_crc(tmp_path, n_train=1, n_test=1)
+    (root / "CRC-VAL-HE-7K" / "old_backup").mkdir()
+    assert len(open_dataset(section("crc", root), "test")) == 9
+    assert "ignoring folder(s) ['old_backup']" in capsys.readouterr().err
+
+
 def test_crc_root_pointing_inside_the_layout(tmp_path: Path) -> None:
     root = write_crc(tmp_path, n_train=2, n_test=1)
     with pytest.raises(SpecError, match="must be the folder that holds both"):
@@ -160,8 +167,16 @@ def test_unreadable_image_fails_when_loaded(tmp_path: Path) -> None:
     broken = root / "CRC-VAL-HE-7K" / "LYM" / "LYM-CRC00000.tif"
     broken.write_bytes(b"II*\x00 truncated")
     test = open_dataset(section("crc", root), "test")
+    position = test.ids.index("LYM/LYM-CRC00000.tif")
     with pytest.raises(WorkFailed, match=r"LYM-CRC00000\.tif: cannot read this image"):
-        test.load_image(test.ids.index("LYM/LYM-CRC00000.tif"))
+        test.load_image(position)
+    # Through a DataLoader worker the user still gets the file and the fix, not the worker's traceback.
+    batches = iter(torch.utils.data.DataLoader(test.select([position]), batch_size=1, num_workers=1))
+    with pytest.raises(WorkFailed) as error:
+        next(batches)
+    message = str(error.value)
+    del error, batches  # the traceback holds the worker; release it now rather than at teardown
+    assert message.startswith(str(broken)) and "Traceback" not in message
 
 
 def test_real_nct_crc_tiles(shared_data: Path, tmp_path: Path) -> None:
@@ -288,7 +303,7 @@ def test_mhist_partitions_and_labels(tmp_path: Path) -> None:
     assert all(pixel_label(d, i) == d.targets[i] for d in (train, val, test) for i in range(len(d)))
 
 
-def test_mhist_errors(tmp_path: Path) -> None:
+def test_mhist_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rows = mhist_rows()
     root = write_mhist(tmp_path, rows)
     (root / "images" / "MHIST_002.png").unlink()
@@ -297,6 +312,10 @@ def test_mhist_errors(tmp_path: Path) -> None:
     write_mhist(tmp_path, [*rows[:-1], ("MHIST_099.png", "TA", 0, "test")])
     with pytest.raises(SpecError, match="label 'TA'"):
         open_dataset(section("mhist", root), "test")
+    write_mhist(tmp_path, [("MHIST_000.png", "SSA", 1, "test"), *rows[1:]])  # 1 of 7 votes, yet SSA
+    open_dataset(section("mhist", root), "test")
+    assert "1 row(s) whose majority label disagrees with the SSA vote count: MHIST_000.png" in \
+        capsys.readouterr().err
     (root / "annotations.csv").write_text("name,label\nMHIST_000.png,HP\n")
     with pytest.raises(SpecError, match=r"missing column\(s\) \['Image Name', 'Majority Vote Label', "
                                         r"'Partition'\]"):
@@ -364,6 +383,9 @@ def test_csv_errors(tmp_path: Path) -> None:
         open_dataset(section("csv", tmp_path / "t.csv"), "train")
     (tmp_path / "t.csv").write_text("path,label\na.png,x\nmissing.png,y\n")
     with pytest.raises(SpecError, match=r"1 listed image.* not found .*: missing\.png"):
+        open_dataset(section("csv", tmp_path / "t.csv"), "train")
+    (tmp_path / "t.csv").write_text("path,label\na.png,x\na.png,y\n")
+    with pytest.raises(SpecError, match=r"1 path\(s\) listed more than once: a\.png"):
         open_dataset(section("csv", tmp_path / "t.csv"), "train")
     (tmp_path / "t.csv").write_text("file,class\na.png,x\n")
     with pytest.raises(SpecError, match=r"found columns \['file', 'class'\]; expected 'path', 'label'"):

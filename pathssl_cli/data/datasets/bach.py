@@ -81,7 +81,7 @@ def open_bach(data: DataSection, split: Split) -> ClassificationDataset:
     photos = find_photos(Path(data.root))
     labels = read_ground_truth(photos / CSV_NAME)
     classes, files, targets = scan_class_folders(photos, CLASSES, "the four BACH class folders", FIX,
-                                                 extensions=(".tif", ".tiff"))
+                                                 extensions=(".tif", ".tiff"), ignore_extra=True)
     on_disk = {f.name: classes[t] for f, t in zip(files, targets, strict=True)}
     unlisted = sorted(set(on_disk) - set(labels))
     missing = sorted(set(labels) - set(on_disk))

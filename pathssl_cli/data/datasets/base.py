@@ -82,17 +82,32 @@ class ClassificationDataset(torch.utils.data.Dataset):
         return {name: int(n) for name, n in zip(self.classes, counts, strict=True)}
 
 
+class UnreadableImage(WorkFailed):
+    """An image file that cannot be decoded (exit 1), named with the fix.
+
+    A DataLoader worker re-raises an exception in the main process as ``type(exc)(wrapped_text)``, where the
+    wrapped text holds the worker's traceback; the constructor keeps only the original message, so the user
+    sees the file and the fix rather than a traceback.
+    """
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
 def read_rgb(path: Path) -> np.ndarray:
     """An image file as RGB uint8 (H, W, 3); grey, palette, RGBA and 16-bit files are converted."""
     try:
-        # PIL warns before failing on a broken header; the WorkFailed below says it better, once.
+        # PIL warns before failing on a broken header; the error below says it better, once.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as image:
                 image.load()
                 return _to_rgb(image)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise WorkFailed(
+        raise UnreadableImage(
             f"{path}: cannot read this image ({error}). The file is corrupt, truncated or not an image: "
             "re-download it from the dataset's official source, or delete it and rebuild the dataset "
             "folder."
@@ -161,18 +176,23 @@ def describe_missing(path: Path) -> str:
 
 def scan_class_folders(
     split_dir: Path, expected: Sequence[str] | None, what: str, fix: str,
-    extensions: Iterable[str] = IMAGE_EXTENSIONS,
+    extensions: Iterable[str] = IMAGE_EXTENSIONS, ignore_extra: bool = False,
 ) -> tuple[list[str], list[Path], list[int]]:
     """(classes, files, targets) of a folder holding one sub-folder of images per class.
 
     With `expected`, the class folders must be exactly those (the official class list, or the train split's
     classes when scanning val/test): a missing, extra or empty class folder is an error naming both lists.
+    `ignore_extra` turns extra folders into a warning, for official layouts where a stray folder (a backup, a
+    thumbnail cache) beside the class folders cannot be a class.
     """
     require_dir(split_dir, what, fix)
     found = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     classes = list(expected) if expected is not None else found
     missing = [c for c in classes if c not in found]
     extra = [c for c in found if c not in classes]
+    if extra and ignore_extra:
+        announce_once(f"{split_dir}: ignoring folder(s) {extra}, which are not classes of this dataset.")
+        extra = []
     if missing or extra or not classes:
         details = []
         if missing:

@@ -47,7 +47,7 @@ def open_crc(data: DataSection, split: Split) -> ClassificationDataset:
         raise SpecError(f"{folder}: expected the CRC {'test' if split == 'test' else 'training'} folder, "
                         f"but it {describe_missing(folder)}. {FIX}")
     classes, files, targets = scan_class_folders(folder, CLASSES, "the nine CRC class folders", FIX,
-                                                 extensions=(".tif", ".tiff"))
+                                                 extensions=(".tif", ".tiff"), ignore_extra=True)
     misplaced = [f"{f.parent.name}/{f.name}" for f, t in zip(files, targets, strict=True)
                  if f.name.split("-", 1)[0] != classes[t]]
     if misplaced:

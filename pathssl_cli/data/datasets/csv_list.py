@@ -14,6 +14,7 @@ ids are the `path` cells as written.
 from __future__ import annotations
 
 import csv
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,10 @@ def read_rows(table: Path) -> list[dict[str, str]]:
     if problems:
         raise SpecError(f"{table}: {len(problems)} bad cell(s): {count_text(problems)}. Splits must be one "
                         f"of {list(SPLITS)}. {FIX}")
+    repeated = sorted(path for path, n in Counter(r["path"] for r in rows).items() if n > 1)
+    if repeated:
+        raise SpecError(f"{table}: {len(repeated)} path(s) listed more than once: {count_text(repeated)}. "
+                        "List each image once, with one label and one split.")
     missing = [r["path"] for r in rows if not resolve(table.parent, r["path"]).is_file()]
     if missing:
         raise SpecError(f"{table}: {len(missing)} listed image(s) not found (relative paths are relative to "
