@@ -15,8 +15,9 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
+from pathssl_cli.backbones import Backbone
 from pathssl_cli.methods.base import (
     METHODS,
     MethodOptions,
@@ -33,11 +34,11 @@ BN_EPS = 1e-5  # nn.BatchNorm1d's default, which barlowtwins' `self.bn` uses
 class BarlowTwinsOptions(MethodOptions):
     name: Literal["barlow_twins"] = "barlow_twins"
     projector_dims: tuple[int, ...] = Field(
-        (8192, 8192, 8192), min_length=1,
+        default=(8192, 8192, 8192), min_length=1,
         description="Projector layer widths (features); barlowtwins `--projector 8192-8192-8192`.",
     )
     lambd: float = Field(
-        0.0051, ge=0,
+        default=0.0051, ge=0,
         description="Weight of the off-diagonal (redundancy) term (unitless); barlowtwins `--lambd 0.0051`.",
     )
 
@@ -78,7 +79,7 @@ class BarlowTwins(SSLMethod):
     options_model = BarlowTwinsOptions
     options: BarlowTwinsOptions
 
-    def __init__(self, backbone: nn.Module, options: BarlowTwinsOptions, *, steps_per_epoch: int,
+    def __init__(self, backbone: Backbone, options: BarlowTwinsOptions, *, steps_per_epoch: int,
                  total_steps: int) -> None:
         super().__init__(backbone, options, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
         self.n_global_views, self.n_local_views = 2, 0

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from pydantic import Field
 from torch import Tensor, nn
 
+from pathssl_cli.backbones import Backbone
 from pathssl_cli.distributed import (  # noqa: F401 - re-exported for the method modules
     all_reduce_sum,
     all_reduce_sum_with_grad,
@@ -117,9 +118,9 @@ class SSLMethod(nn.Module):
     options_model: ClassVar[type[MethodOptions]]
     n_global_views: int
     n_local_views: int
-    backbone: nn.Module  # pathssl_cli.backbones.Backbone: the student / query backbone that gets exported
+    backbone: Backbone  # the student / query backbone: what gets exported
 
-    def __init__(self, backbone: nn.Module, options: MethodOptions, *, steps_per_epoch: int,
+    def __init__(self, backbone: Backbone, options: MethodOptions, *, steps_per_epoch: int,
                  total_steps: int) -> None:
         super().__init__()
         if steps_per_epoch <= 0 or total_steps <= 0:
@@ -152,7 +153,8 @@ class SSLMethod(nn.Module):
         """Trainable parameters (frozen teacher / key encoder excluded), split for weight decay and LARS:
         weights get decay; biases and norm parameters (1-d tensors, barlowtwins `exclude_bias_and_norm`, dino
         `get_params_groups`) get neither weight decay nor LARS adaptation."""
-        decayed, not_decayed = [], []
+        decayed: list[nn.Parameter] = []
+        not_decayed: list[nn.Parameter] = []
         for p in self.parameters():
             if not p.requires_grad:
                 continue

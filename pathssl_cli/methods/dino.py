@@ -17,8 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
+from pathssl_cli.backbones import Backbone
 from pathssl_cli.methods.base import (
     METHODS,
     MethodOptions,
@@ -36,78 +37,78 @@ from pathssl_cli.methods.heads import DINOHead
 class DINOOptions(MethodOptions):
     name: Literal["dino"] = "dino"
     out_dim: int = Field(
-        65536, gt=0,
+        default=65536, gt=0,
         description="Prototypes of the last layer (features); dino `--out_dim 65536`.",
     )
     hidden_dim: int = Field(
-        2048, gt=0,
+        default=2048, gt=0,
         description="Head MLP width (features); dino `DINOHead` 2048.",
     )
     bottleneck_dim: int = Field(
-        256, gt=0,
+        default=256, gt=0,
         description="Bottleneck before the last layer (features); dino 256.",
     )
     n_layers: int = Field(
-        3, ge=1,
+        default=3, ge=1,
         description="Linear layers of the head MLP; dino `nlayers=3`.",
     )
     use_bn_in_head: bool = Field(
-        False,
+        default=False,
         description="BatchNorm in the head MLP; dino `--use_bn_in_head False` (True for its ResNet-50 runs).",
     )
     norm_last_layer: bool = Field(
-        True,
+        default=True,
         description=(
             "Fix the weight norm of the last layer to 1; dino default True (False trains better but less "
             "stably for ViT-S/16)."
         ),
     )
     n_global_crops: int = Field(
-        2, ge=1,
+        default=2, ge=1,
         description="Global crops per image (views); dino uses 2.",
     )
     n_local_crops: int = Field(
-        10, ge=0,
+        default=10, ge=0,
         description=(
             "Local crops per image (views); 10 as in dino's best ViT-S/16 run (`--local_crops_number 10`; "
             "the code's default is 8)."
         ),
     )
     student_temp: float = Field(
-        0.1, gt=0,
+        default=0.1, gt=0,
         description="Student softmax temperature (unitless); dino 0.1.",
     )
     warmup_teacher_temp: float = Field(
-        0.04, gt=0,
+        default=0.04, gt=0,
         description="Teacher temperature at epoch 0 (unitless); dino `--warmup_teacher_temp 0.04`.",
     )
     teacher_temp: float = Field(
-        0.07, gt=0,
+        default=0.07, gt=0,
         description="Teacher temperature after warm-up (unitless); dino's ViT-S/16 recipe 0.07.",
     )
     warmup_teacher_temp_epochs: int = Field(
-        30, ge=0,
+        default=30, ge=0,
         description="Epochs of linear teacher-temperature warm-up (epochs); dino's ViT-S/16 recipe 30.",
     )
     center_momentum: float = Field(
-        0.9, ge=0, le=1,
+        default=0.9, ge=0, le=1,
         description="EMA momentum of the centre per step (unitless); dino `DINOLoss` 0.9.",
     )
     momentum_teacher: float = Field(
-        0.996, ge=0, le=1,
+        default=0.996, ge=0, le=1,
         description=(
             "Teacher EMA momentum at step 0, raised to 1 on a cosine (unitless); dino `--momentum_teacher "
             "0.996`."
         ),
     )
     freeze_last_layer_epochs: float = Field(
-        1.0, ge=0,
+        default=1.0, ge=0,
         description=(
             "Epochs during which the head's last layer gets no update (epochs); dino `--freeze_last_layer 1`."
         ),
     )
     clip_grad: float = Field(
-        3.0, ge=0,
+        default=3.0, ge=0,
         description="Per-parameter gradient-norm clip (L2; 0 = off); dino `--clip_grad 3.0`.",
     )
 
@@ -123,8 +124,8 @@ def dino_loss(student_output: Tensor, teacher_output: Tensor, center: Tensor, st
     """
     student_log_probs = F.log_softmax(student_output.float() / student_temp, dim=-1).chunk(n_student_crops)
     n_teacher_crops = teacher_output.shape[0] // student_log_probs[0].shape[0]
-    teacher_probs = F.softmax((teacher_output.float() - center) / teacher_temp, dim=-1).detach()
-    teacher_probs = teacher_probs.chunk(n_teacher_crops)
+    teacher_probs = F.softmax((teacher_output.float() - center) / teacher_temp, dim=-1).detach().chunk(
+        n_teacher_crops)
     total, n_terms = student_output.new_zeros((), dtype=torch.float32), 0
     for i, p_teacher in enumerate(teacher_probs):
         for v, log_p_student in enumerate(student_log_probs):
@@ -156,8 +157,9 @@ def teacher_temperature_schedule(options: DINOOptions, n_epochs: int) -> np.ndar
 class DINO(SSLMethod):
     options_model = DINOOptions
     options: DINOOptions
+    center: Tensor  # (1, out_dim) EMA of the teacher's mean output
 
-    def __init__(self, backbone: nn.Module, options: DINOOptions, *, steps_per_epoch: int,
+    def __init__(self, backbone: Backbone, options: DINOOptions, *, steps_per_epoch: int,
                  total_steps: int) -> None:
         super().__init__(backbone, options, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
         self.n_global_views, self.n_local_views = options.n_global_crops, options.n_local_crops

@@ -27,13 +27,14 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         count = all_reduce_sum(x.new_tensor(float(x.shape[0])))
         mean = all_reduce_sum_with_grad(x.sum(dim=0)) / count
         var = all_reduce_sum_with_grad(((x - mean) ** 2).sum(dim=0)) / count  # biased, as BN normalises
-        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+        running_mean, running_var, batches = self.running_mean, self.running_var, self.num_batches_tracked
+        if running_mean is not None and running_var is not None and batches is not None:
             with torch.no_grad():
                 n = float(count.item())
-                self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * n / max(n - 1.0, 1.0), alpha=m)
+                batches.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(batches.item())
+                running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                running_var.mul_(1 - m).add_(var.detach() * n / max(n - 1.0, 1.0), alpha=m)
         y = (x - mean) / torch.sqrt(var + self.eps)
         if self.affine:
             y = y * self.weight + self.bias

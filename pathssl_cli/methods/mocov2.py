@@ -20,8 +20,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
+from torch import Tensor
 
+from pathssl_cli.backbones import Backbone
 from pathssl_cli.methods.base import (
     METHODS,
     MethodOptions,
@@ -41,41 +42,41 @@ from pathssl_cli.methods.heads import MoCoV2Head
 class MoCoV2Options(MethodOptions):
     name: Literal["mocov2"] = "mocov2"
     hidden_dim: int = Field(
-        2048, gt=0,
+        default=2048, gt=0,
         description="Head hidden width (features). moco `--mlp` uses the backbone width, 2048 for ResNet-50.",
     )
     out_dim: int = Field(
-        128, gt=0,
+        default=128, gt=0,
         description="Embedding width (features); moco `--moco-dim` 128.",
     )
     queue_size: int = Field(
-        65536, gt=0,
+        default=65536, gt=0,
         description="Negative keys kept (keys); moco `--moco-k` 65536.",
     )
     temperature: float = Field(
-        0.2, gt=0,
+        default=0.2, gt=0,
         description="InfoNCE temperature (unitless); MoCo v2 uses 0.2 (`--moco-t 0.2`).",
     )
     momentum: float = Field(
-        0.999, ge=0, le=1,
+        default=0.999, ge=0, le=1,
         description="Key-encoder EMA momentum per step (unitless); moco `--moco-m` 0.999.",
     )
     momentum_cosine: bool = Field(
-        False,
+        default=False,
         description=(
             "Raise the momentum from `momentum` to 1 on a cosine over the run (MoCo v3 / BYOL); off in MoCo "
             "v2."
         ),
     )
     symmetric: bool = Field(
-        False,
+        default=False,
         description=(
             "Also contrast view 2's queries with view 1's keys and average the two losses (MoCo v3 paper's "
             "symmetrised MoCo v2); both key sets are enqueued. Off in MoCo v2."
         ),
     )
     shuffle_bn: bool = Field(
-        True,
+        default=True,
         description=(
             "Shuffle the key batch across ranks before the key encoder (moco's shuffle-BN); no effect in a "
             "single process or on BN-free backbones."
@@ -116,8 +117,10 @@ def enqueue(queue: Tensor, pointer: Tensor, keys: Tensor) -> None:
 class MoCoV2(SSLMethod):
     options_model = MoCoV2Options
     options: MoCoV2Options
+    queue: Tensor  # (queue_size, out_dim) L2-normalised keys, a ring buffer
+    queue_pointer: Tensor  # (1,) long: the next slot to write
 
-    def __init__(self, backbone: nn.Module, options: MoCoV2Options, *, steps_per_epoch: int,
+    def __init__(self, backbone: Backbone, options: MoCoV2Options, *, steps_per_epoch: int,
                  total_steps: int) -> None:
         super().__init__(backbone, options, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
         self.n_global_views, self.n_local_views = 2, 0

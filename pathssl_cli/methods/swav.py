@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from pathssl_cli.backbones import Backbone
 from pathssl_cli.methods.base import (
     METHODS,
     MethodOptions,
@@ -41,57 +42,57 @@ from pathssl_cli.methods.heads import SwAVHead
 class SwAVOptions(MethodOptions):
     name: Literal["swav"] = "swav"
     hidden_dim: int = Field(
-        2048, gt=0,
+        default=2048, gt=0,
         description="Projection head hidden width (features); swav `hidden_mlp` 2048 for ResNet-50.",
     )
     out_dim: int = Field(
-        128, gt=0,
+        default=128, gt=0,
         description="Embedding width (features); swav `--feat_dim` 128.",
     )
     n_prototypes: int = Field(
-        3000, gt=0,
+        default=3000, gt=0,
         description="Number of prototypes (clusters); swav `--nmb_prototypes` 3000 for ImageNet.",
     )
     temperature: float = Field(
-        0.1, gt=0,
+        default=0.1, gt=0,
         description="Softmax temperature of the swapped prediction (unitless); swav `--temperature 0.1`.",
     )
     epsilon: float = Field(
-        0.05, gt=0,
+        default=0.05, gt=0,
         description="Entropic regularisation of Sinkhorn-Knopp (unitless); swav `--epsilon 0.05`.",
     )
     sinkhorn_iterations: int = Field(
-        3, ge=1,
+        default=3, ge=1,
         description="Sinkhorn-Knopp iterations; swav default 3.",
     )
     n_global_crops: int = Field(
-        2, ge=2,
+        default=2, ge=2,
         description="High-resolution crops per image (views); swav `--nmb_crops 2 6`.",
     )
     n_local_crops: int = Field(
-        6, ge=0,
+        default=6, ge=0,
         description="Low-resolution crops per image (views); swav `--nmb_crops 2 6` (2×224 + 6×96).",
     )
     crops_for_assign: tuple[int, ...] = Field(
-        (0, 1), min_length=1,
+        default=(0, 1), min_length=1,
         description="Indices of the crops whose codes are computed (views); swav `--crops_for_assign 0 1`.",
     )
     queue_length: int = Field(
-        3840, ge=0,
+        default=3840, ge=0,
         description=(
             "Features kept for Sinkhorn over all ranks (features; 0 = no queue); swav `--queue_length 3840` "
             "for batch 256."
         ),
     )
     queue_start_epoch: int = Field(
-        15, ge=0,
+        default=15, ge=0,
         description=(
             "Epoch from which the queue is filled and, once full, used (epochs); swav `--epoch_queue_starts "
             "15`."
         ),
     )
     freeze_prototypes_epochs: float = Field(
-        1.0, ge=0,
+        default=1.0, ge=0,
         description=(
             "Epochs during which prototypes get no update (epochs); swav freezes them for 313 iterations = 1 "
             "epoch at batch 4096."
@@ -148,8 +149,9 @@ def swav_loss(scores: Tensor, codes: Tensor, crops_for_assign: Sequence[int], te
 class SwAV(SSLMethod):
     options_model = SwAVOptions
     options: SwAVOptions
+    queue: Tensor  # (len(crops_for_assign), queue_length, out_dim) embeddings of all ranks, newest first
 
-    def __init__(self, backbone: nn.Module, options: SwAVOptions, *, steps_per_epoch: int,
+    def __init__(self, backbone: Backbone, options: SwAVOptions, *, steps_per_epoch: int,
                  total_steps: int) -> None:
         super().__init__(backbone, options, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
         self.n_global_views, self.n_local_views = options.n_global_crops, options.n_local_crops
