@@ -315,8 +315,12 @@ def hed_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -> 
 def _pad_to(array: np.ndarray, top: int, left: int, height: int, width: int, reflect: bool) -> np.ndarray:
     """The window [top:top+height, left:left+width] of `array`, padded where it leaves the array."""
     h, w = array.shape[:2]
-    pads = ((max(0, -top), max(0, top + height - h)), (max(0, -left), max(0, left + width - w)))
-    window = array[max(0, top) : top + height, max(0, left) : left + width]
+    t, b = min(max(top, 0), h), min(max(top + height, 0), h)
+    l_, r = min(max(left, 0), w), min(max(left + width, 0), w)
+    if b <= t or r <= l_:  # wholly off the array: nothing to mirror
+        return np.zeros((height, width, *array.shape[2:]), array.dtype)
+    pads = ((t - top, top + height - b), (l_ - left, left + width - r))
+    window = array[t:b, l_:r]
     if any(p for pair in pads for p in pair):
         extra = ((0, 0),) * (array.ndim - 2)
         window = np.pad(
@@ -371,13 +375,17 @@ class HoVerNetPatches(Dataset):
         rng = np.random.default_rng((self.seed, self.epoch, index))
         if self.train:
             jitter = self.output_size // 2
-            top += int(rng.integers(-jitter, jitter + 1))
-            left += int(rng.integers(-jitter, jitter + 1))
+            # Jitter, but keep the output window on the image: a window off the image has nothing to learn.
+            h, w = self.sources[s].size(i)
+            top = int(np.clip(top + rng.integers(-jitter, jitter + 1), 0, max(h - self.output_size, 0)))
+            left = int(np.clip(left + rng.integers(-jitter, jitter + 1), 0, max(w - self.output_size, 0)))
         margin = (self.input_size - self.output_size) // 2
         args = (top - margin, left - margin, self.input_size, self.input_size)
         image = _pad_to(sample.image, *args, reflect=True)
-        inst = _pad_to(sample.inst_map, *args, reflect=False)
-        types = _pad_to(sample.type_map, *args, reflect=False) if sample.type_map is not None else None
+        # Maps are mirrored with the image (HoVer-Net's mirror-padded patch extraction), so mirrored
+        # nuclei keep their labels; a nucleus and its mirror form one piece, as the official targets see it.
+        inst = _pad_to(sample.inst_map, *args, reflect=True)
+        types = _pad_to(sample.type_map, *args, reflect=True) if sample.type_map is not None else None
         if self.train:
             image, inst, types = self._augment(image, inst, types, rng)
         hv = hv_map(np.ascontiguousarray(inst))

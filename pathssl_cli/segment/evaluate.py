@@ -28,19 +28,8 @@ from pathssl_cli.runs import atomic_path, atomic_write, open_run
 from pathssl_cli.segment import metrics as M
 from pathssl_cli.segment.datasets import PanNukeFold
 from pathssl_cli.segment.postproc import describe_instances, hovernet_postprocess
-from pathssl_cli.segment.predict import predict_window
+from pathssl_cli.segment.predict import ImageReader, predict_window
 from pathssl_cli.specs.segment import SegmentSpec
-
-
-class ArrayReader:
-    def __init__(self, image: np.ndarray) -> None:
-        from pathssl_cli.segment.datasets import _pad_to
-
-        self.image, self._pad = image, _pad_to
-        self.height, self.width = image.shape[:2]
-
-    def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
-        return self._pad(self.image, top, left, height, width, reflect=True)
 
 
 def segment_array(
@@ -54,7 +43,7 @@ def segment_array(
     """Instance map and instances of one in-memory RGB image (H, W, 3) uint8."""
     np_prob, hv, tp = predict_window(
         model,
-        ArrayReader(image),
+        ImageReader(image),
         0,
         0,
         image.shape[0],

@@ -46,11 +46,15 @@ TYPE_COLOURS = [
 
 
 class ImageReader:
-    """A whole image file in memory (image files are tile-sized to slide-crop-sized)."""
+    """An RGB array in memory (image files are tile-sized to slide-crop-sized); `ImageReader.open(path)`."""
 
-    def __init__(self, path: Path) -> None:
-        self.image = read_image(path)
-        self.height, self.width = self.image.shape[:2]
+    def __init__(self, image: np.ndarray) -> None:
+        self.image = image
+        self.height, self.width = image.shape[:2]
+
+    @classmethod
+    def open(cls, path: Path) -> ImageReader:
+        return cls(read_image(path))
 
     def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
         return _pad_to(self.image, top, left, height, width, reflect=True)
@@ -97,7 +101,7 @@ def open_reader(path: Path, region: tuple[int, int, int, int] | None) -> ImageRe
         and path.stat().st_size < 64 * 2**20
         and not _is_pyramid(path)
     ):
-        return ImageReader(path)
+        return ImageReader.open(path)
     return SlideReader(path, region)
 
 
@@ -207,6 +211,17 @@ class PredictOutputs:
     count: int
 
 
+def output_paths(out_dir: Path, name: str, map_format: str) -> tuple[Path, Path, Path, Path]:
+    """(instance map, instance JSON, GeoJSON, overlay PNG) paths of one input, each kind in its own folder so
+    `segment score --pred <out_dir>/maps` sees instance maps only."""
+    return (
+        out_dir / "maps" / f"{name}.{map_format}",
+        out_dir / "instances" / f"{name}.json",
+        out_dir / "geojson" / f"{name}.geojson",
+        out_dir / "overlays" / f"{name}.png",
+    )
+
+
 class _JsonListWriter:
     """Stream a JSON list (or GeoJSON FeatureCollection) item by item, so no instance list lives in memory."""
 
@@ -225,7 +240,8 @@ class _JsonListWriter:
 def segment_image(
     model: torch.nn.Module,
     reader: ImageReader | SlideReader,
-    out_prefix: Path,
+    out_dir: Path,
+    name: str,
     *,
     chunk_size: int = 2048,
     chunk_margin: int = 64,
@@ -239,7 +255,9 @@ def segment_image(
     postprocess: Callable[..., tuple[np.ndarray, dict[int, Any]]] | None = None,
     postprocess_kwargs: dict[str, Any] | None = None,
 ) -> PredictOutputs:
-    """Segment the nuclei of one image/region; writes <prefix>.{npy|tif}, .json, .geojson, .overlay.png.
+    """Segment the nuclei of one image/region into `out_dir`: maps/<name>.{npy|tif} (int32 instance ids),
+    instances/<name>.json (id, bbox, centroid x/y, contour, type, type_prob per nucleus),
+    geojson/<name>.geojson (QuPath detections) and overlays/<name>.png (contours coloured by type).
 
     `postprocess(np_prob, hv, type_prob, **postprocess_kwargs) -> (inst_map, {id: Instance})` defaults to
     HoVer-Net's watershed. Its per-window min-max normalisations make results depend slightly on the window,
@@ -257,16 +275,18 @@ def segment_image(
         if overlay
         else None
     )
+    map_path, json_path, geojson_path, overlay_path = output_paths(out_dir, name, map_format)
     paths = PredictOutputs(
-        out_prefix.with_suffix(f".{map_format}"),
-        out_prefix.with_suffix(".json"),
-        out_prefix.with_suffix(".geojson"),
-        out_prefix.with_suffix(".overlay.png") if overlay else None,
+        map_path,
+        json_path,
+        geojson_path,
+        overlay_path if overlay else None,
         0,
     )
     next_id = 1
+    (out_dir / "maps").mkdir(parents=True, exist_ok=True)
     # The .npy is the map itself, or (for .tif) a hidden scratch file converted tile by tile at the end.
-    scratch = out_prefix.parent / f".{out_prefix.name}.scratch.npy"
+    scratch = out_dir / "maps" / f".{name}.scratch.npy"
     with ExitStack() as stack:
         npy_tmp = stack.enter_context(atomic_path(paths.inst_map)) if map_format == "npy" else scratch
         np.lib.format.open_memmap(npy_tmp, mode="w+", dtype=np.int32, shape=(height, width)).flush()
@@ -275,7 +295,7 @@ def segment_image(
         records = _JsonListWriter(json_fh, "[\n", "\n]\n")
         features = _JsonListWriter(geo_fh, '{"type": "FeatureCollection", "features": [\n', "\n]}\n")
         try:
-            with progress(total=len(chunks), desc=out_prefix.name, unit="chunk") as bar:
+            with progress(total=len(chunks), desc=name, unit="chunk") as bar:
                 for chunk in chunks:
                     next_id = _segment_chunk(
                         model,
@@ -336,7 +356,7 @@ def _segment_chunk(
         if c.top <= inst.centroid[1] + c.win_top < c.bottom
         and c.left <= inst.centroid[0] + c.win_left < c.right
     ]
-    # Reopened per chunk so only this window's pages are ever resident: RSS bounded by the chunk, not the slide.
+    # Reopened per chunk so only this window's pages are ever resident: RSS bounded by the chunk.
     inst_map = np.load(npy_path, mmap_mode="r+")
     window = inst_map[c.win_top : c.win_bottom, c.win_left : c.win_right]
     lookup = np.zeros(len(instances) + 1, np.int32)
@@ -450,8 +470,8 @@ def run_segment_predict(spec: SegmentSpec) -> dict[str, Any]:
     results, failed = [], []
     with open_run(spec, Path(spec.run.output_dir) / "predict_run", seed=spec.run.seed) as run:
         for path in inputs:
-            prefix = out_dir / path.stem
-            if prefix.with_suffix(".geojson").exists() and prefix.with_suffix(f".{p.map_format}").exists():
+            done = output_paths(out_dir, path.stem, p.map_format)
+            if all(f.exists() for f in done[:3]):
                 info(f"{path}: outputs exist, skipped (delete them to predict again)")
                 continue
             try:
@@ -459,7 +479,8 @@ def run_segment_predict(spec: SegmentSpec) -> dict[str, Any]:
                 outputs = segment_image(
                     model,
                     reader,
-                    prefix,
+                    out_dir,
+                    path.stem,
                     chunk_size=p.chunk_size,
                     chunk_margin=p.chunk_margin,
                     batch_size=p.batch_size,
@@ -483,7 +504,7 @@ def run_segment_predict(spec: SegmentSpec) -> dict[str, Any]:
                     "overlay": str(outputs.overlay) if outputs.overlay else None,
                 }
             )
-            info(f"{path}: {outputs.count} nuclei -> {prefix}.*")
+            info(f"{path}: {outputs.count} nuclei -> {outputs.inst_map}")
         summary = {"outputs": results, "instances": sum(r["instances"] for r in results), "failed": failed}
         run.write_json("predict_summary.json", summary)
     if failed:
