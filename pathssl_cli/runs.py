@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
+import importlib.metadata
 import json
 import os
 import platform
@@ -163,10 +164,14 @@ def _versions() -> dict[str, str | None]:
     found: dict[str, str | None] = {"pathssl": __version__, "python": platform.python_version()}
     for module in ("torch", "timm", "torchvision"):
         mod = sys.modules.get(module)
-        if mod is None:
-            with contextlib.suppress(ImportError):
-                mod = __import__(module)
-        found[module] = getattr(mod, "__version__", None)
+        if mod is not None:
+            found[module] = getattr(mod, "__version__", None)
+            continue
+        # Installed metadata, not an import: importing torch costs seconds in torch-free commands (tile).
+        try:
+            found[module] = importlib.metadata.version(module)
+        except importlib.metadata.PackageNotFoundError:
+            found[module] = None
     return found
 
 

@@ -8,8 +8,8 @@ from pathssl_cli.tiling.slide import open_slide
 from pathssl_cli.tiling.tissue import TissueMask, detect_tissue, tissue_mask
 
 
-def test_tissue_mask_matches_truth(synthetic_slide, second_slide) -> None:
-    for truth in (synthetic_slide, second_slide):
+def test_tissue_mask_matches_truth(synthetic_slide) -> None:
+    for truth in (synthetic_slide,):
         found = tissue_mask(open_slide(truth.path), truth.mpp)
         h, w = found.mask.shape
         expected = truth.mask_resized(w, h)
