@@ -224,3 +224,9 @@ def test_resume_after_kill_gives_the_same_tiles(tmp_path: Path, synthetic_slide,
     assert [r["key"] for r in rows] == [r["key"] for r in read_manifest(clean)]
     assert tile_keys(tmp_path / "store") == tile_keys(clean)
     shutil.rmtree(clean)
+
+
+@pytest.mark.parametrize("name", ["tiny.toml", "tcga_two_fov.toml"])
+def test_shipped_specs_validate(shared_data: Path, name: str) -> None:
+    spec = load_spec(Path(__file__).resolve().parents[2] / "specs" / "tile" / name)
+    assert spec.kind == "tile" and spec.tiles.mpp_values()
