@@ -1,14 +1,16 @@
-"""Batched image operations for SSL views: one call transforms a whole batch, each sample with its own parameters.
+"""Batched image operations for SSL views: one call transforms a batch, each sample with its own parameters.
 
 All ops take float images in [0, 1], shape (B, 3, H, W), on any device, and per-sample parameter tensors of
 shape (B,). Each op matches torchvision's per-image functional of the same name on the same parameters
 (`torchvision.transforms.v2.functional`; checked in tests/augment/test_ops.py):
 
-- `resized_crop_flip`    = `resized_crop(..., antialias=True)` [+ `horizontal_flip` / `vertical_flip`], clamped to
+- `resized_crop_flip`    = `resized_crop(..., antialias=True)` [+ `horizontal_flip` / `vertical_flip`],
+  clamped to
   [0, 1] as the PIL → `ToTensor` path of the official recipes does. Crop, resize and flips are one pair of
   per-sample interpolation matrices, so the whole step is two batched matmuls.
 - `adjust_brightness`, `adjust_contrast`, `adjust_saturation`, `adjust_hue`, `rgb_to_grayscale`, `solarize`.
-- `gaussian_blur`        = `gaussian_blur(kernel_size, sigma)` with reflect padding, separable, per-sample sigma.
+- `gaussian_blur`        = `gaussian_blur(kernel_size, sigma)` with reflect padding, separable,
+  per-sample sigma.
 - `color_jitter`         = `ColorJitter`: the four adjustments in a per-sample random order.
 
 Randomness is drawn by the callers from an explicit `torch.Generator`, never from global state.
@@ -28,7 +30,8 @@ Interpolation = Literal["bilinear", "bicubic"]
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision and PIL
 
 
-# --------------------------------------------------------------------------------------------- crop parameters
+# --------------------------------------------------------------------------------------------- crop
+# parameters
 def random_resized_crop_boxes(
     batch: int,
     height: int,
@@ -40,7 +43,8 @@ def random_resized_crop_boxes(
 ) -> Tensor:
     """Integer crop boxes (B, 4) as (top, left, h, w), drawn like `RandomResizedCrop.get_params`.
 
-    Same algorithm, vectorised: `attempts` tries of area fraction ~ U(scale) and log aspect ~ U(log ratio); the first
+    Same algorithm, vectorised: `attempts` tries of area fraction ~ U(scale) and log aspect ~ U(log
+    ratio); the first
     try that fits is kept; when none fits, the central crop clipped to the ratio range.
     """
     device = generator.device if generator is not None else torch.device("cpu")
@@ -61,9 +65,9 @@ def random_resized_crop_boxes(
 
     in_ratio = width / height
     if in_ratio < min(ratio):
-        fallback_w, fallback_h = width, int(round(width / min(ratio)))
+        fallback_w, fallback_h = width, round(width / min(ratio))
     elif in_ratio > max(ratio):
-        fallback_h, fallback_w = height, int(round(height * max(ratio)))
+        fallback_h, fallback_w = height, round(height * max(ratio))
     else:
         fallback_w, fallback_h = width, height
     h = torch.where(found, h, torch.full_like(h, fallback_h))
@@ -76,7 +80,8 @@ def random_resized_crop_boxes(
     return torch.stack([top, left, h, w], dim=1)
 
 
-# ------------------------------------------------------------------------------------------ crop + resize + flip
+# ------------------------------------------------------------------------------------------ crop +
+# resize + flip
 def _aa_filter(x: Tensor, interpolation: Interpolation) -> Tensor:
     x = x.abs()
     if interpolation == "bilinear":
@@ -93,7 +98,8 @@ def _axis_weights(
     """Per-sample (B, out_size, in_size) matrices resampling [start, start+length) to out_size pixels.
 
     Same weights as torch's antialiased interpolation (`_upsample_*_aa`): a filter of support 1 (bilinear) or
-    2 (bicubic) pixels, stretched by the scale when downsampling, truncated at the crop edges and renormalised.
+    2 (bicubic) pixels, stretched by the scale when downsampling, truncated at the crop edges and
+    renormalised.
     Built for every (output, input) pair at once: O(out × in) memory per sample, cheap next to the matmul.
     """
     dtype = torch.float32
@@ -106,7 +112,10 @@ def _axis_weights(
     # torch truncates (center ± support + 0.5) toward zero to pick the input window; reproduce that exactly
     lo = torch.clamp(torch.trunc(center - support + 0.5), min=0.0)
     hi = torch.minimum(torch.trunc(center + support + 0.5), length_f)
-    j = torch.arange(in_size, device=start.device, dtype=dtype)[None, None, :] - start.to(dtype)[:, None, None]
+    j = (
+        torch.arange(in_size, device=start.device, dtype=dtype)[None, None, :]
+        - start.to(dtype)[:, None, None]
+    )
     weights = _aa_filter((j - center + 0.5) * inv, interpolation)
     weights = weights * ((j >= lo) & (j < hi)).to(dtype)
     return weights / weights.sum(dim=2, keepdim=True)
@@ -123,11 +132,13 @@ def resized_crop_flip(
 ) -> Tensor:
     """Crop each image to its box (top, left, h, w), resize to size×size with antialiasing, then flip.
 
-    images: float (B, C, H, W); boxes: (B, 4) integers; hflip/vflip: bool (B,). Returns float (B, C, size, size)
+    images: float (B, C, H, W); boxes: (B, 4) integers; hflip/vflip: bool (B,). Returns float (B, C,
+    size, size)
     in [0, 1]. On accelerators: out[b] = Wy[b] @ images[b] @ Wx[b]^T, two batched matmuls, with flips as row
     reversals of Wx / Wy. On CPU the dense matmul wastes most of its work on zero weights (each output pixel
     has 4–8 taps), so the sparse native kernel of `F.interpolate(antialias=True)` runs per crop instead: the
-    same weights, ~6× faster on one core. `force_matmul` selects the batched path anywhere (tests compare both).
+    same weights, ~6× faster on one core. `force_matmul` selects the batched path anywhere (tests compare
+    both).
     """
     batch, channels, height, width = images.shape
     if images.device.type == "cpu" and not force_matmul:
@@ -278,7 +289,7 @@ def gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
 
 
 def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
-    """Separable Gaussian blur with reflect padding and a per-sample sigma (depthwise conv over B×C groups)."""
+    """Separable Gaussian blur, reflect padding, one sigma per sample (a depthwise conv over B×C groups)."""
     batch, channels, height, width = images.shape
     kernels = gaussian_kernels(sigma.to(images.device), kernel_size).to(images.dtype)
     kernels = kernels.repeat_interleave(channels, dim=0)  # (B*C, k)
@@ -311,10 +322,10 @@ def color_jitter(
     saturation: Tensor,
     hue: Tensor,
 ) -> Tensor:
-    """`ColorJitter` per sample: order (B, 4) is a permutation of 0=brightness, 1=contrast, 2=saturation, 3=hue.
+    """`ColorJitter` per sample; order (B, 4) permutes 0 brightness, 1 contrast, 2 saturation, 3 hue.
 
-    A factor that is None in torchvision (strength 0) is skipped; here the caller passes factor 1 (hue 0) and the
-    identity is skipped the same way via `enabled` below, so results match exactly and no time is spent.
+    torchvision skips an adjustment of strength 0; here the caller passes factor 1 (hue 0) for it, and the
+    adjustment is skipped when every factor is the identity, so results match and no time is spent.
     """
     enabled = (
         bool((brightness != 1).any()),

@@ -1,11 +1,14 @@
 """Stain augmentation for H&E tiles: RandStainNA and HED jitter, batched, plus the colour-space conversions.
 
 RandStainNA (Shen et al., MICCAI 2022; yiqings/RandStainNA): each image's per-channel mean and std in a colour
-space (LAB, HSV or HED) are moved to a *virtual template* sampled from the distribution of those statistics over
+space (LAB, HSV or HED) are moved to a *virtual template* sampled from the distribution of those
+statistics over
 the training tiles (Reinhard transfer): x' = (x - mean_img) / std_img * std_tgt + mean_tgt. Kang et al.
-(CVPR 2023, §4) use it as one of the four pathology techniques. Differences from the reference code, on purpose:
+(CVPR 2023, §4) use it as one of the four pathology techniques. Differences from the reference code, on
+purpose:
 
-- colour spaces are in their natural units, computed in float: LAB as skimage (L ∈ [0, 100], D65), HSV in [0, 1],
+- colour spaces are in their natural units, computed in float: LAB as skimage (L ∈ [0, 100], D65), HSV in
+  [0, 1],
   HED as `skimage.color.rgb2hed`; the reference converts with 8-bit OpenCV LAB/HSV. Statistics fitted here are
   only valid for this module (they are saved with the space they belong to).
 - "laplace" is fitted by maximum likelihood (median, mean absolute deviation); the reference reuses mean/std.
@@ -21,7 +24,7 @@ HED jitter (Tellez et al., 2018 and 2019): per channel in HED space, h' = h · �
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +38,8 @@ from pathssl_cli.augment.ops import hsv_to_rgb, rgb_to_hsv
 ColorSpace = Literal["lab", "hsv", "hed"]
 Distribution = Literal["normal", "laplace", "gmm"]
 
-# ------------------------------------------------------------------------------------- colour-space conversions
+# ------------------------------------------------------------------------------------- colour-space
+# conversions
 # sRGB (D65) ↔ CIE XYZ, the matrix skimage uses
 _XYZ_FROM_RGB = torch.tensor(
     [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]],
@@ -44,32 +48,66 @@ _XYZ_FROM_RGB = torch.tensor(
 _RGB_FROM_XYZ = torch.linalg.inv(_XYZ_FROM_RGB)
 _D65_WHITE = torch.tensor([0.95047, 1.0, 1.08883], dtype=torch.float64)
 # Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB), as skimage.color.rgb_from_hed
-_RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
+_RGB_FROM_HED = torch.tensor(
+    [[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64
+)
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 _LOG_EPS = float(np.log(1e-6))  # skimage clips RGB at 1e-6 before the optical-density log
 
 
-def _mix(images: Tensor, matrix: Tensor) -> Tensor:
-    """Apply a 3×3 colour matrix to (B, 3, H, W): out[:, i] = Σ_j matrix[i, j] · images[:, j]."""
-    return torch.einsum("ij,bjhw->bihw", matrix.to(images), images)
+def _mix(images: Tensor, matrix: Tensor, offset: Tensor | None = None) -> Tensor:
+    """out[:, i] = Σ_j matrix[i, j] · images[:, j] (+ offset[i]) for (B, 3, H, W); a batched matmul, which
+    is ~4× faster on CPU than the equivalent einsum or 1×1 convolution."""
+    out = torch.matmul(matrix.to(images), images.reshape(images.shape[0], 3, -1))
+    if offset is not None:
+        out.add_(offset.to(images).reshape(1, 3, 1))
+    return out.reshape(images.shape)
+
+
+def _piecewise(x: Tensor, threshold: float, above: Tensor, below: Callable[[], Tensor]) -> Tensor:
+    """above where x > threshold else below(), blended by a float mask (torch.where is several times slower
+    on CPU). The low branches of the sRGB/LAB curves only serve near-black pixels, rare in H&E: when no
+    pixel is at or below the threshold, below() is never computed."""
+    mask = x > threshold
+    if bool(mask.all()):
+        return above
+    weight = mask.to(x.dtype)
+    return above.mul_(weight).add_(below().mul_(1.0 - weight))
+
+
+def _power(x: Tensor, exponent: float) -> Tensor:
+    """x ** exponent for x > 0 as exp(exponent · log x): vectorised exp/log beat pow by ~1.5× on CPU."""
+    return torch.log(x).mul_(exponent).exp_()
+
+
+# L = 116 fy − 16, a = 500 (fx − fy), b = 200 (fy − fz): a linear map of f = (fx, fy, fz)
+_LAB_FROM_F = torch.tensor(
+    [[0.0, 116.0, 0.0], [500.0, -500.0, 0.0], [0.0, 200.0, -200.0]], dtype=torch.float64
+)
+_F_FROM_LAB = torch.linalg.inv(_LAB_FROM_F)
+_LAB_OFFSET = torch.tensor([-16.0, 0.0, 0.0], dtype=torch.float64)
 
 
 def rgb_to_lab(images: Tensor) -> Tensor:
-    linear = torch.where(images > 0.04045, ((images + 0.055) / 1.055) ** 2.4, images / 12.92)
-    xyz = _mix(linear, _XYZ_FROM_RGB) / _D65_WHITE.to(images).reshape(1, 3, 1, 1)
-    f = torch.where(xyz > 0.008856, xyz.clamp(min=1e-12) ** (1.0 / 3.0), 7.787 * xyz + 16.0 / 116.0)
-    fx, fy, fz = f.unbind(dim=1)
-    return torch.stack([116.0 * fy - 16.0, 500.0 * (fx - fy), 200.0 * (fy - fz)], dim=1)
+    """sRGB in [0, 1] → CIE L*a*b* (D65), as `skimage.color.rgb2lab`."""
+    linear = _piecewise(images, 0.04045, _power((images + 0.055) / 1.055, 2.4), lambda: images / 12.92)
+    xyz = _mix(linear, _XYZ_FROM_RGB / _D65_WHITE[:, None])
+    f = _piecewise(xyz, 0.008856, _power(xyz.clamp(min=1e-12), 1.0 / 3.0), lambda: xyz * 7.787 + 16.0 / 116.0)
+    return _mix(f, _LAB_FROM_F, _LAB_OFFSET)
 
 
 def lab_to_rgb(lab: Tensor) -> Tensor:
-    lightness, a, b = lab.unbind(dim=1)
-    fy = (lightness + 16.0) / 116.0
-    f = torch.stack([fy + a / 500.0, fy, fy - b / 200.0], dim=1)
-    xyz = torch.where(f > 0.2068966, f**3, (f - 16.0 / 116.0) / 7.787).clamp(min=0.0)
-    linear = _mix(xyz * _D65_WHITE.to(lab).reshape(1, 3, 1, 1), _RGB_FROM_XYZ).clamp(min=0.0)
-    srgb = torch.where(linear > 0.0031308, 1.055 * linear ** (1.0 / 2.4) - 0.055, 12.92 * linear)
-    return srgb.clamp(0.0, 1.0)
+    """CIE L*a*b* (D65) → sRGB clipped to [0, 1], as `skimage.color.lab2rgb`."""
+    f = _mix(lab, _F_FROM_LAB, -_F_FROM_LAB @ _LAB_OFFSET)
+    xyz = _piecewise(f, 0.2068966, f * f * f, lambda: (f - 16.0 / 116.0) / 7.787).clamp_(min=0.0)
+    linear = _mix(xyz, _RGB_FROM_XYZ * _D65_WHITE[None, :]).clamp_(min=0.0)
+    srgb = _piecewise(
+        linear,
+        0.0031308,
+        _power(linear.clamp(min=1e-12), 1.0 / 2.4).mul_(1.055).sub_(0.055),
+        lambda: linear * 12.92,
+    )
+    return srgb.clamp_(0.0, 1.0)
 
 
 def rgb_to_hed(images: Tensor, clip: bool = True) -> Tensor:
@@ -109,17 +147,23 @@ def from_space(values: Tensor, space: ColorSpace) -> Tensor:
 
 def channel_stats(values: Tensor) -> tuple[Tensor, Tensor]:
     """Per-image channel mean and population std (B, 3) each, as the reference (np.mean / np.std)."""
+    # from the first two moments: 4× faster than Tensor.std on CPU, and float32 sums over a tile keep the
+    # std accurate to ~1e-5 of the channel range
     flat = values.flatten(2)
-    return flat.mean(dim=2), flat.std(dim=2, correction=0)
+    mean = flat.mean(dim=2)
+    variance = (flat * flat).mean(dim=2) - mean * mean
+    return mean, variance.clamp_(min=0.0).sqrt_()
 
 
-# --------------------------------------------------------------------------------------------- fitted statistics
+# --------------------------------------------------------------------------------------------- fitted
+# statistics
 @dataclass
 class StainStats:
     """The distribution of per-image channel statistics over training tiles, in one colour space.
 
     params, by distribution (lists are per channel of the space, in order):
-    - normal / laplace: `mean_loc`, `mean_scale` (the images' channel means), `std_loc`, `std_scale` (their stds).
+    - normal / laplace: `mean_loc`, `mean_scale` (of the images' channel means), `std_loc`, `std_scale`
+      (of their channel stds).
       normal: loc = average, scale = standard deviation; laplace: loc = median, scale = mean |x - median|.
     - gmm: `weights` (K,), `means` (K, 6), `covariances` (K, 6, 6) over the vector (mean_1..3, std_1..3).
     """
@@ -159,7 +203,8 @@ class StainStats:
         )
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """n virtual templates: target channel means and stds, (n, 3) float64 each, on the generator's device."""
+        """n virtual templates: target channel means and stds, (n, 3) float64 each, on the generator's
+        device."""
         device = generator.device if generator is not None else torch.device("cpu")
         p = self.params
         if self.distribution == "gmm":
@@ -185,7 +230,10 @@ _MOMENT_KEYS = ("mean_loc", "mean_scale", "std_loc", "std_scale")
 
 
 def _standard_draws(
-    distribution: Distribution, shape: tuple[int, ...], device: torch.device, generator: torch.Generator | None
+    distribution: Distribution,
+    shape: tuple[int, ...],
+    device: torch.device,
+    generator: torch.Generator | None,
 ) -> Tensor:
     if distribution == "normal":
         return torch.randn(shape, dtype=torch.float64, device=device, generator=generator)
@@ -221,7 +269,9 @@ def fit_stain_stats(
         from sklearn.mixture import GaussianMixture
 
         components = max(1, min(gmm_components, n // 2))
-        gmm = GaussianMixture(components, covariance_type="full", reg_covar=1e-6, random_state=seed).fit(stats)
+        gmm = GaussianMixture(components, covariance_type="full", reg_covar=1e-6, random_state=seed).fit(
+            stats
+        )
         params: dict[str, Any] = {
             "weights": gmm.weights_.tolist(),
             "means": gmm.means_.tolist(),
@@ -244,9 +294,10 @@ def fit_stain_stats(
     return StainStats(space=space, distribution=distribution, params=params, n_images=n)
 
 
-# ------------------------------------------------------------------------------------------------ augmentations
+# ------------------------------------------------------------------------------------------------
+# augmentations
 def reinhard_transfer(values: Tensor, target_mean: Tensor, target_std: Tensor) -> Tensor:
-    """Move each image's channel mean/std (in any space) to the targets (B, 3). Std is floored as the reference."""
+    """Move each image's channel mean/std (any space) to the targets (B, 3); std floored as the reference."""
     mean, std = channel_stats(values)
     scale = target_std.to(values) / std.clamp(min=1e-4)
     return (values - mean[..., None, None]) * scale[..., None, None] + target_mean.to(values)[..., None, None]
@@ -264,9 +315,7 @@ def rand_stain(
     return from_space(reinhard_transfer(values, target_mean, target_std), stats.space).to(images.dtype)
 
 
-def hed_jitter(
-    images: Tensor, alpha: Tensor, beta: Tensor
-) -> Tensor:
+def hed_jitter(images: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
     """Tellez HED jitter with per-sample, per-channel factors alpha, beta (B, 3)."""
     hed = rgb_to_hed(images, clip=False)
     hed = hed * alpha.to(hed)[..., None, None] + beta.to(hed)[..., None, None]

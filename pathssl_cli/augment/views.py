@@ -4,38 +4,42 @@ Contract used by the pretraining loop (keep these names and signatures):
 
     recipe = recipe_for("dino", "pathology", n_local=6)          # a ViewRecipe (pydantic Section)
     views = BatchViews(recipe, mean, std, stain=stats)(images, generator)
-    # images: uint8 (B, 3, H, W) on the training device; views: list of float (B, 3, s, s) normalised with
-    # mean/std: the `n_global` global views first (global_size), then the `n_local` local views (local_size).
-    # The same generator state gives the same views.
+    # images: uint8 (B, 3, H, W) on the training device; views: list of float (B, 3, s, s) normalised
+    # with mean/std: the `n_global` global views first (global_size), then the `n_local` local views
+    # (local_size). The same generator state gives the same views.
 
-Per view, in the order of the official recipes: random resized crop (+ flips) → stain augmentation (RandStainNA,
-pathology) → HED jitter (option) → colour jitter (p) → grayscale (p) → Gaussian blur (p) → solarisation (p) →
-normalise. Stain augmentation runs before colour jitter so that the jitter perturbs realistic stainings.
+Per view, in the order of the official recipes: random resized crop (+ flips) → stain augmentation
+(RandStainNA, pathology) → HED jitter (option) → colour jitter (p) → grayscale (p) → Gaussian blur (p) →
+solarisation (p) → normalise. Stain augmentation runs before colour jitter, which then perturbs realistic
+stainings.
 
 `original` recipes, each from the method's official code:
-- mocov2: facebookresearch/moco `main_moco.py --aug-plus`: 2×224 crops, scale (0.2, 1), jitter (0.4, 0.4, 0.4, 0.1)
-  p 0.8, grayscale 0.2, blur σ ∈ [0.1, 2] p 0.5, horizontal flip.
-- swav: facebookresearch/swav `multicropdataset.py` + README multi-crop: 2×224 scale (0.14, 1) + 6×96 scale
-  (0.05, 0.14), `get_color_distortion(s=1)` = jitter (0.8, 0.8, 0.8, 0.2) p 0.8 + grayscale 0.2, blur p 0.5 with a
-  23 px kernel, horizontal flip. SwAV's std (0.228, ...) typo is not reproduced: mean/std come from the backbone.
+- mocov2: facebookresearch/moco `main_moco.py --aug-plus`: 2×224 crops, scale (0.2, 1), jitter
+  (0.4, 0.4, 0.4, 0.1) p 0.8, grayscale 0.2, blur σ ∈ [0.1, 2] p 0.5, horizontal flip.
+- swav: facebookresearch/swav `multicropdataset.py` + README multi-crop: 2×224 scale (0.14, 1) + 6×96
+  scale (0.05, 0.14), `get_color_distortion(s=1)` = jitter (0.8, 0.8, 0.8, 0.2) p 0.8 + grayscale 0.2,
+  blur p 0.5 with a 23 px kernel, horizontal flip. SwAV's std typo (0.228, ...) is not reproduced:
+  mean/std come from the backbone.
 - barlow_twins: facebookresearch/barlowtwins `main.py` Transform: 2×224 bicubic, scale (0.08, 1), jitter
   (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2, blur p 1.0 / 0.1, solarisation p 0.0 / 0.2.
-- dino: facebookresearch/dino `main_dino.py` DataAugmentationDINO: 2×224 bicubic scale (0.4, 1) with blur p 1.0 /
-  0.1 and solarisation 0 / 0.2, local 96 px crops scale (0.05, 0.4) with blur p 0.5; jitter (0.4, 0.4, 0.2, 0.1)
-  p 0.8, grayscale 0.2. 10 local crops, as the released ViT-S/16 runs (`--local_crops_number 10`; argparse
-  default is 8).
+- dino: facebookresearch/dino `main_dino.py` DataAugmentationDINO: 2×224 bicubic scale (0.4, 1) with
+  blur p 1.0 / 0.1 and solarisation 0 / 0.2; local 96 px crops scale (0.05, 0.4) with blur p 0.5; jitter
+  (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2. 10 local crops, as the released ViT-S/16 runs
+  (`--local_crops_number 10`; the argparse default is 8).
 
-Blur is an exact Gaussian with a 23 px kernel for every method (SwAV's cv2 kernel; PIL's `GaussianBlur` used by
-DINO/Barlow Twins/MoCo is a box approximation of the same σ), as torchvision v2 `GaussianBlur(23, (0.1, 2))`.
+Blur is an exact Gaussian with a 23 px kernel for every method (SwAV's cv2 kernel; PIL's `GaussianBlur`,
+used by DINO, Barlow Twins and MoCo, approximates the same σ with box filters), as torchvision v2
+`GaussianBlur(23, (0.1, 2))`.
 
-`pathology` = `original` + the four techniques of Kang et al., "Benchmarking Self-Supervised Learning on Diverse
-Pathology Datasets", CVPR 2023, §4 (Techniques to adapt SSL for pathology):
+`pathology` = `original` + the four techniques of Kang et al., "Benchmarking Self-Supervised Learning on
+Diverse Pathology Datasets", CVPR 2023, §4 (techniques to adapt SSL for pathology):
 1. random vertical flips (p 0.5): tissue has no canonical orientation;
 2. RandStainNA stain augmentation (p 0.8, LAB, normal; needs `StainStats` fitted on the training tiles);
-3. weaker colour jitter: stain augmentation already varies colour realistically, and strong hue/saturation jitter
-   produces colours that no H&E slide has. We halve each method's strengths: brightness/contrast 0.4 → 0.2 (SwAV
-   0.8 → 0.4), saturation 0.2 → 0.1 (MoCo 0.4 → 0.2, SwAV 0.8 → 0.4), hue 0.1 → 0.05 (SwAV 0.2 → 0.1). The
-   factor ½ is our reading of "weaker"; override any strength with `recipe_for(..., brightness=...)`;
+3. weaker colour jitter: stain augmentation already varies colour realistically, and strong hue and
+   saturation jitter makes colours no H&E slide has. We halve each method's strengths: brightness and
+   contrast 0.4 → 0.2 (SwAV 0.8 → 0.4), saturation 0.2 → 0.1 (MoCo 0.4 → 0.2, SwAV 0.8 → 0.4), hue
+   0.1 → 0.05 (SwAV 0.2 → 0.1). The factor ½ is our reading of "weaker", not a value from the paper;
+   override any strength with `recipe_for(..., brightness=...)`;
 4. several fields of view: done by the data stream (`TileStream(mpp_weights=...)`), not here.
 """
 
@@ -59,12 +63,16 @@ class StainOptions(Section):
     """RandStainNA options (Shen et al. 2022)."""
 
     p: float = Field(0.0, ge=0, le=1, description="Probability per view; 0 turns it off (original recipes).")
-    space: ColorSpace = Field("lab", description="Colour space of the statistics; LAB was best in RandStainNA.")
+    space: ColorSpace = Field(
+        "lab", description="Colour space of the statistics; LAB was best in RandStainNA."
+    )
     distribution: Distribution = Field(
         "normal", description="Distribution fitted to per-image channel statistics: normal, laplace or gmm."
     )
     std_hyper: float = Field(
-        0.0, ge=-1, description="Widens (>0) or narrows (<0) the sampled spread by (1 + std_hyper); 0 = as fitted."
+        0.0,
+        ge=-1,
+        description="Widens (>0) or narrows (<0) the sampled spread by (1 + std_hyper); 0 = as fitted.",
     )
 
 
@@ -73,7 +81,9 @@ class HedJitterOptions(Section):
 
     p: float = Field(0.0, ge=0, le=1, description="Probability per view; off by default (an option).")
     alpha: float = Field(0.05, ge=0, le=1, description="σ of the multiplicative factor; 0.05 = 'HED-light'.")
-    beta: float = Field(0.05, ge=0, le=1, description="b of the additive offset (optical density); 0.05 = light.")
+    beta: float = Field(
+        0.05, ge=0, le=1, description="b of the additive offset (optical density); 0.05 = light."
+    )
 
 
 class ViewRecipe(Section):
@@ -91,15 +101,22 @@ class ViewRecipe(Section):
         (3 / 4, 4 / 3), description="Crop aspect-ratio range (torchvision's RandomResizedCrop default)."
     )
     interpolation: Literal["bilinear", "bicubic"] = Field(
-        "bicubic", description="Resize filter, antialiased; DINO and Barlow Twins use bicubic, MoCo and SwAV bilinear."
+        "bicubic",
+        description="Resize filter, antialiased; DINO and Barlow Twins use bicubic, MoCo and SwAV bilinear.",
     )
     hflip: float = Field(0.5, ge=0, le=1, description="Probability of a horizontal flip per view.")
-    vflip: float = Field(0.0, ge=0, le=1, description="Probability of a vertical flip; 0.5 in the pathology preset.")
-    jitter_p: float = Field(0.8, ge=0, le=1, description="Probability of colour jitter per view (0.8 everywhere).")
+    vflip: float = Field(
+        0.0, ge=0, le=1, description="Probability of a vertical flip; 0.5 in the pathology preset."
+    )
+    jitter_p: float = Field(
+        0.8, ge=0, le=1, description="Probability of colour jitter per view (0.8 everywhere)."
+    )
     brightness: float = Field(0.4, ge=0, description="Brightness factor drawn from [1-b, 1+b].")
     contrast: float = Field(0.4, ge=0, description="Contrast factor drawn from [1-c, 1+c].")
     saturation: float = Field(0.2, ge=0, description="Saturation factor drawn from [1-s, 1+s].")
-    hue: float = Field(0.1, ge=0, le=0.5, description="Hue shift drawn from [-h, h] (fraction of the circle).")
+    hue: float = Field(
+        0.1, ge=0, le=0.5, description="Hue shift drawn from [-h, h] (fraction of the circle)."
+    )
     grayscale_p: float = Field(0.2, ge=0, le=1, description="Probability of converting a view to grayscale.")
     blur_p: list[float] = Field(
         [1.0, 0.1], description="Blur probability of each global view (cycled if shorter than n_global)."
@@ -135,20 +152,42 @@ class ViewRecipe(Section):
 
 _ORIGINAL: dict[str, dict[str, object]] = {
     "mocov2": dict(
-        n_local=0, global_scale=(0.2, 1.0), interpolation="bilinear", saturation=0.4,
-        blur_p=[0.5], solarize_p=[0.0],
+        n_local=0,
+        global_scale=(0.2, 1.0),
+        interpolation="bilinear",
+        saturation=0.4,
+        blur_p=[0.5],
+        solarize_p=[0.0],
     ),
     "swav": dict(
-        n_local=6, global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), interpolation="bilinear",
-        brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=[0.5], local_blur_p=0.5,
+        n_local=6,
+        global_scale=(0.14, 1.0),
+        local_scale=(0.05, 0.14),
+        interpolation="bilinear",
+        brightness=0.8,
+        contrast=0.8,
+        saturation=0.8,
+        hue=0.2,
+        blur_p=[0.5],
+        local_blur_p=0.5,
         solarize_p=[0.0],
     ),
     "barlow_twins": dict(
-        n_local=0, global_scale=(0.08, 1.0), interpolation="bicubic", blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2],
+        n_local=0,
+        global_scale=(0.08, 1.0),
+        interpolation="bicubic",
+        blur_p=[1.0, 0.1],
+        solarize_p=[0.0, 0.2],
     ),
     "dino": dict(
-        n_local=10, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), interpolation="bicubic",
-        blur_p=[1.0, 0.1], local_blur_p=0.5, solarize_p=[0.0, 0.2], local_solarize_p=0.0,
+        n_local=10,
+        global_scale=(0.4, 1.0),
+        local_scale=(0.05, 0.4),
+        interpolation="bicubic",
+        blur_p=[1.0, 0.1],
+        local_blur_p=0.5,
+        solarize_p=[0.0, 0.2],
+        local_solarize_p=0.0,
     ),
 }
 
@@ -179,7 +218,7 @@ def recipe_for(method: str, preset: Preset = "original", **overrides: object) ->
 
 
 class BatchViews:
-    """Makes all views of a batch at once on the images' device (see the module docstring for the contract)."""
+    """Makes all views of a batch at once on the images' device (the contract is in the module docstring)."""
 
     def __init__(
         self,
@@ -194,8 +233,10 @@ class BatchViews:
                 "fit them with pathssl_cli.augment.stain.fit_stain_stats or set augment stain p = 0"
             )
         if stain is not None and stain.space != recipe.stain.space:
-            raise ValueError(f"stain statistics are in {stain.space!r} space but the recipe asks for "
-                             f"{recipe.stain.space!r}; refit them or change stain.space")
+            raise ValueError(
+                f"stain statistics are in {stain.space!r} space but the recipe asks for "
+                f"{recipe.stain.space!r}; refit them or change stain.space"
+            )
         self.recipe = recipe
         self.mean = torch.tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1)
@@ -214,7 +255,12 @@ class BatchViews:
                 blur_p = r.blur_p[index % len(r.blur_p)]
                 solarize_p = r.solarize_p[index % len(r.solarize_p)]
             else:
-                size, scale, blur_p, solarize_p = r.local_size, r.local_scale, r.local_blur_p, r.local_solarize_p
+                size, scale, blur_p, solarize_p = (
+                    r.local_size,
+                    r.local_scale,
+                    r.local_blur_p,
+                    r.local_solarize_p,
+                )
             views.append(self._view(source, size, scale, blur_p, solarize_p, generator))
         return views
 
@@ -252,7 +298,9 @@ class BatchViews:
             alpha = uniform(1 - r.hed_jitter.alpha, 1 + r.hed_jitter.alpha, (3,))
             beta = uniform(-r.hed_jitter.beta, r.hed_jitter.beta, (3,))
             index = selected.to(x.device).nonzero().flatten()
-            x = ops.apply_to(x, selected, lambda v: hed_jitter(v, alpha.to(x.device)[index], beta.to(x.device)[index]))
+            x = ops.apply_to(
+                x, selected, lambda v: hed_jitter(v, alpha.to(x.device)[index], beta.to(x.device)[index])
+            )
         if r.jitter_p > 0:
             apply = coin(r.jitter_p)
             order = torch.argsort(torch.rand(batch, 4, device=device, generator=generator), dim=1)
@@ -267,8 +315,9 @@ class BatchViews:
             selected = coin(blur_p)
             sigma = uniform(*r.blur_sigma)
             index = selected.to(x.device).nonzero().flatten()
-            x = ops.apply_to(x, selected, lambda v: ops.gaussian_blur(v, sigma.to(x.device)[index], r.blur_kernel))
+            x = ops.apply_to(
+                x, selected, lambda v: ops.gaussian_blur(v, sigma.to(x.device)[index], r.blur_kernel)
+            )
         if solarize_p > 0:
             x = ops.apply_to(x, coin(solarize_p), ops.solarize)
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
-

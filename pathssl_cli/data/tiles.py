@@ -1,18 +1,20 @@
-"""The pretraining data stream: tiles from tile stores and image folders, split by rank and worker, exact resume.
+"""The pretraining data stream: tiles of tile stores and image folders, split by rank and worker.
 
     stream = TileStream([store_dir, image_folder], image_size=224, mpp_weights={0.25: 1, 0.5: 1}, seed=0,
                         shuffle_buffer=10_000, rank=rank, world_size=world, batch_size=per_rank_batch)
-    stream.set_epoch(epoch); stream.skip(samples_already_seen_this_epoch)     # set_epoch first: it clears skip
+    stream.set_epoch(epoch); stream.skip(samples_already_seen_this_epoch)     # set_epoch first: it
+    clears skip
     loader = DataLoader(stream, batch_size=per_rank_batch, num_workers=4)     # yields uint8 (B, 3, S, S)
 
 How one epoch is ordered (every step is a pure function of seed, epoch and rank, so it is reproducible and
 decoding is the only work a worker does):
 
-1. *Global sequence*: the tiles of every source grouped in shards (a store's tar shard; an image folder counts
-   as one shard per 256 files), shards in a seeded random order, tiles in stored order inside a shard, so reads
-   stay sequential. With `mpp_weights` each field of view (a store's mpp level) is its own sequence, and every
-   position of the epoch draws its level with probability ∝ weight (Kang et al.'s multi-FoV technique); a level
-   that runs out starts again in a new order. The epoch has as many tiles as the weighted levels hold.
+1. *Global sequence*: the tiles of every source grouped in shards (a store's tar shard; an image folder
+   counts as one shard per 256 files), shards in a seeded random order, tiles in stored order inside a
+   shard, so reads stay sequential. With `mpp_weights` each field of view (a store's mpp level) is its own
+   sequence, and every position of the epoch draws its level with probability proportional to its weight
+   (Kang et al.'s multi-FoV technique); a level that runs out starts again in a new order.
+   The epoch has as many tiles as the weighted levels hold.
 2. *Rank split*: position p goes to rank p mod world_size; shorter ranks wrap around to the start so that
    every rank yields the same number of tiles (DDP steps stay in lock-step), as DistributedSampler does.
 3. *Shuffle buffer* per rank, over tile indices (cheap, so every worker replays it): a buffer of
@@ -66,7 +68,9 @@ def index_sources(sources: Sequence[Path]) -> list[TileRef]:
     shard_ids: dict[Path, int] = {}
     for source in map(Path, sources):
         if not source.is_dir():
-            raise FileNotFoundError(f"{source}: tile source not found (a tile store folder or an image folder)")
+            raise FileNotFoundError(
+                f"{source}: tile source not found (a tile store folder or an image folder)"
+            )
         if _is_store(source):
             for row in read_manifest(source):
                 shard_path = source / row["shard"]
@@ -101,7 +105,7 @@ class _ShardReader:
             with tarfile.open(path, "r:") as tar:
                 self.indexes[path] = {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
         offset, size = self.indexes[path][member]
-        handle = self.files.pop(path, None) or open(path, "rb")  # noqa: SIM115 - kept open in the LRU
+        handle = self.files.pop(path, None) or open(path, "rb")
         self.files[path] = handle
         while len(self.files) > self.max_open:
             self.files.popitem(last=False)[1].close()
@@ -146,7 +150,7 @@ def _shuffle_buffer(items: np.ndarray, size: int, rng: np.random.Generator) -> n
     out = np.empty_like(items)
     buffer = list(items[:size])
     picks = rng.integers(0, len(buffer), size=max(0, len(items) - size))
-    for emitted, (incoming, slot) in enumerate(zip(items[size:], picks)):
+    for emitted, (incoming, slot) in enumerate(zip(items[size:], picks, strict=True)):
         out[emitted] = buffer[slot]
         buffer[slot] = incoming
     tail = np.asarray(buffer, dtype=items.dtype)
@@ -157,8 +161,9 @@ def _shuffle_buffer(items: np.ndarray, size: int, rng: np.random.Generator) -> n
 class TileStream(torch.utils.data.IterableDataset):
     """uint8 (3, image_size, image_size) tiles, one epoch per iteration (see the module docstring).
 
-    `batch_size` (beyond the shared contract, optional): the DataLoader's per-rank batch size, so that the worker
-    split reproduces the rank stream exactly; with the default 1 a multi-worker loader still yields every tile of
+    `batch_size` (beyond the shared contract, optional): the DataLoader's per-rank batch size, so the worker
+    split reproduces the rank stream exactly; with the default 1 a multi-worker loader still yields every
+    tile of
     the rank once per epoch, but in an order that depends on the number of workers.
     """
 
@@ -239,7 +244,9 @@ class TileStream(torch.utils.data.IterableDataset):
             positions = np.flatnonzero(level_of == level)
             if len(positions) == 0:
                 continue
-            passes = [_shard_ordered(group, self._shards, rng) for _ in range(-(-len(positions) // len(group)))]
+            passes = [
+                _shard_ordered(group, self._shards, rng) for _ in range(-(-len(positions) // len(group)))
+            ]
             order[positions] = np.concatenate(passes)[: len(positions)]
         return order
 

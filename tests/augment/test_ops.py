@@ -74,8 +74,12 @@ def test_crop_boxes_fall_back_to_the_centre_crop() -> None:
 
 @pytest.mark.parametrize(
     ("name", "low", "high"),
-    [("adjust_brightness", 0.0, 2.0), ("adjust_contrast", 0.0, 2.0), ("adjust_saturation", 0.0, 2.0),
-     ("adjust_hue", -0.5, 0.5)],
+    [
+        ("adjust_brightness", 0.0, 2.0),
+        ("adjust_contrast", 0.0, 2.0),
+        ("adjust_saturation", 0.0, 2.0),
+        ("adjust_hue", -0.5, 0.5),
+    ],
 )
 def test_colour_adjustments_match_torchvision(name: str, low: float, high: float) -> None:
     x = _images()
@@ -104,7 +108,9 @@ def test_gaussian_blur_matches_torchvision(kernel: int) -> None:
     x = _images(height=32, width=36)
     sigma = torch.tensor([0.1, 0.5, 1.0, 1.5, 2.0, 3.0])
     out = ops.gaussian_blur(x, sigma, kernel)
-    expected = torch.stack([TF.gaussian_blur(x[b], [kernel, kernel], [float(sigma[b])] * 2) for b in range(6)])
+    expected = torch.stack(
+        [TF.gaussian_blur(x[b], [kernel, kernel], [float(sigma[b])] * 2) for b in range(6)]
+    )
     torch.testing.assert_close(out, expected, atol=TOL, rtol=0)
 
 

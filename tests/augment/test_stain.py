@@ -14,7 +14,9 @@ from pathssl_cli.augment.stain import StainStats, fit_stain_stats
 
 
 def _rgb(batch: int = 3, size: int = 24, seed: int = 0) -> torch.Tensor:
-    return torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.rand(
+        batch, 3, size, size, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    )
 
 
 def _he_like(n: int, size: int = 16, seed: int = 0, noise: tuple[float, float] = (5, 25)) -> list[np.ndarray]:
@@ -50,8 +52,12 @@ def test_hed_matches_skimage_and_unclipped_round_trip() -> None:
     torch.testing.assert_close(stain.rgb_to_hed(x), hed, atol=1e-12, rtol=0)
     torch.testing.assert_close(stain.hed_to_rgb(hed), _nchw(hed2rgb(_nhwc(hed))), atol=1e-12, rtol=0)
     # unclipped densities invert exactly, also for pixels outside the H-E-DAB gamut
-    torch.testing.assert_close(stain.hed_to_rgb(stain.rgb_to_hed(x.clamp(min=1e-6), clip=False)),
-                               x.clamp(min=1e-6), atol=1e-9, rtol=0)
+    torch.testing.assert_close(
+        stain.hed_to_rgb(stain.rgb_to_hed(x.clamp(min=1e-6), clip=False)),
+        x.clamp(min=1e-6),
+        atol=1e-9,
+        rtol=0,
+    )
 
 
 def test_hsv_space_round_trips() -> None:
@@ -100,7 +106,9 @@ def test_fit_normal_and_laplace_match_numpy_on_skimage_statistics() -> None:
     laplace = fit_stain_stats(tiles, "lab", "laplace")
     median = np.median(reference, axis=0)
     np.testing.assert_allclose(laplace.params["mean_loc"], median[:3], rtol=1e-9)
-    np.testing.assert_allclose(laplace.params["std_scale"], np.abs(reference[:, 3:] - median[3:]).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(
+        laplace.params["std_scale"], np.abs(reference[:, 3:] - median[3:]).mean(0), rtol=1e-6
+    )
     assert normal.n_images == 30
 
 
@@ -115,8 +123,12 @@ def test_gmm_with_one_component_is_the_sample_gaussian() -> None:
 
 @pytest.mark.parametrize("distribution", ["normal", "laplace"])
 def test_sampling_follows_the_fitted_distribution(distribution: str) -> None:
-    params = {"mean_loc": [60.0, 10.0, -5.0], "mean_scale": [4.0, 2.0, 1.0],
-              "std_loc": [12.0, 5.0, 6.0], "std_scale": [1.0, 0.5, 0.5]}
+    params = {
+        "mean_loc": [60.0, 10.0, -5.0],
+        "mean_scale": [4.0, 2.0, 1.0],
+        "std_loc": [12.0, 5.0, 6.0],
+        "std_scale": [1.0, 0.5, 0.5],
+    }
     stats = StainStats("lab", distribution, params)  # type: ignore[arg-type]
     means, stds = stats.sample(40_000, torch.Generator().manual_seed(0))
     means_np, stds_np = means.numpy(), stds.numpy()
@@ -125,7 +137,9 @@ def test_sampling_follows_the_fitted_distribution(distribution: str) -> None:
         np.testing.assert_allclose(means_np.std(0), params["mean_scale"], rtol=0.03)
     else:  # Laplace(loc, b): median = loc, mean |x - loc| = b
         np.testing.assert_allclose(np.median(means_np, 0), params["mean_loc"], atol=0.1)
-        np.testing.assert_allclose(np.abs(means_np - params["mean_loc"]).mean(0), params["mean_scale"], rtol=0.03)
+        np.testing.assert_allclose(
+            np.abs(means_np - params["mean_loc"]).mean(0), params["mean_scale"], rtol=0.03
+        )
     np.testing.assert_allclose(np.median(stds_np, 0), params["std_loc"], atol=0.05)
     assert (stds_np > 0).all()
 
@@ -149,6 +163,7 @@ def test_hed_jitter_identity_and_haematoxylin_shift() -> None:
     shift = stain.rgb_to_hed(out, clip=False) - stain.rgb_to_hed(x, clip=False)
     unclipped = ((out > 0) & (out < 1)).all(dim=1)  # pixels where the RGB clip did not interfere
     assert unclipped.float().mean() > 0.5
-    torch.testing.assert_close(shift[:, 0][unclipped], torch.full_like(shift[:, 0][unclipped], 0.02),
-                               atol=1e-9, rtol=0)
+    torch.testing.assert_close(
+        shift[:, 0][unclipped], torch.full_like(shift[:, 0][unclipped], 0.02), atol=1e-9, rtol=0
+    )
     assert shift[:, 1:].permute(1, 0, 2, 3)[:, unclipped].abs().max() < 1e-9

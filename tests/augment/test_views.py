@@ -17,7 +17,9 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def _batch(n: int = 4, size: int = 48, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return torch.randint(
+        0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def _stats():
@@ -25,17 +27,56 @@ def _stats():
     return fit_stain_stats(tiles, "lab", "normal")
 
 
-# values typed from the official code (main_moco.py, multicropdataset.py/README, barlowtwins main.py, main_dino.py)
+# values typed from the official code (main_moco.py, multicropdataset.py/README, barlowtwins main.py,
+# main_dino.py)
 OFFICIAL = {
-    "mocov2": dict(n_local=0, global_scale=(0.2, 1.0), brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1,
-                   blur_p=[0.5], solarize_p=[0.0], interpolation="bilinear"),
-    "swav": dict(n_local=6, global_scale=(0.14, 1.0), local_scale=(0.05, 0.14), brightness=0.8, contrast=0.8,
-                 saturation=0.8, hue=0.2, blur_p=[0.5], local_blur_p=0.5, interpolation="bilinear"),
-    "barlow_twins": dict(n_local=0, global_scale=(0.08, 1.0), brightness=0.4, contrast=0.4, saturation=0.2,
-                         hue=0.1, blur_p=[1.0, 0.1], solarize_p=[0.0, 0.2], interpolation="bicubic"),
-    "dino": dict(n_local=10, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), brightness=0.4, contrast=0.4,
-                 saturation=0.2, hue=0.1, blur_p=[1.0, 0.1], local_blur_p=0.5, solarize_p=[0.0, 0.2],
-                 interpolation="bicubic"),
+    "mocov2": dict(
+        n_local=0,
+        global_scale=(0.2, 1.0),
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.4,
+        hue=0.1,
+        blur_p=[0.5],
+        solarize_p=[0.0],
+        interpolation="bilinear",
+    ),
+    "swav": dict(
+        n_local=6,
+        global_scale=(0.14, 1.0),
+        local_scale=(0.05, 0.14),
+        brightness=0.8,
+        contrast=0.8,
+        saturation=0.8,
+        hue=0.2,
+        blur_p=[0.5],
+        local_blur_p=0.5,
+        interpolation="bilinear",
+    ),
+    "barlow_twins": dict(
+        n_local=0,
+        global_scale=(0.08, 1.0),
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.2,
+        hue=0.1,
+        blur_p=[1.0, 0.1],
+        solarize_p=[0.0, 0.2],
+        interpolation="bicubic",
+    ),
+    "dino": dict(
+        n_local=10,
+        global_scale=(0.4, 1.0),
+        local_scale=(0.05, 0.4),
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.2,
+        hue=0.1,
+        blur_p=[1.0, 0.1],
+        local_blur_p=0.5,
+        solarize_p=[0.0, 0.2],
+        interpolation="bicubic",
+    ),
 }
 
 
@@ -81,25 +122,37 @@ def test_view_shapes_counts_and_order(method: str, preset: str) -> None:
 
 
 def test_views_are_deterministic_for_a_generator_state() -> None:
-    recipe = recipe_for("dino", "pathology", global_size=32, local_size=16, n_local=3,
-                        hed_jitter={"p": 0.5})
+    recipe = recipe_for("dino", "pathology", global_size=32, local_size=16, n_local=3, hed_jitter={"p": 0.5})
     make = BatchViews(recipe, MEAN, STD, stain=_stats())
     images = _batch()
     first = make(images, torch.Generator().manual_seed(3))
     second = make(images, torch.Generator().manual_seed(3))
     other = make(images, torch.Generator().manual_seed(4))
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
-    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
 
 
 def test_a_fully_determined_view_equals_torchvision_per_image() -> None:
     # every probability 0 or 1 and no random colour factors: the view is fixed by the crop boxes alone
-    recipe = recipe_for("barlow_twins", "original", n_global=1, global_size=24, jitter_p=0.0, grayscale_p=1.0,
-                        blur_p=[1.0], blur_sigma=(1.5, 1.5), blur_kernel=5, solarize_p=[1.0], hflip=1.0, vflip=1.0)
+    recipe = recipe_for(
+        "barlow_twins",
+        "original",
+        n_global=1,
+        global_size=24,
+        jitter_p=0.0,
+        grayscale_p=1.0,
+        blur_p=[1.0],
+        blur_sigma=(1.5, 1.5),
+        blur_kernel=5,
+        solarize_p=[1.0],
+        hflip=1.0,
+        vflip=1.0,
+    )
     images = _batch()
     (view,) = BatchViews(recipe, MEAN, STD)(images, torch.Generator().manual_seed(9))
-    boxes = ops.random_resized_crop_boxes(4, 48, 48, recipe.global_scale, recipe.ratio,
-                                          torch.Generator().manual_seed(9))  # the first draws of the same seed
+    boxes = ops.random_resized_crop_boxes(
+        4, 48, 48, recipe.global_scale, recipe.ratio, torch.Generator().manual_seed(9)
+    )  # the first draws of the same seed
     for b in range(4):
         top, left, h, w = boxes[b].tolist()
         x = TF.to_dtype(images[b], torch.float32, scale=True)
@@ -113,8 +166,16 @@ def test_a_fully_determined_view_equals_torchvision_per_image() -> None:
 
 def test_probabilities_are_respected() -> None:
     # solarised pixels of a dark image become bright: count solarised views over many samples
-    recipe = recipe_for("barlow_twins", "original", n_global=2, global_size=8, jitter_p=0.0, grayscale_p=0.0,
-                        blur_p=[0.0], solarize_p=[0.0, 0.3])
+    recipe = recipe_for(
+        "barlow_twins",
+        "original",
+        n_global=2,
+        global_size=8,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=[0.0],
+        solarize_p=[0.0, 0.3],
+    )
     images = torch.full((4000, 3, 12, 12), 200, dtype=torch.uint8)
     first, second = BatchViews(recipe, (0.0,) * 3, (1.0,) * 3)(images, torch.Generator().manual_seed(0))
     assert (first > 0.5).all()
@@ -133,10 +194,23 @@ def test_stain_augmentation_needs_statistics_in_the_same_space() -> None:
 
 
 def test_stain_changes_colour_statistics_per_view() -> None:
-    recipe = recipe_for("mocov2", "pathology", global_size=16, jitter_p=0.0, grayscale_p=0.0, blur_p=[0.0],
-                        stain={"p": 1.0}, hflip=0.0, vflip=0.0, global_scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    recipe = recipe_for(
+        "mocov2",
+        "pathology",
+        global_size=16,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=[0.0],
+        stain={"p": 1.0},
+        hflip=0.0,
+        vflip=0.0,
+        global_scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+    )
     images = _batch(size=16)
-    a, b = BatchViews(recipe, (0.0,) * 3, (1.0,) * 3, stain=_stats())(images, torch.Generator().manual_seed(1))
+    a, b = BatchViews(recipe, (0.0,) * 3, (1.0,) * 3, stain=_stats())(
+        images, torch.Generator().manual_seed(1)
+    )
     # full-image crops with no other op: the two views differ only by their sampled stain templates
     assert not torch.allclose(a, b)
     assert np.isfinite(a.numpy()).all() and a.min() >= 0 and a.max() <= 1

@@ -36,8 +36,9 @@ def _tile_id(tile: torch.Tensor | np.ndarray) -> int:
     return round(red / STEP) + 64 * round(green / STEP)
 
 
-def _make_store(root: Path, slides: int = 3, per_level: int = 6, mpps: tuple[float, ...] = (0.25, 0.5),
-                first_id: int = 0) -> dict[int, float]:
+def _make_store(
+    root: Path, slides: int = 3, per_level: int = 6, mpps: tuple[float, ...] = (0.25, 0.5), first_id: int = 0
+) -> dict[int, float]:
     """A store written through the tiling engineer's writer; tile i is a flat tile of grey i·STEP."""
     ids: dict[int, float] = {}
     next_id = first_id
@@ -77,20 +78,22 @@ def test_rank_split_is_disjoint_and_complete(store) -> None:
     root, ids = store
     per_rank = [_ids(TileStream([root], image_size=SIDE, seed=1, rank=r, world_size=3)) for r in range(3)]
     assert len({len(p) for p in per_rank}) == 1  # 36 tiles / 3 ranks: equal and no padding
-    assert sorted(sum(per_rank, [])) == sorted(ids)
+    assert sorted(t for rank in per_rank for t in rank) == sorted(ids)
     # 36 tiles over 5 ranks: 8 each, the 4 extra places wrap around to the start of the epoch
     uneven = [_ids(TileStream([root], image_size=SIDE, seed=1, rank=r, world_size=5)) for r in range(5)]
     assert [len(p) for p in uneven] == [8] * 5
-    flat = sum(uneven, [])
+    flat = [t for rank in uneven for t in rank]
     assert set(flat) == set(ids) and len(flat) - len(set(flat)) == 4
 
 
 def test_order_is_deterministic_per_seed_and_epoch(store) -> None:
     root, _ = store
+
     def order(seed: int, epoch: int) -> list[int]:
         stream = TileStream([root], image_size=SIDE, seed=seed, shuffle_buffer=8)
         stream.set_epoch(epoch)
         return _ids(stream)
+
     assert order(0, 0) == order(0, 0)
     assert order(0, 1) == order(0, 1)
     assert order(0, 0) != order(0, 1)
