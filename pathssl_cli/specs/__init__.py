@@ -55,8 +55,13 @@ def spec_model(kind: str) -> type[SpecModel]:
     return model
 
 
-def load_spec(path: str | Path, overrides: Sequence[str] = (), kind: str | None = None) -> SpecModel:
-    """Load, merge, override, validate and resolve a spec file; raise `SpecError` listing every problem."""
+def load_spec(path: str | Path, overrides: Sequence[str] = (), kind: str | None = None, *,
+              check_inputs: bool = True) -> SpecModel:
+    """Load, merge, override, validate and resolve a spec file; raise `SpecError` listing every problem.
+
+    `check_inputs=False` checks structure and values only, not that input files exist: for CI machines that
+    validate the paper's specs without holding the data.
+    """
     path = Path(path)
     data, origins = load_with_extends(path)
     data = apply_overrides(data, overrides, origins)
@@ -74,7 +79,7 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), kind: str | None 
     if kind is not None and found != kind:
         raise SpecError([Problem(f"{source}: kind", f"this command needs a spec of kind {kind!r}, but the file "
                                  f"has kind = {found!r}. Use the command for {found!r} specs or another file.")])
-    return build_spec(spec_model(found), data, origins, source=source)
+    return build_spec(spec_model(found), data, origins, source=source, check_inputs=check_inputs)
 
 
 def _without_none(value: Any) -> Any:

@@ -297,7 +297,8 @@ def iter_path_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[BaseM
                 yield from iter_path_fields(child, f"{dotted}.")
 
 
-def resolve_paths(spec: BaseModel, origins: dict[str, Path], default_file: str) -> list[Problem]:
+def resolve_paths(spec: BaseModel, origins: dict[str, Path], default_file: str,
+                  check_exists: bool = True) -> list[Problem]:
     """Make relative paths absolute (against the file that set them) and check that inputs exist."""
     problems = []
     for owner, name, dotted, marker in list(iter_path_fields(spec)):
@@ -311,7 +312,7 @@ def resolve_paths(spec: BaseModel, origins: dict[str, Path], default_file: str) 
                 text = str(item)
                 path = Path(text).expanduser()
                 resolved = path if path.is_absolute() else Path(os.path.normpath(base / path))
-                if marker.kind == "input" and not resolved.exists():
+                if check_exists and marker.kind == "input" and not resolved.exists():
                     problems.append(Problem(f"{_file_for(dotted, origins, default_file)}: {dotted}",
                                             f"file not found: {resolved} (given as {text!r}, relative to "
                                             f"{base}). Fix the path or create the file."))
@@ -330,14 +331,14 @@ def resolve_paths(spec: BaseModel, origins: dict[str, Path], default_file: str) 
 
 # ------------------------------------------------------------------------------------------------- loading
 def build_spec(model: type[SpecModel], data: dict[str, Any], origins: dict[str, Path], *,
-               source: Path | None) -> SpecModel:
+               source: Path | None, check_inputs: bool = True) -> SpecModel:
     default_file = str(source) if source is not None else "spec"
     try:
         spec = model.model_validate(data)
     except ValidationError as exc:
         raise SpecError(validation_problems(model, exc, origins, default_file)) from None
-    problems = resolve_paths(spec, origins, default_file)
-    if not problems:
+    problems = resolve_paths(spec, origins, default_file, check_exists=check_inputs)
+    if not problems and check_inputs:
         problems = spec.check_inputs()
     if problems:
         raise SpecError(problems)
