@@ -73,8 +73,9 @@ def write_pcam(root: Path, n: dict[str, int], gz: bool = False) -> Path:
 def write_mhist(root: Path, rows: list[tuple[str, str, int, str]]) -> Path:
     with (root / "annotations.csv").open("w", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow([
-            "Image Name", "Majority Vote Label", "Number of Annotators who Selected SSA", "Partition"])
+        # The official header, votes column included (only used to cross-check the majority label).
+        votes = "Number of Annotators who Selected SSA (Out of 7)"
+        writer.writerow(["Image Name", "Majority Vote Label", votes, "Partition"])
         writer.writerows(rows)
     for name, label, _, _ in rows:
         write_image(root / "images" / name, 1 if label == "SSA" else 0)

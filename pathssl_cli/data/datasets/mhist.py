@@ -3,7 +3,7 @@
 Official layout (`images.zip` unpacked plus the annotation file, in `data.root`)::
 
     root/annotations.csv   columns: Image Name, Majority Vote Label (HP | SSA),
-                           Number of Annotators who Selected SSA (0-7), Partition (train | test)
+                           Number of Annotators who Selected SSA (Out of 7), Partition (train | test)
     root/images/MHIST_aaa.png ...     3,152 images of 224×224 px (2,175 train, 977 test)
 
 Classes: 0 "HP", 1 "SSA" (SSA, the lesion to detect, is the positive class for AUROC). Splits: `train` and
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from pathssl_cli.specs.data import DataSection
 
 CLASSES = ("HP", "SSA")
-NAME, LABEL, VOTES, PARTITION = ("Image Name", "Majority Vote Label", "Number of Annotators who Selected SSA",
-                                 "Partition")
+NAME, LABEL, PARTITION = "Image Name", "Majority Vote Label", "Partition"
+VOTES = "Number of Annotators who Selected SSA (Out of 7)"  # only used to cross-check the label
 FIX = ("Set data.root to the folder holding annotations.csv and images/ as downloaded from "
        "bmirds.github.io/MHIST.")
 ANNOTATORS = 7
@@ -61,8 +61,9 @@ def open_mhist(data: DataSection, split: Split) -> ClassificationDataset:
         raise SpecError(f"{table}: {len(problems)} bad value(s): {count_text(problems)}. Labels must be HP "
                         "or SSA and partitions train or test, as in the official file.")
     # The majority label must follow from the 7 votes; a disagreement means the file was edited or corrupted.
-    disagree = [f"{r[NAME]} ({r[LABEL]}, {r[VOTES]} SSA votes)" for r in rows
-                if r.get(VOTES, "").isdigit() and (int(r[VOTES]) * 2 > ANNOTATORS) != (r[LABEL] == "SSA")]
+    votes = next((c for c in columns if c.startswith(VOTES.split(" (")[0])), None)
+    disagree = [f"{r[NAME]} ({r[LABEL]}, {r[votes]} SSA votes)" for r in rows
+                if votes and r[votes].isdigit() and (int(r[votes]) * 2 > ANNOTATORS) != (r[LABEL] == "SSA")]
     if disagree:
         console.warn(f"{table}: {len(disagree)} row(s) whose majority label disagrees with the SSA vote "
                      f"count: {count_text(disagree)}; the 'Majority Vote Label' column is used.")
