@@ -90,10 +90,11 @@ def spec_validate(files: tuple[Path, ...], overrides: tuple[str, ...], no_input_
     from pathssl_cli.errors import SpecError
     from pathssl_cli.specs import load_spec
 
+    given = files
     files = tuple(found for file in files for found in (
         sorted(p for p in file.rglob("*.toml") if not p.name.startswith("_")) if file.is_dir() else [file]))
     if not files:
-        raise click.UsageError("no .toml files found in the folders given")
+        raise click.UsageError("no .toml spec files found in " + ", ".join(str(f) for f in given))
     failed = 0
     for file in files:
         try:
