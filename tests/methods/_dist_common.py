@@ -81,3 +81,12 @@ def run_steps(name: str, rank: int = 0, world: int = 1,
         grads.append(step_grads)
     state = {k: v.clone() for k, v in method.state_dict().items()}
     return {"losses": losses, "grads": grads, "state": state}
+
+
+def shuffle_bn_case() -> tuple[SSLMethod, Tensor]:
+    """MoCo v2 on a BatchNorm backbone and a fixed global batch of images, for the shuffle-BN check."""
+    torch.manual_seed(0)
+    method = create_method(create_backbone("resnet_tiny"), tiny_options("mocov2"), steps_per_epoch=1,
+                           total_steps=N_STEPS)
+    images = torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    return method, images

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _dist_common import METHOD_NAMES, run_steps
+from _dist_common import GLOBAL_BATCH, METHOD_NAMES, N_STEPS, run_steps, shuffle_bn_case
 
 
 def main() -> None:
@@ -24,6 +24,16 @@ def main() -> None:
         result = run_steps(name, rank, world, wrap=DistributedDataParallel)
         if rank == 0:
             torch.save(result, out_dir / f"{name}.pt")
+    method, images = shuffle_bn_case()  # keys of each rank's images, encoded after shuffle-BN, gathered
+    local = GLOBAL_BATCH // world
+    keys = []
+    for step in range(N_STEPS):
+        mine = method._key(images[rank * local:(rank + 1) * local], step)  # type: ignore[operator]
+        gathered = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(gathered, mine)
+        keys.append(torch.cat(gathered))
+    if rank == 0:
+        torch.save(keys, out_dir / "shuffle_bn.pt")
     dist.barrier()
     dist.destroy_process_group()
 

@@ -5,6 +5,7 @@ methods."""
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 
@@ -33,7 +35,9 @@ def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, d
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     common = _common()
-    return {name: torch.load(out_dir / f"{name}.pt", weights_only=True) for name in common.METHOD_NAMES}
+    results = {name: torch.load(out_dir / f"{name}.pt", weights_only=True) for name in common.METHOD_NAMES}
+    results["shuffle_bn"] = torch.load(out_dir / "shuffle_bn.pt", weights_only=True)
+    return results
 
 
 def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, what: str, floor: float) -> None:
@@ -62,3 +66,27 @@ def test_two_processes_match_one_process(name: str, distributed_results: dict[st
             assert_close_to_scale(multi["state"][key], value, f"final state {key}", 1e-5)
         else:
             assert torch.equal(multi["state"][key], value), f"final state {key}"
+
+
+def test_mocov2_shuffle_bn_encodes_keys_with_another_half_of_the_global_batch(
+        distributed_results: dict[str, object]) -> None:
+    """Under shuffle-BN each key must equal the key encoder's output for the image when BatchNorm statistics
+    come from the half of the global batch that the image was shuffled into, which must not be the rank that
+    holds its query for every step. Found by trying every split of the 8 images into two halves of 4."""
+    common = _common()
+    method, images = common.shuffle_bn_case()
+    n = images.shape[0]
+
+    def keys_of(half: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return F.normalize(method.key_head(method.key_backbone(images[half])), dim=1)
+
+    own_halves = {tuple(range(n // 2)), tuple(range(n // 2, n))}
+    found = []
+    for keys in distributed_results["shuffle_bn"]:  # type: ignore[attr-defined]
+        matches = [half for half in itertools.combinations(range(n), n // 2)
+                   if torch.allclose(keys_of(list(half)), keys[list(half)], atol=1e-5)]
+        rest = [tuple(sorted(set(range(n)) - set(h))) for h in matches]
+        assert matches and all(r in matches for r in rest), "keys do not come from any split into two halves"
+        found.append(set(matches))
+    assert any(halves != own_halves for halves in found), "the batch was never shuffled across ranks"
