@@ -10,6 +10,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
+from pathssl_cli.backbones import Backbone
 from pathssl_cli.methods.barlow_twins import BarlowTwins, BarlowTwinsOptions, barlow_twins_loss
 from pathssl_cli.methods.base import METHODS, MethodOptions, SSLMethod
 from pathssl_cli.methods.dino import DINO, DINOOptions, dino_loss, update_center
@@ -23,7 +24,8 @@ MethodOptionsUnion = Annotated[
 ]
 
 
-def create_method(backbone, options: MethodOptions, *, steps_per_epoch: int, total_steps: int) -> SSLMethod:  # type: ignore[no-untyped-def]
+def create_method(backbone: Backbone, options: MethodOptions, *, steps_per_epoch: int,
+                  total_steps: int) -> SSLMethod:
     """The registered method for `options.name`, built around `backbone` (the student that gets exported)."""
     method_class = METHODS.get(options.name)
     return method_class(backbone, options, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
