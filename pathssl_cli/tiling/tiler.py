@@ -74,8 +74,13 @@ def _encode(rgb: np.ndarray, quality: int) -> bytes:
 
 
 def _background_fractions(rgb: np.ndarray) -> tuple[float, float]:
-    white = float((rgb.min(axis=2) >= WHITE_LEVEL).mean())
-    black = float((rgb.max(axis=2) <= BLACK_LEVEL).mean())
+    """Fractions of near-white and near-black pixels, on every other pixel (a fraction needs no more).
+
+    Element-wise minimum/maximum of the channels: numpy's reduction over a length-3 axis is ~10x slower.
+    """
+    r, g, b = rgb[::2, ::2, 0], rgb[::2, ::2, 1], rgb[::2, ::2, 2]
+    white = float(np.count_nonzero(np.minimum(np.minimum(r, g), b) >= WHITE_LEVEL)) / r.size
+    black = float(np.count_nonzero(np.maximum(np.maximum(r, g), b) <= BLACK_LEVEL)) / r.size
     return white, black
 
 
