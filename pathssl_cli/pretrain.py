@@ -16,6 +16,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pathssl_cli.augment.stain import StainStats
+from pathssl_cli.augment.stain import StainStats, fit_stain_stats
 from pathssl_cli.augment.views import BatchViews
 from pathssl_cli.backbones import create_backbone, export_backbone
 from pathssl_cli.console import info, progress
@@ -38,7 +39,7 @@ from pathssl_cli.distributed import (
 from pathssl_cli.errors import SpecError, WorkFailed
 from pathssl_cli.methods import create_method
 from pathssl_cli.optim import apply_schedules, build_optimizer, build_schedules
-from pathssl_cli.pretrain_data import TileBatches, count_tiles, fit_stain_from_tiles
+from pathssl_cli.data.tiles import TileStream, sample_images
 from pathssl_cli.runs import RunDir, load_checkpoint, open_run, save_checkpoint
 from pathssl_cli.specs.pretrain import PretrainSpec, view_counts
 
@@ -87,14 +88,17 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
 
     with open_run(spec, out, seed=run_cfg.seed, world_size=world, is_main=dist_info.is_main) as run:
         # ------------------------------------------------------------------------------------ data
-        n_tiles = count_tiles(spec.data.tiles, spec.data.mpp_weights)
-        if n_tiles < spec.data.batch_size:
-            raise SpecError(f"data.tiles hold {n_tiles} usable tiles, fewer than one batch "
+        stream = _open_stream(spec, rank, world, local_batch)
+        data_steps_per_epoch = len(stream) // local_batch  # every rank streams len(stream) tiles a pass
+        if data_steps_per_epoch == 0:
+            raise SpecError(f"data.tiles hold {stream.epoch_length()} usable tiles, fewer than one batch "
                             f"(data.batch_size = {spec.data.batch_size}); add tiles or lower the batch size")
-        steps_per_epoch = n_tiles // spec.data.batch_size
+        # The epoch of schedules and methods: a pass over the tiles, or run.epoch_images (ImageNet epochs).
+        steps_per_epoch = (max(1, run_cfg.epoch_images // spec.data.batch_size) if run_cfg.epoch_images
+                           else data_steps_per_epoch)
         total_steps = run_cfg.steps or max(1, math.ceil(run_cfg.epochs * steps_per_epoch))  # type: ignore[operator]
         if resumed is not None:
-            _check_resumable(resumed, world, steps_per_epoch, total_steps, checkpoint_path)
+            _check_resumable(resumed, world, data_steps_per_epoch, total_steps, checkpoint_path)
 
         # -------------------------------------------------------------------------- stain statistics
         stain = _stain_statistics(spec, run, resumed, dist_info)
@@ -140,8 +144,8 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
             method.backbone.compile()  # in place: state_dict keys (and so checkpoints) stay the same
         make_views = BatchViews(recipe, backbone.mean, backbone.std, stain=stain)
         generator = torch.Generator(device=device)
-        batches = TileBatches(spec.data, rank=rank, world_size=world, batch_size=local_batch, seed=run_cfg.seed,
-                              start_sample=start_step * local_batch)
+        batches = _batches(stream, local_batch, spec.data.workers, data_steps_per_epoch, start_step,
+                           pin_memory=device.type == "cuda")
 
         # ------------------------------------------------------------------------------------- loop
         losses: list[tuple[int, float]] = []
@@ -187,8 +191,11 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
                 window_start, window_steps = time.perf_counter(), 0
             bar.update(1)
             if done % run_cfg.checkpoint_every == 0 or done == total_steps:
-                _save(checkpoint_path, dist_info, method, optimizer, scaler, done, steps_per_epoch, total_steps,
-                      world, local_batch, stain, spec)
+                if not all(bool(torch.isfinite(p).all()) for p in method.parameters()):
+                    # a finite loss can still give an overflowing update: never checkpoint such weights
+                    _fail_non_finite(float("nan"), step, steps_per_epoch, checkpoint_path, what="weights")
+                _save(checkpoint_path, dist_info, method, optimizer, scaler, done, data_steps_per_epoch,
+                      total_steps, world, local_batch, stain, spec)
             if done == block_at:
                 print(f"{STOP_HOOK} {done}", flush=True)
                 sys.stdin.read()  # blocks until the test kills this process
@@ -208,11 +215,39 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _fail_non_finite(value: float, step: int, steps_per_epoch: int, checkpoint_path: Path) -> None:
+def _open_stream(spec: PretrainSpec, rank: int, world: int, local_batch: int) -> TileStream:
+    """This rank's tile stream; tiles are kept at their stored side (the views crop and resize them)."""
+    try:
+        tile_side = min(sample_images(spec.data.tiles, 1, spec.run.seed)[0].shape[:2])
+        return TileStream(list(spec.data.tiles), image_size=int(tile_side),
+                          mpp_weights={float(k): v for k, v in spec.data.mpp_weights.items()} or None,
+                          seed=spec.run.seed, shuffle_buffer=spec.data.shuffle_buffer, rank=rank,
+                          world_size=world, batch_size=local_batch)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SpecError(f"data.tiles: {exc}") from None
+
+
+def _batches(stream: TileStream, local_batch: int, workers: int, steps_per_epoch: int, start_step: int,
+             pin_memory: bool) -> Iterator[torch.Tensor]:
+    """Endless uint8 batches; epoch e is steps [e·S, (e+1)·S), so the position of any step is known exactly."""
+    epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
+    while True:
+        stream.set_epoch(epoch)
+        stream.skip(step_in_epoch * local_batch)
+        loader = torch.utils.data.DataLoader(stream, batch_size=local_batch, num_workers=workers, drop_last=True,
+                                             pin_memory=pin_memory)
+        for _, batch in zip(range(steps_per_epoch - step_in_epoch), loader):
+            yield batch
+        epoch, step_in_epoch = epoch + 1, 0
+
+
+def _fail_non_finite(value: float, step: int, steps_per_epoch: int, checkpoint_path: Path,
+                     what: str = "loss") -> None:
     kept = (f"the last good checkpoint is kept at {checkpoint_path}" if checkpoint_path.exists()
             else "no checkpoint had been written yet")
-    raise WorkFailed(f"the loss became {value} at step {step} (epoch {step // steps_per_epoch}); training stopped "
-                     f"before updating the weights, and {kept}. Lower optim.lr or lengthen optim.warmup_epochs, "
+    became = f"the loss became {value}" if what == "loss" else "the weights became NaN or infinite"
+    raise WorkFailed(f"{became} at step {step} (epoch {step // steps_per_epoch}); training stopped without "
+                     f"saving them, and {kept}. Lower optim.lr or lengthen optim.warmup_epochs, "
                      "or use run.precision = 'fp32'/'bf16' instead of fp16, then rerun (run.resume = true "
                      "continues from the checkpoint).")
 
@@ -223,8 +258,9 @@ def _check_resumable(state: dict[str, Any], world: int, steps_per_epoch: int, to
     if state["world_size"] != world:
         problems.append(f"it was written by {state['world_size']} processes, this run has {world} (the data "
                         "position is per process)")
-    if state["steps_per_epoch"] != steps_per_epoch:
-        problems.append(f"its epoch had {state['steps_per_epoch']} steps, the tiles now give {steps_per_epoch}")
+    if state["data_steps_per_epoch"] != steps_per_epoch:
+        problems.append(f"a pass over its tiles took {state['data_steps_per_epoch']} steps, the tiles now give "
+                        f"{steps_per_epoch}")
     if state["total_steps"] != total_steps:
         problems.append(f"it planned {state['total_steps']} steps, the spec now gives {total_steps}")
     if problems:
@@ -248,7 +284,8 @@ def _stain_statistics(spec: PretrainSpec, run: RunDir, resumed: dict[str, Any] |
                             f"recipe asks for {wanted[0]!r}; refit them or set augment.overrides.stain.space")
     elif dist_info.is_main:
         info(f"fitting stain statistics ({wanted[0]}, {wanted[1]}) on {spec.augment.stain_fit_tiles} tiles")
-        stats = fit_stain_from_tiles(spec.data, spec.augment.stain_fit_tiles, wanted[0], wanted[1], spec.run.seed)
+        sample = sample_images(spec.data.tiles, spec.augment.stain_fit_tiles, spec.run.seed)
+        stats = fit_stain_stats(sample, wanted[0], wanted[1], seed=spec.run.seed)
     if dist_info.is_main:
         stats.save(target)
     barrier()  # the other ranks read what rank 0 fitted, so every rank samples from the same distribution
@@ -280,15 +317,16 @@ def _as_tuples(value: Any) -> Any:
 
 
 def _save(path: Path, dist_info: DistInfo, method: nn.Module, optimizer: torch.optim.Optimizer,
-          scaler: torch.amp.GradScaler, step: int, steps_per_epoch: int, total_steps: int, world: int,
+          scaler: torch.amp.GradScaler, step: int, data_steps_per_epoch: int, total_steps: int, world: int,
           local_batch: int, stain: StainStats | None, spec: PretrainSpec) -> None:
     """The full checkpoint: method (heads, teacher, queues, centre), optimiser, scaler, RNG, data position."""
     if not dist_info.is_main:
         return
     save_checkpoint({
         "method": method.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-        "step": step, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "world_size": world,
-        "data": {"samples_per_rank": step * local_batch, "epoch": step // steps_per_epoch},
+        "step": step, "data_steps_per_epoch": data_steps_per_epoch, "total_steps": total_steps,
+        "world_size": world, "data": {"epoch": step // data_steps_per_epoch,
+                                      "samples_into_epoch": step % data_steps_per_epoch * local_batch},
         "rng": _rng_states(), "stain": stain.to_dict() if stain is not None else None,
         "method_name": spec.method.name, "backbone": spec.model.backbone}, path)
 

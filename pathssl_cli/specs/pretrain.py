@@ -139,10 +139,14 @@ class PretrainRun(Section):
     channels_last: bool = Field(False, description="NHWC memory format; faster for CNNs on GPUs with tensor cores.")
     compile: bool = Field(False, description="torch.compile the method's forward; pays a compile time up front.")
     epochs: float | None = Field(
-        None, gt=0, description="Training length in passes over the tiles; set this or `steps`.")
+        None, gt=0, description="Training length in epochs (see epoch_images); set this or `steps`.")
     steps: int | None = Field(
         None, ge=1, description="Training length in optimiser steps; set this or `epochs`. The paper trains 200 "
         "ImageNet-epoch equivalents: 200 × 1,281,167 images / batch_size steps.")
+    epoch_images: int | None = Field(
+        None, ge=1, description="Images that make one epoch for every epoch-counted setting (run.epochs, "
+        "optim.warmup_epochs, the methods' warm-ups and freezes); unset = one pass over the tiles. 1281167 "
+        "counts in ImageNet epochs, as Kang et al. (200 ImageNet epochs) and the official recipes do.")
     checkpoint_every: int = Field(
         500, ge=1, description="Steps between checkpoints (checkpoints/last.pt, written atomically); the end of "
         "the run always writes one.")

@@ -1,0 +1,102 @@
+"""`pathssl pretrain` end to end on tiny data: outputs, exports, NaN handling, refusal to overwrite."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+
+from pathssl_cli.backbones import create_backbone
+from pathssl_cli.cli import cli
+from pathssl_cli.runs import load_checkpoint
+
+
+def _pretrain(spec: Path, overrides: list[str]) -> tuple[int, str]:
+    args = ["pretrain", str(spec)]
+    for item in overrides:
+        args += ["--set", item]
+    result = CliRunner().invoke(cli, args)
+    return result.exit_code, result.output
+
+
+def test_tiny_mocov2_on_a_tile_store_through_the_cli(tile_store: Path, tmp_path: Path, specs_dir: Path,
+                                                     tiny_overrides: Callable[..., list[str]]) -> None:
+    out = tmp_path / "run"
+    code, output = _pretrain(specs_dir / "tiny_mocov2.toml", tiny_overrides(
+        tile_store, out, **{"data.mpp_weights": '{"0.5" = 1.0, "1.0" = 1.0}', "run.checkpoint_every": 3}))
+    assert code == 0, output
+
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "done" and run["seed"] == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) and r["lr"] >= 0 and r["img_per_s"] > 0 for r in records)
+    assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    stain = json.loads((out / "stain_statistics.json").read_text())
+    assert stain["space"] == "lab" and stain["n_images"] == 16
+
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["step"] == 4 and state["total_steps"] == 4
+    assert "queue" in state["method"] and state["stain"]["space"] == "lab"
+    assert set(state["rng"]) >= {"torch", "numpy", "python"} and state["optimizer"]["state"]
+
+    # The export loads through the registry and through timm, with the trained weights.
+    exported = out / "backbone.safetensors"
+    backbone = create_backbone("resnet_tiny", exported).eval()
+    trained = {k.removeprefix("backbone.timm_model."): v for k, v in state["method"].items()
+               if k.startswith("backbone.timm_model.")}
+    for key, value in backbone.timm_model.state_dict().items():
+        assert torch.equal(value, trained[key]), key
+    plain = timm.create_model("test_resnet", pretrained=True, num_classes=0,
+                              pretrained_cfg_overlay={"file": str(exported)}).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), backbone(x))
+
+
+@pytest.mark.parametrize("method", ["swav", "barlow_twins", "dino"])
+def test_other_tiny_specs_run(method: str, image_folder: Path, tmp_path: Path, specs_dir: Path,
+                              tiny_overrides: Callable[..., list[str]]) -> None:
+    out = tmp_path / method
+    code, output = _pretrain(specs_dir / f"tiny_{method}.toml",
+                             tiny_overrides(image_folder, out, **{"run.steps": 3}))
+    assert code == 0, output
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["step"] == 3
+    if method == "dino":
+        assert "center" in state["method"] and any(k.startswith("teacher") for k in state["method"])
+    assert create_backbone("vit_tiny" if method == "dino" else "resnet_tiny", out / "backbone.safetensors")
+
+
+def test_nan_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(
+        image_folder: Path, tmp_path: Path, specs_dir: Path, tiny_overrides: Callable[..., list[str]]) -> None:
+    out = tmp_path / "nan"
+    code, output = _pretrain(specs_dir / "tiny_mocov2.toml", tiny_overrides(
+        image_folder, out, **{"optim.lr": 1e30, "optim.warmup_epochs": 0, "run.steps": 6,
+                              "run.checkpoint_every": 1}))
+    assert code == 1, output
+    assert "became" in output and "checkpoint" in output and "Traceback" not in output
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and "became" in run["error"]
+    assert not (out / "backbone.safetensors").exists()
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert 1 <= state["step"] < 6
+    assert all(torch.isfinite(v).all() for v in state["method"].values() if v.is_floating_point())
+
+
+def test_an_existing_run_is_not_overwritten_without_resume(image_folder: Path, tmp_path: Path,
+                                                           specs_dir: Path,
+                                                           tiny_overrides: Callable[..., list[str]]) -> None:
+    out = tmp_path / "twice"
+    overrides = tiny_overrides(image_folder, out, **{"run.steps": 1})
+    assert _pretrain(specs_dir / "tiny_mocov2.toml", overrides)[0] == 0
+    code, output = _pretrain(specs_dir / "tiny_mocov2.toml", overrides)
+    assert code == 2 and "run.resume = true" in output
+    # Resuming with a different plan is refused too: the schedules would not continue exactly.
+    code, output = _pretrain(specs_dir / "tiny_mocov2.toml", [*overrides, "run.resume=true", "run.steps=5"])
+    assert code == 2 and "planned 1 steps" in output

@@ -1,0 +1,81 @@
+"""Every spec of specs/pretrain validates; cross-field checks fail with a clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pathssl_cli.errors import SpecError
+from pathssl_cli.specs import load_spec
+from pathssl_cli.specs.pretrain import PretrainSpec
+
+SPECS = Path(__file__).resolve().parents[2] / "specs" / "pretrain"
+
+ALL_SPECS = sorted(p for p in SPECS.glob("*.toml") if not p.name.startswith("_"))
+
+
+def test_the_paper_grid_and_tiny_specs_are_all_there() -> None:
+    names = {p.stem for p in ALL_SPECS}
+    for method in ("mocov2", "swav", "barlow_twins", "dino"):
+        assert f"tiny_{method}" in names
+    for backbone_method in ("mocov2_resnet50", "swav_resnet50", "barlow_twins_resnet50",
+                            "dino_vit_small_patch16", "dino_vit_small_patch8"):
+        assert {f"{backbone_method}_original", f"{backbone_method}_pathology"} <= names
+
+
+@pytest.mark.parametrize("path", ALL_SPECS, ids=lambda p: p.stem)
+def test_spec_validates(path: Path, image_folder: Path) -> None:
+    spec = load_spec(path, [f'data.tiles=["{image_folder}"]'], kind="pretrain")
+    assert isinstance(spec, PretrainSpec)
+    n_global, n_local = (getattr(spec.method, "n_global_crops", 2), getattr(spec.method, "n_local_crops", 0))
+    recipe = spec.augment.recipe(spec.method.name, n_global, n_local)
+    assert recipe.n_global == n_global and recipe.n_local == n_local
+    if spec.augment.preset == "pathology":
+        assert recipe.vflip > 0 and recipe.stain.p > 0
+    else:
+        assert recipe.vflip == 0 and recipe.stain.p == 0
+
+
+def test_original_and_pathology_variants_differ_only_in_the_techniques() -> None:
+    originals = sorted(SPECS.glob("*_original.toml"))
+    assert len(originals) == 5
+    for original in originals:
+        pathology = original.with_name(original.name.replace("_original", "_pathology"))
+        tiles = [f'data.tiles=["{SPECS}"]']
+        a, b = load_spec(original, tiles), load_spec(pathology, tiles)
+        ignore = {"augment": True, "run": {"output_dir"}, "data": {"mpp_weights"}}
+        assert a.model_dump(exclude=ignore) == b.model_dump(exclude=ignore), original.name
+        assert (a.augment.preset, b.augment.preset) == ("original", "pathology")
+        assert len(b.data.mpp_weights) == 2 and len(a.data.mpp_weights) == 1  # multi-FoV only in pathology
+
+
+def test_paper_grid_follows_the_paper(image_folder: Path) -> None:
+    tiles = [f'data.tiles=["{image_folder}"]']
+    dino8 = load_spec(SPECS / "dino_vit_small_patch8_pathology.toml", tiles)
+    assert dino8.model.backbone == "vit_small_patch8_224" and dino8.method.name == "dino"
+    bt = load_spec(SPECS / "barlow_twins_resnet50_pathology.toml", tiles)
+    assert bt.model.backbone == "resnet50" and bt.optim.name == "lars"
+    assert bt.method.lambd == pytest.approx(0.0051)  # type: ignore[union-attr]
+    assert bt.optim.no_decay_lr_scale == pytest.approx(0.0048 / 0.2)
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    (["run.epochs=2"], "exactly one of run.epochs and run.steps"),
+    (["augment.overrides={vflip=2.0}"], "vflip"),
+    (["method.name=simclr"], "method"),
+    (['data.mpp_weights={"abc"=1.0}'], "not a number"),
+    (["optim.name=adam"], "optim.name"),
+])
+def test_invalid_settings_are_reported(override: list[str], expected: str, image_folder: Path) -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec(SPECS / "tiny_mocov2.toml", [f'data.tiles=["{image_folder}"]', *override])
+    assert expected in str(info.value)
+
+
+def test_global_batch_must_split_over_the_world(image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SpecError, match="cannot be split evenly over 3"):
+        load_spec(SPECS / "tiny_mocov2.toml", [f'data.tiles=["{image_folder}"]', "data.batch_size=32"])
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    load_spec(SPECS / "tiny_mocov2.toml", [f'data.tiles=["{image_folder}"]', "data.batch_size=32"])
