@@ -24,6 +24,7 @@ from pathssl_cli.methods import (
     SSLMethod,
     SwAVOptions,
     create_method,
+    infonce_loss,
 )
 from pathssl_cli.methods.barlow_twins import BarlowTwinsOptions
 from pathssl_cli.methods.base import backbone_multicrop, momentum_schedule
@@ -114,6 +115,21 @@ def test_mocov2_enqueues_this_steps_keys() -> None:
     torch.testing.assert_close(method.queue[:BATCH], keys)
     torch.testing.assert_close(method.queue[BATCH:], old_queue[BATCH:])
     assert method.queue_pointer.item() == BATCH
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_mocov2_forward_is_infonce_of_queries_keys_and_the_old_queue(symmetric: bool) -> None:
+    method = make("mocov2", "resnet_tiny", symmetric=symmetric)
+    views = views_for(method)
+    negatives = method.queue.clone()
+    with torch.no_grad():
+        q = [F.normalize(method.head(method.backbone(v)), dim=1) for v in views]
+        k = [F.normalize(method.key_head(method.key_backbone(v)), dim=1) for v in views]
+    direct = infonce_loss(q[0], k[1], negatives, 0.2)
+    expected = 0.5 * (direct + infonce_loss(q[1], k[0], negatives, 0.2)) if symmetric else direct
+    loss, _ = method(views, 0)
+    torch.testing.assert_close(loss.detach(), expected)
+    assert method.queue_pointer.item() == (2 if symmetric else 1) * BATCH
 
 
 def test_swav_prototypes_frozen_then_trained_and_normalised() -> None:
