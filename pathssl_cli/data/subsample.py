@@ -153,8 +153,15 @@ def consep_items(root: Path) -> Items:
 
 
 def pannuke_items(root: Path) -> Items:
-    """A PanNuke fold: `types.npy` (N,) tissue names, e.g. `Fold 1/images/fold1/types.npy` of the release."""
+    """A PanNuke fold: `types.npy` (N,) tissue names, e.g. `Fold 1/images/fold1/types.npy` of the release.
+
+    `root` may be that file, the folder holding it, or the fold's top folder (`Fold 1`).
+    """
     path = root if root.is_file() else root / "types.npy"
+    if not path.is_file() and root.is_dir():
+        # The release nests the arrays: "Fold 1/images/fold1/types.npy"; accept the fold's top folder too.
+        nested = sorted(root.glob("images/*/types.npy"))
+        path = nested[0] if len(nested) == 1 else path
     if not path.is_file():
         raise SpecError(f"{path}: expected PanNuke's types.npy, but it {describe_missing(path)}. Set "
                         "images.root to the fold folder holding images.npy and types.npy (e.g. 'Fold "

@@ -32,8 +32,8 @@ class ImageSource(Section):
 
     format: Literal["consep", "pannuke"] = Field(
         description="'consep': a folder holding Images/*.png (item id = file stem, one stratum). "
-        "'pannuke': a PanNuke fold folder holding types.npy, or that file (item id = array index, strata = "
-        "tissue types).")
+        "'pannuke': a PanNuke fold folder holding types.npy, that file, or the release's 'Fold N' folder "
+        "(where images/foldN/types.npy is found); item id = array index, strata = tissue types.")
     root: InputPath = Field(description="The folder (or types.npy file) described under `format`.")
 
 

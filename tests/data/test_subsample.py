@@ -215,8 +215,9 @@ def test_consep_images_at_image_level(shared_data: Path, tmp_path: Path) -> None
 def test_pannuke_fold_stratified_by_tissue(tmp_path: Path) -> None:
     tissues = np.array(["Breast"] * 30 + ["Colon"] * 12 + ["Kidney"] * 4)
     tissues = tissues[np.random.default_rng(0).permutation(46)]
-    np.save(tmp_path / "types.npy", tissues)
-    spec = write_spec(tmp_path / "s.toml", '[images]\nformat = "pannuke"\nroot = "."\n'
+    (tmp_path / "Fold 1" / "images" / "fold1").mkdir(parents=True)
+    np.save(tmp_path / "Fold 1" / "images" / "fold1" / "types.npy", tissues)  # the release's nesting
+    spec = write_spec(tmp_path / "s.toml", '[images]\nformat = "pannuke"\nroot = "Fold 1"\n'
                       '[subsample]\nfractions = [0.25]\n[run]\noutput_dir = "out"\n')
     result = CliRunner().invoke(cli, ["subsample", str(spec)])
     assert result.exit_code == 0, result.output
@@ -256,5 +257,24 @@ def test_tiny_spec_runs_on_an_image_folder(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert [p.name for p in sorted(out.glob("subset_*.csv"))] == [
         "subset_100pct.csv", "subset_25pct.csv", "subset_50pct.csv"]
-    assert len(read_subset(out / "subset_25pct.csv")) == 2 * len(json.loads((out / "subsets.json").read_text())[
-        "classes"])
+    classes = json.loads((out / "subsets.json").read_text())["classes"]
+    assert len(read_subset(out / "subset_25pct.csv")) == 2 * len(classes)  # round(0.25 × 8) per class
+
+
+def test_image_source_layout_errors(tmp_path: Path) -> None:
+    (tmp_path / "CoNSeP" / "Train").mkdir(parents=True)
+    spec = write_spec(tmp_path / "s.toml", '[images]\nformat = "consep"\nroot = "CoNSeP"\n'
+                      '[run]\noutput_dir = "o"\n')
+    with pytest.raises(SpecError, match=r"CoNSeP/Images: expected the CoNSeP Images/ folder.*holds: Train/"):
+        load_spec(spec)
+    np.save(tmp_path / "types.npy", np.array([{"tissue": "Breast"}], dtype=object), allow_pickle=True)
+    spec = write_spec(tmp_path / "s.toml", '[images]\nformat = "pannuke"\nroot = "types.npy"\n'
+                      '[run]\noutput_dir = "o"\n')
+    with pytest.raises(SpecError, match="holds Python objects"):
+        load_spec(spec)
+    (tmp_path / "subset.csv").write_text("id,label\nimage_1,image\nimage_1,image\n")
+    with pytest.raises(SpecError, match="ids repeat"):
+        read_subset(tmp_path / "subset.csv")
+    (tmp_path / "subset.csv").write_text("id,label\ntrain/a.png,x\n")
+    with pytest.raises(SpecError, match="not array indices; this is not a PanNuke subset"):
+        read_subset_indices(tmp_path / "subset.csv")
