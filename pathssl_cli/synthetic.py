@@ -185,37 +185,33 @@ def _place_nuclei(
         theta = rng.uniform(0, np.pi, n)
     kinds = rng.choice(len(NUCLEUS_TYPES), size=n, p=style.type_probs) + 1
     shade = rng.uniform(0.85, 1.1, n)
-    next_id = 1
-    for i in range(n):
-        r = int(math.ceil(major[i])) + 1
-        y0, y1 = max(int(cy[i]) - r, 0), min(int(cy[i]) + r + 1, height)
-        x0, x1 = max(int(cx[i]) - r, 0), min(int(cx[i]) + r + 1, width)
-        if y1 <= y0 or x1 <= x0:
-            continue
-        yy = (np.arange(y0, y1, dtype=np.float32) + 0.5 - cy[i])[:, None]
-        xx = (np.arange(x0, x1, dtype=np.float32) + 0.5 - cx[i])[None, :]
-        c, s = math.cos(theta[i]), math.sin(theta[i])
-        u = (xx * c + yy * s) / major[i]
-        v = (-xx * s + yy * c) / minor[i]
-        rho2 = u * u + v * v
-        mask = rho2 <= 1.0
-        n_pix = int(mask.sum())
-        if n_pix < 3:
-            continue
-        local = inst[y0:y1, x0:x1]
-        taken = local[mask] != 0
-        if taken.mean() > 0.1:  # mostly hidden behind a neighbour: skip it, as a cell cannot overlap much
-            continue
-        free = mask & (local == 0)
-        local[free] = next_id
-        types[y0:y1, x0:x1][free] = kinds[i]
-        if style.vesicular:  # pale chromatin centre with a dark rim and a nucleolus
-            a = style.nucleus_alpha * (0.55 + 0.45 * rho2)
-            a = np.where(rho2 < 0.06, 1.0, a)
-        else:
-            a = np.full(rho2.shape, style.nucleus_alpha, np.float32)
-        alpha[y0:y1, x0:x1][free] = np.clip(a[free] * shade[i], 0, 1)
-        next_id += 1
+    # Paint all ellipses with OpenCV (C speed), last first, so that earlier nuclei lie on top.
+    paint = np.zeros((height, width), np.int32)
+    sub = 16  # OpenCV's fixed-point shift of 4 bits: sub-pixel centres and axes
+    for i in range(n - 1, -1, -1):
+        cv2.ellipse(paint, (int(round((cx[i] - 0.5) * sub)), int(round((cy[i] - 0.5) * sub))),
+                    (int(round(major[i] * sub)), int(round(minor[i] * sub))), math.degrees(theta[i]), 0, 360,
+                    int(i + 1), -1, cv2.LINE_8, 4)
+    visible = np.bincount(paint.ravel(), minlength=n + 1)[1:]
+    inside = (cx - major >= 0) & (cx + major <= width) & (cy - major >= 0) & (cy + major <= height)
+    # A nucleus mostly hidden behind earlier ones is dropped: cells cannot overlap much.
+    keep = (visible >= 3) & ~(inside & (visible < 0.8 * np.pi * major * minor))
+    relabel = np.zeros(n + 1, np.int32)
+    relabel[1:][keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    inst = relabel[paint]
+    kind_of = np.zeros(n + 1, np.uint8)
+    kind_of[1:] = np.where(keep, kinds, 0)
+    types = kind_of[paint]
+    ys, xs = np.nonzero(inst)
+    idx = paint[ys, xs] - 1
+    dx, dy = xs + 0.5 - cx[idx], ys + 0.5 - cy[idx]
+    c, s = np.cos(theta[idx]), np.sin(theta[idx])
+    rho2 = ((dx * c + dy * s) / major[idx]) ** 2 + ((-dx * s + dy * c) / minor[idx]) ** 2
+    if style.vesicular:  # pale chromatin centre with a dark rim and a nucleolus
+        a = np.where(rho2 < 0.06, 1.0, style.nucleus_alpha * (0.55 + 0.45 * np.minimum(rho2, 1.0)))
+    else:
+        a = np.full(len(idx), style.nucleus_alpha)
+    alpha[ys, xs] = np.clip(a * shade[idx], 0, 1)
     return inst, types, alpha
 
 
