@@ -18,6 +18,7 @@ Randomness is drawn by the callers from an explicit `torch.Generator`, never fro
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Literal
@@ -129,12 +130,14 @@ def resized_crop_flip(
     hflip: Tensor | None = None,
     vflip: Tensor | None = None,
     force_matmul: bool = False,
+    clamp: bool = True,
 ) -> Tensor:
     """Crop each image to its box (top, left, h, w), resize to size×size with antialiasing, then flip.
 
     images: float (B, C, H, W); boxes: (B, 4) integers; hflip/vflip: bool (B,). Returns float (B, C,
     size, size)
-    in [0, 1]. On accelerators: out[b] = Wy[b] @ images[b] @ Wx[b]^T, two batched matmuls, with flips as row
+    in [0, 1] (clamp=False keeps values of other colour spaces). On accelerators:
+    out[b] = Wy[b] @ images[b] @ Wx[b]^T, two batched matmuls, with flips as row
     reversals of Wx / Wy. On CPU the dense matmul wastes most of its work on zero weights (each output pixel
     has 4–8 taps), so the sparse native kernel of `F.interpolate(antialias=True)` runs per crop instead: the
     same weights, ~6× faster on one core. `force_matmul` selects the batched path anywhere (tests compare
@@ -142,7 +145,7 @@ def resized_crop_flip(
     """
     batch, channels, height, width = images.shape
     if images.device.type == "cpu" and not force_matmul:
-        return _resized_crop_flip_native(images, boxes, size, interpolation, hflip, vflip)
+        return _resized_crop_flip_native(images, boxes, size, interpolation, hflip, vflip, clamp)
     boxes = boxes.to(images.device)
     rows = _axis_weights(boxes[:, 0], boxes[:, 2], height, size, interpolation)  # (B, size, H)
     cols = _axis_weights(boxes[:, 1], boxes[:, 3], width, size, interpolation)  # (B, size, W)
@@ -155,8 +158,8 @@ def resized_crop_flip(
     x = torch.bmm(images.reshape(batch, channels * height, width), cols.transpose(1, 2))
     x = x.reshape(batch, channels, height, size).transpose(1, 2).reshape(batch, height, channels * size)
     x = torch.bmm(rows, x)  # (B, size, C*size)
-    x = x.reshape(batch, size, channels, size).permute(0, 2, 1, 3)
-    return x.clamp_(0.0, 1.0).contiguous()
+    x = x.reshape(batch, size, channels, size).permute(0, 2, 1, 3).contiguous()
+    return x.clamp_(0.0, 1.0) if clamp else x
 
 
 def _resized_crop_flip_native(
@@ -166,6 +169,7 @@ def _resized_crop_flip_native(
     interpolation: Interpolation,
     hflip: Tensor | None,
     vflip: Tensor | None,
+    clamp: bool,
 ) -> Tensor:
     out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=images.dtype)
     for index, (top, left, height, width) in enumerate(boxes.tolist()):
@@ -176,7 +180,8 @@ def _resized_crop_flip_native(
             out[index : index + 1] = F.interpolate(
                 crop, size=(size, size), mode=interpolation, antialias=True, align_corners=False
             )
-    out.clamp_(0.0, 1.0)
+    if clamp:
+        out.clamp_(0.0, 1.0)
     if hflip is not None:
         out = apply_to(out, hflip, lambda x: x.flip(3))
     if vflip is not None:
@@ -313,6 +318,10 @@ def apply_to(images: Tensor, selected: Tensor, op: Callable[[Tensor], Tensor]) -
     return images
 
 
+def _call(op: Callable[[Tensor, Tensor], Tensor], factor: Tensor, images: Tensor) -> Tensor:
+    return op(images, factor)
+
+
 def color_jitter(
     images: Tensor,
     apply: Tensor,
@@ -339,7 +348,7 @@ def color_jitter(
         adjust_saturation,
         adjust_hue,
     ]
-    factors = (brightness, contrast, saturation, hue)
+    factors = tuple(f.to(images.device) for f in (brightness, contrast, saturation, hue))
     apply = apply.to(images.device)
     order = order.to(images.device)
     for slot in range(4):
@@ -350,6 +359,5 @@ def color_jitter(
             index = selected.nonzero().flatten()
             if index.numel() == 0:
                 continue
-            factor = factors[op_id].to(images.device)[index]
-            images = apply_to(images, selected, lambda x, f=factor, fn=ops[op_id]: fn(x, f))
+            images = apply_to(images, selected, functools.partial(_call, ops[op_id], factors[op_id][index]))
     return images

@@ -52,7 +52,16 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from pathssl_cli.augment import ops
-from pathssl_cli.augment.stain import ColorSpace, Distribution, StainStats, hed_jitter, rand_stain
+from pathssl_cli.augment.stain import (
+    ColorSpace,
+    Distribution,
+    StainStats,
+    channel_stats,
+    from_space,
+    hed_jitter,
+    rand_stain,
+    to_space,
+)
 from pathssl_cli.specs.core import Section
 
 Preset = Literal["original", "pathology"]
@@ -203,7 +212,7 @@ def recipe_for(method: str, preset: Preset = "original", **overrides: object) ->
         base = ViewRecipe(**fields)  # type: ignore[arg-type]
         fields.update(
             vflip=0.5,
-            stain=StainOptions(p=0.8),
+            stain=StainOptions.model_validate({"p": 0.8}),
             brightness=base.brightness / 2,
             contrast=base.contrast / 2,
             saturation=base.saturation / 2,
@@ -247,6 +256,14 @@ class BatchViews:
             raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         r = self.recipe
         source = images.float().div_(255.0)
+        stain_source = None
+        if r.stain.p > 0 and self.stain is not None and self.stain.space != "hsv":
+            # RandStainNA as the reference applies it, to the whole tile: the tile's channel statistics and
+            # its colour-space values are computed once and shared by all views; each view crops the
+            # converted tile and moves it to its own sampled template (see `_stained_crop`). Not for HSV:
+            # interpolating hue across its 1 → 0 wrap would invent colours, so HSV converts each view.
+            values = to_space(source, self.stain.space)
+            stain_source = (values, *channel_stats(values))
         views = []
         for index in range(r.n_views):
             is_global = index < r.n_global
@@ -261,12 +278,68 @@ class BatchViews:
                     r.local_blur_p,
                     r.local_solarize_p,
                 )
-            views.append(self._view(source, size, scale, blur_p, solarize_p, generator))
+            views.append(self._view(source, stain_source, size, scale, blur_p, solarize_p, generator))
         return views
+
+    def _stained_crop(
+        self,
+        source: Tensor,
+        stain_source: tuple[Tensor, Tensor, Tensor],
+        boxes: Tensor,
+        size: int,
+        hflip: Tensor,
+        vflip: Tensor,
+        selected: Tensor,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """Crops of the RGB tile for unselected images, and for selected ones crops of the tile in the stain
+        space moved to a sampled template: (v − tile mean) · template std / tile std + template mean, then
+        back to RGB. Each image is cropped once either way; the forward conversion was done per tile.
+
+        Cropping in the stain space instead of RGB differs only by interpolating LAB/HED values (smooth,
+        near-linear maps of RGB at the scale of one pixel); a full-tile crop has exactly the template's
+        statistics (tested)."""
+        assert self.stain is not None
+        r = self.recipe
+        values, tile_mean, tile_std = stain_source
+        selected = selected.to(source.device)
+        out = torch.empty(source.shape[0], 3, size, size, dtype=source.dtype, device=source.device)
+        plain = (~selected).nonzero().flatten()
+        if plain.numel():
+            out[plain] = ops.resized_crop_flip(
+                source[plain], boxes[plain], size, r.interpolation, hflip[plain], vflip[plain]
+            )
+        chosen = selected.nonzero().flatten()
+        if chosen.numel():
+            stats = StainStats(
+                self.stain.space,
+                self.stain.distribution,
+                self.stain.params,
+                extra={"std_hyper": r.stain.std_hyper},
+            )
+            target_mean, target_std = stats.sample(int(chosen.numel()), generator)
+            crop = ops.resized_crop_flip(
+                values[chosen],
+                boxes[chosen],
+                size,
+                r.interpolation,
+                hflip[chosen],
+                vflip[chosen],
+                clamp=False,
+            )
+            scale = (target_std.to(crop) / tile_std[chosen].clamp(min=1e-4))[..., None, None]
+            crop = (
+                (crop - tile_mean[chosen][..., None, None])
+                .mul_(scale)
+                .add_(target_mean.to(crop)[..., None, None])
+            )
+            out[chosen] = from_space(crop, self.stain.space).to(out.dtype)
+        return out
 
     def _view(
         self,
         source: Tensor,
+        stain_source: tuple[Tensor, Tensor, Tensor] | None,
         size: int,
         scale: tuple[float, float],
         blur_p: float,
@@ -286,13 +359,15 @@ class BatchViews:
 
         boxes = ops.random_resized_crop_boxes(batch, height, width, scale, r.ratio, generator)
         hflip, vflip = coin(r.hflip), coin(r.vflip)
-        x = ops.resized_crop_flip(source, boxes, size, r.interpolation, hflip, vflip)
-
-        if r.stain.p > 0 and self.stain is not None:
-            selected = coin(r.stain.p)
+        if stain_source is None:
+            x = ops.resized_crop_flip(source, boxes, size, r.interpolation, hflip, vflip)
+        else:
+            x = self._stained_crop(
+                source, stain_source, boxes, size, hflip, vflip, coin(r.stain.p), generator
+            )
+        if stain_source is None and r.stain.p > 0 and self.stain is not None:
             stats, std_hyper = self.stain, r.stain.std_hyper
-            # templates are drawn for the selected images only: still deterministic, the coins come first
-            x = ops.apply_to(x, selected, lambda v: rand_stain(v, stats, generator, std_hyper))
+            x = ops.apply_to(x, coin(r.stain.p), lambda v: rand_stain(v, stats, generator, std_hyper))
         if r.hed_jitter.p > 0:
             selected = coin(r.hed_jitter.p)
             alpha = uniform(1 - r.hed_jitter.alpha, 1 + r.hed_jitter.alpha, (3,))
@@ -310,7 +385,7 @@ class BatchViews:
             hue = uniform(-r.hue, r.hue)
             x = ops.color_jitter(x, apply, order, brightness, contrast, saturation, hue)
         if r.grayscale_p > 0:
-            x = ops.apply_to(x, coin(r.grayscale_p), lambda v: ops.rgb_to_grayscale(v).expand(-1, 3, -1, -1))
+            x = ops.apply_to(x, coin(r.grayscale_p), lambda v: ops.rgb_to_grayscale(v).repeat(1, 3, 1, 1))
         if blur_p > 0:
             selected = coin(blur_p)
             sigma = uniform(*r.blur_sigma)
@@ -320,4 +395,4 @@ class BatchViews:
             )
         if solarize_p > 0:
             x = ops.apply_to(x, coin(solarize_p), ops.solarize)
-        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))

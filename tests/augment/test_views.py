@@ -214,3 +214,62 @@ def test_stain_changes_colour_statistics_per_view() -> None:
     # full-image crops with no other op: the two views differ only by their sampled stain templates
     assert not torch.allclose(a, b)
     assert np.isfinite(a.numpy()).all() and a.min() >= 0 and a.max() <= 1
+
+
+def test_grayscale_views_stay_grey_through_normalisation() -> None:
+    # every view grey and nothing after it: the in-place normalisation must not hit a broadcast tensor
+    recipe = recipe_for(
+        "dino",
+        "original",
+        grayscale_p=1.0,
+        jitter_p=0.0,
+        blur_p=[0.0],
+        local_blur_p=0.0,
+        solarize_p=[0.0],
+        global_size=16,
+        local_size=8,
+        n_local=1,
+    )
+    views = BatchViews(recipe, (0.5,) * 3, (0.5,) * 3)(_batch(3, 20), torch.Generator().manual_seed(0))
+    for view in views:
+        assert torch.equal(view[:, 0], view[:, 1]) and torch.equal(view[:, 1], view[:, 2])
+
+
+@pytest.mark.parametrize("space", ["lab", "hed", "hsv"])
+def test_full_tile_stained_views_have_the_template_statistics(space: str) -> None:
+    # a template distribution with zero spread: every stained view must carry exactly its loc statistics
+    from pathssl_cli.augment.stain import StainStats, image_statistics
+
+    tiles = [
+        np.clip(
+            np.array([190, 130, 175]) + np.random.default_rng(i).normal(0, 6, (24, 24, 3)), 0, 255
+        ).astype(np.uint8)
+        for i in range(4)
+    ]
+    fitted = image_statistics(tiles, space)
+    template = fitted[0] * 0.98 + fitted[1] * 0.02  # near the tiles' own colours: in gamut, little clipping
+    params = {
+        "mean_loc": list(template[:3]),
+        "mean_scale": [0.0] * 3,
+        "std_loc": list(template[3:]),
+        "std_scale": [0.0] * 3,
+    }
+    stats = StainStats(space, "normal", params)  # type: ignore[arg-type]
+    recipe = recipe_for(
+        "mocov2",
+        "pathology",
+        global_size=24,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=[0.0],
+        hflip=0.0,
+        vflip=0.0,
+        global_scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+        stain={"p": 1.0, "space": space},
+    )
+    images = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).contiguous()
+    views = BatchViews(recipe, (0.0,) * 3, (1.0,) * 3, stain=stats)(images, torch.Generator().manual_seed(0))
+    for view in views:
+        measured = image_statistics([v.permute(1, 2, 0).double().numpy() * 255 for v in view], space)
+        np.testing.assert_allclose(measured, np.tile(template, (4, 1)), rtol=1e-3, atol=1e-3)
