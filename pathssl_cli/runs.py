@@ -106,16 +106,23 @@ class MetricsLog:
     def __init__(self, path: str | Path, tensorboard: bool = True) -> None:
         self.path = Path(path)
         self._writer: Any = None
-        if tensorboard:
-            with contextlib.suppress(ImportError):
-                from torch.utils.tensorboard import SummaryWriter
+        self._tensorboard = tensorboard
 
-                self._writer = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
+    def _open_writer(self) -> None:
+        # On first use only: importing TensorBoard imports torch (seconds, ~600 MB), which commands that never
+        # log metrics (tile) must not pay.
+        self._tensorboard = False
+        with contextlib.suppress(ImportError):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.path.parent / "tensorboard"))
 
     def log(self, step: int, **values: float) -> None:
         record = {"step": step, "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **values}
         with self.path.open("a") as fh:
             fh.write(json.dumps(record, default=_json_default) + "\n")
+        if self._tensorboard:
+            self._open_writer()
         if self._writer is not None:
             for key, value in values.items():
                 if isinstance(value, int | float):

@@ -115,3 +115,16 @@ def test_standalone_jpeg_is_the_same_tile(synthetic_slide, shared_data: Path) ->
     # Aperio stores RGB-coded JPEG that a plain decoder would show in false colours: not copied.
     svs = LevelReader(open_slide(shared_data / "wsi" / "CMU-1-Small-Region.svs"), 0)
     assert standalone_jpeg(svs, 0, 0) is None
+
+
+def test_jpeg2000_tiles_are_read(tmp_path: Path) -> None:
+    # Many SVS files hold JPEG2000 tiles (decoded through imagecodecs); tiffslide reads this TIFF the same way.
+    import tifffile
+
+    image = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "j2k.tif", image, photometric="rgb", tile=(128, 128), compression="jpeg2000",
+                     compressionargs={"level": 100}, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    slide = open_slide(tmp_path / "j2k.tif")
+    reader = LevelReader(slide, 0)
+    assert reader.page is not None and slide_mpp(slide, None, tmp_path / "j2k.tif")[0] == pytest.approx(0.5)
+    np.testing.assert_array_equal(reader.read(10, 20, 300, 200), _reference(slide, 0, 10, 20, 300, 200))
