@@ -296,20 +296,19 @@ class Subset(NucleiSource):
 class AugmentConfig:
     flips: bool = True
     rotations: bool = True
-    stain: float = (
-        0.0  # HED jitter strength (0 = off); each stain channel scaled by U(1-s, 1+s), shifted by U(-s, s)/10
-    )
+    stain: float = 0.0  # HED jitter strength s (0 = off), see `hed_jitter`
 
 
 def hed_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """Stain augmentation in HED space (Tellez et al. 2018): scale and shift each stain channel."""
-    from skimage.color import hed2rgb, rgb2hed
+    """Stain augmentation in HED space (Tellez et al. 2018), through the shared `pathssl_cli.augment` op:
+    each stain channel h -> h * U(1 - s, 1 + s) + U(-s, s); s = 0.05 is Tellez's "HED-light"."""
+    from pathssl_cli.augment.stain import hed_jitter as hed_jitter_batch
 
-    hed = rgb2hed(image)
-    alpha = rng.uniform(1 - strength, 1 + strength, 3)
-    beta = rng.uniform(-strength, strength, 3) / 10
-    rgb = hed2rgb(hed * alpha + beta)
-    return np.clip(rgb * 255 + 0.5, 0, 255).astype(np.uint8)
+    alpha = torch.from_numpy(rng.uniform(1 - strength, 1 + strength, (1, 3)))
+    beta = torch.from_numpy(rng.uniform(-strength, strength, (1, 3)))
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255.0)
+    rgb = hed_jitter_batch(x, alpha, beta)[0].permute(1, 2, 0).numpy()
+    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def _pad_to(array: np.ndarray, top: int, left: int, height: int, width: int, reflect: bool) -> np.ndarray:

@@ -27,7 +27,7 @@ import torch
 
 from pathssl_cli.console import info, progress
 from pathssl_cli.distributed import autocast, resolve_device
-from pathssl_cli.errors import SpecError, WorkFailed
+from pathssl_cli.errors import PathsslError, SpecError, WorkFailed
 from pathssl_cli.runs import atomic_path, open_run
 from pathssl_cli.segment.datasets import IMAGE_SUFFIXES, _pad_to, read_image
 from pathssl_cli.specs.segment import SegmentSpec
@@ -95,13 +95,21 @@ class SlideReader:
 
 
 def open_reader(path: Path, region: tuple[int, int, int, int] | None) -> ImageReader | SlideReader:
-    if path.suffix.lower() in (".png", ".jpg", ".jpeg") or (
-        path.suffix.lower() in IMAGE_SUFFIXES
-        and region is None
-        and path.stat().st_size < 64 * 2**20
-        and not _is_pyramid(path)
+    """PNG/JPEG and small flat TIFFs are read whole; slides and pyramidal or large TIFFs window by window."""
+    suffix = path.suffix.lower()
+    if suffix in (".png", ".jpg", ".jpeg") or (
+        suffix in IMAGE_SUFFIXES and path.stat().st_size < 64 * 2**20 and not _is_pyramid(path)
     ):
-        return ImageReader.open(path)
+        reader = ImageReader.open(path)
+        if region is None:
+            return reader
+        x, y, w, h = region
+        if x < 0 or y < 0 or w <= 0 or h <= 0 or x + w > reader.width or y + h > reader.height:
+            raise SpecError(
+                f"predict.region {region} lies outside the image ({reader.width}x{reader.height})",
+                where=str(path),
+            )
+        return ImageReader(reader.image[y : y + h, x : x + w])
     return SlideReader(path, region)
 
 
@@ -491,7 +499,7 @@ def run_segment_predict(spec: SegmentSpec) -> dict[str, Any]:
                     overlay_max_px=p.overlay_max_px,
                     type_names=type_names,
                 )
-            except (WorkFailed, OSError, ValueError) as exc:
+            except (PathsslError, OSError, ValueError) as exc:  # one bad input must not stop the others
                 failed.append(f"{path}: {exc}")
                 continue
             results.append(

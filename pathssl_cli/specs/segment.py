@@ -127,8 +127,8 @@ class SegmentTrain(Section):
         0.05,
         ge=0,
         le=0.5,
-        description="HED stain jitter strength (Tellez et al. 2018); 0.05 is "
-        "the mild setting used for H&E; 0 = off.",
+        description="HED stain jitter strength s (Tellez et al. 2018): each stain channel h -> "
+        "h * U(1-s, 1+s) + U(-s, s). 0.05 is Tellez's 'HED-light' (as evaluate's hed_sigma); 0 = off.",
     )
     loss: LossWeightsSection = Field(default_factory=LossWeightsSection, description="Loss term weights.")
     workers: int = Field(2, ge=0, description="DataLoader worker processes.")

@@ -211,6 +211,11 @@ def test_train_predict_score_end_to_end(tmp_path: Path) -> None:
     maps = run_dir / "predictions" / "maps"
     assert sorted(p.name for p in maps.glob("*.npy")) == ["img0.npy", "img1.npy"]
     assert (run_dir / "predictions" / "geojson" / "img0.geojson").exists()
+    # A broken input fails alone (exit 1, named); finished inputs are skipped, not recomputed.
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    inputs = f"predict.inputs=['{test_dir}/images/*.png', '{tmp_path}/broken.png']"
+    broken = CliRunner().invoke(cli, ["segment", "predict", str(TINY_SPEC), *common, "--set", inputs])
+    assert broken.exit_code == 1 and "broken.png" in broken.output and "1 of 3 inputs failed" in broken.output
     scored = json.loads(
         _invoke("segment", "score", "--true", str(test_dir / "labels"), "--pred", str(maps), "--json")
     )
@@ -221,3 +226,56 @@ def test_train_predict_score_end_to_end(tmp_path: Path) -> None:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["n_images"] == 2 and set(metrics["mean"]) >= {"dice", "aji", "aji_plus", "pq"}
     assert "f1" in metrics["detection"]
+
+
+def test_eval_on_a_pannuke_fold(tmp_path: Path) -> None:
+    from pathssl_cli.runs import save_checkpoint
+    from pathssl_cli.segment.evaluate import run_segment_eval
+    from pathssl_cli.segment.metrics import pannuke_scores
+    from pathssl_cli.segment.train import build_model, load_model, model_record
+    from pathssl_cli.specs.segment import SegmentSpec
+
+    fold = tmp_path / "Fold 3"
+    fold.mkdir()
+    rng = np.random.default_rng(0)
+    images, masks = np.zeros((2, 64, 64, 3)), np.zeros((2, 64, 64, 6))
+    for i, texture in enumerate(("tumour", "lymphocytes")):
+        rgb, inst, types = render_tissue(rng, 64, 64, texture, mpp=0.5)
+        images[i] = rgb
+        for c in range(5):
+            masks[i, ..., c] = np.where(types == c + 1, inst, 0)
+        masks[i, ..., 5] = inst == 0
+    np.save(fold / "images.npy", images)
+    np.save(fold / "masks.npy", masks)
+    np.save(fold / "types.npy", np.array(["Colon", "Breast"]))
+    spec = SegmentSpec.model_validate(
+        {
+            "data": {"format": "pannuke", "test": [str(fold)], "num_types": 5},
+            "model": {"backbone": "resnet_tiny", "mode": "same", "input_size": 64, "decoder_width": 0.125},
+            "run": {"output_dir": str(tmp_path / "run"), "device": "cpu"},
+        }
+    )
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    save_checkpoint(
+        {"model": model.state_dict(), "hovernet": model_record(model)}, tmp_path / "run" / "model.pt"
+    )
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "run" / "model.pt")(x)["hv"], model(x)["hv"])
+
+    result = run_segment_eval(spec)
+    assert set(result["per_tissue"]) == {"Breast", "Colon"} and {"mpq", "bpq", "per_class"} <= set(result)
+    predicted = np.load(tmp_path / "run" / "eval" / "predictions" / "Fold 3_masks.npy")
+    assert predicted.shape == (2, 64, 64, 6)
+    np.testing.assert_array_equal(predicted[..., 5] == 1, predicted[..., :5].sum(-1) == 0)
+    rescored = pannuke_scores(masks, predicted, ["Colon", "Breast"])
+    np.testing.assert_equal(rescored["mpq"], result["mpq"])
+    np.testing.assert_equal(rescored["bpq"], result["bpq"])
+
+
+def test_invalid_segment_spec_exits_2() -> None:
+    result = CliRunner().invoke(
+        cli, ["segment", "train", str(TINY_SPEC), "--set", "data.format=pannuke", "--set", "data.num_types=3"]
+    )
+    assert result.exit_code == 2 and "num_types" in result.output
