@@ -1,6 +1,7 @@
 """Reading nuclei instance maps: generic files, CoNSeP `.mat` labels and PanNuke `masks.npy` folds.
 
-Every reader checks what it reads and raises `SpecError` naming the file when the content is not an instance map
+Every reader checks what it reads and raises `SpecError` naming the file when the content is not an instance
+map
 (wrong shape, values that are not whole numbers, missing keys), so `pathssl segment score` exits with code 2
 and a message instead of a traceback.
 
@@ -44,7 +45,9 @@ def as_integer_map(array: np.ndarray, where: str, *, ndim: int = 2) -> np.ndarra
         if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
             raise SpecError(
                 "instance map holds non-integer values (a probability or an image?); save integer ids "
-                "with 0 = background", where=where)
+                "with 0 = background",
+                where=where,
+            )
     elif not np.issubdtype(array.dtype, np.integer):
         raise SpecError(f"instance map has dtype {array.dtype}; expected integer ids", where=where)
     if array.size and array.min() < 0:
@@ -73,8 +76,9 @@ def read_consep_label(path: str | Path, *, merge_types: bool = False) -> ConsepL
     if "inst_map" not in mat:
         raise SpecError("no 'inst_map' in this .mat; expected a CoNSeP label file", where=str(path))
     inst = as_integer_map(mat["inst_map"], str(path))
-    type_map = as_integer_map(mat["type_map"], f"{path}: type_map") if "type_map" in mat \
-        else np.zeros_like(inst)
+    type_map = (
+        as_integer_map(mat["type_map"], f"{path}: type_map") if "type_map" in mat else np.zeros_like(inst)
+    )
     inst_type = np.asarray(mat.get("inst_type", np.zeros((0, 1)))).reshape(-1).astype(np.int32)
     centroid = np.asarray(mat.get("inst_centroid", np.zeros((0, 2))), dtype=np.float64).reshape(-1, 2)
     if merge_types:
@@ -124,8 +128,10 @@ def read_instance_map(path: str | Path) -> tuple[np.ndarray, np.ndarray | None]:
         image = _read_image(path)
         if image.ndim == 3 and image.shape[2] > 1:
             raise SpecError(
-                f"instance map image has {image.shape[2]} channels; save a single-channel 16- or 32-bit image "
-                "of integer ids (a colour overlay cannot be scored)", where=where)
+                f"instance map image has {image.shape[2]} channels; save a single-channel 16- or 32-bit "
+                "image of integer ids (a colour overlay cannot be scored)",
+                where=where,
+            )
         return as_integer_map(image.reshape(image.shape[:2]), where), None
     raise SpecError(f"unsupported file type {suffix!r}; use one of {', '.join(MAP_SUFFIXES)}", where=where)
 
@@ -138,8 +144,7 @@ def read_pannuke_masks(path: str | Path) -> np.ndarray:
     except Exception as exc:
         raise SpecError(f"cannot read as a .npy array ({exc})", where=str(path)) from exc
     if masks.ndim != 4 or masks.shape[3] < 5:
-        raise SpecError(
-            f"expected PanNuke masks of shape (N, H, W, 6), got {masks.shape}", where=str(path))
+        raise SpecError(f"expected PanNuke masks of shape (N, H, W, 6), got {masks.shape}", where=str(path))
     return masks
 
 

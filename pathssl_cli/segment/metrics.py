@@ -3,13 +3,16 @@
 Per image (`instance_stats`): ids are remapped to 1..N first (`remap_label`), then
 - ``dice``: binary Dice of foreground (`get_dice_1`);
 - ``dice2``: "ensemble" Dice over every overlapping (true, pred) pair (`get_fast_dice_2`);
-- ``aji``: every true instance is paired with its highest-IoU prediction (a prediction may be reused), unpaired
+- ``aji``: every true instance is paired with its highest-IoU prediction (a prediction may be reused),
+unpaired
   instances of both sides are added to the union (`get_fast_aji`, the MoNuSeg AJI);
 - ``aji_plus``: as AJI but with a unique pairing by Hungarian matching (`get_fast_aji_plus`);
-- ``dq``, ``sq``, ``pq``: pairs need IoU > `match_iou` (strictly). At ``match_iou >= 0.5`` such pairs are unique
+- ``dq``, ``sq``, ``pq``: pairs need IoU > `match_iou` (strictly). At ``match_iou >= 0.5`` such pairs are
+unique
   by construction, so they are taken directly; below 0.5 a maximal unique pairing comes from
   `scipy.optimize.linear_sum_assignment` and is then filtered by IoU > `match_iou` (`get_fast_pq`).
-`aggregate` averages the per-image values, as `compute_stats.run_nuclei_inst_stat` does (AJI is *not* pooled over
+`aggregate` averages the per-image values, as `compute_stats.run_nuclei_inst_stat` does (AJI is *not* pooled
+over
 the dataset there: it is a mean of per-image AJIs). Pooled variants are returned beside it under ``pooled``.
 
 Where the official code divides by zero or raises, we return (and why):
@@ -24,7 +27,8 @@ pred empty, truth not        dice 0, dice2 and AJI raise, AJI+/DQ/SQ/PQ 0       
 no overlapping pair          dice2 raises (0/0)                                  dice2 0
 tp == 0                      SQ = 0 / (0 + 1e-6) = 0                              SQ 0
 ===========================  ==================================================  ==========================
-SQ is ``sum(IoU) / tp`` exactly; the official ``/ (tp + 1e-6)`` differs by less than 1e-6 relative, and dropping
+SQ is ``sum(IoU) / tp`` exactly; the official ``/ (tp + 1e-6)`` differs by less than 1e-6 relative, and
+dropping
 it lets a perfect prediction score exactly 1. Non-contiguous ids are always remapped, so they never matter.
 
 `detection_f1` is HoVer-Net's `run_nuclei_type_stat`: centroids are paired by Hungarian matching on Euclidean
@@ -50,7 +54,12 @@ def remap_label(inst: np.ndarray, by_size: bool = False) -> np.ndarray:
     sort does). Returns a new int32 array; the input is not modified.
     """
     inst = np.asarray(inst)
-    if inst.size and np.issubdtype(inst.dtype, np.integer) and inst.min() >= 0 and inst.max() <= 4 * inst.size:
+    if (
+        inst.size
+        and np.issubdtype(inst.dtype, np.integer)
+        and inst.min() >= 0
+        and inst.max() <= 4 * inst.size
+    ):
         # Non-negative ids of moderate range: a lookup table is O(pixels), where np.unique sorts them all.
         present = np.bincount(inst.ravel()) > 0
         present[0] = False
@@ -81,7 +90,8 @@ def remap_label(inst: np.ndarray, by_size: bool = False) -> np.ndarray:
 def _overlaps(true: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Intersections (T, P) and instance sizes of two maps already remapped to 1..N.
 
-    One `np.unique` over the joint labels of the overlapping pixels replaces the official per-instance mask loop.
+    One `np.unique` over the joint labels of the overlapping pixels replaces the official per-instance mask
+    loop.
     """
     n_true, n_pred = int(true.max(initial=0)), int(pred.max(initial=0))
     true_sizes = np.bincount(true.ravel(), minlength=n_true + 1)[1:].astype(np.float64)
@@ -102,7 +112,8 @@ def _ratio(numerator: float, denominator: float, *, undefined: float = 0.0) -> f
 def instance_stats(true: np.ndarray, pred: np.ndarray, match_iou: float = 0.5) -> dict[str, Any]:
     """Per-image instance metrics of integer maps `true`, `pred` (H, W; 0 = background, any ids).
 
-    Returns ``dice, dice2, aji, aji_plus, dq, sq, pq`` (floats, NaN when both maps are empty) plus raw counts for
+    Returns ``dice, dice2, aji, aji_plus, dq, sq, pq`` (floats, NaN when both maps are empty) plus raw counts
+    for
     dataset-level aggregation: ``n_true, n_pred, tp, fp, fn, iou_sum, dice_inter, dice_total, aji_inter,
     aji_union, aji_plus_inter, aji_plus_union``.
     """
@@ -138,10 +149,18 @@ def instance_stats(true: np.ndarray, pred: np.ndarray, match_iou: float = 0.5) -
     iou_sum = float(paired_iou.sum())
 
     stats: dict[str, Any] = {
-        "n_true": n_true, "n_pred": n_pred, "tp": tp, "fp": fp, "fn": fn, "iou_sum": iou_sum,
-        "dice_inter": dice_inter, "dice_total": dice_total,
-        "aji_inter": aji_inter, "aji_union": aji_union,
-        "aji_plus_inter": ajip_inter, "aji_plus_union": ajip_union,
+        "n_true": n_true,
+        "n_pred": n_pred,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "iou_sum": iou_sum,
+        "dice_inter": dice_inter,
+        "dice_total": dice_total,
+        "aji_inter": aji_inter,
+        "aji_union": aji_union,
+        "aji_plus_inter": ajip_inter,
+        "aji_plus_union": ajip_union,
     }
     if n_true == 0 and n_pred == 0:
         stats.update(dict.fromkeys(METRIC_KEYS, _NAN))
@@ -153,14 +172,21 @@ def instance_stats(true: np.ndarray, pred: np.ndarray, match_iou: float = 0.5) -
         dice2=_ratio(2.0 * dice2_inter, dice2_total),
         aji=_ratio(aji_inter, aji_union),
         aji_plus=_ratio(ajip_inter, ajip_union),
-        dq=dq, sq=sq, pq=dq * sq,
+        dq=dq,
+        sq=sq,
+        pq=dq * sq,
     )
     return stats
 
 
 def _aji_totals(
-    rank_iou: np.ndarray, inter: np.ndarray, union: np.ndarray,
-    true_sizes: np.ndarray, pred_sizes: np.ndarray, *, unique: bool,
+    rank_iou: np.ndarray,
+    inter: np.ndarray,
+    union: np.ndarray,
+    true_sizes: np.ndarray,
+    pred_sizes: np.ndarray,
+    *,
+    unique: bool,
 ) -> tuple[float, float]:
     """Overall intersection and union of AJI (best pred per true, reusable) or AJI+ (Hungarian, unique)."""
     n_true, n_pred = rank_iou.shape
@@ -177,7 +203,9 @@ def _aji_totals(
     paired_pred = np.zeros(n_pred, dtype=bool)
     paired_pred[cols] = True
     overall_inter = float(inter[rows, cols].sum())
-    overall_union = float(union[rows, cols].sum() + true_sizes[~paired_true].sum() + pred_sizes[~paired_pred].sum())
+    overall_union = float(
+        union[rows, cols].sum() + true_sizes[~paired_true].sum() + pred_sizes[~paired_pred].sum()
+    )
     return overall_inter, overall_union
 
 
@@ -186,7 +214,8 @@ def _pq_pairs(iou: np.ndarray, match_iou: float) -> np.ndarray:
     if iou.size == 0:
         return np.zeros(0)
     if match_iou >= 0.5:
-        # IoU > 0.5 implies each instance overlaps more than half of its partner, so at most one partner exists.
+        # IoU > 0.5 implies each instance overlaps more than half of its partner, so at most one partner
+        # exists.
         return iou[iou > match_iou]
     rows, cols = linear_sum_assignment(-iou)
     paired = iou[rows, cols]
@@ -228,24 +257,41 @@ def aggregate(per_image: Sequence[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {key: _nanmean([s[key] for s in per_image]) for key in METRIC_KEYS}
     out["n_images"] = len(per_image)
     out["n_undefined"] = sum(1 for s in per_image if np.isnan(s["pq"]))
-    total = {key: sum(s[key] for s in per_image) for key in (
-        "tp", "fp", "fn", "iou_sum", "dice_inter", "dice_total",
-        "aji_inter", "aji_union", "aji_plus_inter", "aji_plus_union")}
+    total = {
+        key: sum(s[key] for s in per_image)
+        for key in (
+            "tp",
+            "fp",
+            "fn",
+            "iou_sum",
+            "dice_inter",
+            "dice_total",
+            "aji_inter",
+            "aji_union",
+            "aji_plus_inter",
+            "aji_plus_union",
+        )
+    }
     dq = _ratio(total["tp"], total["tp"] + 0.5 * total["fp"] + 0.5 * total["fn"], undefined=_NAN)
     sq = _ratio(total["iou_sum"], total["tp"], undefined=0.0 if total["fp"] + total["fn"] else _NAN)
     out["pooled"] = {
         "dice": _ratio(2 * total["dice_inter"], total["dice_total"], undefined=_NAN),
         "aji": _ratio(total["aji_inter"], total["aji_union"], undefined=_NAN),
         "aji_plus": _ratio(total["aji_plus_inter"], total["aji_plus_union"], undefined=_NAN),
-        "dq": dq, "sq": sq, "pq": dq * sq,
+        "dq": dq,
+        "sq": sq,
+        "pq": dq * sq,
     }
     return out
 
 
 def pair_coordinates(
-    set_a: np.ndarray, set_b: np.ndarray, radius: float,
+    set_a: np.ndarray,
+    set_b: np.ndarray,
+    radius: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hungarian pairing of points A (N, 2) with points B (M, 2) on Euclidean distance; pairs > radius dropped.
+    """Hungarian pairing of points A (N, 2) with points B (M, 2) on Euclidean distance; pairs > radius
+    dropped.
 
     Returns (pairs (K, 2) of indices into A and B, unpaired A indices, unpaired B indices). Note that, as in
     HoVer-Net, the assignment minimises total distance first and filters by radius afterwards.
@@ -308,13 +354,18 @@ def detection_f1(
 
     tp, fp, fn = len(p_true), len(u_pred), len(u_true)
     result: dict[str, Any] = {
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn, undefined=_NAN), "tp": tp, "fp": fp, "fn": fn,
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn, undefined=_NAN),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
     }
     if not with_types:
         return result
     result["accuracy"] = _ratio(float((p_true == p_pred).sum()), tp, undefined=_NAN)
     if type_ids is None:
-        type_ids = sorted(set(np.concatenate([np.asarray(t).reshape(-1) for t in true_t]).astype(int).tolist()))
+        type_ids = sorted(
+            set(np.concatenate([np.asarray(t).reshape(-1) for t in true_t]).astype(int).tolist())
+        )
     per_type: dict[str, float] = {}
     for t in type_ids:
         subset = (p_true == t) | (p_pred == t)
@@ -332,6 +383,13 @@ def detection_f1(
 from pathssl_cli.segment.metrics_pannuke import binarize, pannuke_scores  # noqa: E402
 
 __all__ = [
-    "METRIC_KEYS", "aggregate", "binarize", "detection_f1", "instance_stats", "pair_coordinates",
-    "pannuke_scores", "panoptic_quality", "remap_label",
+    "METRIC_KEYS",
+    "aggregate",
+    "binarize",
+    "detection_f1",
+    "instance_stats",
+    "pair_coordinates",
+    "pannuke_scores",
+    "panoptic_quality",
+    "remap_label",
 ]

@@ -27,7 +27,8 @@ PANNUKE_CLASSES: tuple[str, ...] = ("neoplastic", "inflammatory", "connective", 
 
 
 def binarize(masks: np.ndarray) -> np.ndarray:
-    """Merge per-class instance channels (H, W, C) into one instance map (H, W) int32, as PanNuke's `binarize`.
+    """Merge per-class instance channels (H, W, C) into one instance map (H, W) int32, as PanNuke's
+    `binarize`.
 
     Channels are taken in order, each instance getting the next id; where channels overlap the later channel
     wins (the official loop overwrites). Ids may be non-contiguous after an overwrite; metrics remap them.
@@ -71,8 +72,11 @@ def pannuke_scores(
         class_pq = []
         for c, name in enumerate(PANNUKE_CLASSES):
             true_c = true_i[:, :, c].astype(np.int32)
-            pq = panoptic_quality(true_c, pred_i[:, :, c].astype(np.int32), match_iou)["pq"] if true_c.any() \
+            pq = (
+                panoptic_quality(true_c, pred_i[:, :, c].astype(np.int32), match_iou)["pq"]
+                if true_c.any()
                 else float("nan")
+            )
             row[name] = pq
             class_pq.append(pq)
         row["mpq"] = _nanmean(class_pq)

@@ -1,6 +1,7 @@
 """HoVer-Net post-processing: marker-controlled watershed on NP + HV outputs, vectorised.
 
-The pixel pipeline is the official `__proc_np_hv` (vqdang/hover_net, models/hovernet/post_proc.py), step by step:
+The pixel pipeline is the official `__proc_np_hv` (vqdang/hover_net, models/hovernet/post_proc.py), step by
+step:
 1. foreground = NP probability >= `np_thresh` (0.5); 4-connected blobs under `min_size` (10) px removed;
 2. each HV channel min-max normalised to [0, 1] over the whole tile (one global min/max per channel, as
    `cv2.normalize(NORM_MINMAX)` does in the official code), then Sobel along its axis with `sobel_ksize` (21);
@@ -17,12 +18,14 @@ noise levels; the benchmark and tests check agreement):
 - the Sobel responses are computed in float32 instead of float64; a pixel can only change if its value lies
   within float32 rounding of the 0.4 marker threshold;
 - a foreground blob containing exactly one marker is flooded entirely by that marker (a masked watershed
-  fills every pixel 4-connected to a seed), so watershed only runs on blobs with two or more markers, and
-  marker pixels with no free neighbour are kept out of its priority queue (they flood nothing; only the
-  order among seeds of equal priority, which scikit-image leaves to its heap, could in principle change);
+  fills every pixel 4-connected to a seed), so watershed only runs on blobs with two or more markers, packed
+  into one small mosaic (its cost is mostly per pixel of the array it gets), and marker pixels with no free
+  neighbour are kept out of its priority queue (they flood nothing; only the order among seeds of equal
+  priority, which scikit-image leaves to its heap, could in principle change);
 - instance properties come from `scipy.ndimage.find_objects` and `np.bincount` (bbox, centroid, type votes)
   instead of one full-image mask per instance; only contours loop, on each instance's bbox crop.
-Differences, on purpose: ids are renumbered 1..N (the official ids are the surviving marker labels, with gaps);
+Differences, on purpose: ids are renumbered 1..N (the official ids are the surviving marker labels, with
+gaps);
 every instance is described (the official dict silently drops instances whose contour has < 3 points, while
 keeping them in the map); `type_prob` is votes / pixels without the official +1e-6 in the denominator.
 """
@@ -64,7 +67,9 @@ def _label_without_small(binary: np.ndarray, min_size: int) -> tuple[np.ndarray,
     `cv2.connectedComponentsWithStats` numbers components like `scipy.ndimage.label` and returns their areas,
     so small-object removal is one table lookup (skimage `remove_small_objects`: size < min_size goes).
     """
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary.astype(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(
+        binary.astype(np.uint8), connectivity=4, ltype=cv2.CV_32S
+    )
     keep = stats[:, cv2.CC_STAT_AREA] >= min_size
     keep[0] = False
     if keep[1:].all():
@@ -85,12 +90,20 @@ def _fill_holes(binary: np.ndarray) -> np.ndarray:
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
-    return cv2.normalize(x, None, alpha=0, beta=1, norm_type=cv2.NORM_MINMAX, dtype=cv2.CV_32F)
+    """Min-max to [0, 1] in float32 (a constant input gives zeros), as the official `cv2.normalize` calls."""
+    out = np.empty(x.shape, dtype=np.float32)
+    cv2.normalize(x, out, alpha=0, beta=1, norm_type=cv2.NORM_MINMAX, dtype=cv2.CV_32F)
+    return out
 
 
 def instance_map(
-    np_prob: np.ndarray, hv: np.ndarray, *,
-    np_thresh: float = 0.5, marker_thresh: float = 0.4, sobel_ksize: int = 21, min_size: int = 10,
+    np_prob: np.ndarray,
+    hv: np.ndarray,
+    *,
+    np_thresh: float = 0.5,
+    marker_thresh: float = 0.4,
+    sobel_ksize: int = 21,
+    min_size: int = 10,
 ) -> np.ndarray:
     """Instance map (H, W) int32, ids 1..N, from NP probability (H, W) and HV maps (2, H, W)."""
     np_prob = np.asarray(np_prob, dtype=np.float32)
@@ -117,35 +130,27 @@ def instance_map(
     return _flood(energy, markers, n_markers, blobs, n_blobs)
 
 
-def _flood(energy: np.ndarray, markers: np.ndarray, n_markers: int, blobs: np.ndarray, n_blobs: int) -> np.ndarray:
+def _flood(
+    energy: np.ndarray, markers: np.ndarray, n_markers: int, blobs: np.ndarray, n_blobs: int
+) -> np.ndarray:
     """Masked watershed, run only where a foreground blob holds two or more markers."""
     markers = np.where(blobs > 0, markers, 0)  # seeds outside the mask never flood anything
     seeded = markers > 0
     # Which markers sit in which blob: a dense (blob, marker) occupancy table, small for tiles.
-    occupied = np.bincount(
-        blobs[seeded].astype(np.int64) * (n_markers + 1) + markers[seeded], minlength=(n_blobs + 1) * (n_markers + 1),
-    ).reshape(n_blobs + 1, n_markers + 1) > 0
+    occupied = (
+        np.bincount(
+            blobs[seeded].astype(np.int64) * (n_markers + 1) + markers[seeded],
+            minlength=(n_blobs + 1) * (n_markers + 1),
+        ).reshape(n_blobs + 1, n_markers + 1)
+        > 0
+    )
     markers_per_blob = occupied.sum(axis=1)
     blob_to_marker = np.where(markers_per_blob == 1, np.argmax(occupied, axis=1), 0).astype(np.int32)
     out = blob_to_marker[blobs]
 
-    is_multi = markers_per_blob >= 2
-    if is_multi.any():
-        multi_mask = is_multi[blobs]
-        rows = np.flatnonzero(multi_mask.any(axis=1))
-        cols = np.flatnonzero(multi_mask.any(axis=0))
-        box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
-        crop_mask = multi_mask[box]
-        crop_markers = np.where(crop_mask, markers[box], 0)
-        # Marker pixels with no free 4-neighbour are popped by the watershed without flooding anything: leaving
-        # them out of its mask shrinks its priority queue, the biggest cost of the whole post-processing.
-        free = (~crop_mask) | (crop_markers > 0)
-        interior = (crop_markers > 0) & (
-            cv2.erode(free.astype(np.uint8), _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=1) > 0)
-        flood_mask = crop_mask & ~interior
-        flooded = watershed(energy[box], markers=np.where(flood_mask, crop_markers, 0), mask=flood_mask)
-        flooded[interior] = crop_markers[interior]
-        out[box][crop_mask] = flooded[crop_mask]
+    multi = np.flatnonzero(markers_per_blob >= 2)
+    if len(multi):
+        _flood_multi(energy, markers, blobs, multi, out)
     # Markers whose blob was flooded by another id cannot exist; renumber surviving ids 1..N in marker order.
     present = np.zeros(n_markers + 1, dtype=bool)
     present[out.ravel()] = True
@@ -157,41 +162,97 @@ def _flood(energy: np.ndarray, markers: np.ndarray, n_markers: int, blobs: np.nd
     return lookup[out]
 
 
+def _flood_multi(
+    energy: np.ndarray, markers: np.ndarray, blobs: np.ndarray, multi: np.ndarray, out: np.ndarray
+) -> None:
+    """Watershed of the blobs `multi` (ids with 2+ markers), written into `out` in place.
+
+    scikit-image's watershed costs mostly per pixel of the array it is given (conversions, padding), not per
+    pixel flooded, so the blobs' bounding boxes are packed into one small mosaic (shelf packing, one empty
+    pixel between boxes so floods cannot cross) and flooded in a single call.
+    """
+    boxes = ndimage.find_objects(blobs)
+    crops = [(int(b), boxes[b - 1]) for b in multi]
+    widths = [box[1].stop - box[1].start for _, box in crops]
+    heights = [box[0].stop - box[0].start for _, box in crops]
+    mosaic_width = max(
+        max(widths), int(np.sqrt(sum(h * w for h, w in zip(heights, widths, strict=True)))) + 1
+    )
+    places, x, y, shelf = [], 0, 0, 0
+    for h, w in zip(heights, widths, strict=True):
+        if x + w > mosaic_width:
+            x, y, shelf = 0, y + shelf + 1, 0
+        places.append((y, x))
+        x, shelf = x + w + 1, max(shelf, h)
+    shape = (y + shelf, mosaic_width)
+    m_energy = np.zeros(shape, dtype=energy.dtype)
+    m_markers = np.zeros(shape, dtype=np.int32)
+    m_mask = np.zeros(shape, dtype=bool)
+    for (blob, box), (py, px), h, w in zip(crops, places, heights, widths, strict=True):
+        own = blobs[box] == blob
+        m_mask[py : py + h, px : px + w] = own
+        m_energy[py : py + h, px : px + w] = energy[box]
+        m_markers[py : py + h, px : px + w] = np.where(own, markers[box], 0)
+    # Marker pixels with no free 4-neighbour are popped by the watershed without flooding anything: leaving
+    # them out of its mask shrinks its priority queue.
+    free = (~m_mask) | (m_markers > 0)
+    interior = (m_markers > 0) & (
+        cv2.erode(free.astype(np.uint8), _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=1) > 0
+    )
+    flood_mask = m_mask & ~interior
+    flooded = watershed(m_energy, markers=np.where(flood_mask, m_markers, 0), mask=flood_mask)
+    flooded[interior] = m_markers[interior]
+    for (_, box), (py, px), h, w in zip(crops, places, heights, widths, strict=True):
+        own = m_mask[py : py + h, px : px + w]
+        out[box][own] = flooded[py : py + h, px : px + w][own]
+
+
 def describe_instances(inst_map: np.ndarray, type_prob: np.ndarray | None = None) -> dict[int, Instance]:
-    """Bbox, centroid, contour and (with NC softmax (C, H, W)) majority type of every instance of `inst_map`."""
+    """Bbox, centroid, contour and (with NC softmax (C, H, W)) majority type of every instance of
+    `inst_map`."""
     inst_map = np.asarray(inst_map)
     n = int(inst_map.max(initial=0))
     if n == 0:
         return {}
-    height, width = inst_map.shape
-    flat = inst_map.ravel()
-    area = np.bincount(flat, minlength=n + 1).astype(np.float64)
+    width = inst_map.shape[1]
+    # Per-id sums over the foreground pixels only (nuclei cover a fraction of a tile).
+    where = np.flatnonzero(inst_map)
+    labels = inst_map.ravel()[where]
+    rows, cols = np.divmod(where, width)
+    area = np.bincount(labels, minlength=n + 1).astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        # Sums of column / row indices per id, without materialising index grids for every pixel.
-        row_sums = np.bincount(flat,
-                               weights=np.repeat(np.arange(height, dtype=np.float64), width), minlength=n + 1)
-        col_sums = np.bincount(flat, weights=np.tile(np.arange(width, dtype=np.float64), height), minlength=n + 1)
-        cx, cy = col_sums / area, row_sums / area
+        cx = np.bincount(labels, weights=cols, minlength=n + 1) / area
+        cy = np.bincount(labels, weights=rows, minlength=n + 1) / area
 
     types = probs = None
     if type_prob is not None:
         type_prob = np.asarray(type_prob)
         if type_prob.shape[1:] != inst_map.shape:
             raise ValueError(f"type_prob {type_prob.shape} does not match the maps {inst_map.shape}")
-        types, probs = _vote_types(inst_map, np.argmax(type_prob, axis=0), type_prob.shape[0], area)
+        pixel_type = np.argmax(type_prob.reshape(type_prob.shape[0], -1)[:, where], axis=0)
+        types, probs = _vote_types(labels, pixel_type, type_prob.shape[0], area)
 
+    isolated = _isolated_contours(inst_map, n)
     instances: dict[int, Instance] = {}
+    # The loop is per instance (not per pixel) and kept lean: it is most of the cost after the watershed.
+    find_contours, external, simple = cv2.findContours, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
     for idx, box in enumerate(ndimage.find_objects(inst_map), start=1):
         if box is None:
             continue
-        crop = np.zeros((box[0].stop - box[0].start + 2, box[1].stop - box[1].start + 2), dtype=np.uint8)
-        crop[1:-1, 1:-1] = inst_map[box] == idx  # a zero border keeps contours off the crop's edge
-        contours, _ = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        contour = max(contours, key=len).reshape(-1, 2).astype(np.int32)
-        contour += np.array([box[1].start - 1, box[0].start - 1], dtype=np.int32)
+        r0, r1, c0, c1 = box[0].start, box[0].stop, box[1].start, box[1].stop
+        contour = isolated.get(idx)
+        if contour is None:  # touches another instance: trace it alone on its bbox crop
+            crop = np.zeros(
+                (r1 - r0 + 2, c1 - c0 + 2), dtype=np.uint8
+            )  # zero border keeps contours off the edge
+            np.equal(inst_map[r0:r1, c0:c1], idx, out=crop[1:-1, 1:-1], casting="unsafe")
+            contours = find_contours(crop, external, simple)[0]
+            contour = (contours[0] if len(contours) == 1 else max(contours, key=len)).reshape(
+                -1, 2
+            ) + np.array((c0 - 1, r0 - 1), dtype=np.int32)
         instances[idx] = Instance(
             id=idx,
-            bbox=(box[0].start, box[1].start, box[0].stop, box[1].stop),
+            bbox=(r0, c0, r1, c1),
             centroid=(float(cx[idx]), float(cy[idx])),
             contour=contour,
             type=None if types is None else int(types[idx]),
@@ -200,16 +261,52 @@ def describe_instances(inst_map: np.ndarray, type_prob: np.ndarray | None = None
     return instances
 
 
+def _isolated_contours(inst_map: np.ndarray, n: int) -> dict[int, np.ndarray]:
+    """Contours of the instances that touch no other instance, from one `findContours` over the whole map.
+
+    An instance alone in its 8-connected foreground component has that component's outer contour, traced from
+    the same first pixel in the same direction as on its own crop, so the result is identical. Instances that
+    touch others (or sit in another's hole) are left to the per-instance path.
+    """
+    padded = np.zeros((inst_map.shape[0] + 2, inst_map.shape[1] + 2), dtype=np.uint8)
+    padded[1:-1, 1:-1] = inst_map > 0
+    n_comp, components = cv2.connectedComponents(padded, connectivity=8, ltype=cv2.CV_32S)
+    components = components[1:-1, 1:-1]
+    # Instances per component: one id at each component's pixels, counted through (component, id) pairs.
+    # Each instance lies in one component; `lowest`/`highest` id per component differ where two or more meet.
+    lowest = np.full(n_comp, n + 1, dtype=np.int64)
+    highest = np.zeros(n_comp, dtype=np.int64)
+    first_comp = np.zeros(n + 1, dtype=np.int64)
+    first_comp[inst_map.ravel()] = components.ravel()
+    ids = np.arange(1, n + 1)
+    np.minimum.at(lowest, first_comp[1:], ids)
+    np.maximum.at(highest, first_comp[1:], ids)
+    single = lowest == highest
+    contours = cv2.findContours(padded, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]
+    found: dict[int, np.ndarray] = {}
+    for contour in contours:
+        points = contour.reshape(-1, 2) - 1
+        x, y = points[0]
+        if single[components[y, x]]:
+            found[int(inst_map[y, x])] = points
+    return found
+
+
 def _vote_types(
-    inst_map: np.ndarray, pixel_type: np.ndarray, n_types: int, area: np.ndarray,
+    labels: np.ndarray,
+    pixel_type: np.ndarray,
+    n_types: int,
+    area: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Majority type per instance; background (0) loses to the most voted other type when there is one.
+    """Majority type per instance from the instance id and argmax type of each pixel; background (0) loses
+    to the most voted other type when there is one.
 
     Ties go to the smaller type id, as the official stable sort of `np.unique`'s ascending output does.
     """
     n = len(area) - 1
     votes = np.bincount(
-        inst_map.ravel().astype(np.int64) * n_types + pixel_type.ravel(), minlength=(n + 1) * n_types,
+        labels.astype(np.int64) * n_types + pixel_type,
+        minlength=(n + 1) * n_types,
     ).reshape(n + 1, n_types)
     best = np.argmax(votes, axis=1)
     if n_types > 1:
@@ -222,8 +319,14 @@ def _vote_types(
 
 
 def hovernet_postprocess(
-    np_prob: np.ndarray, hv: np.ndarray, type_prob: np.ndarray | None = None, *,
-    np_thresh: float = 0.5, marker_thresh: float = 0.4, sobel_ksize: int = 21, min_size: int = 10,
+    np_prob: np.ndarray,
+    hv: np.ndarray,
+    type_prob: np.ndarray | None = None,
+    *,
+    np_thresh: float = 0.5,
+    marker_thresh: float = 0.4,
+    sobel_ksize: int = 21,
+    min_size: int = 10,
 ) -> tuple[np.ndarray, dict[int, Instance]]:
     """HoVer-Net post-processing of one tile's outputs.
 
@@ -237,6 +340,11 @@ def hovernet_postprocess(
         (instance map (H, W) int32 with ids 1..N, {id: Instance}).
     """
     inst = instance_map(
-        np_prob, hv, np_thresh=np_thresh, marker_thresh=marker_thresh, sobel_ksize=sobel_ksize, min_size=min_size,
+        np_prob,
+        hv,
+        np_thresh=np_thresh,
+        marker_thresh=marker_thresh,
+        sobel_ksize=sobel_ksize,
+        min_size=min_size,
     )
     return inst, describe_instances(inst, type_prob)

@@ -1,19 +1,25 @@
 """`pathssl segment score`: score instance maps from any tool against ground truth, as the field scores them.
 
 Formats (`--format`, default ``auto``):
-- ``generic``: a file or a folder of instance maps (`.npy`, `.png`, `.tif`, `.mat`); a folder is paired with the
+- ``generic``: a file or a folder of instance maps (`.npy`, `.png`, `.tif`, `.mat`); a folder is paired with
+the
   other folder by file name without extension (``a.npy`` scores against ``a.mat``). Prediction files with no
-  truth are ignored (prediction folders also hold overlays and JSON); truth files with no prediction are errors.
+  truth are ignored (prediction folders also hold overlays and JSON); truth files with no prediction are
+  errors.
 - ``consep``: the same, reading CoNSeP `.mat` labels; a dataset root with `Labels/` may be given.
 - ``pannuke``: a fold folder holding `masks.npy` (N, H, W, 6) (and `types.npy` for per-tissue results) or the
   `masks.npy` file itself, for truth and prediction alike.
-``auto`` picks ``pannuke`` when the truth is or holds `masks.npy`, ``consep`` when it holds `Labels/` or `.mat`
+``auto`` picks ``pannuke`` when the truth is or holds `masks.npy`, ``consep`` when it holds `Labels/` or
+`.mat`
 files, else ``generic``.
 
-Output: ``per_image`` (each with ``name``), ``mean`` (per-image means, as HoVer-Net's compute_stats) with the keys
+Output: ``per_image`` (each with ``name``), ``mean`` (per-image means, as HoVer-Net's compute_stats) with the
+keys
 dice, dice2, aji, aji_plus, dq, sq, pq, and ``pooled`` (from counts summed over images). PanNuke adds ``mpq``,
-``bpq``, ``per_tissue`` and ``per_class``. When both sides carry nucleus types, ``detection`` holds HoVer-Net's
-centroid F1 and per-type F1. NaN (undefined, e.g. an image with no nucleus on either side) is ``null`` in JSON.
+``bpq``, ``per_tissue`` and ``per_class``. When both sides carry nucleus types, ``detection`` holds
+HoVer-Net's
+centroid F1 and per-type F1. NaN (undefined, e.g. an image with no nucleus on either side) is ``null`` in
+JSON.
 """
 
 from __future__ import annotations
@@ -30,8 +36,13 @@ import numpy as np
 from pathssl_cli.errors import Problem, SpecError
 from pathssl_cli.segment import metrics as M
 from pathssl_cli.segment.io import (
-    MAP_SUFFIXES, as_integer_map, pannuke_instance_map, read_consep_label, read_instance_map,
-    read_pannuke_masks, read_pannuke_types,
+    MAP_SUFFIXES,
+    as_integer_map,
+    pannuke_instance_map,
+    read_consep_label,
+    read_instance_map,
+    read_pannuke_masks,
+    read_pannuke_types,
 )
 
 FORMATS: tuple[str, ...] = ("auto", "generic", "consep", "pannuke")
@@ -40,7 +51,9 @@ FORMATS: tuple[str, ...] = ("auto", "generic", "consep", "pannuke")
 def detect_format(true: Path) -> str:
     if true.name == "masks.npy" or (true.is_dir() and (true / "masks.npy").is_file()):
         return "pannuke"
-    if true.suffix.lower() == ".mat" or (true.is_dir() and ((true / "Labels").is_dir() or any(true.glob("*.mat")))):
+    if true.suffix.lower() == ".mat" or (
+        true.is_dir() and ((true / "Labels").is_dir() or any(true.glob("*.mat")))
+    ):
         return "consep"
     return "generic"
 
@@ -58,7 +71,9 @@ def _collect(path: Path, role: str, problems: list[Problem]) -> dict[str, Path]:
         for file in sorted(folder.glob(f"*{suffix}")):
             found.setdefault(file.stem, file)
     if not found:
-        problems.append(Problem(str(folder), f"no instance maps ({', '.join(MAP_SUFFIXES)}) in the --{role} folder"))
+        problems.append(
+            Problem(str(folder), f"no instance maps ({', '.join(MAP_SUFFIXES)}) in the --{role} folder")
+        )
     return found
 
 
@@ -78,7 +93,9 @@ def _centroids_and_types(inst: np.ndarray, type_map: np.ndarray) -> tuple[np.nda
     cx = np.bincount(inst.ravel(), weights=cols.ravel(), minlength=n + 1) / area
     cy = np.bincount(inst.ravel(), weights=rows.ravel(), minlength=n + 1) / area
     n_types = int(type_map.max(initial=0)) + 1
-    votes = np.bincount(inst.ravel().astype(np.int64) * n_types + type_map.ravel(), minlength=(n + 1) * n_types)
+    votes = np.bincount(
+        inst.ravel().astype(np.int64) * n_types + type_map.ravel(), minlength=(n + 1) * n_types
+    )
     votes = votes.reshape(n + 1, n_types)
     if n_types > 1:  # background votes only win where no other type was voted, as HoVer-Net's process()
         best = np.where(votes[:, 1:].max(axis=1) > 0, 1 + np.argmax(votes[:, 1:], axis=1), 0)
@@ -93,9 +110,14 @@ def _score_pairs(true: Path, pred: Path, fmt: str, match_iou: float) -> dict[str
     if true.is_file() and pred.is_file():
         pairs = [(true.stem, true, pred)]
     else:
-        pairs = [(name, file, pred_files[name]) for name, file in sorted(true_files.items()) if name in pred_files]
-        problems += [Problem(str(file), f"no prediction named {name}.* in {pred}")
-                     for name, file in sorted(true_files.items()) if name not in pred_files]
+        pairs = [
+            (name, file, pred_files[name]) for name, file in sorted(true_files.items()) if name in pred_files
+        ]
+        problems += [
+            Problem(str(file), f"no prediction named {name}.* in {pred}")
+            for name, file in sorted(true_files.items())
+            if name not in pred_files
+        ]
     loaded = []
     for name, true_file, pred_file in pairs:
         try:
@@ -105,7 +127,9 @@ def _score_pairs(true: Path, pred: Path, fmt: str, match_iou: float) -> dict[str
             problems += exc.problems
             continue
         if t.shape != p.shape:
-            problems.append(Problem(str(pred_file), f"shape {p.shape} differs from the truth {true_file} {t.shape}"))
+            problems.append(
+                Problem(str(pred_file), f"shape {p.shape} differs from the truth {true_file} {t.shape}")
+            )
             continue
         loaded.append((name, t, tt, p, pt))
     if problems:
@@ -118,9 +142,10 @@ def _score_pairs(true: Path, pred: Path, fmt: str, match_iou: float) -> dict[str
         stats = M.instance_stats(t, p, match_iou)
         stats_list.append(stats)
         per_image.append({"name": name, **{k: stats[k] for k in _ROW_KEYS}})
-        if with_types:
-            for target, values in zip(detection_inputs, (*_centroids_and_types(t, tt), *_centroids_and_types(p, pt)),
-                                      strict=True):
+        if with_types and tt is not None and pt is not None:
+            for target, values in zip(
+                detection_inputs, (*_centroids_and_types(t, tt), *_centroids_and_types(p, pt)), strict=True
+            ):
                 target.append(values)
     result = _summary(per_image, stats_list)
     if with_types and loaded:
@@ -156,8 +181,9 @@ def _score_pannuke(true: Path, pred: Path, match_iou: float) -> dict[str, Any]:
     pred_masks_path, _ = _pannuke_paths(pred, "pred")
     true_masks, pred_masks = read_pannuke_masks(true_masks_path), read_pannuke_masks(pred_masks_path)
     if true_masks.shape[:3] != pred_masks.shape[:3]:
-        raise SpecError(f"shape {pred_masks.shape} differs from the truth {true_masks.shape}",
-                        where=str(pred_masks_path))
+        raise SpecError(
+            f"shape {pred_masks.shape} differs from the truth {true_masks.shape}", where=str(pred_masks_path)
+        )
     n = true_masks.shape[0]
     tissues = read_pannuke_types(types_path, n) if types_path else ["all"] * n
     if n:  # cheap up-front check of the value type on the first image; later images are checked as read
@@ -175,8 +201,12 @@ def _score_pannuke(true: Path, pred: Path, match_iou: float) -> dict[str, Any]:
     for row, pan in zip(per_image, pannuke["per_image"], strict=True):
         row["mpq"], row["bpq"] = pan["mpq"], pan["bpq"]
     result = _summary(per_image, stats)
-    result.update(mpq=pannuke["mpq"], bpq=pannuke["bpq"], per_tissue=pannuke["per_tissue"],
-                  per_class=pannuke["per_class"])
+    result.update(
+        mpq=pannuke["mpq"],
+        bpq=pannuke["bpq"],
+        per_tissue=pannuke["per_tissue"],
+        per_class=pannuke["per_class"],
+    )
     return result
 
 
@@ -201,19 +231,25 @@ def _fmt(value: Any) -> str:
 def format_table(result: dict[str, Any]) -> str:
     keys = list(M.METRIC_KEYS) + (["mpq", "bpq"] if "mpq" in result else [])
     rows = [[r["name"], *[_fmt(r[k]) for k in keys]] for r in result["per_image"]]
-    rows.append(["mean", *[_fmt(result["mean"][k]) if k in result["mean"] else _fmt(result[k]) for k in keys]])
+    rows.append(
+        ["mean", *[_fmt(result["mean"][k]) if k in result["mean"] else _fmt(result[k]) for k in keys]]
+    )
     width = max([len(r[0]) for r in rows] + [4])
     lines = ["  ".join([f"{'name':<{width}}", *[f"{k:>8}" for k in keys]])]
     lines += ["  ".join([f"{r[0]:<{width}}", *[f"{v:>8}" for v in r[1:]]]) for r in rows]
     if "per_tissue" in result:
         lines.append("")
-        lines += [f"{t:<20} mPQ {_fmt(v['mpq'])}  bPQ {_fmt(v['bpq'])}  ({v['n_images']} images)"
-                  for t, v in result["per_tissue"].items()]
+        lines += [
+            f"{t:<20} mPQ {_fmt(v['mpq'])}  bPQ {_fmt(v['bpq'])}  ({v['n_images']} images)"
+            for t, v in result["per_tissue"].items()
+        ]
     if "detection" in result:
         det = result["detection"]
         types = "  ".join(f"type {t}: {_fmt(v)}" for t, v in det.get("per_type", {}).items())
-        lines.append(f"\ndetection F1 {_fmt(det['f1'])}  type accuracy {_fmt(det.get('accuracy', float('nan')))}"
-                     f"  {types}")
+        lines.append(
+            f"\ndetection F1 {_fmt(det['f1'])}  type accuracy {_fmt(det.get('accuracy', float('nan')))}"
+            f"  {types}"
+        )
     return "\n".join(lines)
 
 
@@ -227,7 +263,11 @@ def per_image_csv(result: dict[str, Any]) -> str:
 
 
 def run_score(
-    true: Path, pred: Path, fmt: str = "auto", as_json: bool = False, out_csv: Path | None = None,
+    true: Path,
+    pred: Path,
+    fmt: str = "auto",
+    as_json: bool = False,
+    out_csv: Path | None = None,
     match_iou: float = 0.5,
 ) -> dict[str, Any]:
     """Score predicted instance maps against the truth; print a table (or JSON) and return the result dict."""
@@ -240,7 +280,11 @@ def run_score(
         if not path.exists():
             raise SpecError(f"--{role} does not exist", where=str(path))
     fmt = detect_format(true) if fmt == "auto" else fmt
-    result = _score_pannuke(true, pred, match_iou) if fmt == "pannuke" else _score_pairs(true, pred, fmt, match_iou)
+    result = (
+        _score_pannuke(true, pred, match_iou)
+        if fmt == "pannuke"
+        else _score_pairs(true, pred, fmt, match_iou)
+    )
     result = {"format": fmt, "match_iou": match_iou, **result}
     if out_csv is not None:
         from pathssl_cli.runs import atomic_write

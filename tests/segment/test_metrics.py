@@ -1,4 +1,5 @@
-"""Metrics against hand-worked values, a naive loop re-implementation of HoVer-Net's stats_utils, and torchmetrics."""
+"""Metrics against hand-worked values, a naive loop re-implementation of HoVer-Net's stats_utils, and
+torchmetrics."""
 
 from __future__ import annotations
 
@@ -9,8 +10,15 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 
 from pathssl_cli.segment.metrics import (
-    METRIC_KEYS, aggregate, binarize, detection_f1, instance_stats, pair_coordinates, pannuke_scores,
-    panoptic_quality, remap_label,
+    METRIC_KEYS,
+    aggregate,
+    binarize,
+    detection_f1,
+    instance_stats,
+    pair_coordinates,
+    pannuke_scores,
+    panoptic_quality,
+    remap_label,
 )
 
 
@@ -106,9 +114,11 @@ def test_remap_label() -> None:
     assert remap_label(np.zeros((2, 2), int)).max() == 0
 
 
-# ---------------------------------------------------------------------------------------------- naive reference
+# ---------------------------------------------------------------------------------------------- naive
+# reference
 def _official_like(true: np.ndarray, pred: np.ndarray, match_iou: float = 0.5) -> dict[str, float]:
-    """Loop-per-instance re-implementation of hover_net stats_utils (get_dice_1, get_fast_dice_2, get_fast_aji,
+    """Loop-per-instance re-implementation of hover_net stats_utils (get_dice_1, get_fast_dice_2,
+    get_fast_aji,
     get_fast_aji_plus, get_fast_pq), written from the official description, after remapping."""
     true, pred = _loop_remap(true), _loop_remap(pred)
     t_ids, p_ids = list(range(1, true.max() + 1)), list(range(1, pred.max() + 1))
@@ -171,7 +181,7 @@ def _random_pair(rng: np.random.Generator, size: int = 48) -> tuple[np.ndarray, 
         if rng.random() < 0.85:
             dy, dx, dr = rng.integers(-2, 3), rng.integers(-2, 3), rng.integers(-1, 3)
             pred[(yy - cy - dy) ** 2 + (xx - cx - dx) ** 2 <= (r + dr) ** 2] = 20 + k * 3
-    pred[rng.integers(0, size - 4):, :3] = 99  # a spurious prediction
+    pred[rng.integers(0, size - 4) :, :3] = 99  # a spurious prediction
     return true, pred
 
 
@@ -236,8 +246,12 @@ def test_detection_f1_hand_worked() -> None:
 
 
 def test_detection_pools_over_images_and_handles_empty() -> None:
-    res = detection_f1([np.zeros((0, 2)), np.array([[5.0, 5.0]])], [np.zeros(0), np.array([1])],
-                       [np.array([[5.0, 5.0]]), np.array([[6.0, 5.0]])], [np.array([1]), np.array([1])])
+    res = detection_f1(
+        [np.zeros((0, 2)), np.array([[5.0, 5.0]])],
+        [np.zeros(0), np.array([1])],
+        [np.array([[5.0, 5.0]]), np.array([[6.0, 5.0]])],
+        [np.array([1]), np.array([1])],
+    )
     assert (res["tp"], res["fp"], res["fn"]) == (1, 1, 0)  # no pair crosses images
     none = detection_f1(np.zeros((0, 2)), None, np.zeros((0, 2)), None)
     assert math.isnan(none["f1"])
@@ -258,7 +272,8 @@ def _disc(mask: np.ndarray, cy: int, cx: int, r: int, value: int) -> None:
 def test_pannuke_hand_worked() -> None:
     true = np.zeros((3, 32, 32, 6))
     pred = np.zeros((3, 32, 32, 6))
-    # image 0 (tissue A): class 0 perfect; class 1 missed; class 2 has a false positive but no truth (skipped).
+    # image 0 (tissue A): class 0 perfect; class 1 missed; class 2 has a false positive but no truth
+    # (skipped).
     _disc(true[0, :, :, 0], 8, 8, 4, 1)
     _disc(pred[0, :, :, 0], 8, 8, 4, 5)
     _disc(true[0, :, :, 1], 24, 24, 4, 2)
@@ -287,8 +302,13 @@ def test_binarize_matches_official_loop() -> None:
     rng = np.random.default_rng(3)
     masks = np.zeros((24, 24, 5))
     for c in range(5):
-        for k in range(3):
-            _disc(masks[:, :, c], *rng.integers(3, 21, size=2), int(rng.integers(2, 5)), int(rng.integers(1, 50)))
+        for _ in range(3):
+            _disc(
+                masks[:, :, c],
+                *rng.integers(3, 21, size=2),
+                int(rng.integers(2, 5)),
+                int(rng.integers(1, 50)),
+            )
     # official: each channel in order, each unique id -> next count, later channels overwrite.
     expected = np.zeros((24, 24))
     count = 1

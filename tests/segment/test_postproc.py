@@ -1,4 +1,5 @@
-"""Post-processing: agreement with the naive official algorithm, recovery from ideal outputs, instance records."""
+"""Post-processing: agreement with the naive official algorithm, recovery from ideal outputs, instance
+records."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import cv2
 import numpy as np
 import pytest
 
@@ -19,7 +21,8 @@ BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "postproc_throu
 
 @pytest.fixture(scope="module")
 def official() -> ModuleType:
-    """The naive official-style post-processing lives in the benchmark, so the test and the figures share it."""
+    """The naive official-style post-processing lives in the benchmark, so the test and the figures share
+    it."""
     spec = importlib.util.spec_from_file_location("postproc_throughput", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -35,7 +38,6 @@ def _synthetic(seed: int, texture: str, size: int = 128) -> tuple[np.ndarray, np
     return inst, types.astype(np.int64)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.parametrize("noise", [0.05, 0.2])
 def test_agrees_with_official_on_consep(official: ModuleType, shared_data: Path, noise: float) -> None:
     from pathssl_cli.segment.io import read_consep_label
@@ -65,21 +67,60 @@ def _assert_same_records(ref_map: np.ndarray, ref_info: dict, ours_map: np.ndarr
         assert ours.type_prob == pytest.approx(ref["type_prob"], abs=1e-5)
 
 
-@pytest.mark.parametrize("texture", ["tumour", "lymphocytes"])
-def test_ideal_outputs_recover_synthetic_nuclei(texture: str) -> None:
-    stats = []
+def _touching_nuclei(seed: int, size: int = 192, n: int = 60) -> np.ndarray:
+    """Densely packed ellipses 10-26 px across that may touch but never overlap, ids 1..n."""
+    rng = np.random.default_rng(seed)
+    inst = np.zeros((size, size), np.int32)
+    count = 0
+    for _ in range(n * 20):
+        disc = np.zeros((size, size), np.uint8)
+        centre = (int(rng.integers(0, size)), int(rng.integers(0, size)))
+        axes = (int(rng.integers(6, 13)), int(rng.integers(5, 10)))
+        cv2.ellipse(disc, centre, axes, float(rng.uniform(0, 180)), 0, 360, 1, -1)
+        if (inst[disc > 0] > 0).any():
+            continue
+        count += 1
+        inst[disc > 0] = count
+        if count == n:
+            break
+    return inst
+
+
+def _drop_small(inst: np.ndarray) -> np.ndarray:
+    # HoVer-Net gives no HV target to pieces under 30 px (border slivers): it is never taught to find them.
+    sizes = np.bincount(inst.ravel())
+    return np.where((sizes < 30)[inst], 0, inst)
+
+
+def test_ideal_outputs_recover_touching_nuclei() -> None:
+    stats, touching = [], 0
     for seed in range(4):
-        inst, _ = _synthetic(seed, texture, size=192)
-        # HoVer-Net's own targets give no HV to pieces under 30 px (border slivers), so it is not asked to find them.
-        sizes = np.bincount(inst.ravel())
-        inst = np.where((sizes < 30)[inst], 0, inst)
+        inst = _drop_small(_touching_nuclei(seed))
+        right = (inst[:, 1:] != inst[:, :-1]) & (inst[:, 1:] > 0) & (inst[:, :-1] > 0)
+        below = (inst[1:] != inst[:-1]) & (inst[1:] > 0) & (inst[:-1] > 0)
+        touching += int(right.sum() + below.sum())
         pred, _ = hovernet_postprocess((inst > 0).astype(np.float32), hv_map(inst))
         stats.append(instance_stats(inst, pred))
+    assert touching > 50  # the watershed really has nuclei to split
     assert aggregate(stats)["pooled"]["pq"] >= 0.95
 
 
+@pytest.mark.parametrize("texture", ["tumour", "lymphocytes"])
+def test_ideal_outputs_recover_synthetic_tissue(texture: str) -> None:
+    """render_tissue paints nuclei over each other, leaving crescents that HoVer-Net's algorithm (fixed 5x5
+    marker opening, Sobel 21) partly merges even from perfect outputs: measured pooled PQ about 0.90-0.92."""
+    stats = []
+    for seed in range(4):
+        inst = _drop_small(_synthetic(seed, texture, size=192)[0])
+        pred, _ = hovernet_postprocess((inst > 0).astype(np.float32), hv_map(inst))
+        stats.append(instance_stats(inst, pred))
+    pooled = aggregate(stats)["pooled"]
+    assert pooled["pq"] >= 0.85 and pooled["dq"] >= 0.9
+
+
 def test_ideal_outputs_recover_consep(shared_data: Path) -> None:
-    """Real tiles: HoVer-Net's algorithm on perfect outputs; the ceiling is lower (dense, touching, cut nuclei)."""
+    """Real tiles: HoVer-Net's algorithm on perfect outputs; the ceiling is lower (dense, touching, cut
+    nuclei)."""
     from pathssl_cli.segment.io import read_consep_label
 
     stats = []
@@ -123,7 +164,6 @@ def test_records_are_consistent_with_the_map() -> None:
         assert rec.type in range(1, 6)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_empty_and_flat_outputs(official: ModuleType) -> None:
     pred, records = hovernet_postprocess(np.zeros((32, 32), np.float32), np.zeros((2, 32, 32), np.float32))
     assert not pred.any() and records == {}

@@ -1,4 +1,5 @@
-"""`pathssl segment score` and the map readers: pairing, formats, errors (exit 2), CoNSeP and PanNuke layouts."""
+"""`pathssl segment score` and the map readers: pairing, formats, errors (exit 2), CoNSeP and PanNuke
+layouts."""
 
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ def _maps(seed: int) -> tuple[np.ndarray, np.ndarray]:
     pred = np.zeros((40, 40), np.int32)
     for k in range(1, 6):
         r, c = rng.integers(0, 32, 2)
-        true[r:r + 7, c:c + 7] = k
-        pred[r + 1:r + 8, c:c + 7] = 10 + k
+        true[r : r + 7, c : c + 7] = k
+        pred[r + 1 : r + 8, c : c + 7] = 10 + k
     return true, pred
 
 
@@ -44,7 +45,9 @@ def _generic_folders(tmp_path: Path) -> tuple[Path, Path, dict[str, tuple[np.nda
     return true_dir, pred_dir, pairs
 
 
-def test_generic_folders_pair_by_name_json_and_csv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_generic_folders_pair_by_name_json_and_csv(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     true_dir, pred_dir, pairs = _generic_folders(tmp_path)
     out_csv = tmp_path / "scores.csv"
     result = run_score(true_dir, pred_dir, as_json=True, out_csv=out_csv)
@@ -58,7 +61,9 @@ def test_generic_folders_pair_by_name_json_and_csv(tmp_path: Path, capsys: pytes
         assert result["mean"][key] == pytest.approx(np.mean([r[key] for r in result["per_image"]]))
     with open(out_csv) as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["name"] for r in rows] == ["a", "b"] and float(rows[0]["pq"]) == pytest.approx(result["per_image"][0]["pq"])
+    assert [r["name"] for r in rows] == ["a", "b"] and float(rows[0]["pq"]) == pytest.approx(
+        result["per_image"][0]["pq"]
+    )
 
 
 def test_table_output_and_single_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -74,7 +79,7 @@ def test_table_output_and_single_files(tmp_path: Path, capsys: pytest.CaptureFix
 def test_errors_are_spec_errors_naming_the_file(tmp_path: Path) -> None:
     true_dir, pred_dir, _ = _generic_folders(tmp_path)
     np.save(true_dir / "c.npy", np.zeros((40, 40), np.int32))  # no prediction named c
-    with pytest.raises(SpecError, match="c.npy"):
+    with pytest.raises(SpecError, match=r"c\.npy"):
         run_score(true_dir, pred_dir)
     (true_dir / "c.npy").unlink()
     np.save(pred_dir / "b.npy", np.zeros((30, 40), np.int32))  # .npy wins over .png for name b: wrong shape
@@ -91,7 +96,9 @@ def test_errors_are_spec_errors_naming_the_file(tmp_path: Path) -> None:
 
 def test_cli_exit_codes(tmp_path: Path) -> None:
     true_dir, pred_dir, _ = _generic_folders(tmp_path)
-    ok = CliRunner().invoke(cli, ["segment", "score", "--true", str(true_dir), "--pred", str(pred_dir), "--json"])
+    ok = CliRunner().invoke(
+        cli, ["segment", "score", "--true", str(true_dir), "--pred", str(pred_dir), "--json"]
+    )
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.output)["format"] == "generic"
     np.save(true_dir / "missing.npy", np.zeros((40, 40), np.int32))
@@ -133,16 +140,24 @@ def test_consep_loader_round_trip(shared_data: Path, tmp_path: Path) -> None:
 
 def test_consep_seven_type_merge(tmp_path: Path) -> None:
     inst = np.arange(1, 8, dtype=np.int32).reshape(1, 7).repeat(2, axis=0)
-    sio.savemat(tmp_path / "x.mat", {"inst_map": inst.astype(float), "type_map": inst.astype(float),
-                                     "inst_type": np.arange(1, 8)[:, None].astype(float),
-                                     "inst_centroid": np.zeros((7, 2))})
+    sio.savemat(
+        tmp_path / "x.mat",
+        {
+            "inst_map": inst.astype(float),
+            "type_map": inst.astype(float),
+            "inst_type": np.arange(1, 8)[:, None].astype(float),
+            "inst_centroid": np.zeros((7, 2)),
+        },
+    )
     merged = read_consep_label(tmp_path / "x.mat", merge_types=True)
     assert merged.inst_type.tolist() == [1, 2, 3, 3, 4, 4, 4] == [CONSEP_MERGE[i] for i in range(1, 8)]
     assert merged.type_map[0].tolist() == [1, 2, 3, 3, 4, 4, 4]
     assert read_consep_label(tmp_path / "x.mat").inst_type.tolist() == list(range(1, 8))
 
 
-def test_consep_truth_against_itself_scores_one(shared_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_consep_truth_against_itself_scores_one(
+    shared_data: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = shared_data / "nuclei" / "consep-tiles"
     result = run_score(root, root / "Labels", as_json=True)
     capsys.readouterr()
@@ -160,7 +175,7 @@ def test_pannuke_fold(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     masks[0, 12:18, 12:18, 1] = 2
     masks[1, 4:10, 4:10, 3] = 7
     masks[2, 20:28, 20:28, 4] = 3
-    masks[..., 5] = (masks[..., :5].sum(-1) == 0)
+    masks[..., 5] = masks[..., :5].sum(-1) == 0
     true_dir, pred_dir = tmp_path / "true", tmp_path / "pred"
     true_dir.mkdir()
     pred_dir.mkdir()
@@ -178,5 +193,5 @@ def test_pannuke_fold(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert [row["tissue"] for row in result["per_image"]] == ["Breast", "Colon", "Breast"]
     assert result["mean"]["pq"] == pytest.approx(2 / 3)
     np.save(pred_dir / "masks.npy", pred[:2])
-    with pytest.raises(SpecError, match="masks.npy"):
+    with pytest.raises(SpecError, match=r"masks\.npy"):
         run_score(true_dir, pred_dir)

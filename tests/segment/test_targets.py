@@ -10,7 +10,8 @@ from pathssl_cli.segment.targets import hv_map
 
 
 def _naive_official_hv(inst: np.ndarray, min_size: int = 30) -> np.ndarray:
-    """hover_net `gen_instance_hv_map` as written there (fix_mirror_padding, bbox +-2 crop, centre of mass rounded
+    """hover_net `gen_instance_hv_map` as written there (fix_mirror_padding, bbox +-2 crop, centre of mass
+    rounded
     half up, grid from 1, per-side normalisation), one instance at a time. The map is zero-padded first so the
     expanded boxes never leave the array, as the official code relies on its own padding."""
     pad = 3
@@ -92,7 +93,8 @@ def test_properties(seed: int) -> None:
             rows, cols = np.nonzero(mask)
             cy, cx = rows.mean(), cols.mean()
             x, y = hv[0][mask], hv[1][mask]
-            # Sign by side of the centroid: left/above by more than 1.5 px -> negative; right/below -> positive
+            # Sign by side of the centroid: left/above by more than 1.5 px -> negative; right/below ->
+            # positive
             # (the official grid starts at 1, shifting the zero one pixel left of / above the centroid).
             assert np.all(x[cols < cx - 1.5] < 0) and np.all(x[cols > cx + 0.5] > 0)
             assert np.all(y[rows < cy - 1.5] < 0) and np.all(y[rows > cy + 0.5] > 0)
