@@ -3,8 +3,7 @@
 `official_postprocess` below re-implements vqdang/hover_net `models/hovernet/post_proc.py` (`__proc_np_hv` and
 `process`) naively, the way the official code is written: skimage-style small-object removal, a full-image
 boolean mask per instance for bbox/centroid/contour, and a second per-instance loop for the type vote. The
-tests
-use it as the reference that `hovernet_postprocess` must agree with.
+tests use it as the reference that `hovernet_postprocess` must agree with.
 
 Inputs are "ideal" network outputs built from real CoNSeP tiles (or synthetic tissue when the shared data is
 absent): NP = the foreground mask lightly blurred, HV = `hv_map` of the truth plus noise, NC = one-hot types.
@@ -13,8 +12,7 @@ absent): NP = the foreground mask lightly blurred, HV = `hv_map` of the truth pl
     python benchmarks/postproc_throughput.py --tiles 2 --repeats 3 --size 1024   # larger outputs
 
 Prints tiles per CPU-second (median over repeats, one thread) for both, their ratio, and the PQ of ours
-against
-the official output.
+against the official output.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 """Reading nuclei instance maps: generic files, CoNSeP `.mat` labels and PanNuke `masks.npy` folds.
 
 Every reader checks what it reads and raises `SpecError` naming the file when the content is not an instance
-map
-(wrong shape, values that are not whole numbers, missing keys), so `pathssl segment score` exits with code 2
-and a message instead of a traceback.
+map (wrong shape, values that are not whole numbers, missing keys), so `pathssl segment score` exits with code
+2 and a message instead of a traceback.
 
 Generic layout: one map per file, `.npy` (H, W) or (H, W, 2) = instance + type, `.png` / `.tif` / `.tiff`
 single-channel integer images (16/32-bit for more than 255 nuclei), or a `.mat` with ``inst_map`` (and

@@ -4,32 +4,29 @@ Per image (`instance_stats`): ids are remapped to 1..N first (`remap_label`), th
 - ``dice``: binary Dice of foreground (`get_dice_1`);
 - ``dice2``: "ensemble" Dice over every overlapping (true, pred) pair (`get_fast_dice_2`);
 - ``aji``: every true instance is paired with its highest-IoU prediction (a prediction may be reused),
-unpaired
-  instances of both sides are added to the union (`get_fast_aji`, the MoNuSeg AJI);
+  unpaired instances of both sides are added to the union (`get_fast_aji`, the MoNuSeg AJI);
 - ``aji_plus``: as AJI but with a unique pairing by Hungarian matching (`get_fast_aji_plus`);
 - ``dq``, ``sq``, ``pq``: pairs need IoU > `match_iou` (strictly). At ``match_iou >= 0.5`` such pairs are
-unique
-  by construction, so they are taken directly; below 0.5 a maximal unique pairing comes from
+  unique by construction, so they are taken directly; below 0.5 a maximal unique pairing comes from
   `scipy.optimize.linear_sum_assignment` and is then filtered by IoU > `match_iou` (`get_fast_pq`).
 `aggregate` averages the per-image values, as `compute_stats.run_nuclei_inst_stat` does (AJI is *not* pooled
-over
-the dataset there: it is a mean of per-image AJIs). Pooled variants are returned beside it under ``pooled``.
+over the dataset there: it is a mean of per-image AJIs). Pooled variants are returned beside it under
+``pooled``.
 
 Where the official code divides by zero or raises, we return (and why):
 
-===========================  ==================================================  ==========================
-case                         official                                            here
-===========================  ==================================================  ==========================
-both maps empty              dice nan, AJI/dice2/PQ raise, AJI+ nan               every metric NaN: undefined,
-                                                                                 skipped by `aggregate`
-truth empty, pred not        dice 0, dice2 raises, AJI/AJI+/DQ/SQ/PQ 0            all 0
-pred empty, truth not        dice 0, dice2 and AJI raise, AJI+/DQ/SQ/PQ 0         all 0
-no overlapping pair          dice2 raises (0/0)                                  dice2 0
-tp == 0                      SQ = 0 / (0 + 1e-6) = 0                              SQ 0
-===========================  ==================================================  ==========================
+=====================  ============================================  ======================================
+case                   official                                      here
+=====================  ============================================  ======================================
+both maps empty        dice nan, AJI/dice2/PQ raise, AJI+ nan        all NaN: undefined, `aggregate` skips
+truth empty, pred not  dice 0, dice2 raises, AJI/AJI+/DQ/SQ/PQ 0     all 0
+pred empty, truth not  dice 0, dice2 and AJI raise, AJI+/DQ/SQ/PQ 0  all 0
+no overlapping pair    dice2 raises (0/0)                            dice2 0
+tp == 0                SQ = 0 / (0 + 1e-6) = 0                       SQ 0
+=====================  ============================================  ======================================
 SQ is ``sum(IoU) / tp`` exactly; the official ``/ (tp + 1e-6)`` differs by less than 1e-6 relative, and
-dropping
-it lets a perfect prediction score exactly 1. Non-contiguous ids are always remapped, so they never matter.
+dropping it lets a perfect prediction score exactly 1. Non-contiguous ids are always remapped, so they never
+matter.
 
 `detection_f1` is HoVer-Net's `run_nuclei_type_stat`: centroids are paired by Hungarian matching on Euclidean
 distance and pairs farther than `radius` dropped (`pair_coordinates`); counts are pooled over all images.
@@ -113,8 +110,7 @@ def instance_stats(true: np.ndarray, pred: np.ndarray, match_iou: float = 0.5) -
     """Per-image instance metrics of integer maps `true`, `pred` (H, W; 0 = background, any ids).
 
     Returns ``dice, dice2, aji, aji_plus, dq, sq, pq`` (floats, NaN when both maps are empty) plus raw counts
-    for
-    dataset-level aggregation: ``n_true, n_pred, tp, fp, fn, iou_sum, dice_inter, dice_total, aji_inter,
+    for dataset-level aggregation: ``n_true, n_pred, tp, fp, fn, iou_sum, dice_inter, dice_total, aji_inter,
     aji_union, aji_plus_inter, aji_plus_union``.
     """
     if match_iou < 0:

@@ -25,9 +25,8 @@ noise levels; the benchmark and tests check agreement):
 - instance properties come from `scipy.ndimage.find_objects` and `np.bincount` (bbox, centroid, type votes)
   instead of one full-image mask per instance; only contours loop, on each instance's bbox crop.
 Differences, on purpose: ids are renumbered 1..N (the official ids are the surviving marker labels, with
-gaps);
-every instance is described (the official dict silently drops instances whose contour has < 3 points, while
-keeping them in the map); `type_prob` is votes / pixels without the official +1e-6 in the denominator.
+gaps); every instance is described (the official dict silently drops instances whose contour has < 3 points,
+while keeping them in the map); `type_prob` is votes / pixels without the official +1e-6 in the denominator.
 """
 
 from __future__ import annotations

@@ -2,24 +2,20 @@
 
 Formats (`--format`, default ``auto``):
 - ``generic``: a file or a folder of instance maps (`.npy`, `.png`, `.tif`, `.mat`); a folder is paired with
-the
-  other folder by file name without extension (``a.npy`` scores against ``a.mat``). Prediction files with no
-  truth are ignored (prediction folders also hold overlays and JSON); truth files with no prediction are
+  the other folder by file name without extension (``a.npy`` scores against ``a.mat``). Prediction files with
+  no truth are ignored (prediction folders also hold overlays and JSON); truth files with no prediction are
   errors.
 - ``consep``: the same, reading CoNSeP `.mat` labels; a dataset root with `Labels/` may be given.
 - ``pannuke``: a fold folder holding `masks.npy` (N, H, W, 6) (and `types.npy` for per-tissue results) or the
   `masks.npy` file itself, for truth and prediction alike.
 ``auto`` picks ``pannuke`` when the truth is or holds `masks.npy`, ``consep`` when it holds `Labels/` or
-`.mat`
-files, else ``generic``.
+`.mat` files, else ``generic``. A `segment predict` output folder can be given as is: its `maps/` is read.
 
 Output: ``per_image`` (each with ``name``), ``mean`` (per-image means, as HoVer-Net's compute_stats) with the
-keys
-dice, dice2, aji, aji_plus, dq, sq, pq, and ``pooled`` (from counts summed over images). PanNuke adds ``mpq``,
-``bpq``, ``per_tissue`` and ``per_class``. When both sides carry nucleus types, ``detection`` holds
-HoVer-Net's
-centroid F1 and per-type F1. NaN (undefined, e.g. an image with no nucleus on either side) is ``null`` in
-JSON.
+keys dice, dice2, aji, aji_plus, dq, sq, pq, and ``pooled`` (from counts summed over images). PanNuke adds
+``mpq``, ``bpq``, ``per_tissue`` and ``per_class``. When both sides carry nucleus types, ``detection`` holds
+HoVer-Net's centroid F1 and per-type F1. NaN (undefined, e.g. an image with no nucleus on either side) is
+``null`` in JSON.
 """
 
 from __future__ import annotations
@@ -59,17 +55,21 @@ def detect_format(true: Path) -> str:
 
 
 def _collect(path: Path, role: str, problems: list[Problem]) -> dict[str, Path]:
-    """{name: file} of the instance maps at `path` (a file or a folder; a CoNSeP root uses its Labels/)."""
+    """{name: file} of the instance maps at `path`: a file, or a folder's map files (hidden files skipped).
+
+    A CoNSeP root is read from its `Labels/`, a `segment predict` output folder from its `maps/`.
+    """
     if path.is_file():
         return {path.stem: path}
     if not path.is_dir():
         problems.append(Problem(str(path), f"--{role} does not exist"))
         return {}
-    folder = path / "Labels" if (path / "Labels").is_dir() else path
+    folder = next((path / sub for sub in ("Labels", "maps") if (path / sub).is_dir()), path)
     found: dict[str, Path] = {}
     for suffix in MAP_SUFFIXES:  # earlier suffixes win when one name has several files
         for file in sorted(folder.glob(f"*{suffix}")):
-            found.setdefault(file.stem, file)
+            if not file.name.startswith("."):
+                found.setdefault(file.stem, file)
     if not found:
         problems.append(
             Problem(str(folder), f"no instance maps ({', '.join(MAP_SUFFIXES)}) in the --{role} folder")

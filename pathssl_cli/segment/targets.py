@@ -6,16 +6,16 @@ the largest positive one, *separately per side*, so each side spans [-1, 0) and 
 
 Conventions kept from the official code, on purpose:
 - Instance ids split into several 4-connected pieces (mirror padding, crops) are treated as separate
-  instances (`fix_mirror_padding`). Pieces come from `skimage.measure.label`, which joins neighbours of equal
-  id.
+  instances (`fix_mirror_padding`). Pieces come from `skimage.measure.label`, which joins neighbours of
+  equal id.
 - Pieces smaller than `min_size` = 30 px get no HV values (the official `remove_small_objects(min_size=30)`);
   they stay in the NP target, which the caller derives from the instance map.
 - The coordinate grid starts at 1 (``np.arange(1, W + 1)``), so the zero of x sits one pixel *left* of the
   rounded centroid column (and the zero of y one row above): value(col) = col + 1 - round(com_col).
 Deliberate differences: the map is computed for the whole input instead of "instances inside the centre crop"
 (the caller crops; values inside the crop are identical), and `min_size` applies to the whole piece rather
-than
-to the part inside the crop. No ±2 px bounding-box expansion is needed: the offsets do not depend on the box.
+than to the part inside the crop. No ±2 px bounding-box expansion is needed: the offsets do not depend on
+the box.
 
 Vectorised: centroids, per-side extrema and the division all use `np.bincount`/`scipy.ndimage` over labels,
 with no per-instance Python loop.
@@ -37,8 +37,7 @@ def hv_map(inst_map: np.ndarray, *, min_size: int = 30) -> np.ndarray:
 
     Returns:
         float32 (2, H, W): channel 0 horizontal (x, along columns), channel 1 vertical (y, along rows),
-        values in
-        [-1, 1], 0 outside nuclei.
+        values in [-1, 1], 0 outside nuclei.
     """
     inst_map = np.asarray(inst_map)
     if inst_map.ndim != 2:
@@ -69,8 +68,7 @@ def hv_map(inst_map: np.ndarray, *, min_size: int = 30) -> np.ndarray:
 
 
 def _normalise_per_side(values: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
-    """Divide negatives by |min| and positives by max of their own label, as the official per-instance
-    code."""
+    """Divide negatives by |min| and positives by max of their own label, as the official loop does."""
     index = np.arange(n_labels + 1)
     neg_min = ndimage.minimum(np.minimum(values, 0), labels, index)  # 0 where a piece has no negative value
     pos_max = ndimage.maximum(np.maximum(values, 0), labels, index)

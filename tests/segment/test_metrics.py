@@ -1,5 +1,4 @@
-"""Metrics against hand-worked values, a naive loop re-implementation of HoVer-Net's stats_utils, and
-torchmetrics."""
+"""Metrics against hand-worked values, a naive loop version of HoVer-Net's stats_utils, and torchmetrics."""
 
 from __future__ import annotations
 

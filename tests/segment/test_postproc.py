@@ -1,5 +1,4 @@
-"""Post-processing: agreement with the naive official algorithm, recovery from ideal outputs, instance
-records."""
+"""Post-processing: agreement with the naive official algorithm, ideal-output recovery, instance records."""
 
 from __future__ import annotations
 
@@ -21,8 +20,7 @@ BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "postproc_throu
 
 @pytest.fixture(scope="module")
 def official() -> ModuleType:
-    """The naive official-style post-processing lives in the benchmark, so the test and the figures share
-    it."""
+    """The naive official-style post-processing lives in the benchmark: tests and figures share it."""
     spec = importlib.util.spec_from_file_location("postproc_throughput", BENCHMARK)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -119,8 +117,7 @@ def test_ideal_outputs_recover_synthetic_tissue(texture: str) -> None:
 
 
 def test_ideal_outputs_recover_consep(shared_data: Path) -> None:
-    """Real tiles: HoVer-Net's algorithm on perfect outputs; the ceiling is lower (dense, touching, cut
-    nuclei)."""
+    """Real tiles: HoVer-Net's algorithm on perfect outputs has a lower ceiling (dense, touching, cut)."""
     from pathssl_cli.segment.io import read_consep_label
 
     stats = []

@@ -1,5 +1,4 @@
-"""`pathssl segment score` and the map readers: pairing, formats, errors (exit 2), CoNSeP and PanNuke
-layouts."""
+"""`pathssl segment score` and map readers: pairing, formats, errors (exit 2), CoNSeP and PanNuke layouts."""
 
 from __future__ import annotations
 

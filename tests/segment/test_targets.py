@@ -11,9 +11,8 @@ from pathssl_cli.segment.targets import hv_map
 
 def _naive_official_hv(inst: np.ndarray, min_size: int = 30) -> np.ndarray:
     """hover_net `gen_instance_hv_map` as written there (fix_mirror_padding, bbox +-2 crop, centre of mass
-    rounded
-    half up, grid from 1, per-side normalisation), one instance at a time. The map is zero-padded first so the
-    expanded boxes never leave the array, as the official code relies on its own padding."""
+    rounded half up, grid from 1, per-side normalisation), one instance at a time. The map is zero-padded
+    first so the expanded boxes never leave the array, as the official code relies on its own padding."""
     pad = 3
     ann = np.pad(inst.astype(np.int64), pad)
     # fix_mirror_padding: every extra 4-connected piece of an id gets a new id.
