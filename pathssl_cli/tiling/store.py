@@ -33,13 +33,39 @@ _INT_COLUMNS = ("level", "x", "y", "size")
 _FLOAT_COLUMNS = ("mpp", "tissue")
 
 
+_BLOCK = 512
+
+
+def _ustar_header(name: str, size: int) -> bytes:
+    """A POSIX ustar member header (regular file, mode 644, mtime 0).
+
+    Written by hand because tarfile's generic header code costs more than encoding the JPEG itself;
+    `iter_shard` reads shards back with the standard library, which the tests use as the reference.
+    """
+    encoded = name.encode()
+    if len(encoded) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name}")
+    header = bytearray(_BLOCK)
+    header[0 : len(encoded)] = encoded
+    header[100:108] = b"0000644\0"  # mode
+    header[108:116] = b"0000000\0"  # uid
+    header[116:124] = b"0000000\0"  # gid
+    header[124:136] = b"%011o\0" % size
+    header[136:148] = b"00000000000\0"  # mtime 0: same tiles, same bytes
+    header[148:156] = b" " * 8  # checksum field counts as spaces while summing
+    header[156:157] = b"0"  # regular file
+    header[257:265] = b"ustar\x0000"
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
 def slide_id(path: str | Path) -> str:
     """Readable, unique, dot-free id: the file stem plus a hash of the absolute path.
 
     The hash keeps `a/slide.svs` and `b/slide.svs` apart; the stem keeps ids readable.
     """
     path = Path(path).resolve()
-    stem = re.sub(r"[^A-Za-z0-9-]+", "-", path.name.split(".")[0]).strip("-")[:60] or "slide"
+    stem = re.sub(r"[^A-Za-z0-9-]+", "-", path.name.split(".")[0]).strip("-")[:40] or "slide"  # tar names <= 100
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
     return f"{stem}-{digest}"
 
@@ -142,7 +168,7 @@ class SlideShardWriter:
         self.tiles_per_shard = tiles_per_shard
         self.rows: list[dict[str, Any]] = []
         self._finished: list[tuple[Path, Path]] = []  # (partial, final)
-        self._tar: tarfile.TarFile | None = None
+        self._shard_open = False
         self._in_shard = 0
         (store_dir / "shards").mkdir(parents=True, exist_ok=True)
         (store_dir / "parts").mkdir(parents=True, exist_ok=True)
@@ -152,19 +178,16 @@ class SlideShardWriter:
         final = self.store_dir / "shards" / f"{self.slide}-{index:05d}.tar"
         partial = final.with_name(f".{final.name}.partial")
         self._file = open(partial, "wb")  # noqa: SIM115 - closed in close_shard
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._shard_open = True
         self._finished.append((partial, final))
         self._in_shard = 0
 
     def _add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mode = 0o644
-        info.mtime = 0  # reproducible shards: same tiles, same bytes
-        self._tar.addfile(info, io.BytesIO(data))  # type: ignore[union-attr]
+        pad = -len(data) % _BLOCK
+        self._file.write(_ustar_header(name, len(data)) + data + b"\0" * pad)
 
     def add(self, jpeg: bytes, row: dict[str, Any]) -> None:
-        if self._tar is None or self._in_shard >= self.tiles_per_shard:
+        if not self._shard_open or self._in_shard >= self.tiles_per_shard:
             self.close_shard()
             self._open_next()
         shard = f"shards/{self._finished[-1][1].name}"
@@ -175,12 +198,12 @@ class SlideShardWriter:
         self._in_shard += 1
 
     def close_shard(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
+        if self._shard_open:
+            self._file.write(b"\0" * (2 * _BLOCK))  # end-of-archive marker
             self._file.flush()
             os.fsync(self._file.fileno())  # the bytes are on disk before the rename publishes them
             self._file.close()
-            self._tar = None
+            self._shard_open = False
 
     def commit(self) -> list[dict[str, Any]]:
         """Publish the shards, then the part file that marks the slide complete; returns its rows."""
