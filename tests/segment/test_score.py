@@ -75,6 +75,23 @@ def test_table_output_and_single_files(tmp_path: Path, capsys: pytest.CaptureFix
     assert "pq" in table.splitlines()[0] and "mean" in table
 
 
+def test_predict_output_folder_is_read_from_maps(tmp_path: Path) -> None:
+    true, pred = _maps(5)
+    np.save(tmp_path / "x.npy", true)
+    out = tmp_path / "predictions"
+    (out / "maps").mkdir(parents=True)
+    (out / "instances").mkdir()
+    np.save(out / "maps" / "x.npy", pred)
+    np.save(out / "maps" / ".x.scratch.npy", np.zeros((3, 3)))  # an unfinished write: hidden, ignored
+    (out / "instances" / "x.json").write_text("[]")
+    result = run_score(tmp_path / "x.npy", out / "maps")
+    assert result["per_image"][0]["pq"] == pytest.approx(instance_stats(true, pred)["pq"])
+    truth_dir = tmp_path / "truth"
+    truth_dir.mkdir()
+    np.save(truth_dir / "x.npy", true)
+    assert run_score(truth_dir, out)["per_image"][0]["name"] == "x"
+
+
 def test_errors_are_spec_errors_naming_the_file(tmp_path: Path) -> None:
     true_dir, pred_dir, _ = _generic_folders(tmp_path)
     np.save(true_dir / "c.npy", np.zeros((40, 40), np.int32))  # no prediction named c
