@@ -125,18 +125,9 @@ def _is_pyramid(path: Path) -> bool:
 
 # ------------------------------------------------------------------------------------------------ inference
 @torch.no_grad()
-def predict_window(
-    model: torch.nn.Module,
-    reader: ImageReader | SlideReader,
-    top: int,
-    left: int,
-    height: int,
-    width: int,
-    *,
-    batch_size: int = 8,
-    device: torch.device | str = "cpu",
-    precision: str = "fp32",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def predict_window(model: torch.nn.Module, reader: ImageReader | SlideReader, top: int, left: int,
+                   height: int, width: int, *, batch_size: int = 8, device: torch.device | str = "cpu",
+                   precision: str = "fp32") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Network outputs for the window [top, top+height) x [left, left+width) of `reader`.
 
     `top` and `left` must be multiples of the model's output size (the global tile grid). Returns np_prob
@@ -151,9 +142,8 @@ def predict_window(
     positions = [(r * out_size, c * out_size) for r in range(rows) for c in range(cols)]
     for start in range(0, len(positions), batch_size):
         chunk = positions[start : start + batch_size]
-        patches = np.stack(
-            [reader.read(top + r - margin, left + c - margin, in_size, in_size) for r, c in chunk]
-        )
+        patches = np.stack([reader.read(top + r - margin, left + c - margin, in_size, in_size)
+                            for r, c in chunk])
         x = torch.from_numpy(patches).to(device).permute(0, 3, 1, 2).float().div_(255.0)
         with autocast(device, precision):  # type: ignore[arg-type]
             out = model(x)
@@ -168,11 +158,8 @@ def predict_window(
             if tp_out is not None and tp is not None:
                 tp_out[:, r : r + out_size, c : c + out_size] = tp[k]
     crop = (slice(0, height), slice(0, width))
-    return (
-        np_out[crop],
-        hv_out[(slice(None), *crop)],
-        None if tp_out is None else tp_out[(slice(None), *crop)],
-    )
+    tp_crop = None if tp_out is None else tp_out[(slice(None), *crop)]
+    return np_out[crop], hv_out[(slice(None), *crop)], tp_crop
 
 
 @dataclass(frozen=True)
@@ -195,18 +182,8 @@ def plan_chunks(height: int, width: int, chunk_size: int, margin: int, out_size:
     for top in range(0, height, size):
         for left in range(0, width, size):
             bottom, right = min(top + size, height), min(left + size, width)
-            chunks.append(
-                Chunk(
-                    top,
-                    left,
-                    bottom,
-                    right,
-                    max(top - margin, 0),
-                    max(left - margin, 0),
-                    min(bottom + margin, height),
-                    min(right + margin, width),
-                )
-            )
+            chunks.append(Chunk(top, left, bottom, right, max(top - margin, 0), max(left - margin, 0),
+                                min(bottom + margin, height), min(right + margin, width)))
     return chunks
 
 
@@ -245,24 +222,12 @@ class _JsonListWriter:
         self.fh.write(self.tail)
 
 
-def segment_image(
-    model: torch.nn.Module,
-    reader: ImageReader | SlideReader,
-    out_dir: Path,
-    name: str,
-    *,
-    chunk_size: int = 2048,
-    chunk_margin: int = 64,
-    batch_size: int = 8,
-    device: torch.device | str = "cpu",
-    precision: str = "fp32",
-    map_format: str = "npy",
-    overlay: bool = True,
-    overlay_max_px: int = 8192,
-    type_names: list[str] | None = None,
-    postprocess: Callable[..., tuple[np.ndarray, dict[int, Any]]] | None = None,
-    postprocess_kwargs: dict[str, Any] | None = None,
-) -> PredictOutputs:
+def segment_image(model: torch.nn.Module, reader: ImageReader | SlideReader, out_dir: Path, name: str, *,
+                  chunk_size: int = 2048, chunk_margin: int = 64, batch_size: int = 8,
+                  device: torch.device | str = "cpu", precision: str = "fp32", map_format: str = "npy",
+                  overlay: bool = True, overlay_max_px: int = 8192, type_names: list[str] | None = None,
+                  postprocess: Callable[..., tuple[np.ndarray, dict[int, Any]]] | None = None,
+                  postprocess_kwargs: dict[str, Any] | None = None) -> PredictOutputs:
     """Segment the nuclei of one image/region into `out_dir`: maps/<name>.{npy|tif} (int32 instance ids),
     instances/<name>.json (id, bbox, centroid x/y, contour, type, type_prob per nucleus),
     geojson/<name>.geojson (QuPath detections) and overlays/<name>.png (contours coloured by type).
@@ -278,19 +243,10 @@ def segment_image(
     height, width = reader.height, reader.width
     chunks = plan_chunks(height, width, chunk_size, chunk_margin, model.output_size)
     scale = min(1.0, overlay_max_px / max(height, width))
-    canvas = (
-        np.zeros((max(1, round(height * scale)), max(1, round(width * scale)), 3), np.uint8)
-        if overlay
+    canvas = np.zeros((max(1, round(height * scale)), max(1, round(width * scale)), 3), np.uint8) if overlay \
         else None
-    )
     map_path, json_path, geojson_path, overlay_path = output_paths(out_dir, name, map_format)
-    paths = PredictOutputs(
-        map_path,
-        json_path,
-        geojson_path,
-        overlay_path if overlay else None,
-        0,
-    )
+    paths = PredictOutputs(map_path, json_path, geojson_path, overlay_path if overlay else None, 0)
     next_id = 1
     (out_dir / "maps").mkdir(parents=True, exist_ok=True)
     # The .npy is the map itself, or (for .tif) a hidden scratch file converted tile by tile at the end.
@@ -306,22 +262,9 @@ def segment_image(
             with progress(total=len(chunks), desc=name, unit="chunk") as bar:
                 for chunk in chunks:
                     next_id = _segment_chunk(
-                        model,
-                        reader,
-                        chunk,
-                        npy_tmp,
-                        next_id,
-                        records,
-                        features,
-                        canvas,
-                        scale,
-                        type_names,
-                        postprocess,
-                        postprocess_kwargs or {},
-                        batch_size=batch_size,
-                        device=device,
-                        precision=precision,
-                    )
+                        model, reader, chunk, npy_tmp, next_id, records, features, canvas, scale, type_names,
+                        postprocess, postprocess_kwargs or {}, batch_size=batch_size, device=device,
+                        precision=precision)
                     bar.update(1)
             records.close()
             features.close()
@@ -338,77 +281,58 @@ def segment_image(
     return paths
 
 
-def _segment_chunk(
-    model: torch.nn.Module,
-    reader: ImageReader | SlideReader,
-    chunk: Chunk,
-    npy_path: Path,
-    next_id: int,
-    records: _JsonListWriter,
-    features: _JsonListWriter,
-    canvas: np.ndarray | None,
-    scale: float,
-    type_names: list[str] | None,
-    postprocess: Any,
-    pp_kwargs: dict[str, Any],
-    **infer: Any,
-) -> int:
-    c = chunk
-    np_prob, hv, tp = predict_window(
-        model, reader, c.win_top, c.win_left, c.win_bottom - c.win_top, c.win_right - c.win_left, **infer
-    )
+def _segment_chunk(model: torch.nn.Module, reader: ImageReader | SlideReader, c: Chunk, npy_path: Path,
+                   next_id: int, records: _JsonListWriter, features: _JsonListWriter,
+                   canvas: np.ndarray | None, scale: float, type_names: list[str] | None, postprocess: Any,
+                   pp_kwargs: dict[str, Any], **infer: Any) -> int:
+    """Predict and post-process one chunk's window, keep the instances whose centroid lies in its core,
+    give them global ids and append them to every output. Returns the next free id."""
+    np_prob, hv, tp = predict_window(model, reader, c.win_top, c.win_left, c.win_bottom - c.win_top,
+                                     c.win_right - c.win_left, **infer)
     local, instances = postprocess(np_prob, hv, tp, **pp_kwargs)
-    owned = [
-        inst
-        for inst in instances.values()
-        if c.top <= inst.centroid[1] + c.win_top < c.bottom
-        and c.left <= inst.centroid[0] + c.win_left < c.right
-    ]
+    owned = [inst for inst in instances.values()
+             if c.top <= inst.centroid[1] + c.win_top < c.bottom
+             and c.left <= inst.centroid[0] + c.win_left < c.right]
     # Reopened per chunk so only this window's pages are ever resident: RSS bounded by the chunk.
     inst_map = np.load(npy_path, mmap_mode="r+")
     window = inst_map[c.win_top : c.win_bottom, c.win_left : c.win_right]
-    lookup = np.zeros(len(instances) + 1, np.int32)
+    n_local = int(local.max(initial=0))
+    is_owned = np.zeros(n_local + 1, bool)
+    is_owned[[inst.id for inst in owned]] = True
+    writable = is_owned[local] & (window == 0)
+    # Pixels already written by an earlier chunk's instance stay with it. An owned instance that would get
+    # less than half of its pixels is that same nucleus segmented again (its centroid moved across the core
+    # border between the two windows): it is dropped, so no nucleus is listed twice.
+    free_px = np.bincount(local[writable], minlength=n_local + 1)
+    all_px = np.bincount(local.ravel(), minlength=n_local + 1)
+    owned = [inst for inst in owned if 2 * free_px[inst.id] >= all_px[inst.id]]
+    lookup = np.zeros(n_local + 1, np.int32)
     for inst in owned:
         lookup[inst.id] = next_id
         inst_id, r0, c0, r1, c1 = next_id, *inst.bbox
         contour = inst.contour + np.array([c.win_left, c.win_top])
-        type_name = (
-            None
-            if inst.type is None
-            else (type_names[inst.type] if type_names and inst.type < len(type_names) else str(inst.type))
-        )
-        records.add(
-            {
-                "id": inst_id,
-                "bbox": [r0 + c.win_top, c0 + c.win_left, r1 + c.win_top, c1 + c.win_left],
-                "centroid": [inst.centroid[0] + c.win_left, inst.centroid[1] + c.win_top],
-                "contour": contour.tolist(),
-                "type": inst.type,
-                "type_name": type_name,
-                "type_prob": inst.type_prob,
-            }
-        )
+        type_name = None if inst.type is None else (
+            type_names[inst.type] if type_names and inst.type < len(type_names) else str(inst.type))
+        bbox = [r0 + c.win_top, c0 + c.win_left, r1 + c.win_top, c1 + c.win_left]
+        records.add({"id": inst_id, "bbox": bbox,
+                     "centroid": [inst.centroid[0] + c.win_left, inst.centroid[1] + c.win_top],
+                     "contour": contour.tolist(), "type": inst.type, "type_name": type_name,
+                     "type_prob": inst.type_prob})
         ring = contour.tolist() + contour[:1].tolist()
         colour = TYPE_COLOURS[(inst.type or 0) % len(TYPE_COLOURS)]
         properties: dict[str, Any] = {"objectType": "detection", "id": inst_id}
         if type_name is not None:
             properties["classification"] = {"name": type_name, "color": list(colour)}
         if len(ring) >= 4:
-            features.add(
-                {
-                    "type": "Feature",
-                    "id": str(inst_id),
-                    "geometry": {"type": "Polygon", "coordinates": [ring]},
-                    "properties": properties,
-                }
-            )
+            features.add({"type": "Feature", "id": str(inst_id), "properties": properties,
+                          "geometry": {"type": "Polygon", "coordinates": [ring]}})
         if canvas is not None:
             pts = np.round(contour * scale).astype(np.int32).reshape(-1, 1, 2)
             cv2.polylines(canvas, [pts], True, colour, 1)
         next_id += 1
     new = lookup[local]
-    free = window == 0
-    window[free] = new[free]
+    writable &= new > 0
+    window[writable] = new[writable]
     inst_map.flush()
     del window, inst_map
     if canvas is not None:
@@ -467,9 +391,8 @@ def run_segment_predict(spec: SegmentSpec) -> dict[str, Any]:
         raise SpecError(f"predict.inputs {p.inputs} matches no file; give image or slide paths or globs")
     model_path = default_model_path(spec)
     if not model_path.exists():
-        raise SpecError(
-            f"no trained model at {model_path}: run `pathssl segment train` first or set model.checkpoint"
-        )
+        raise SpecError(f"no trained model at {model_path}: run `pathssl segment train` first or set "
+                        "model.checkpoint")
     device = resolve_device(spec.run.device)
     precision = spec.run.precision if device.type == "cuda" else "fp32"
     model = load_model(model_path, device)
@@ -484,34 +407,16 @@ def run_segment_predict(spec: SegmentSpec) -> dict[str, Any]:
                 continue
             try:
                 reader = open_reader(path, p.region)
-                outputs = segment_image(
-                    model,
-                    reader,
-                    out_dir,
-                    path.stem,
-                    chunk_size=p.chunk_size,
-                    chunk_margin=p.chunk_margin,
-                    batch_size=p.batch_size,
-                    device=device,
-                    precision=precision,
-                    map_format=p.map_format,
-                    overlay=p.overlay,
-                    overlay_max_px=p.overlay_max_px,
-                    type_names=type_names,
-                )
+                outputs = segment_image(model, reader, out_dir, path.stem, chunk_size=p.chunk_size,
+                                        chunk_margin=p.chunk_margin, batch_size=p.batch_size, device=device,
+                                        precision=precision, map_format=p.map_format, overlay=p.overlay,
+                                        overlay_max_px=p.overlay_max_px, type_names=type_names)
             except (PathsslError, OSError, ValueError) as exc:  # one bad input must not stop the others
                 failed.append(f"{path}: {exc}")
                 continue
-            results.append(
-                {
-                    "input": str(path),
-                    "instances": outputs.count,
-                    "inst_map": str(outputs.inst_map),
-                    "json": str(outputs.instances),
-                    "geojson": str(outputs.geojson),
-                    "overlay": str(outputs.overlay) if outputs.overlay else None,
-                }
-            )
+            results.append({"input": str(path), "instances": outputs.count, "inst_map": str(outputs.inst_map),
+                            "json": str(outputs.instances), "geojson": str(outputs.geojson),
+                            "overlay": str(outputs.overlay) if outputs.overlay else None})
             info(f"{path}: {outputs.count} nuclei -> {outputs.inst_map}")
         summary = {"outputs": results, "instances": sum(r["instances"] for r in results), "failed": failed}
         run.write_json("predict_summary.json", summary)
