@@ -170,7 +170,8 @@ class LevelReader:
 
     def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         """RGB uint8 region at this level; pixels outside the level are white."""
-        out = np.full((height, width, 3), 255, np.uint8)
+        inside = x >= 0 and y >= 0 and x + width <= self.width and y + height <= self.height
+        out = np.empty((height, width, 3), np.uint8) if inside else np.full((height, width, 3), 255, np.uint8)
         x_end, y_end = min(x + width, self.width), min(y + height, self.height)
         for row in range(max(y, 0) // self.tile_h, (y_end - 1) // self.tile_h + 1 if y_end > 0 else 0):
             ty = row * self.tile_h

@@ -56,6 +56,25 @@ class TissueMask:
         return float(total / ((y1 - y0) * (x1 - x0)))
 
 
+    def grid_fractions(self, xs: np.ndarray, ys: np.ndarray, extent: float) -> np.ndarray:
+        """`fraction` of every square (x, y, extent, extent) for x in `xs`, y in `ys`: shape (len(ys), len(xs))."""
+        h, w = self.mask.shape
+
+        def bounds(starts: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            starts = np.asarray(starts, np.float64)
+            lo = np.clip(np.round(starts / self.scale), 0, size).astype(np.int64)
+            hi = np.clip(np.maximum(np.round((starts + extent) / self.scale), lo + 1), None, size).astype(np.int64)
+            valid = (starts + extent > 0) & (starts < size * self.scale) & (hi > lo)
+            return lo, hi, valid
+
+        x0, x1, x_ok = bounds(xs, w)
+        y0, y1, y_ok = bounds(ys, h)
+        s = self._integral
+        total = s[y1][:, x1] - s[y0][:, x1] - s[y1][:, x0] + s[y0][:, x0]
+        area = np.maximum((y1 - y0)[:, None] * (x1 - x0)[None, :], 1)
+        return np.where(y_ok[:, None] & x_ok[None, :], total / area, 0.0)
+
+
 def detect_tissue(rgb: np.ndarray, mpp: float) -> np.ndarray:
     """Boolean tissue mask of an RGB image at `mpp` µm/px (a thumbnail)."""
     saturation = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]

@@ -44,3 +44,14 @@ def test_fraction_equals_brute_force() -> None:
         expected = mask[y0 : y0 + h, x0 : x0 + w].mean()
         assert abs(tm.fraction(x0 * 8, y0 * 8, w * 8, h * 8) - expected) < 1e-12
     assert tm.fraction(-1000, -1000, 10, 10) == 0.0
+
+
+def test_grid_fractions_equal_scalar_fractions() -> None:
+    rng = np.random.default_rng(2)
+    mask = rng.random((30, 50)) > 0.4
+    tm = TissueMask(mask, scale=7.3, thumbnail=np.zeros((30, 50, 3), np.uint8))
+    xs = np.array([-100, 0, 13, 200, 355, 364, 400])
+    ys = np.array([-60, 0, 41, 150, 210, 219])
+    grid = tm.grid_fractions(xs, ys, 33.5)
+    expected = np.array([[tm.fraction(x, y, 33.5, 33.5) for x in xs] for y in ys])
+    np.testing.assert_allclose(grid, expected, atol=1e-12)
