@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import scipy.io as sio
+import tifffile
 from click.testing import CliRunner
 
 from pathssl_cli.cli import cli
@@ -151,6 +152,8 @@ def test_consep_loader_round_trip(shared_data: Path, tmp_path: Path) -> None:
         assert np.array_equal(inst, label.inst_map) and np.array_equal(types, label.type_map)
         cv2.imwrite(str(tmp_path / "x.png"), label.inst_map.astype(np.uint16))
         assert np.array_equal(read_instance_map(tmp_path / "x.png")[0], label.inst_map)
+        tifffile.imwrite(tmp_path / "x.tif", label.inst_map.astype(np.int32))
+        assert np.array_equal(read_instance_map(tmp_path / "x.tif")[0], label.inst_map)
     assert total > 100
 
 
