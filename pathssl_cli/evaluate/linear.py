@@ -37,6 +37,7 @@ from typing import Any, Literal
 import torch
 
 from pathssl_cli.console import info
+from pathssl_cli.distributed import resolve_device
 from pathssl_cli.evaluate.common import frozen_features, write_outputs
 from pathssl_cli.evaluate.metrics import classification_metrics
 from pathssl_cli.evaluate.probe import HeadConfig, ProbeSchedule, steps_for_epochs, train_probes
@@ -131,7 +132,14 @@ def run_linear(spec: LinearSpec) -> dict[str, Any]:
             f"{len(train.targets)} × {train.features.shape[1]} features"
         )
         result = train_probes(
-            train.features, train.targets, val.features, val.targets, num_classes, heads, schedule
+            train.features,
+            train.targets,
+            val.features,
+            val.targets,
+            num_classes,
+            heads,
+            schedule,
+            device=resolve_device(spec.run.device),
         )
         for entry in result.history:
             run.metrics.log(entry.step, train_loss=entry.train_loss, val_best_of_sweep=max(entry.val))

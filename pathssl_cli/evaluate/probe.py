@@ -58,7 +58,7 @@ class EvalPoint:
     every head's validation score."""
 
     step: int
-    train_loss: float
+    train_loss: float  # mean over heads of each head's minibatch loss
     val: list[float]
 
 
@@ -74,9 +74,7 @@ class ProbeResult:
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """(G, N, C) logits of every head."""
-        return torch.baddbmm(
-            self.bias[:, None, :], features.float().expand(len(self.weight), -1, -1), self.weight
-        )
+        return all_head_logits(features, self.weight, self.bias)
 
 
 def lr_factors(schedule: ProbeSchedule) -> np.ndarray:
@@ -102,6 +100,13 @@ def selection_metric(
     return recall[:, present].mean(dim=1)
 
 
+def all_head_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """(G, N, C) logits of every head from one (N, D) × (D, G·C) matrix product."""
+    g_count, dim, num_classes = weight.shape
+    flat = features.float() @ weight.permute(1, 0, 2).reshape(dim, g_count * num_classes)
+    return flat.view(-1, g_count, num_classes).permute(1, 0, 2) + bias[:, None, :]
+
+
 def train_probes(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -111,53 +116,64 @@ def train_probes(
     heads: list[HeadConfig],
     schedule: ProbeSchedule,
     desc: str = "linear probes",
+    device: torch.device | str = "cpu",
 ) -> ProbeResult:
     """Train every head in `heads` for `schedule.steps` minibatch steps; keep each head's best-by-val weights.
 
-    train_x: (N, D) float features, train_y: (N,) int64. Each head draws its own random permutation of the
-    training set every epoch (from its seed), so seeds differ both in initialisation and in data order.
+    train_x: (N, D) float features, train_y: (N,) int64. The heads of one seed share that seed's
+    initialisation and its minibatch order (a fresh permutation every epoch), so within a seed only lr and
+    weight decay differ, and seeds differ in both. Sharing the order lets one (B, D) × (D, H·C) product serve
+    all H heads of a seed, instead of copying a minibatch per head. Every seed must have the same heads.
     """
+    device = torch.device(device)
     n, dim = train_x.shape
-    g_count = len(heads)
-    train_x, val_x = train_x.float(), val_x.float()
-    train_y, val_y = train_y.long(), val_y.long()
+    seeds = list(dict.fromkeys(h.seed for h in heads))
+    groups = [[g for g, h in enumerate(heads) if h.seed == seed] for seed in seeds]
+    per_seed = len(groups[0])
+    if any(len(group) != per_seed for group in groups):
+        raise ValueError("every seed needs the same number of heads (a full lr × weight-decay grid per seed)")
+    # Work in seed-major order (head j of seed s at s * per_seed + j); `back` restores the caller's order.
+    order_of = torch.tensor([g for group in groups for g in group])
+    back = torch.argsort(order_of)
+    g_count, s_count = len(heads), len(seeds)
+    train_x, val_x = train_x.float().to(device), val_x.float().to(device)
+    train_y, val_y = train_y.long().to(device), val_y.long().to(device)
     batch = min(schedule.batch_size, n)
 
-    weight = torch.empty(g_count, dim, num_classes)
-    bias = torch.zeros(g_count, num_classes)
-    generators = []
-    for g, head in enumerate(heads):
-        gen = torch.Generator().manual_seed(head.seed)
-        weight[g] = torch.randn(dim, num_classes, generator=gen) * 0.01
-        generators.append(gen)
-    lr = torch.tensor([h.lr for h in heads], dtype=torch.float32)
-    wd = torch.tensor([h.weight_decay for h in heads], dtype=torch.float32)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    init = torch.stack([torch.randn(dim, num_classes, generator=gen) * 0.01 for gen in generators])
+    weight = init.repeat_interleave(per_seed, dim=0).to(device)  # (G, D, C), seed-major
+    bias = torch.zeros(g_count, num_classes, device=device)
+    lr = torch.tensor([heads[g].lr for g in order_of.tolist()], dtype=torch.float32, device=device)
+    wd = torch.tensor([heads[g].weight_decay for g in order_of.tolist()], dtype=torch.float32, device=device)
     factors = lr_factors(schedule)
 
     state_w = [torch.zeros_like(weight), torch.zeros_like(weight)]  # SGD: buf; AdamW: m, v
     state_b = [torch.zeros_like(bias), torch.zeros_like(bias)]
     best_w, best_b = weight.clone(), bias.clone()
-    best_val = torch.full((g_count,), -1.0)
-    best_step = torch.zeros(g_count, dtype=torch.long)
+    best_val = torch.full((g_count,), -1.0, device=device)
+    best_step = torch.zeros(g_count, dtype=torch.long, device=device)
     history: list[EvalPoint] = []
 
-    order = torch.empty(g_count, 0, dtype=torch.long)
+    order = torch.empty(s_count, 0, dtype=torch.long)
     weight.requires_grad_(True)
     bias.requires_grad_(True)
     with progress(total=schedule.steps, desc=desc, unit="step") as bar:
         for step in range(schedule.steps):
             if order.shape[1] < batch:
-                # A fresh epoch: each head's own permutation, appended so that no sample is skipped.
+                # A fresh epoch per seed, appended so that no sample is skipped at the epoch boundary.
                 fresh = torch.stack([torch.randperm(n, generator=gen) for gen in generators])
                 order = torch.cat([order, fresh], dim=1)
-            idx, order = order[:, :batch], order[:, batch:]
-            logits = torch.baddbmm(bias[:, None, :], train_x[idx], weight)  # (G, B, C)
+            idx, order = order[:, :batch].to(device), order[:, batch:]
+            grouped_w = weight.view(s_count, per_seed, dim, num_classes).permute(0, 2, 1, 3)
+            logits = torch.bmm(train_x[idx], grouped_w.reshape(s_count, dim, per_seed * num_classes))
+            logits = logits.view(s_count, batch, per_seed, num_classes) + bias.view(s_count, 1, per_seed, -1)
+            targets = train_y[idx][:, :, None].expand(-1, -1, per_seed)
+            # Sum over heads of each head's mean loss: every head gets exactly its own gradient.
             loss = (
-                F.cross_entropy(logits.reshape(-1, num_classes), train_y[idx].reshape(-1), reduction="none")
-                .view(g_count, -1)
-                .mean(dim=1)
+                F.cross_entropy(logits.reshape(-1, num_classes), targets.reshape(-1), reduction="sum") / batch
             )
-            grad_w, grad_b = torch.autograd.grad(loss.sum(), [weight, bias])
+            grad_w, grad_b = torch.autograd.grad(loss, [weight, bias])
             step_lr = lr * float(factors[step])
             with torch.no_grad():
                 _update(weight, grad_w, state_w, step_lr, wd, step, schedule)
@@ -165,17 +181,24 @@ def train_probes(
             last = step + 1 == schedule.steps
             if (step + 1) % schedule.eval_every == 0 or last:
                 with torch.no_grad():
-                    val_logits = torch.baddbmm(bias[:, None, :], val_x.expand(g_count, -1, -1), weight)
+                    val_logits = all_head_logits(val_x, weight, bias)
                     score = selection_metric(val_logits, val_y, num_classes, schedule.select_by)
                     improved = score > best_val
                     best_w[improved] = weight[improved]
                     best_b[improved] = bias[improved]
                     best_val = torch.where(improved, score, best_val)
                     best_step = torch.where(improved, torch.full_like(best_step, step + 1), best_step)
-                history.append(EvalPoint(step + 1, loss.detach().mean().item(), score.tolist()))
+                history.append(EvalPoint(step + 1, loss.item() / g_count, score[back.to(device)].tolist()))
                 bar.set_postfix(val_best=f"{best_val.max().item():.4f}")
             bar.update(1)
-    return ProbeResult(weight=best_w, bias=best_b, best_val=best_val, best_step=best_step, history=history)
+    back = back.to(device)
+    return ProbeResult(
+        weight=best_w[back].cpu(),
+        bias=best_b[back].cpu(),
+        best_val=best_val[back].cpu(),
+        best_step=best_step[back].cpu(),
+        history=history,
+    )
 
 
 def _update(

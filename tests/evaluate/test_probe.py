@@ -63,10 +63,12 @@ def test_batched_heads_equal_independent_torch_optim_runs(optimizer: str) -> Non
     torch.manual_seed(0)
     x = torch.randn(50, 6)
     y = torch.randint(0, 3, (50,))
+    # Two seeds with two heads each, interleaved, so the seed grouping and the order restoring are exercised.
     heads = [
         HeadConfig(lr=0.1, weight_decay=0.0, seed=1),
-        HeadConfig(lr=0.03, weight_decay=0.01, seed=2),
-        HeadConfig(lr=0.5, weight_decay=1e-3, seed=3),
+        HeadConfig(lr=0.5, weight_decay=1e-3, seed=2),
+        HeadConfig(lr=0.03, weight_decay=0.01, seed=1),
+        HeadConfig(lr=0.2, weight_decay=0.0, seed=2),
     ]
     # 16 steps of 8 = 128 samples: crosses epoch boundaries (50) mid-batch; eval only at the very end so the
     # kept weights are the final ones.
