@@ -109,10 +109,12 @@ def main() -> None:
         f"{args.workers} workers, torch threads {torch.get_num_threads()}, {args.rounds} rounds (medians)"
     )
     print(
-        f"  bare inference (tensors in memory): {bare_median:8.1f} img/s  rounds {[round(r) for r in bare_rates]}"
+        f"  bare inference (tensors in memory): {bare_median:8.1f} img/s, rounds "
+        f"{[round(r) for r in bare_rates]}"
     )
     print(
-        f"  extract() from JPEG files:          {pipe_median:8.1f} img/s  rounds {[round(r) for r in pipe_rates]}"
+        f"  extract() from JPEG files:          {pipe_median:8.1f} img/s, rounds "
+        f"{[round(r) for r in pipe_rates]}"
     )
     print(f"  ratio extract / bare = {pipe_median / bare_median:.3f} (target >= 0.80)")
 

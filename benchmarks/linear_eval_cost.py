@@ -5,7 +5,7 @@ heads, 100 epochs each — costs at most 1.5× extracting the features once.
 
 Measured in one process on the same synthetic ImageFolder (JPEG tiles, train/val/test):
 1. one-time extraction: `frozen_features` into an empty cache (train, val and test splits);
-2. the whole evaluation: `run_linear` into another empty cache (extraction + all 36 heads + scoring + outputs);
+2. the whole evaluation: `run_linear` into another empty cache (extraction, all 36 heads, scoring, outputs);
 3. the alternative without a cache, re-running the frozen backbone on every epoch: one such epoch (backbone
    over train and val + one linear head's steps) is timed, and the whole sweep is extrapolated as
    epoch × epochs × heads, since each head then needs its own pass (a shared pass for all heads of one seed
