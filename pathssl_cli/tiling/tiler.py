@@ -65,6 +65,7 @@ class SlideResult:
     fix: str = ""
     seconds: float = 0.0
     copied: int = 0  # tiles whose compressed bytes were passed through unchanged
+    notes: list[str] = field(default_factory=list)  # fields of view this slide cannot give, and why
 
 
 def _encode(rgb: np.ndarray, quality: int) -> bytes:
@@ -90,10 +91,6 @@ def _tile_field_of_view(slide: Any, path: Path, sid: str, base_mpp: float, targe
     reader = LevelReader(slide, choice.level)
     step = choice.read_size
     n_cols, n_rows = reader.width // step, reader.height // step
-    if n_cols == 0 or n_rows == 0:
-        raise SlideError(f"slide smaller than one {settings.size} px tile at {target} µm/px "
-                         f"({reader.width}x{reader.height} px at level {choice.level})",
-                         "drop this slide or choose a smaller tiles.size / finer tiles.mpp")
     ds = choice.downsample
     extent0 = step * ds  # one tile's side in level-0 pixels
     # Copy compressed tiles through when an output tile is exactly one internal tile.
@@ -152,6 +149,27 @@ def _write_qc(path: Path, mask: TissueMask, boxes_per_fov: list[list[tuple]]) ->
         atomic_write(path, png.tobytes())
 
 
+def _feasible_fields_of_view(slide: Any, base_mpp: float, settings: TileSettings, result: SlideResult) -> list[float]:
+    """The targets this slide can give; the others are noted (a 20x scan has no 40x tiles). None → SlideError."""
+    feasible, reasons = [], []
+    for target in settings.mpps:
+        try:
+            choice = choose_level(base_mpp, tuple(slide.level_downsamples), target, settings.size)
+        except SlideError as exc:
+            reasons.append(exc.reason)
+            continue
+        width, height = slide.level_dimensions[choice.level]
+        if width < choice.read_size or height < choice.read_size:
+            reasons.append(f"slide smaller than one {settings.size} px tile at {target} µm/px "
+                           f"({width}x{height} px at level {choice.level})")
+            continue
+        feasible.append(target)
+    result.notes += reasons
+    if not feasible:
+        raise SlideError("; ".join(reasons), "drop this slide, or choose other tiles.mpp / a smaller tiles.size")
+    return feasible
+
+
 def tile_slide(path: Path, csv_mpp: float | None, settings: TileSettings) -> SlideResult:
     """Tile one slide completely, or record why not. Never raises for a bad slide."""
     started = time.perf_counter()
@@ -168,12 +186,13 @@ def tile_slide(path: Path, csv_mpp: float | None, settings: TileSettings) -> Sli
     try:
         slide = open_slide(path)
         base_mpp = csv_mpp if csv_mpp is not None else slide_mpp(slide, settings.mpp_override, path)[0]
+        targets = _feasible_fields_of_view(slide, base_mpp, settings, result)
         mask = tissue_mask(slide, base_mpp)
         if not mask.mask.any():
-            raise SlideError("no tissue found", "check the slide; if the tissue is very pale, lower tiles.min_tissue "
-                             "will not help: the tissue detector found no stained region")
+            raise SlideError("no tissue found", "check that the slide holds stained tissue: the detector (HSV "
+                             "saturation, Otsu) found no stained region")
         boxes_per_fov = []
-        for target in settings.mpps:
+        for target in targets:
             written, copied, boxes = _tile_field_of_view(slide, path, sid, base_mpp, target, mask, settings, writer)
             result.tiles[str(target)] = written
             result.copied += copied

@@ -125,14 +125,17 @@ def test_bad_slides_are_reported_and_others_complete(tmp_path: Path, synthetic_s
     from pathssl_cli.synthetic import write_synthetic_slide
 
     write_synthetic_slide(empty, width=256, height=256, mpp=1.0, tile_size=128, n_levels=1, tissue_fraction=0.0001)
+    tiny = tmp_path / "tiny.tif"
+    write_synthetic_slide(tiny, width=112, height=112, mpp=1.0, tile_size=16, n_levels=1, tissue_fraction=0.9)
     slides = [str(synthetic_slide.path), str(truncated), str(slide_without_mpp.path), str(empty),
-              str(tmp_path / "missing.svs")]
-    spec = load_spec(write_spec(tmp_path, slides, tmp_path / "store"))
-    with pytest.raises(WorkFailed, match="4 of 5 slide"):
+              str(tmp_path / "missing.svs"), str(tiny)]
+    spec = load_spec(write_spec(tmp_path, slides, tmp_path / "store"))  # 64 px at 2 µm/px: 128 µm > 112 µm
+    with pytest.raises(WorkFailed, match="5 of 6 slide"):
         run_tile(spec)
     with (tmp_path / "store" / "errors.csv").open() as fh:
         errors = {Path(r["slide"]).name: r for r in csv.DictReader(fh)}
-    assert set(errors) == {"truncated.tif", "nompp.tif", "empty.tif", "missing.svs"}
+    assert set(errors) == {"truncated.tif", "nompp.tif", "empty.tif", "missing.svs", "tiny.tif"}
+    assert "smaller than one 64 px tile at 2.0 µm/px" in errors["tiny.tif"]["error"]
     assert "truncated" in errors["truncated.tif"]["error"] or "cannot open" in errors["truncated.tif"]["error"]
     assert "no MPP" in errors["nompp.tif"]["error"] and "mpp_override" in errors["nompp.tif"]["fix"]
     assert errors["empty.tif"]["error"] == "no tissue found"
@@ -207,13 +210,13 @@ def test_resume_after_kill_gives_the_same_tiles(tmp_path: Path, synthetic_slide,
             break
         except subprocess.TimeoutExpired:
             continue
-    killed = process.poll() is None
-    if killed:
-        os.kill(process.pid, signal.SIGKILL)
+    # Slides remain to tile after the first shard file appears: the run cannot have ended yet.
+    assert process.poll() is None, "the run ended before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    if killed:  # whatever state it left, every published part is consistent
-        if (tmp_path / "store" / "parts").is_dir() and any((tmp_path / "store" / "parts").iterdir()):
-            check_store(tmp_path / "store")
+    # Whatever state it left, every published part is consistent.
+    if (tmp_path / "store" / "parts").is_dir() and any((tmp_path / "store" / "parts").iterdir()):
+        check_store(tmp_path / "store")
     rerun = subprocess.run([sys.executable, "-m", "pathssl_cli", "tile", str(spec)], env=env,
                            capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
@@ -230,3 +233,12 @@ def test_resume_after_kill_gives_the_same_tiles(tmp_path: Path, synthetic_slide,
 def test_shipped_specs_validate(shared_data: Path, name: str) -> None:
     spec = load_spec(Path(__file__).resolve().parents[2] / "specs" / "tile" / name)
     assert spec.kind == "tile" and spec.tiles.mpp_values()
+
+
+def test_field_of_view_finer_than_the_slide_is_skipped_for_that_slide(tmp_path: Path, second_slide) -> None:
+    spec = load_spec(write_spec(tmp_path, [str(second_slide.path)], tmp_path / "store",
+                                tiles={"mpp": ["40x", 2.0], "size": 64}))  # the slide is 1 µm/px: no 0.25
+    summary = run_tile(spec)
+    (slide,) = summary["per_slide"]
+    assert slide["status"] == "done" and set(slide["tiles"]) == {"2.0"} and slide["tiles"]["2.0"] > 0
+    assert "finer than the slide's finest level" in slide["notes"][0]
