@@ -1,0 +1,100 @@
+"""Training-step throughput of the tiny pre-training specs (img/s, medians), fp32 against bf16 autocast.
+
+One step is what `pathssl_cli.pretrain` does per batch: batched views on the device, forward, backward, the
+method's hooks and the optimiser step; the data stream is left out (a fixed uint8 batch) so that the figure is
+the training step's own cost. bf16 is timed in the same run as fp32 (the baseline), so their ratio is meaningful
+on a shared machine.
+
+    python benchmarks/train_step_throughput.py [--methods mocov2 dino] [--steps 10] [--threads 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pathssl_cli.augment.views import BatchViews
+from pathssl_cli.backbones import create_backbone
+from pathssl_cli.distributed import autocast
+from pathssl_cli.methods import create_method
+from pathssl_cli.optim import apply_schedules, build_optimizer, build_schedules
+from pathssl_cli.specs import load_spec
+from pathssl_cli.specs.pretrain import PretrainSpec, view_counts
+from pathssl_cli.synthetic import write_image_folder
+
+SPECS = Path(__file__).resolve().parents[1] / "specs" / "pretrain"
+
+
+def time_steps(spec: PretrainSpec, precision: str, steps: int, warmup: int) -> list[float]:
+    """Seconds per training step (after `warmup` untimed steps), for the spec's method at its batch size."""
+    torch.manual_seed(0)
+    n_global, n_local = view_counts(spec.method)
+    recipe = spec.augment.recipe(spec.method.name, n_global, n_local)
+    # RandStainNA needs fitted statistics; without them the recipe is timed without it (a few % of a step)
+    recipe = recipe.model_copy(update={"stain": recipe.stain.model_copy(update={"p": 0.0})})
+    backbone = create_backbone(spec.model.backbone, img_size=recipe.global_size)
+    total = warmup + steps
+    method = create_method(backbone, spec.method, steps_per_epoch=max(1, total // 2), total_steps=total)
+    optimizer = build_optimizer(spec.optim.name, method.param_groups(), momentum=spec.optim.momentum,
+                                eta=spec.optim.lars_eta, no_decay_lr_scale=spec.optim.no_decay_lr_scale)
+    schedules = build_schedules(peak_lr=spec.optim.peak_lr(spec.data.batch_size), total_steps=total,
+                                weight_decay=spec.optim.weight_decay)
+    views = BatchViews(recipe, backbone.mean, backbone.std)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (spec.data.batch_size, 3, 64, 64), dtype=torch.uint8)
+    device = torch.device("cpu")
+    times = []
+    for step in range(total):
+        start = time.perf_counter()
+        with torch.no_grad():
+            batch_views = views(images, generator)
+        apply_schedules(optimizer, schedules, step)
+        with autocast(device, precision):  # type: ignore[arg-type]
+            loss, _ = method(batch_views, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        method.on_before_optimizer_step(step)
+        optimizer.step()
+        method.on_after_optimizer_step(step)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["mocov2", "swav", "barlow_twins", "dino"])
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, caches)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_image_folder(tmp, 1, 64, seed=0, splits=("train",))  # only so that the specs validate
+        for method in args.methods:
+            spec = load_spec(SPECS / f"tiny_{method}.toml", [f'data.tiles=["{folder}"]'])
+            row: dict[str, object] = {"method": method, "backbone": spec.model.backbone,
+                                      "batch": spec.data.batch_size, "threads": args.threads}
+            for precision in ("fp32", "bf16"):
+                seconds = statistics.median(time_steps(spec, precision, args.steps, args.warmup))  # type: ignore
+                row[f"{precision}_img_s"] = round(spec.data.batch_size / seconds, 1)
+            row["bf16_over_fp32"] = round(row["bf16_img_s"] / row["fp32_img_s"], 2)  # type: ignore[operator]
+            rows.append(row)
+            if not args.json:
+                print(f"{method:13s} {row['backbone']:12s} batch {row['batch']:3d}  fp32 {row['fp32_img_s']:7.1f} "
+                      f"img/s  bf16 {row['bf16_img_s']:7.1f} img/s  bf16/fp32 {row['bf16_over_fp32']:.2f}x",
+                      flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
