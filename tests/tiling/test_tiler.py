@@ -180,8 +180,9 @@ def test_copy_through_when_output_tile_is_an_internal_tile(tmp_path: Path, secon
 def test_disjoint_shard_indices_add_up(tmp_path: Path, synthetic_slide, second_slide, slide_without_mpp,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     slides = [str(synthetic_slide.path), str(second_slide.path), str(slide_without_mpp.path)]
-    full = load_spec(write_spec(tmp_path, slides, tmp_path / "full", input={"mpp_override": 1.0}))
-    run_tile(full)
+    full = load_spec(write_spec(tmp_path, slides, tmp_path / "full", input={"mpp_override": 1.0},
+                                run={"workers": 2}))  # the process pool path
+    assert run_tile(full)["done"] == 3
     parts = load_spec(write_spec(tmp_path, slides, tmp_path / "parts", input={"mpp_override": 1.0}))
     first = run_tile(parts, num_shards=2, shard_index=0)
     monkeypatch.setenv("WORLD_SIZE", "2")  # the second part as torchrun would start it
