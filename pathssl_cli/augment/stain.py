@@ -16,6 +16,9 @@ purpose:
   together (the RandStainNA-GMM variant).
 - back-conversion clips to [0, 1]; the reference min-max rescales HED output, which changes brightness.
 - a sampled target std is kept ≥ 1 % of its fitted mean: a negative std would mirror the image's contrast.
+- `BatchViews` converts each tile once and transfers its views' crops in the stain space with the tile's
+  statistics (the reference normalises the whole image before cropping); `rand_stain` here works on any
+  batch of images with their own statistics.
 
 HED jitter (Tellez et al., 2018 and 2019): per channel in HED space, h' = h · α + β with α ~ U(1-σ, 1+σ) and
 β ~ U(-b, b). Tellez et al. 2019 call σ = b = 0.05 "HED-light" and 0.2 "HED-strong".

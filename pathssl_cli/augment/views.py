@@ -11,7 +11,8 @@ Contract used by the pretraining loop (keep these names and signatures):
 Per view, in the order of the official recipes: random resized crop (+ flips) → stain augmentation
 (RandStainNA, pathology) → HED jitter (option) → colour jitter (p) → grayscale (p) → Gaussian blur (p) →
 solarisation (p) → normalise. Stain augmentation runs before colour jitter, which then perturbs realistic
-stainings.
+stainings. RandStainNA uses the channel statistics of the whole tile, as the reference applies it to the
+image before any crop, and each view draws its own template.
 
 `original` recipes, each from the method's official code:
 - mocov2: facebookresearch/moco `main_moco.py --aug-plus`: 2×224 crops, scale (0.2, 1), jitter
@@ -359,6 +360,8 @@ class BatchViews:
 
         boxes = ops.random_resized_crop_boxes(batch, height, width, scale, r.ratio, generator)
         hflip, vflip = coin(r.hflip), coin(r.vflip)
+        # parameters are drawn on the generator's device; the images may live elsewhere
+        boxes, hflip, vflip = boxes.to(source.device), hflip.to(source.device), vflip.to(source.device)
         if stain_source is None:
             x = ops.resized_crop_flip(source, boxes, size, r.interpolation, hflip, vflip)
         else:
