@@ -135,7 +135,8 @@ def _official_like(true: np.ndarray, pred: np.ndarray, match_iou: float = 0.5) -
     p_size = np.array([(pred == p).sum() for p in p_ids], float)
     out = {"dice": 2 * ((true > 0) & (pred > 0)).sum() / ((true > 0).sum() + (pred > 0).sum())}
     ov = inter > 0
-    out["dice2"] = 2 * inter[ov].sum() / (inter[ov] + union[ov]).sum()
+    with np.errstate(invalid="ignore"):  # 0/0 without overlapping pairs, where the official code raises
+        out["dice2"] = 2 * inter[ov].sum() / (inter[ov] + union[ov]).sum()
     rank = inter / (union + 1e-6)
     for key, unique in (("aji", False), ("aji_plus", True)):
         if unique:
@@ -317,3 +318,65 @@ def test_binarize_matches_official_loop() -> None:
             expected = expected * (1 - hit) + count * hit
             count += 1
     assert np.array_equal(binarize(masks), expected.astype(np.int32))
+
+
+def _official_pannuke(true: np.ndarray, pred: np.ndarray, tissues: list[str]) -> tuple[float, float]:
+    """PanNuke-metrics run.py, as a loop: per image binary PQ and per class PQ (NaN where the truth is empty),
+    nanmean per image, per tissue, then over tissues."""
+    mpq_img, bpq_img = [], []
+    for i in range(true.shape[0]):
+        t_bin, p_bin = _loop_binarize(true[i, :, :, :5]), _loop_binarize(pred[i, :, :, :5])
+        bpq_img.append(np.nan if len(np.unique(t_bin)) == 1 else _official_like(t_bin, p_bin)["pq"])
+        pqs = []
+        for c in range(5):
+            t_c, p_c = true[i, :, :, c].astype(np.int32), pred[i, :, :, c].astype(np.int32)
+            if len(np.unique(t_c)) == 1:
+                pqs.append(np.nan)
+            elif p_c.max() == 0:
+                pqs.append(0.0)  # official PQ with no prediction (our helper's AJI argmax needs one)
+            else:
+                pqs.append(_official_like(t_c, p_c)["pq"])
+        mpq_img.append(np.nan if np.all(np.isnan(pqs)) else np.nanmean(pqs))
+    tissue_m, tissue_b = [], []
+    for tissue in sorted(set(tissues)):
+        idx = [i for i, t in enumerate(tissues) if t == tissue]
+        m = [mpq_img[i] for i in idx if not np.isnan(mpq_img[i])]
+        b = [bpq_img[i] for i in idx if not np.isnan(bpq_img[i])]
+        tissue_m.append(np.mean(m) if m else np.nan)
+        tissue_b.append(np.mean(b) if b else np.nan)
+    return float(np.nanmean(tissue_m)), float(np.nanmean(tissue_b))
+
+
+def _loop_binarize(x: np.ndarray) -> np.ndarray:
+    out = np.zeros(x.shape[:2])
+    count = 1
+    for c in range(x.shape[2]):
+        for j in [v for v in np.unique(x[:, :, c]) if v != 0]:
+            hit = x[:, :, c] == j
+            out = out * (1 - hit) + count * hit
+            count += 1
+    return out.astype(np.int32)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pannuke_agrees_with_naive_official(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 6
+    true = np.zeros((n, 40, 40, 6))
+    pred = np.zeros((n, 40, 40, 6))
+    for i in range(n):
+        for _ in range(int(rng.integers(0, 7))):
+            c = int(rng.integers(0, 5))
+            cy, cx, r = (int(v) for v in rng.integers(5, 35, size=3) % [30, 30, 5] + [5, 5, 3])
+            _disc(true[i, :, :, c], cy, cx, r, int(rng.integers(1, 90)))
+            if rng.random() < 0.8:  # detected, maybe shifted, maybe as another class
+                pc = c if rng.random() < 0.7 else int(rng.integers(0, 5))
+                _disc(pred[i, :, :, pc], cy + int(rng.integers(-2, 3)), cx, r, int(rng.integers(1, 90)))
+        if rng.random() < 0.5:  # a false positive somewhere
+            _disc(pred[i, :, :, int(rng.integers(0, 5))], *(int(v) for v in rng.integers(4, 36, 2)), 3, 99)
+    tissues = [["Breast", "Colon", "Liver"][i % 3] for i in range(n)]
+    ours = pannuke_scores(true, pred, tissues)
+    mpq, bpq = _official_pannuke(true, pred, tissues)
+    assert 0.05 < mpq < 0.95 and 0.05 < bpq < 0.95  # a case with real errors, not a trivial 0 or 1
+    assert ours["mpq"] == pytest.approx(mpq, rel=1e-5)
+    assert ours["bpq"] == pytest.approx(bpq, rel=1e-5)
