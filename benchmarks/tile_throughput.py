@@ -1,8 +1,8 @@
 """Tiling throughput: `pathssl tile` against the naive read_region-per-tile baseline, in the same run.
 
-    python benchmarks/tile_throughput.py                      # 30000 px synthetic 40x slide (cached in --workdir)
-    python benchmarks/tile_throughput.py --size 12288         # smaller, when time is short
-    python benchmarks/tile_throughput.py --slide my.svs       # a user-given slide
+    python benchmarks/tile_throughput.py                # 30000 px synthetic 40x slide (cached in --workdir)
+    python benchmarks/tile_throughput.py --size 12288   # smaller, when time is short
+    python benchmarks/tile_throughput.py --slide my.svs # a user-given slide
 
 Everything runs in one process on one core (workers = 1, one decode thread), so tiles/s are per core.
 Printed: pathssl tile; naive baseline (tissue mask, then one `read_region` per output tile at level 0,
@@ -30,8 +30,8 @@ from pathlib import Path
 os.environ.setdefault("TIFFSLIDE_NUM_DECODE_THREADS", "1")  # one core for every contender
 os.environ.setdefault("PATHSSL_PROGRESS", "0")
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+import cv2
+import numpy as np
 
 cv2.setNumThreads(1)
 
@@ -49,9 +49,11 @@ def make_slide(workdir: Path, size: int) -> Path:
 
 def write_spec(folder: Path, slide: Path, out: Path, size: int) -> Path:
     spec = folder / "spec.toml"
-    spec.write_text(f'kind = "tile"\n[input]\nslides = ["{slide}"]\nmpp_override = 0.25\n'
-                    f'[tiles]\nmpp = [0.25]\nsize = {size}\nmin_tissue = 0.5\n'
-                    f'[output]\ndir = "{out}"\nqc_thumbnails = false\n[run]\nworkers = 1\n')
+    spec.write_text(
+        f'kind = "tile"\n[input]\nslides = ["{slide}"]\nmpp_override = 0.25\n'
+        f"[tiles]\nmpp = [0.25]\nsize = {size}\nmin_tissue = 0.5\n"
+        f'[output]\ndir = "{out}"\nqc_thumbnails = false\n[run]\nworkers = 1\n'
+    )
     return spec
 
 
@@ -77,22 +79,32 @@ def bench_pathssl(slide: Path, size: int, workdir: Path) -> tuple[tuple[float, f
     return rates, summary["tiles_written"]
 
 
-def tissue_positions(slide_path: Path, size: int, step: int, offset: int, limit: int) -> list[tuple[int, int]]:
+def tissue_positions(
+    slide_path: Path, size: int, step: int, offset: int, limit: int
+) -> list[tuple[int, int]]:
     from pathssl_cli.tiling.slide import open_slide, slide_mpp
     from pathssl_cli.tiling.tissue import tissue_mask
 
     slide = open_slide(slide_path)
     mask = tissue_mask(slide, slide_mpp(slide, 0.25, slide_path)[0])
     width, height = slide.dimensions
-    found = [(x, y) for y in range(offset, height - size + 1, step) for x in range(offset, width - size + 1, step)
-             if mask.fraction(x, y, size, size) >= 0.5]
+    found = [
+        (x, y)
+        for y in range(offset, height - size + 1, step)
+        for x in range(offset, width - size + 1, step)
+        if mask.fraction(x, y, size, size) >= 0.5
+    ]
     rng = np.random.default_rng(0)
     if len(found) > limit:  # a spread-out sample, visited in row order like a tiling script would
-        found = sorted(map(tuple, rng.permutation(np.array(found))[:limit].tolist()), key=lambda p: (p[1], p[0]))
+        found = sorted(
+            map(tuple, rng.permutation(np.array(found))[:limit].tolist()), key=lambda p: (p[1], p[0])
+        )
     return found
 
 
-def bench_naive(slide_path: Path, positions: list[tuple[int, int]], size: int, workdir: Path) -> tuple[float, float]:
+def bench_naive(
+    slide_path: Path, positions: list[tuple[int, int]], size: int, workdir: Path
+) -> tuple[float, float]:
     import tiffslide
 
     slide = tiffslide.TiffSlide(slide_path)
@@ -100,7 +112,9 @@ def bench_naive(slide_path: Path, positions: list[tuple[int, int]], size: int, w
         started = _clock()
         for x, y in positions:
             rgb = np.asarray(slide.read_region((x, y), 0, (size, size)).convert("RGB"))
-            cv2.imwrite(f"{tmp}/{x}_{y}.jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+            cv2.imwrite(
+                f"{tmp}/{x}_{y}.jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90]
+            )
         return _rates(len(positions), started)
 
 
@@ -109,16 +123,23 @@ def bench_codec_limit(slide_path: Path, positions: list[tuple[int, int]], size: 
     from pathssl_cli.tiling.slide import LevelReader, open_slide
 
     reader = LevelReader(open_slide(slide_path), 0)
-    needed = sorted({(r, c) for x, y in positions
-                     for r in range(y // reader.tile_h, (y + size - 1) // reader.tile_h + 1)
-                     for c in range(x // reader.tile_w, (x + size - 1) // reader.tile_w + 1)})
+    needed = sorted(
+        {
+            (r, c)
+            for x, y in positions
+            for r in range(y // reader.tile_h, (y + size - 1) // reader.tile_h + 1)
+            for c in range(x // reader.tile_w, (x + size - 1) // reader.tile_w + 1)
+        }
+    )
     raw = [(r * reader.tiles_across + c, reader.raw_tile(r, c)) for r, c in needed]
     page = reader.page
     started = _clock()
     tile = None
     for index, data in raw:
         tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
-    source = np.ascontiguousarray(np.asarray(tile).reshape(reader.tile_h, reader.tile_w, -1)[:size, :size, :3])
+    source = np.ascontiguousarray(
+        np.asarray(tile).reshape(reader.tile_h, reader.tile_w, -1)[:size, :size, :3]
+    )
     for _ in positions:
         cv2.imencode(".jpg", source, [cv2.IMWRITE_JPEG_QUALITY, 90])
     return _rates(len(positions), started)
@@ -131,20 +152,28 @@ def peak_memory_mb(slide: Path, size: int, workdir: Path) -> float:
     """
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         spec = write_spec(Path(tmp), slide, Path(tmp) / "store", size)
-        code = ("import resource,sys; from pathssl_cli.specs import load_spec; "
-                "from pathssl_cli.tiling.tiler import run_tile; run_tile(load_spec(sys.argv[1])); "
-                "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
-        out = subprocess.run([sys.executable, "-c", code, str(spec)], capture_output=True, text=True, check=True)
+        code = (
+            "import resource,sys; from pathssl_cli.specs import load_spec; "
+            "from pathssl_cli.tiling.tiler import run_tile; run_tile(load_spec(sys.argv[1])); "
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, str(spec)], capture_output=True, text=True, check=True
+        )
     return int(out.stdout.strip().splitlines()[-1]) / 1024
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--slide", type=Path, help="a slide to use instead of the synthetic one")
     parser.add_argument("--size", type=int, default=30000, help="side of the synthetic 40x slide in px")
     parser.add_argument("--small-size", type=int, default=4096, help="second slide size for the memory check")
     parser.add_argument("--tile", type=int, default=224)
-    parser.add_argument("--naive-tiles", type=int, default=1500, help="tiles read by each naive run (a sample)")
+    parser.add_argument(
+        "--naive-tiles", type=int, default=1500, help="tiles read by each naive run (a sample)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "pathssl_bench")
     args = parser.parse_args()
@@ -154,8 +183,12 @@ def main() -> None:
 
     aligned = tissue_positions(slide, size, 256, 0, args.naive_tiles)  # origins on the 256 px internal grid
     unaligned = tissue_positions(slide, size, size, 100, args.naive_tiles)  # straddle 2-4 internal tiles
-    results: dict[str, list[tuple[float, float]]] = {"pathssl": [], "naive_aligned": [], "naive_unaligned": [],
-                                                     "codec_limit": []}
+    results: dict[str, list[tuple[float, float]]] = {
+        "pathssl": [],
+        "naive_aligned": [],
+        "naive_unaligned": [],
+        "codec_limit": [],
+    }
     tiles = 0
     for _ in range(args.repeats):
         rates, tiles = bench_pathssl(slide, size, args.workdir)
@@ -165,15 +198,21 @@ def main() -> None:
         results["codec_limit"].append(bench_codec_limit(slide, unaligned, size))
     wall = {k: statistics.median(r[0] for r in v) for k, v in results.items()}
     median = {k: statistics.median(r[1] for r in v) for k, v in results.items()}
-    print(f"slide {slide} ({args.size if not args.slide else 'user'} px), {size} px tiles at 0.25 µm/px, "
-          f"{tiles} tiles per pathssl run ({len(aligned)}/{len(unaligned)} per naive run), median of "
-          f"{args.repeats}, one process")
+    print(
+        f"slide {slide} ({args.size if not args.slide else 'user'} px), {size} px tiles at 0.25 µm/px, "
+        f"{tiles} tiles per pathssl run ({len(aligned)}/{len(unaligned)} per naive run), median of "
+        f"{args.repeats}, one process"
+    )
     print(f"  {'':16s} {'tiles/CPU-s':>12s} {'tiles/wall-s':>13s}")
     for name, value in median.items():
         print(f"  {name:16s} {value:12.0f} {wall[name]:13.0f}")
     print("  ratios per core (CPU time):")
-    print(f"  pathssl / naive aligned     {median['pathssl'] / median['naive_aligned']:.2f}x  (target >= 2.5x)")
-    print(f"  pathssl / naive unaligned   {median['pathssl'] / median['naive_unaligned']:.2f}x  (target >= 5x)")
+    print(
+        f"  pathssl / naive aligned     {median['pathssl'] / median['naive_aligned']:.2f}x  (target >= 2.5x)"
+    )
+    print(
+        f"  pathssl / naive unaligned   {median['pathssl'] / median['naive_unaligned']:.2f}x  (target >= 5x)"
+    )
     print(f"  pathssl / codec limit       {median['pathssl'] / median['codec_limit']:.0%}  (target >= 70%)")
     memory = {}
     if not args.slide:
@@ -181,8 +220,16 @@ def main() -> None:
         for name, path in ((f"{args.small_size} px", small), (f"{args.size} px", slide)):
             memory[name] = peak_memory_mb(path, size, args.workdir)
             print(f"  peak RSS of pathssl tile on the {name} slide: {memory[name]:.0f} MB")
-    print(json.dumps({"median_tiles_per_cpu_s": median, "median_tiles_per_wall_s": wall, "peak_rss_mb": memory,
-                      "bench_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "median_tiles_per_cpu_s": median,
+                "median_tiles_per_wall_s": wall,
+                "peak_rss_mb": memory,
+                "bench_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -46,23 +46,77 @@ class _Style:
 
 _STYLES: dict[str, _Style] = {
     # Dense sheets of large, pleomorphic, vesicular nuclei on purple-pink cytoplasm.
-    "tumour": _Style("sheet", (205, 140, 190), (180, 115, 175), 13.0, (3.5, 7.0, 2.8, 5.0),
-                     (95, 50, 140), 0.85, True, (0.9, 0.1, 0.0, 0.0, 0.0)),
+    "tumour": _Style(
+        "sheet",
+        (205, 140, 190),
+        (180, 115, 175),
+        13.0,
+        (3.5, 7.0, 2.8, 5.0),
+        (95, 50, 140),
+        0.85,
+        True,
+        (0.9, 0.1, 0.0, 0.0, 0.0),
+    ),
     # Pink collagen fibres with sparse thin spindle nuclei aligned to the fibres.
-    "stroma": _Style("fibres", (232, 150, 190), (248, 215, 232), 1.6, (5.0, 8.0, 1.2, 2.0),
-                     (110, 55, 135), 0.85, False, (0.0, 0.1, 0.9, 0.0, 0.0)),
+    "stroma": _Style(
+        "fibres",
+        (232, 150, 190),
+        (248, 215, 232),
+        1.6,
+        (5.0, 8.0, 1.2, 2.0),
+        (110, 55, 135),
+        0.85,
+        False,
+        (0.0, 0.1, 0.9, 0.0, 0.0),
+    ),
     # Packed small round very dark nuclei with little cytoplasm.
-    "lymphocytes": _Style("lymph", (215, 175, 210), (200, 160, 205), 22.0, (2.6, 3.4, 2.4, 3.2),
-                          (55, 30, 105), 0.95, False, (0.0, 1.0, 0.0, 0.0, 0.0)),
+    "lymphocytes": _Style(
+        "lymph",
+        (215, 175, 210),
+        (200, 160, 205),
+        22.0,
+        (2.6, 3.4, 2.4, 3.2),
+        (55, 30, 105),
+        0.95,
+        False,
+        (0.0, 1.0, 0.0, 0.0, 0.0),
+    ),
     # Large empty fat cells separated by thin pink membranes, a few flattened nuclei.
-    "adipose": _Style("fat", (246, 245, 247), (215, 130, 175), 0.25, (4.0, 6.0, 1.0, 1.6),
-                      (110, 60, 140), 0.8, False, (0.0, 0.0, 1.0, 0.0, 0.0)),
+    "adipose": _Style(
+        "fat",
+        (246, 245, 247),
+        (215, 130, 175),
+        0.25,
+        (4.0, 6.0, 1.0, 1.6),
+        (110, 60, 140),
+        0.8,
+        False,
+        (0.0, 0.0, 1.0, 0.0, 0.0),
+    ),
     # Pale blue-lilac wispy mucin with a few floating epithelial nuclei.
-    "mucus": _Style("mucus", (222, 205, 234), (165, 150, 205), 0.35, (3.0, 4.5, 2.5, 3.5),
-                    (100, 70, 150), 0.7, False, (0.0, 0.1, 0.0, 0.0, 0.9)),
+    "mucus": _Style(
+        "mucus",
+        (222, 205, 234),
+        (165, 150, 205),
+        0.35,
+        (3.0, 4.5, 2.5, 3.5),
+        (100, 70, 150),
+        0.7,
+        False,
+        (0.0, 0.1, 0.0, 0.0, 0.9),
+    ),
     # Mottled eosinophilic debris full of small dark nuclear fragments.
-    "necrosis": _Style("debris", (215, 145, 185), (190, 120, 170), 14.0, (0.8, 1.8, 0.6, 1.4),
-                       (70, 35, 110), 0.9, False, (0.0, 0.05, 0.0, 0.95, 0.0)),
+    "necrosis": _Style(
+        "debris",
+        (215, 145, 185),
+        (190, 120, 170),
+        14.0,
+        (0.8, 1.8, 0.6, 1.4),
+        (70, 35, 110),
+        0.9,
+        False,
+        (0.0, 0.05, 0.0, 0.95, 0.0),
+    ),
 }
 assert tuple(_STYLES) == TEXTURES
 
@@ -81,7 +135,9 @@ def _pixel_noise(rng: np.random.Generator, height: int, width: int, channels: in
     if height > bank_side or width > bank_side:
         return rng.standard_normal((height, width, channels), dtype=np.float32)
     if _NOISE_BANK is None:
-        _NOISE_BANK = np.random.default_rng(20230601).standard_normal((bank_side, bank_side, 3), dtype=np.float32)
+        _NOISE_BANK = np.random.default_rng(20230601).standard_normal(
+            (bank_side, bank_side, 3), dtype=np.float32
+        )
     y, x = rng.integers(0, bank_side - height + 1), rng.integers(0, bank_side - width + 1)
     c = rng.integers(0, 4 - channels)
     return _NOISE_BANK[y : y + height, x : x + width, c : c + channels]
@@ -108,7 +164,7 @@ def _fibre_field(rng: np.random.Generator, height: int, width: int, scale: float
     if scale > 2.0:  # fibres are smooth: build them at 0.5 µm/px and upsample (saves ~4x at 40x)
         small = _fibre_field(rng, max(int(height * 2 / scale), 1), max(int(width * 2 / scale), 1), 2.0, angle)
         return cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR)
-    side = int(math.ceil(math.hypot(height, width))) + 2
+    side = math.ceil(math.hypot(height, width)) + 2
     noise = rng.standard_normal((side, side), dtype=np.float32)
     noise = cv2.GaussianBlur(noise, (0, 0), sigmaX=max(6.0 * scale, 1.0), sigmaY=max(0.7 * scale, 0.5))
     rot = cv2.getRotationMatrix2D((side / 2, side / 2), angle, 1.0)
@@ -133,7 +189,7 @@ def _fat_membranes(rng: np.random.Generator, height: int, width: int, scale: flo
     edge = np.zeros((ch, cw), np.uint8)
     edge[:, 1:] |= (labels[:, 1:] != labels[:, :-1]).astype(np.uint8)
     edge[1:, :] |= (labels[1:, :] != labels[:-1, :]).astype(np.uint8)
-    thick = max(int(round(1.5 * scale)), 1)
+    thick = max(round(1.5 * scale), 1)
     edge = cv2.dilate(edge, np.ones((thick, thick), np.uint8))
     edge = cv2.GaussianBlur(edge.astype(np.float32), (0, 0), 0.6)
     return np.clip(edge[margin : margin + height, margin : margin + width] * 1.2, 0, 1)
@@ -170,7 +226,7 @@ def _place_nuclei(
     types = np.zeros((height, width), np.uint8)
     alpha = np.zeros((height, width), np.float32)
     major_lo, major_hi, minor_lo, minor_hi = (v * scale for v in style.semi_axes_um)
-    margin = int(math.ceil(major_hi))
+    margin = math.ceil(major_hi)
     area_um2 = (height + 2 * margin) * (width + 2 * margin) / scale**2
     n = rng.poisson(style.density * area_um2 / 1000.0)
     if n == 0:
@@ -189,9 +245,18 @@ def _place_nuclei(
     paint = np.zeros((height, width), np.int32)
     sub = 16  # OpenCV's fixed-point shift of 4 bits: sub-pixel centres and axes
     for i in range(n - 1, -1, -1):
-        cv2.ellipse(paint, (int(round((cx[i] - 0.5) * sub)), int(round((cy[i] - 0.5) * sub))),
-                    (int(round(major[i] * sub)), int(round(minor[i] * sub))), math.degrees(theta[i]), 0, 360,
-                    int(i + 1), -1, cv2.LINE_8, 4)
+        cv2.ellipse(
+            paint,
+            (round((cx[i] - 0.5) * sub), round((cy[i] - 0.5) * sub)),
+            (round(major[i] * sub), round(minor[i] * sub)),
+            math.degrees(theta[i]),
+            0,
+            360,
+            int(i + 1),
+            -1,
+            cv2.LINE_8,
+            4,
+        )
     visible = np.bincount(paint.ravel(), minlength=n + 1)[1:]
     inside = (cx - major >= 0) & (cx + major <= width) & (cy - major >= 0) & (cy + major <= height)
     # A nucleus mostly hidden behind earlier ones is dropped: cells cannot overlap much.
@@ -291,10 +356,12 @@ def write_image_folder(
     root = Path(root)
     for split_index, split in enumerate(splits):
         images, labels = labelled_tiles(n_per_class, size, seed * 1000 + split_index, mpp)
-        for i, (image, label) in enumerate(zip(images, labels)):
+        for i, (image, label) in enumerate(zip(images, labels, strict=False)):
             folder = root / split / TEXTURES[label]
             folder.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(folder / f"{TEXTURES[label]}_{i % n_per_class:05d}.{image_format}"), image[..., ::-1])
+            cv2.imwrite(
+                str(folder / f"{TEXTURES[label]}_{i % n_per_class:05d}.{image_format}"), image[..., ::-1]
+            )
     return root
 
 
@@ -320,7 +387,10 @@ class SlideTruth:
 
     def mask_resized(self, width: int, height: int) -> np.ndarray:
         """The tissue mask resampled (nearest) to ``width`` x ``height`` covering the whole slide."""
-        return cv2.resize(self.tissue_mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST) > 0
+        return (
+            cv2.resize(self.tissue_mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+            > 0
+        )
 
 
 def _layout_fields(
@@ -335,7 +405,10 @@ def _layout_fields(
     tissue = tissue / (tissue.std() + 1e-6) - 2.0 * np.clip(1.0 - edge, 0, 1)
     tissue -= np.quantile(tissue, 1.0 - tissue_fraction)
     classes = np.stack(
-        [cv2.GaussianBlur(rng.standard_normal((mask_h, mask_w)).astype(np.float32), (0, 0), big / 16) for _ in range(n_textures)]
+        [
+            cv2.GaussianBlur(rng.standard_normal((mask_h, mask_w)).astype(np.float32), (0, 0), big / 16)
+            for _ in range(n_textures)
+        ]
     )
     # Fat lies inside tissue, not at its rim: at a slide's edge it would be indistinguishable from
     # glass for any detector, and real sections are cut through fat-rich tissue rarely at the rim.
@@ -376,7 +449,9 @@ def write_synthetic_slide(
     tissue_field, class_fields = _layout_fields(rng, mask_h, mask_w, len(TEXTURES), tissue_fraction)
     tissue_mask = tissue_field > 0
     texture_map = np.where(tissue_mask, class_fields.argmax(0) + 1, 0).astype(np.uint8)
-    angles = rng.uniform(0, 180, len(TEXTURES))  # one fibre direction per texture keeps tiles seamless-looking
+    angles = rng.uniform(
+        0, 180, len(TEXTURES)
+    )  # one fibre direction per texture keeps tiles seamless-looking
 
     n_rows, n_cols = math.ceil(height / tile_size), math.ceil(width / tile_size)
     padded_w = n_cols * tile_size
@@ -401,7 +476,9 @@ def write_synthetic_slide(
             # Soft 1-2 px edge: the tissue boundary is not a hard cut in a scan.
             weight = np.clip(tissue / 0.02 + 0.5, 0, 1)
             for k in np.unique(labels[tissue > -0.05]):
-                rgb = render_tissue(rng, tile_size, tile_size, TEXTURES[k], mpp, angle=float(angles[k]), stain_jitter=False)[0]
+                rgb = render_tissue(
+                    rng, tile_size, tile_size, TEXTURES[k], mpp, angle=float(angles[k]), stain_jitter=False
+                )[0]
                 w = (weight * (labels == k))[..., None]
                 tile = tile * (1 - w) + rgb.astype(np.float32) * w
         return np.clip(tile, 0, 255).astype(np.uint8)
@@ -417,8 +494,10 @@ def write_synthetic_slide(
                 for col, tile in enumerate(row_tiles):
                     for k, band in enumerate(bands, start=1):
                         t = tile_size >> k
-                        band[:, col * t : (col + 1) * t] = cv2.resize(tile, (t, t), interpolation=cv2.INTER_AREA)
-                for f, band in zip(files, bands):
+                        band[:, col * t : (col + 1) * t] = cv2.resize(
+                            tile, (t, t), interpolation=cv2.INTER_AREA
+                        )
+                for f, band in zip(files, bands, strict=False):
                     f.write(band.tobytes())
                     f.flush()
                 yield from row_tiles
@@ -440,8 +519,12 @@ def write_synthetic_slide(
                     yield tile
 
     common = dict(
-        dtype=np.uint8, tile=(tile_size, tile_size), photometric="rgb",
-        compression="jpeg", compressionargs={"level": jpeg_quality}, metadata=None,
+        dtype=np.uint8,
+        tile=(tile_size, tile_size),
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs={"level": jpeg_quality},
+        metadata=None,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -466,7 +549,14 @@ def write_synthetic_slide(
         for p in [tmp, *temp_paths]:
             p.unlink(missing_ok=True)
     return SlideTruth(
-        path=path, width=width, height=height, mpp=mpp, mpp_written=write_mpp, tile_size=tile_size,
-        level_downsamples=tuple(2**k for k in range(n_levels)), mask_downsample=mask_downsample,
-        tissue_mask=tissue_mask, texture_map=texture_map,
+        path=path,
+        width=width,
+        height=height,
+        mpp=mpp,
+        mpp_written=write_mpp,
+        tile_size=tile_size,
+        level_downsamples=tuple(2**k for k in range(n_levels)),
+        mask_downsample=mask_downsample,
+        tissue_mask=tissue_mask,
+        texture_map=texture_map,
     )

@@ -8,7 +8,14 @@ import pytest
 import tiffslide
 
 from pathssl_cli import synthetic
-from pathssl_cli.synthetic import NUCLEUS_TYPES, TEXTURES, labelled_tiles, render_tissue, write_image_folder, write_synthetic_slide
+from pathssl_cli.synthetic import (
+    NUCLEUS_TYPES,
+    TEXTURES,
+    labelled_tiles,
+    render_tissue,
+    write_image_folder,
+    write_synthetic_slide,
+)
 
 
 @pytest.mark.parametrize("texture", TEXTURES)
@@ -72,7 +79,7 @@ def test_textures_are_separable_by_simple_features() -> None:
 
 def test_labelled_tiles_are_seeded_and_class_major() -> None:
     a, la = labelled_tiles(2, 32, seed=5)
-    b, lb = labelled_tiles(2, 32, seed=5)
+    b, _lb = labelled_tiles(2, 32, seed=5)
     c, _ = labelled_tiles(2, 32, seed=6)
     assert a.shape == (2 * len(TEXTURES), 32, 32, 3)
     np.testing.assert_array_equal(la, np.repeat(np.arange(len(TEXTURES)), 2))
@@ -82,7 +89,9 @@ def test_labelled_tiles_are_seeded_and_class_major() -> None:
 
 @pytest.mark.parametrize("image_format", ["png", "jpg"])
 def test_write_image_folder_layout(tmp_path, image_format: str) -> None:
-    root = write_image_folder(tmp_path / "ds", 2, 32, seed=0, splits=("train", "val"), image_format=image_format)
+    root = write_image_folder(
+        tmp_path / "ds", 2, 32, seed=0, splits=("train", "val"), image_format=image_format
+    )
     for split in ("train", "val"):
         for texture in TEXTURES:
             files = sorted((root / split / texture).glob(f"*.{image_format}"))
@@ -117,7 +126,9 @@ def test_synthetic_slide_reads_back_with_pyramid_and_mpp(tmp_path) -> None:
 
 
 def test_synthetic_slide_without_mpp(tmp_path) -> None:
-    truth = write_synthetic_slide(tmp_path / "n.tif", width=300, height=260, tile_size=128, n_levels=1, write_mpp=False)
+    truth = write_synthetic_slide(
+        tmp_path / "n.tif", width=300, height=260, tile_size=128, n_levels=1, write_mpp=False
+    )
     slide = tiffslide.TiffSlide(truth.path)
     assert slide.properties["tiffslide.mpp-x"] is None and slide.level_count == 1
     assert not truth.mpp_written and not list(tmp_path.glob(".*"))  # no temporary files left

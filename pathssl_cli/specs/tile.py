@@ -36,34 +36,59 @@ MAGNIFICATION_MPP: dict[str, float] = {"80x": 0.125, "40x": 0.25, "20x": 0.5, "1
 class TileInput(Section):
     slides: list[PathPattern] = Field(
         min_length=1,
-        description="Slide files, glob patterns (`**` allowed) or CSV files with a `path` column and an optional "
-        "`mpp` column (µm/px, overrides the metadata for that slide). Relative paths are resolved against the "
-        "spec file's folder (CSV paths against the CSV's folder).")
+        description="Slide files, glob patterns (`**` allowed) or CSV files with a `path` column and an "
+        "optional "
+        "`mpp` column (µm/px, overrides the metadata for that slide). Relative paths are resolved "
+        "against the "
+        "spec file's folder (CSV paths against the CSV's folder).",
+    )
     mpp_override: float | None = Field(
-        default=None, gt=0,
-        description="µm/px to assume for slides whose metadata has no MPP. Unset by default so that such a slide "
-        "is an error naming it: guessing a resolution silently would tile at the wrong field of view.")
+        default=None,
+        gt=0,
+        description="µm/px to assume for slides whose metadata has no MPP. Unset by default so that such "
+        "a slide "
+        "is an error naming it: guessing a resolution silently would tile at the wrong field of view.",
+    )
 
 
 class TileGrid(Section):
     mpp: list[float | str] = Field(
-        default=[0.5], min_length=1,
-        description="Fields of view in µm/px, e.g. [0.25, 0.5] for about 40x and 20x. The aliases '40x', '20x', "
-        "'10x', '5x' map to 0.25, 0.5, 1, 2 µm/px. Default 0.5 µm/px (20x), the resolution of most benchmarks.")
-    size: int = Field(default=224, ge=16, le=4096,
-                      description="Output tile side in pixels at the target µm/px; 224 is the backbones' input size.")
+        default=[0.5],
+        min_length=1,
+        description="Fields of view in µm/px, e.g. [0.25, 0.5] for about 40x and 20x. The aliases '40x', "
+        "'20x', "
+        "'10x', '5x' map to 0.25, 0.5, 1, 2 µm/px. Default 0.5 µm/px (20x), the resolution of most "
+        "benchmarks.",
+    )
+    size: int = Field(
+        default=224,
+        ge=16,
+        le=4096,
+        description="Output tile side in pixels at the target µm/px; 224 is the backbones' input size.",
+    )
     min_tissue: float = Field(
-        default=0.5, ge=0.0, le=1.0,
-        description="Smallest fraction of a tile covered by the tissue mask for it to be kept (0-1). 0.5 keeps "
-        "tiles that are mostly tissue while still sampling tissue borders.")
+        default=0.5,
+        ge=0.0,
+        le=1.0,
+        description="Smallest fraction of a tile covered by the tissue mask for it to be kept (0-1). 0.5 "
+        "keeps "
+        "tiles that are mostly tissue while still sampling tissue borders.",
+    )
     max_white: float = Field(
-        default=0.8, ge=0.0, le=1.0,
+        default=0.8,
+        ge=0.0,
+        le=1.0,
         description="Drop a tile when more than this fraction of its pixels is near-white (all RGB ≥ 220): "
-        "glass, fat or tears the coarse mask missed. 1.0 disables the check.")
+        "glass, fat or tears the coarse mask missed. 1.0 disables the check.",
+    )
     max_black: float = Field(
-        default=0.3, ge=0.0, le=1.0,
-        description="Drop a tile when more than this fraction of its pixels is near-black (all RGB ≤ 35): pen "
-        "marks, folds and scanner padding. 1.0 disables the check.")
+        default=0.3,
+        ge=0.0,
+        le=1.0,
+        description="Drop a tile when more than this fraction of its pixels is near-black (all RGB ≤ "
+        "35): pen "
+        "marks, folds and scanner padding. 1.0 disables the check.",
+    )
 
     @field_validator("mpp")
     @classmethod
@@ -71,8 +96,10 @@ class TileGrid(Section):
         for value in values:
             if isinstance(value, str):
                 if value.lower() not in MAGNIFICATION_MPP:
-                    raise ValueError(f"unknown magnification {value!r}; use µm/px numbers or one of "
-                                     f"{', '.join(MAGNIFICATION_MPP)}")
+                    raise ValueError(
+                        f"unknown magnification {value!r}; use µm/px numbers or one of "
+                        f"{', '.join(MAGNIFICATION_MPP)}"
+                    )
             elif not 0.05 <= value <= 64:
                 raise ValueError(f"µm/px must lie in [0.05, 64], got {value} (0.25 ≈ 40x, 0.5 ≈ 20x)")
         if len(set(_as_mpp(v) for v in values)) != len(values):
@@ -89,22 +116,35 @@ def _as_mpp(value: float | str) -> float:
 
 
 class TileOutput(Section):
-    dir: OutputPath = Field(description="Tile store folder: shards/, manifest.csv, qc/, errors.csv, summary.json.")
-    jpeg_quality: int = Field(default=90, ge=50, le=100,
-                              description="JPEG quality of the written tiles; 90 keeps artefacts below what stain "
-                              "augmentation changes, at about a third of the size of quality 100.")
-    tiles_per_shard: int = Field(default=2000, ge=1,
-                                 description="Most tiles in one tar shard; about 50-100 MB at 224 px, a good size "
-                                 "for streaming from disk or object storage.")
-    qc_thumbnails: bool = Field(default=True, description="Write qc/<slide>.png: thumbnail, tissue mask, tile grid.")
+    dir: OutputPath = Field(
+        description="Tile store folder: shards/, manifest.csv, qc/, errors.csv, summary.json."
+    )
+    jpeg_quality: int = Field(
+        default=90,
+        ge=50,
+        le=100,
+        description="JPEG quality of the written tiles; 90 keeps artefacts below what stain "
+        "augmentation changes, at about a third of the size of quality 100.",
+    )
+    tiles_per_shard: int = Field(
+        default=2000,
+        ge=1,
+        description="Most tiles in one tar shard; about 50-100 MB at 224 px, a good size "
+        "for streaming from disk or object storage.",
+    )
+    qc_thumbnails: bool = Field(
+        default=True, description="Write qc/<slide>.png: thumbnail, tissue mask, tile grid."
+    )
 
 
 class TileRun(Section):
     workers: int = Field(default=2, ge=1, description="Worker processes, one slide each at a time.")
     allow_failures: bool = Field(
         default=False,
-        description="Exit 0 even when some slides failed (they are still listed in errors.csv). Off by default so "
-        "that a pipeline notices unreadable slides.")
+        description="Exit 0 even when some slides failed (they are still listed in errors.csv). Off by "
+        "default so "
+        "that a pipeline notices unreadable slides.",
+    )
 
 
 class TileSpec(SpecModel):
@@ -120,8 +160,12 @@ class TileSpec(SpecModel):
         except (ValueError, OSError) as exc:
             return [Problem(f"{self.source_file or 'spec'}: input.slides", str(exc))]
         if not slides:
-            return [Problem(f"{self.source_file or 'spec'}: input.slides",
-                            f"no slide matched {self.input.slides}. Check the paths or glob patterns.")]
+            return [
+                Problem(
+                    f"{self.source_file or 'spec'}: input.slides",
+                    f"no slide matched {self.input.slides}. Check the paths or glob patterns.",
+                )
+            ]
         return []
 
 

@@ -38,9 +38,10 @@ def open_slide(path: Path) -> Any:
         slide = tiffslide.TiffSlide(path)
         _ = slide.level_dimensions
     except Exception as exc:  # tifffile raises many types for corrupt files
-        raise SlideError(f"cannot open as a slide ({type(exc).__name__}: {exc})",
-                         "check that the file is complete and a format tiffslide reads (SVS, TIFF, OME-TIFF, "
-                         "NDPI, ...)") from None
+        raise SlideError(
+            f"cannot open as a slide ({type(exc).__name__}: {exc})",
+            "check that the file is complete and a format tiffslide reads (SVS, TIFF, OME-TIFF, NDPI, ...)",
+        ) from None
     return slide
 
 
@@ -51,13 +52,15 @@ def slide_mpp(slide: Any, override: float | None, path: Path) -> tuple[float, st
         return float(raw), "metadata"
     if override is not None:
         return float(override), "override"
-    raise SlideError(f"{path.name} has no MPP (µm/px) in its metadata",
-                     "set input.mpp_override, or give the slide's µm/px in an `mpp` column of a slide CSV")
+    raise SlideError(
+        f"{path.name} has no MPP (µm/px) in its metadata",
+        "set input.mpp_override, or give the slide's µm/px in an `mpp` column of a slide CSV",
+    )
 
 
 @dataclass(frozen=True)
 class LevelChoice:
-    """How to get tiles at `target_mpp` from a slide: read `read_size` px at `level`, resize to the tile size."""
+    """How to get tiles at `target_mpp`: read `read_size` px at `level`, then resize to the tile size."""
 
     level: int
     level_mpp: float
@@ -67,17 +70,29 @@ class LevelChoice:
     resample: bool
 
 
-def choose_level(base_mpp: float, downsamples: tuple[float, ...], target_mpp: float, tile_size: int,
-                 tolerance: float = MPP_TOLERANCE) -> LevelChoice:
+def choose_level(
+    base_mpp: float,
+    downsamples: tuple[float, ...],
+    target_mpp: float,
+    tile_size: int,
+    tolerance: float = MPP_TOLERANCE,
+) -> LevelChoice:
     """Pick the coarsest level that is at least as fine as the target (within `tolerance`).
 
     Reading a finer level and shrinking with area interpolation is exact averaging; reading a
     coarser one would mean inventing detail, so a target finer than level 0 is an error.
     """
-    candidates = [(i, base_mpp * ds) for i, ds in enumerate(downsamples) if base_mpp * ds <= target_mpp * (1 + tolerance)]
+    candidates = [
+        (i, base_mpp * ds)
+        for i, ds in enumerate(downsamples)
+        if base_mpp * ds <= target_mpp * (1 + tolerance)
+    ]
     if not candidates:
-        raise SlideError(f"target {target_mpp} µm/px is finer than the slide's finest level ({base_mpp:.4g} µm/px)"
-                         " and would need upsampling", "drop that field of view or check the slide's MPP")
+        raise SlideError(
+            f"target {target_mpp} µm/px is finer than the slide's finest level ({base_mpp:.4g} µm/px)"
+            " and would need upsampling",
+            "drop that field of view or check the slide's MPP",
+        )
     level, level_mpp = max(candidates, key=lambda c: c[1])
     ratio = target_mpp / level_mpp
     if abs(ratio - 1) <= tolerance:
@@ -95,7 +110,12 @@ def _level_page(slide: Any, level: int) -> Any | None:
     width, height = slide.level_dimensions[level]
     if not page.is_tiled or page.imagewidth != width or page.imagelength != height:
         return None
-    if page.samplesperpixel not in (3, 4) or page.planarconfig != 1 or page.dtype != np.uint8 or page.imagedepth > 1:
+    if (
+        page.samplesperpixel not in (3, 4)
+        or page.planarconfig != 1
+        or page.dtype != np.uint8
+        or page.imagedepth > 1
+    ):
         return None
     return page
 
@@ -136,17 +156,23 @@ class LevelReader:
         if self.page is not None:
             index = row * self.tiles_across + col
             if self.page.databytecounts[index] == 0:
-                raise SlideError(f"level {self.level}: internal tile ({row}, {col}) has no data",
-                                 "the file is probably truncated: copy or download it again")
+                raise SlideError(
+                    f"level {self.level}: internal tile ({row}, {col}) has no data",
+                    "the file is probably truncated: copy or download it again",
+                )
             data = self.raw_tile(row, col)
             if len(data) < self.page.databytecounts[index]:
-                raise SlideError(f"level {self.level}: internal tile ({row}, {col}) is cut short (truncated file)",
-                                 "copy or download the slide again")
+                raise SlideError(
+                    f"level {self.level}: internal tile ({row}, {col}) is cut short (truncated file)",
+                    "copy or download the slide again",
+                )
             try:
                 tile = self.page.decode(data, index, jpegtables=self.page.jpegtables)[0]
             except Exception as exc:
-                raise SlideError(f"level {self.level}: cannot decode internal tile ({row}, {col}): {exc}",
-                                 "the file is corrupt or uses a codec imagecodecs lacks") from None
+                raise SlideError(
+                    f"level {self.level}: cannot decode internal tile ({row}, {col}): {exc}",
+                    "the file is corrupt or uses a codec imagecodecs lacks",
+                ) from None
             return np.asarray(tile).reshape(self.tile_h, self.tile_w, -1)[..., :3]
         y0, x0 = row * self.tile_h, col * self.tile_w
         try:

@@ -65,7 +65,9 @@ def slide_id(path: str | Path) -> str:
     The hash keeps `a/slide.svs` and `b/slide.svs` apart; the stem keeps ids readable.
     """
     path = Path(path).resolve()
-    stem = re.sub(r"[^A-Za-z0-9-]+", "-", path.name.split(".")[0]).strip("-")[:40] or "slide"  # tar names <= 100
+    stem = (
+        re.sub(r"[^A-Za-z0-9-]+", "-", path.name.split(".")[0]).strip("-")[:40] or "slide"
+    )  # tar names <= 100
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
     return f"{stem}-{digest}"
 
@@ -109,8 +111,10 @@ def read_manifest(store_dir: str | Path) -> list[dict[str, Any]]:
     elif (store / "manifest.csv").exists():
         rows = _read_csv(store / "manifest.csv")
     else:
-        raise FileNotFoundError(f"{store}: not a tile store (no parts/*.csv or manifest.csv). "
-                                "Create one with `pathssl tile SPEC`.")
+        raise FileNotFoundError(
+            f"{store}: not a tile store (no parts/*.csv or manifest.csv). "
+            "Create one with `pathssl tile SPEC`."
+        )
     rows.sort(key=lambda r: (r["shard"], r["key"]))
     return rows
 
@@ -177,7 +181,7 @@ class SlideShardWriter:
         index = len(self._finished)
         final = self.store_dir / "shards" / f"{self.slide}-{index:05d}.tar"
         partial = final.with_name(f".{final.name}.partial")
-        self._file = open(partial, "wb")  # noqa: SIM115 - closed in close_shard
+        self._file = open(partial, "wb")
         self._shard_open = True
         self._finished.append((partial, final))
         self._in_shard = 0

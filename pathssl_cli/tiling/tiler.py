@@ -26,7 +26,14 @@ from pathssl_cli.errors import SpecError, WorkFailed
 from pathssl_cli.runs import atomic_write, open_run
 from pathssl_cli.specs.tile import TileSpec, resolve_slides
 from pathssl_cli.tiling import store
-from pathssl_cli.tiling.slide import LevelReader, SlideError, choose_level, open_slide, slide_mpp, standalone_jpeg
+from pathssl_cli.tiling.slide import (
+    LevelReader,
+    SlideError,
+    choose_level,
+    open_slide,
+    slide_mpp,
+    standalone_jpeg,
+)
 from pathssl_cli.tiling.tissue import TissueMask, tissue_mask
 
 WHITE_LEVEL = 220  # a pixel with all of R, G, B at or above this is glass/fat
@@ -51,8 +58,14 @@ class TileSettings:
 
     def fingerprint(self) -> dict[str, Any]:
         """Settings that change the tiles; a store must not mix two of them."""
-        return {"mpp": self.mpps, "size": self.size, "min_tissue": self.min_tissue, "max_white": self.max_white,
-                "max_black": self.max_black, "jpeg_quality": self.jpeg_quality}
+        return {
+            "mpp": self.mpps,
+            "size": self.size,
+            "min_tissue": self.min_tissue,
+            "max_white": self.max_white,
+            "max_black": self.max_black,
+            "jpeg_quality": self.jpeg_quality,
+        }
 
 
 @dataclass
@@ -84,8 +97,16 @@ def _background_fractions(rgb: np.ndarray) -> tuple[float, float]:
     return white, black
 
 
-def _tile_field_of_view(slide: Any, path: Path, sid: str, base_mpp: float, target: float, mask: TissueMask,
-                        settings: TileSettings, writer: store.SlideShardWriter) -> tuple[int, int, list[tuple]]:
+def _tile_field_of_view(
+    slide: Any,
+    path: Path,
+    sid: str,
+    base_mpp: float,
+    target: float,
+    mask: TissueMask,
+    settings: TileSettings,
+    writer: store.SlideShardWriter,
+) -> tuple[int, int, list[tuple]]:
     """Tile one field of view; returns (tiles written, tiles copied through, level-0 boxes for QC)."""
     choice = choose_level(base_mpp, tuple(slide.level_downsamples), target, settings.size)
     reader = LevelReader(slide, choice.level)
@@ -94,7 +115,7 @@ def _tile_field_of_view(slide: Any, path: Path, sid: str, base_mpp: float, targe
     ds = choice.downsample
     extent0 = step * ds  # one tile's side in level-0 pixels
     # Copy compressed tiles through when an output tile is exactly one internal tile.
-    can_copy = (not choice.resample and reader.page is not None and step == reader.tile_w == reader.tile_h)
+    can_copy = not choice.resample and reader.page is not None and step == reader.tile_w == reader.tile_h
     written = copied = 0
     boxes = []
     xs0 = np.round(np.arange(n_cols) * step * ds).astype(np.int64)  # tile origins in level-0 pixels
@@ -124,8 +145,19 @@ def _tile_field_of_view(slide: Any, path: Path, sid: str, base_mpp: float, targe
             else:
                 copied += 1
             key = store.tile_key(sid, target, x0, y0)
-            writer.add(jpeg, {"slide": str(path), "mpp": target, "level": choice.level, "x": x0, "y": y0,
-                              "size": settings.size, "tissue": round(fraction, 4), "key": key})
+            writer.add(
+                jpeg,
+                {
+                    "slide": str(path),
+                    "mpp": target,
+                    "level": choice.level,
+                    "x": x0,
+                    "y": y0,
+                    "size": settings.size,
+                    "tissue": round(fraction, 4),
+                    "key": key,
+                },
+            )
             boxes.append((x0, y0, extent0))
             written += 1
     return written, copied, boxes
@@ -149,8 +181,10 @@ def _write_qc(path: Path, mask: TissueMask, boxes_per_fov: list[list[tuple]]) ->
         atomic_write(path, png.tobytes())
 
 
-def _feasible_fields_of_view(slide: Any, base_mpp: float, settings: TileSettings, result: SlideResult) -> list[float]:
-    """The targets this slide can give; the others are noted (a 20x scan has no 40x tiles). None → SlideError."""
+def _feasible_fields_of_view(
+    slide: Any, base_mpp: float, settings: TileSettings, result: SlideResult
+) -> list[float]:
+    """The targets this slide can give; others are noted (a 20x scan has no 40x tiles). None: SlideError."""
     feasible, reasons = [], []
     for target in settings.mpps:
         try:
@@ -160,13 +194,17 @@ def _feasible_fields_of_view(slide: Any, base_mpp: float, settings: TileSettings
             continue
         width, height = slide.level_dimensions[choice.level]
         if width < choice.read_size or height < choice.read_size:
-            reasons.append(f"slide smaller than one {settings.size} px tile at {target} µm/px "
-                           f"({width}x{height} px at level {choice.level})")
+            reasons.append(
+                f"slide smaller than one {settings.size} px tile at {target} µm/px "
+                f"({width}x{height} px at level {choice.level})"
+            )
             continue
         feasible.append(target)
     result.notes += reasons
     if not feasible:
-        raise SlideError("; ".join(reasons), "drop this slide, or choose other tiles.mpp / a smaller tiles.size")
+        raise SlideError(
+            "; ".join(reasons), "drop this slide, or choose other tiles.mpp / a smaller tiles.size"
+        )
     return feasible
 
 
@@ -189,11 +227,16 @@ def tile_slide(path: Path, csv_mpp: float | None, settings: TileSettings) -> Sli
         targets = _feasible_fields_of_view(slide, base_mpp, settings, result)
         mask = tissue_mask(slide, base_mpp)
         if not mask.mask.any():
-            raise SlideError("no tissue found", "check that the slide holds stained tissue: the detector (HSV "
-                             "saturation, Otsu) found no stained region")
+            raise SlideError(
+                "no tissue found",
+                "check that the slide holds stained tissue: the detector (HSV "
+                "saturation, Otsu) found no stained region",
+            )
         boxes_per_fov = []
         for target in targets:
-            written, copied, boxes = _tile_field_of_view(slide, path, sid, base_mpp, target, mask, settings, writer)
+            written, copied, boxes = _tile_field_of_view(
+                slide, path, sid, base_mpp, target, mask, settings, writer
+            )
             result.tiles[str(target)] = written
             result.copied += copied
             boxes_per_fov.append(boxes)
@@ -225,13 +268,18 @@ def _check_store_settings(settings: TileSettings) -> None:
         found = json.loads(marker.read_text())
         if found != wanted:
             changed = ", ".join(f"{k}: {found.get(k)} -> {v}" for k, v in wanted.items() if found.get(k) != v)
-            raise SpecError(f"{settings.store_dir} already holds tiles made with other settings ({changed}). "
-                            "Use a new output.dir, or delete the old store to re-tile.", "output.dir")
+            raise SpecError(
+                f"{settings.store_dir} already holds tiles made with other settings ({changed}). "
+                "Use a new output.dir, or delete the old store to re-tile.",
+                "output.dir",
+            )
     else:
         atomic_write(marker, json.dumps(wanted, indent=2) + "\n")
 
 
-def _run_jobs(jobs: list[tuple[Path, float | None]], settings: TileSettings, workers: int) -> list[SlideResult]:
+def _run_jobs(
+    jobs: list[tuple[Path, float | None]], settings: TileSettings, workers: int
+) -> list[SlideResult]:
     results: list[SlideResult] = []
     bar = progress(total=len(jobs), desc="slides", unit="slide")
     started = time.perf_counter()
@@ -239,8 +287,11 @@ def _run_jobs(jobs: list[tuple[Path, float | None]], settings: TileSettings, wor
     def done(result: SlideResult) -> None:
         results.append(result)
         tiles = sum(sum(r.tiles.values()) for r in results if r.status == "done")
-        bar.set_postfix(tiles=tiles, tiles_per_s=f"{tiles / max(time.perf_counter() - started, 1e-9):.0f}",
-                        failed=sum(r.status == "failed" for r in results))
+        bar.set_postfix(
+            tiles=tiles,
+            tiles_per_s=f"{tiles / max(time.perf_counter() - started, 1e-9):.0f}",
+            failed=sum(r.status == "failed" for r in results),
+        )
         bar.update(1)
 
     with bar:
@@ -268,23 +319,35 @@ def _errors_csv(results: list[SlideResult]) -> str:
     return buffer.getvalue()
 
 
-def run_tile(spec: TileSpec, *, num_shards: int | None = None, shard_index: int | None = None) -> dict[str, Any]:
+def run_tile(
+    spec: TileSpec, *, num_shards: int | None = None, shard_index: int | None = None
+) -> dict[str, Any]:
     """Tile the spec's slides (this process's slice of them) into the store; returns the summary."""
     parts, index = _slice_for_this_process(num_shards, shard_index)
     slides = resolve_slides(spec)
     jobs = slides[index::parts]  # round-robin over the sorted list: disjoint slices that cover it all
     store_dir = Path(spec.output.dir)
     settings = TileSettings(
-        store_dir=store_dir, mpps=spec.tiles.mpp_values(), size=spec.tiles.size, min_tissue=spec.tiles.min_tissue,
-        max_white=spec.tiles.max_white, max_black=spec.tiles.max_black, jpeg_quality=spec.output.jpeg_quality,
-        tiles_per_shard=spec.output.tiles_per_shard, qc=spec.output.qc_thumbnails, mpp_override=spec.input.mpp_override)
+        store_dir=store_dir,
+        mpps=spec.tiles.mpp_values(),
+        size=spec.tiles.size,
+        min_tissue=spec.tiles.min_tissue,
+        max_white=spec.tiles.max_white,
+        max_black=spec.tiles.max_black,
+        jpeg_quality=spec.output.jpeg_quality,
+        tiles_per_shard=spec.output.tiles_per_shard,
+        qc=spec.output.qc_thumbnails,
+        mpp_override=spec.input.mpp_override,
+    )
     store_dir.mkdir(parents=True, exist_ok=True)
     _check_store_settings(settings)
     suffix = f"-{index}-of-{parts}" if parts > 1 else ""
     with open_run(spec, store_dir, world_size=parts, is_main=index == 0):
         started = time.perf_counter()
-        info(f"tiling {len(jobs)} slide(s) at {settings.mpps} µm/px into {store_dir}"
-             + (f" (part {index + 1} of {parts})" if parts > 1 else ""))
+        info(
+            f"tiling {len(jobs)} slide(s) at {settings.mpps} µm/px into {store_dir}"
+            + (f" (part {index + 1} of {parts})" if parts > 1 else "")
+        )
         results = _run_jobs(jobs, settings, spec.run.workers)
         seconds = time.perf_counter() - started
         total_tiles = store.write_manifest(store_dir)
@@ -295,20 +358,31 @@ def run_tile(spec: TileSpec, *, num_shards: int | None = None, shard_index: int 
                 by_fov[fov] = by_fov.get(fov, 0) + count
         failed = [r for r in results if r.status == "failed"]
         summary = {
-            "slides": len(jobs), "done": sum(r.status == "done" for r in results),
-            "skipped": sum(r.status == "skipped" for r in results), "failed": len(failed),
-            "tiles_written": new_tiles, "tiles_copied_through": sum(r.copied for r in results),
-            "tiles_in_store": total_tiles, "tiles_by_mpp": by_fov, "seconds": round(seconds, 3),
+            "slides": len(jobs),
+            "done": sum(r.status == "done" for r in results),
+            "skipped": sum(r.status == "skipped" for r in results),
+            "failed": len(failed),
+            "tiles_written": new_tiles,
+            "tiles_copied_through": sum(r.copied for r in results),
+            "tiles_in_store": total_tiles,
+            "tiles_by_mpp": by_fov,
+            "seconds": round(seconds, 3),
             "tiles_per_s": round(new_tiles / seconds, 1) if seconds > 0 else None,
-            "part": {"index": index, "count": parts}, "per_slide": [asdict(r) for r in results],
+            "part": {"index": index, "count": parts},
+            "per_slide": [asdict(r) for r in results],
         }
         atomic_write(store_dir / f"errors{suffix}.csv", _errors_csv(results))
         atomic_write(store_dir / f"summary{suffix}.json", json.dumps(summary, indent=2) + "\n")
-        info(f"{summary['done']} slide(s) tiled, {summary['skipped']} already complete, {len(failed)} failed; "
-             f"{new_tiles} tiles in {seconds:.1f} s ({summary['tiles_per_s']} tiles/s); store holds {total_tiles}")
+        info(
+            f"{summary['done']} slide(s) tiled, {summary['skipped']} already complete, {len(failed)} failed; "
+            f"{new_tiles} tiles in {seconds:.1f} s ({summary['tiles_per_s']} tiles/s); "
+            f"store holds {total_tiles}"
+        )
         if failed and not spec.run.allow_failures:
             first = failed[0]
-            raise WorkFailed(f"{len(failed)} of {len(jobs)} slide(s) failed, e.g. {first.path}: {first.error}. "
-                             f"All are listed in {store_dir / f'errors{suffix}.csv'} (set run.allow_failures = "
-                             "true to exit 0 anyway)")
+            raise WorkFailed(
+                f"{len(failed)} of {len(jobs)} slide(s) failed, e.g. {first.path}: {first.error}. "
+                f"All are listed in {store_dir / f'errors{suffix}.csv'} (set run.allow_failures = "
+                "true to exit 0 anyway)"
+            )
     return summary

@@ -45,25 +45,26 @@ class TissueMask:
         h, w = self.mask.shape
         if x + width <= 0 or y + height <= 0 or x >= w * self.scale or y >= h * self.scale:
             return 0.0
-        x0 = min(max(int(round(x / self.scale)), 0), w)
-        y0 = min(max(int(round(y / self.scale)), 0), h)
-        x1 = min(max(int(round((x + width) / self.scale)), x0 + 1), w)
-        y1 = min(max(int(round((y + height) / self.scale)), y0 + 1), h)
+        x0 = min(max(round(x / self.scale), 0), w)
+        y0 = min(max(round(y / self.scale), 0), h)
+        x1 = min(max(round((x + width) / self.scale), x0 + 1), w)
+        y1 = min(max(round((y + height) / self.scale), y0 + 1), h)
         if x1 <= x0 or y1 <= y0:
             return 0.0
         s = self._integral
         total = s[y1, x1] - s[y0, x1] - s[y1, x0] + s[y0, x0]
         return float(total / ((y1 - y0) * (x1 - x0)))
 
-
     def grid_fractions(self, xs: np.ndarray, ys: np.ndarray, extent: float) -> np.ndarray:
-        """`fraction` of every square (x, y, extent, extent) for x in `xs`, y in `ys`: shape (len(ys), len(xs))."""
+        """`fraction` of each square (x, y, extent, extent) for x in `xs`, y in `ys`; (len(ys), len(xs))."""
         h, w = self.mask.shape
 
         def bounds(starts: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             starts = np.asarray(starts, np.float64)
             lo = np.clip(np.round(starts / self.scale), 0, size).astype(np.int64)
-            hi = np.clip(np.maximum(np.round((starts + extent) / self.scale), lo + 1), None, size).astype(np.int64)
+            hi = np.clip(np.maximum(np.round((starts + extent) / self.scale), lo + 1), None, size).astype(
+                np.int64
+            )
             valid = (starts + extent > 0) & (starts < size * self.scale) & (hi > lo)
             return lo, hi, valid
 
@@ -85,7 +86,7 @@ def detect_tissue(rgb: np.ndarray, mpp: float) -> np.ndarray:
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, _disk(CLOSE_UM / mpp))
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disk(OPEN_UM / mpp))
     mask = _fill_holes(mask > 0)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    _count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
     keep = stats[:, cv2.CC_STAT_AREA] * mpp * mpp >= MIN_AREA_UM2
     keep[0] = False  # label 0 is the background
     return keep[labels]
@@ -100,7 +101,7 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 def _disk(radius: float) -> np.ndarray:
-    r = max(int(round(radius)), 1)
+    r = max(round(radius), 1)
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
 
 
@@ -114,13 +115,13 @@ def slide_thumbnail(slide: Any, base_mpp: float, target_mpp: float = MASK_MPP) -
     level = max((i for i, ds in enumerate(downsamples) if ds <= wanted), default=0)
     reader = LevelReader(slide, level)
     factor = max(wanted / downsamples[level], 1.0)  # further shrink of that level
-    out_w = max(int(round(reader.width / factor)), 1)
-    out_h = max(int(round(reader.height / factor)), 1)
+    out_w = max(round(reader.width / factor), 1)
+    out_h = max(round(reader.height / factor), 1)
     thumb = np.empty((out_h, out_w, 3), np.uint8)
-    band_rows = max(int(math.ceil(reader.tile_h / factor)), 1)  # whole output rows per band of internal tiles
+    band_rows = max(math.ceil(reader.tile_h / factor), 1)  # whole output rows per band of internal tiles
     for oy in range(0, out_h, band_rows):
         oy1 = min(oy + band_rows, out_h)
-        y0, y1 = int(round(oy * reader.height / out_h)), int(round(oy1 * reader.height / out_h))
+        y0, y1 = round(oy * reader.height / out_h), round(oy1 * reader.height / out_h)
         band = reader.read(0, y0, reader.width, max(y1 - y0, 1))
         thumb[oy:oy1] = cv2.resize(band, (out_w, oy1 - oy), interpolation=cv2.INTER_AREA)
         reader.forget_above(y1)

@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import tiffslide
 
-from pathssl_cli.tiling.slide import LevelReader, SlideError, choose_level, open_slide, slide_mpp, standalone_jpeg
+from pathssl_cli.tiling.slide import (
+    LevelReader,
+    SlideError,
+    choose_level,
+    open_slide,
+    slide_mpp,
+    standalone_jpeg,
+)
 
 
 @pytest.mark.parametrize(
@@ -44,7 +51,7 @@ def test_mpp_from_metadata_override_and_missing(synthetic_slide, slide_without_m
     assert slide_mpp(with_mpp, 0.3, synthetic_slide.path)[1] == "metadata"  # override only fills a gap
     without = open_slide(slide_without_mpp.path)
     assert slide_mpp(without, 0.3, slide_without_mpp.path) == (0.3, "override")
-    with pytest.raises(SlideError, match="nompp.tif has no MPP") as info:
+    with pytest.raises(SlideError, match=r"nompp\.tif has no MPP") as info:
         slide_mpp(without, None, slide_without_mpp.path)
     assert "mpp_override" in info.value.fix
 
@@ -77,7 +84,9 @@ def test_reader_matches_zarr_on_real_slides(shared_data: Path, name: str) -> Non
         width, height = slide.level_dimensions[level]
         for _ in range(4):
             x, y = int(rng.integers(-50, width - 50)), int(rng.integers(-50, height - 50))
-            np.testing.assert_array_equal(reader.read(x, y, 301, 177), _reference(slide, level, x, y, 301, 177))
+            np.testing.assert_array_equal(
+                reader.read(x, y, 301, 177), _reference(slide, level, x, y, 301, 177)
+            )
 
 
 def test_each_internal_tile_is_decoded_once(synthetic_slide) -> None:
@@ -118,12 +127,20 @@ def test_standalone_jpeg_is_the_same_tile(synthetic_slide, shared_data: Path) ->
 
 
 def test_jpeg2000_tiles_are_read(tmp_path: Path) -> None:
-    # Many SVS files hold JPEG2000 tiles (decoded through imagecodecs); tiffslide reads this TIFF the same way.
+    # Many SVS files hold JPEG2000 tiles (decoded by imagecodecs); tiffslide reads this TIFF the same way.
     import tifffile
 
     image = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
-    tifffile.imwrite(tmp_path / "j2k.tif", image, photometric="rgb", tile=(128, 128), compression="jpeg2000",
-                     compressionargs={"level": 100}, resolution=(2e4, 2e4), resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        tmp_path / "j2k.tif",
+        image,
+        photometric="rgb",
+        tile=(128, 128),
+        compression="jpeg2000",
+        compressionargs={"level": 100},
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+    )
     slide = open_slide(tmp_path / "j2k.tif")
     reader = LevelReader(slide, 0)
     assert reader.page is not None and slide_mpp(slide, None, tmp_path / "j2k.tif")[0] == pytest.approx(0.5)
