@@ -132,9 +132,9 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
             scaler.load_state_dict(resumed["scaler"])
             _set_rng_states(resumed["rng"])
             start_step = int(resumed["step"])
-            if dist_info.is_main:
-                _truncate_metrics(run, start_step)
             info(f"resuming {out} at step {start_step}/{total_steps}")
+        if dist_info.is_main:  # records of steps after the checkpoint (or of a run that never made one) go
+            _truncate_metrics(run, start_step)
 
         model: nn.Module = method
         if world > 1:
@@ -184,9 +184,10 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
                 elapsed = time.perf_counter() - window_start
                 img_per_s = images_per_step * window_steps / max(elapsed, 1e-9)
                 if dist_info.is_main:
-                    run.metrics.log(step, loss=global_loss, lr=lr, weight_decay=float(
-                        schedules.weight_decay[min(step, total_steps - 1)]), img_per_s=img_per_s,
-                        epoch=step / steps_per_epoch, **{k: float(v) for k, v in logs.items()})
+                    record = {k: float(v) for k, v in logs.items()}
+                    record.update(loss=global_loss, lr=lr, img_per_s=img_per_s, epoch=step / steps_per_epoch,
+                                  weight_decay=float(schedules.weight_decay[min(step, total_steps - 1)]))
+                    run.metrics.log(step, **record)
                 bar.set_postfix(loss=f"{global_loss:.4f}", lr=f"{lr:.3g}", img_s=f"{img_per_s:.1f}")
                 window_start, window_steps = time.perf_counter(), 0
             bar.update(1)
@@ -210,6 +211,7 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
             summary["backbone_file"] = str(export_backbone(method.backbone, out / "backbone.safetensors"))
             _plot_losses(run, out / "loss_curve.png", spec.method.name)
             run.write_json("metrics.json", summary)
+            info(f"pre-trained backbone: {summary['backbone_file']} (full checkpoint: {checkpoint_path})")
         barrier()
         return summary
 
@@ -245,9 +247,10 @@ def _fail_non_finite(value: float, step: int, steps_per_epoch: int, checkpoint_p
                      what: str = "loss") -> None:
     kept = (f"the last good checkpoint is kept at {checkpoint_path}" if checkpoint_path.exists()
             else "no checkpoint had been written yet")
-    became = f"the loss became {value}" if what == "loss" else "the weights became NaN or infinite"
-    raise WorkFailed(f"{became} at step {step} (epoch {step // steps_per_epoch}); training stopped without "
-                     f"saving them, and {kept}. Lower optim.lr or lengthen optim.warmup_epochs, "
+    became = (f"the loss became {value}" if what == "loss" else
+              "the weights became NaN or infinite (an overflowing update)")
+    raise WorkFailed(f"{became} at step {step} (epoch {step // steps_per_epoch}); training stopped before saving "
+                     f"anything from this step, and {kept}. Lower optim.lr or lengthen optim.warmup_epochs, "
                      "or use run.precision = 'fp32'/'bf16' instead of fp16, then rerun (run.resume = true "
                      "continues from the checkpoint).")
 
