@@ -135,22 +135,24 @@ def _flood(
     """Masked watershed, run only where a foreground blob holds two or more markers."""
     markers = np.where(blobs > 0, markers, 0)  # seeds outside the mask never flood anything
     seeded = markers > 0
-    # Which markers sit in which blob: a dense (blob, marker) occupancy table, small for tiles.
-    occupied = (
-        np.bincount(
-            blobs[seeded].astype(np.int64) * (n_markers + 1) + markers[seeded],
-            minlength=(n_blobs + 1) * (n_markers + 1),
-        ).reshape(n_blobs + 1, n_markers + 1)
-        > 0
-    )
-    markers_per_blob = occupied.sum(axis=1)
-    blob_to_marker = np.where(markers_per_blob == 1, np.argmax(occupied, axis=1), 0).astype(np.int32)
+    # Which markers sit in which blob, as distinct (blob, marker) pairs: a dense occupancy table for tiles,
+    # np.unique for large maps where the table would not fit.
+    pair_keys = blobs[seeded].astype(np.int64) * (n_markers + 1) + markers[seeded]
+    if (n_blobs + 1) * (n_markers + 1) <= 1 << 24:
+        pairs = np.flatnonzero(np.bincount(pair_keys, minlength=(n_blobs + 1) * (n_markers + 1)))
+    else:
+        pairs = np.unique(pair_keys)
+    pair_blob, pair_marker = np.divmod(pairs, n_markers + 1)
+    markers_per_blob = np.bincount(pair_blob, minlength=n_blobs + 1)
+    blob_to_marker = np.zeros(n_blobs + 1, dtype=np.int32)
+    single = markers_per_blob[pair_blob] == 1
+    blob_to_marker[pair_blob[single]] = pair_marker[single]
     out = blob_to_marker[blobs]
 
     multi = np.flatnonzero(markers_per_blob >= 2)
     if len(multi):
         _flood_multi(energy, markers, blobs, multi, out)
-    # Markers whose blob was flooded by another id cannot exist; renumber surviving ids 1..N in marker order.
+    # Markers outside every blob flood nothing and vanish: renumber the surviving ids 1..N in marker order.
     present = np.zeros(n_markers + 1, dtype=bool)
     present[out.ravel()] = True
     present[0] = False
