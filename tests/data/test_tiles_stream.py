@@ -157,3 +157,18 @@ def test_sample_images_is_seeded_and_without_replacement(store) -> None:
     assert len(set(chosen)) == 10 and set(chosen) <= set(ids)
     assert [_tile_id(a) for a in sample_images([root], 10, seed=0)] == chosen
     assert len(sample_images([root], 1000, seed=0)) == len(ids)
+
+
+def test_real_tiff_tiles_stream_and_fit_stain_statistics(shared_data: Path) -> None:
+    from pathssl_cli.augment.stain import fit_stain_stats
+
+    folder = shared_data / "patches" / "nct-crc-he-100k"
+    stream = TileStream([folder], image_size=112, seed=0)
+    tiles = list(stream)
+    assert len(tiles) == 9 and all(t.shape == (3, 112, 112) for t in tiles)
+    sample = sample_images([folder], 9, seed=0)
+    assert all(a.shape == (224, 224, 3) for a in sample)
+    stats = fit_stain_stats(sample, "lab", "normal")
+    # H&E tiles are light and pink: high lightness, positive a* (red), small b*
+    lightness, red_green, _ = stats.params["mean_loc"]
+    assert 40 < lightness < 95 and red_green > 5
