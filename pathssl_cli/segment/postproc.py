@@ -209,12 +209,16 @@ def _flood_multi(
 
 
 def describe_instances(inst_map: np.ndarray, type_prob: np.ndarray | None = None) -> dict[int, Instance]:
-    """Bbox, centroid, contour and (with NC softmax (C, H, W)) majority type of every instance of
-    `inst_map`."""
+    """Bbox, centroid, contour and (with NC softmax (C, H, W)) majority type of every instance of `inst_map`.
+
+    Ids may have gaps but are used as array indices: maps with huge ids should go through `remap_label`.
+    """
     inst_map = np.asarray(inst_map)
     n = int(inst_map.max(initial=0))
     if n == 0:
         return {}
+    if n > 4 * inst_map.size or inst_map.min() < 0:
+        raise ValueError(f"instance ids must be >= 0 and small (max {n}); relabel with metrics.remap_label")
     width = inst_map.shape[1]
     # Per-id sums over the foreground pixels only (nuclei cover a fraction of a tile).
     where = np.flatnonzero(inst_map)
