@@ -131,21 +131,24 @@ def resized_crop_flip(
     vflip: Tensor | None = None,
     force_matmul: bool = False,
     clamp: bool = True,
+    index: Tensor | None = None,
 ) -> Tensor:
     """Crop each image to its box (top, left, h, w), resize to size×size with antialiasing, then flip.
 
-    images: float (B, C, H, W); boxes: (B, 4) integers; hflip/vflip: bool (B,). Returns float (B, C,
-    size, size)
-    in [0, 1] (clamp=False keeps values of other colour spaces). On accelerators:
-    out[b] = Wy[b] @ images[b] @ Wx[b]^T, two batched matmuls, with flips as row
-    reversals of Wx / Wy. On CPU the dense matmul wastes most of its work on zero weights (each output pixel
-    has 4–8 taps), so the sparse native kernel of `F.interpolate(antialias=True)` runs per crop instead: the
-    same weights, ~6× faster on one core. `force_matmul` selects the batched path anywhere (tests compare
-    both).
+    images: float (B, C, H, W); boxes: (B, 4) integers; hflip/vflip: bool (B,). Returns float
+    (B, C, size, size) in [0, 1] (clamp=False keeps values of other colour spaces). With `index` (N,), only
+    images[index] are cropped, by boxes/flips of the same rows (N, ...), without copying those images first.
+
+    On accelerators: out[b] = Wy[b] @ images[b] @ Wx[b]^T, two batched matmuls, with flips as row reversals
+    of Wx / Wy. On CPU the dense matmul wastes most of its work on zero weights (each output pixel has 4–8
+    taps), so the sparse native kernel of `F.interpolate(antialias=True)` runs per crop instead: the same
+    weights, ~6× faster on one core. `force_matmul` selects the batched path anywhere (tests compare both).
     """
-    batch, channels, height, width = images.shape
     if images.device.type == "cpu" and not force_matmul:
-        return _resized_crop_flip_native(images, boxes, size, interpolation, hflip, vflip, clamp)
+        return _resized_crop_flip_native(images, boxes, size, interpolation, hflip, vflip, clamp, index)
+    if index is not None:
+        images = images[index]
+    batch, channels, height, width = images.shape
     boxes = boxes.to(images.device)
     rows = _axis_weights(boxes[:, 0], boxes[:, 2], height, size, interpolation)  # (B, size, H)
     cols = _axis_weights(boxes[:, 1], boxes[:, 3], width, size, interpolation)  # (B, size, W)
@@ -170,14 +173,16 @@ def _resized_crop_flip_native(
     hflip: Tensor | None,
     vflip: Tensor | None,
     clamp: bool,
+    index: Tensor | None,
 ) -> Tensor:
-    out = torch.empty(images.shape[0], images.shape[1], size, size, dtype=images.dtype)
-    for index, (top, left, height, width) in enumerate(boxes.tolist()):
-        crop = images[index : index + 1, :, top : top + height, left : left + width]
+    rows = range(images.shape[0]) if index is None else index.tolist()
+    out = torch.empty(len(rows), images.shape[1], size, size, dtype=images.dtype)
+    for position, (row, (top, left, height, width)) in enumerate(zip(rows, boxes.tolist(), strict=True)):
+        crop = images[row : row + 1, :, top : top + height, left : left + width]
         if (height, width) == (size, size):
-            out[index] = crop[0]
+            out[position] = crop[0]
         else:
-            out[index : index + 1] = F.interpolate(
+            out[position : position + 1] = F.interpolate(
                 crop, size=(size, size), mode=interpolation, antialias=True, align_corners=False
             )
     if clamp:

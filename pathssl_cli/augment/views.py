@@ -308,7 +308,7 @@ class BatchViews:
         plain = (~selected).nonzero().flatten()
         if plain.numel():
             out[plain] = ops.resized_crop_flip(
-                source[plain], boxes[plain], size, r.interpolation, hflip[plain], vflip[plain]
+                source, boxes[plain], size, r.interpolation, hflip[plain], vflip[plain], index=plain
             )
         chosen = selected.nonzero().flatten()
         if chosen.numel():
@@ -320,20 +320,19 @@ class BatchViews:
             )
             target_mean, target_std = stats.sample(int(chosen.numel()), generator)
             crop = ops.resized_crop_flip(
-                values[chosen],
+                values,
                 boxes[chosen],
                 size,
                 r.interpolation,
                 hflip[chosen],
                 vflip[chosen],
                 clamp=False,
+                index=chosen,
             )
-            scale = (target_std.to(crop) / tile_std[chosen].clamp(min=1e-4))[..., None, None]
-            crop = (
-                (crop - tile_mean[chosen][..., None, None])
-                .mul_(scale)
-                .add_(target_mean.to(crop)[..., None, None])
-            )
+            # (v − tile mean) · template std / tile std + template mean, as one multiply-add per pixel
+            scale = target_std.to(crop) / tile_std[chosen].clamp(min=1e-4)
+            shift = target_mean.to(crop) - tile_mean[chosen] * scale
+            crop = crop.mul_(scale[..., None, None]).add_(shift[..., None, None])
             out[chosen] = from_space(crop, self.stain.space).to(out.dtype)
         return out
 

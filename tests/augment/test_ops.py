@@ -144,3 +144,16 @@ def test_apply_to_touches_only_selected_samples() -> None:
     out = ops.apply_to(x.clone(), selected, lambda v: v * 0)
     assert (out[selected] == 0).all()
     torch.testing.assert_close(out[~selected], x[~selected])
+
+
+@pytest.mark.parametrize("force_matmul", [False, True])
+def test_resized_crop_of_selected_rows_equals_cropping_the_selection(force_matmul: bool) -> None:
+    x = _images()
+    boxes = ops.random_resized_crop_boxes(
+        6, 40, 48, (0.2, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(5)
+    )
+    rows = torch.tensor([4, 1, 3])
+    flips = torch.tensor([True, False, True])
+    out = ops.resized_crop_flip(x, boxes[rows], 20, "bicubic", flips, ~flips, force_matmul, index=rows)
+    expected = ops.resized_crop_flip(x[rows], boxes[rows], 20, "bicubic", flips, ~flips, force_matmul)
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
