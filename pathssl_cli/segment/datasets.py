@@ -153,7 +153,8 @@ class ConsepFolder(NucleiSource):
         )
         if not self.image_paths:
             raise SpecError(
-                f"{root}: no images in {root / 'Images'}; expected CoNSeP's Images/*.png + Labels/*.mat"
+                f"{root}: no images in {root / 'Images'}; expected CoNSeP's Images/*.png + Labels/*.mat "
+                "(or set data.format to 'generic' or 'pannuke' for those layouts)"
             )
         self.label_paths = [self.root / "Labels" / f"{p.stem}.mat" for p in self.image_paths]
         missing = [p.name for p in self.label_paths if not p.exists()]

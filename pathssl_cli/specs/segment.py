@@ -202,7 +202,7 @@ class SegmentSpec(SpecModel):
         from pathssl_cli.segment.datasets import check_sources
 
         problems: list[Problem] = []
-        where = str(self.source_file or "spec")
+        # The source file is attached only after these checks, so problems name the field alone.
         for split in ("train", "val", "test"):
-            problems += check_sources(self.data.format, getattr(self.data, split), f"{where}: data.{split}")
+            problems += check_sources(self.data.format, getattr(self.data, split), f"data.{split}")
         return problems
