@@ -165,9 +165,10 @@ def _tile_field_of_view(
 
 def _write_qc(path: Path, mask: TissueMask, boxes_per_fov: list[list[tuple]]) -> None:
     """Thumbnail with non-tissue dimmed, the mask outline, and each field of view's tiles outlined."""
-    image = mask.thumbnail.astype(np.float32)
-    image[~mask.mask] = image[~mask.mask] * 0.55 + 255 * 0.45
-    image = image.astype(np.uint8)
+    # Non-tissue dimmed towards white, in uint8 (a float copy of the thumbnail would double peak memory).
+    image = mask.thumbnail.copy()
+    outside = ~mask.mask
+    image[outside] = cv2.addWeighted(image[outside], 0.55, np.full_like(image[outside], 255), 0.45, 0)
     contours, _ = cv2.findContours(mask.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(image, contours, -1, (255, 0, 0), 1)
     for fov, boxes in enumerate(boxes_per_fov):

@@ -18,6 +18,9 @@ from pathssl_cli.tiling.slide import LevelReader
 # The mask is computed at about this resolution: a 224 px tile at 0.5 µm/px spans 28 mask pixels,
 # enough for a tissue fraction, while a 100k px slide's mask stays ~6k px across.
 MASK_MPP = 4.0
+# ... unless the slide is so large that the mask would exceed this many pixels across: then the mask
+# gets coarser, so that its memory (~20 bytes per mask pixel while detecting) stays bounded.
+MASK_MAX_SIDE = 4096
 # Otsu splits glass from stain, but where most tissue is strongly stained it lumps pale tissue
 # (mucus, fat septa) with glass, so the threshold is capped; on an empty slide Otsu splits noise,
 # so it is floored (glass scans at a saturation of about 0-5 out of 255).
@@ -38,7 +41,7 @@ class TissueMask:
 
     def __post_init__(self) -> None:
         # Summed-area table: the tissue fraction of any rectangle in O(1).
-        self._integral = cv2.integral(self.mask.astype(np.uint8), sdepth=cv2.CV_64F)
+        self._integral = cv2.integral(self.mask.astype(np.uint8), sdepth=cv2.CV_32S)
 
     def fraction(self, x: float, y: float, width: float, height: float) -> float:
         """Tissue fraction of a level-0 rectangle, with mask pixels counted by their centre."""
@@ -130,5 +133,6 @@ def slide_thumbnail(slide: Any, base_mpp: float, target_mpp: float = MASK_MPP) -
 
 
 def tissue_mask(slide: Any, base_mpp: float) -> TissueMask:
-    thumb, scale = slide_thumbnail(slide, base_mpp)
+    long_side_um = max(slide.dimensions) * base_mpp
+    thumb, scale = slide_thumbnail(slide, base_mpp, max(MASK_MPP, long_side_um / MASK_MAX_SIDE))
     return TissueMask(detect_tissue(thumb, base_mpp * scale), scale, thumb)

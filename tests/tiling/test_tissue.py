@@ -55,3 +55,21 @@ def test_grid_fractions_equal_scalar_fractions() -> None:
     grid = tm.grid_fractions(xs, ys, 33.5)
     expected = np.array([[tm.fraction(x, y, 33.5, 33.5) for x in xs] for y in ys])
     np.testing.assert_allclose(grid, expected, atol=1e-12)
+
+
+def test_mask_resolution_is_capped_for_huge_slides(monkeypatch) -> None:
+    # A 200 mm slide at 0.25 µm/px would give a 50000 px mask at 4 µm/px; the cap keeps it at 4096.
+    from pathssl_cli.tiling import tissue
+
+    asked = {}
+
+    def fake_thumbnail(slide, base_mpp, target_mpp):
+        asked["mpp"] = target_mpp
+        return np.full((8, 8, 3), 240, np.uint8), 1.0
+
+    class Huge:
+        dimensions = (800_000, 400_000)
+
+    monkeypatch.setattr(tissue, "slide_thumbnail", fake_thumbnail)
+    tissue.tissue_mask(Huge(), 0.25)
+    assert asked["mpp"] == 800_000 * 0.25 / tissue.MASK_MAX_SIDE
