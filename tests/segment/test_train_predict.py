@@ -277,3 +277,26 @@ def test_invalid_segment_spec_exits_2() -> None:
         cli, ["segment", "train", str(TINY_SPEC), "--set", "data.format=pannuke", "--set", "data.num_types=3"]
     )
     assert result.exit_code == 2 and "num_types" in result.output
+
+
+@pytest.mark.slow  # two extra Python processes importing torch: ~30-60 s on 2 cores
+def test_two_process_gloo_training(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    train_dir = _write_generic(tmp_path / "train", 4, seed=0)
+    out = tmp_path / "ddp"
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+            "-m", "pathssl_cli", "segment", "train", str(TINY_SPEC), "--set", "data.format=generic",
+            "--set", f"data.train=['{train_dir}']", "--set", "data.test=[]", "--set", "data.num_types=5",
+            "--set", f"run.output_dir='{out}'", "--set", "train.steps_per_epoch=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PATHSSL_PROGRESS": "0"}
+    result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "done" and run["world_size"] == 2
+    steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # 4 images x 4 windows = 16 patches, 8 per rank = one batch of 8 per epoch; rank 0 logs each step once.
+    assert sum(1 for r in steps if "loss" in r) == 2
+    assert (out / "model.pt").exists()
