@@ -102,3 +102,32 @@ def test_bad_sweep_grid_is_refused(tiny_folder: Path, field: str, value: str) ->
     )
     assert result.exit_code == 2
     assert field.split(".")[1] in result.output
+
+
+def test_linear_on_a_low_label_subset(tiny_folder: Path, tiny_weights: Path, tmp_path: Path) -> None:
+    subsets = tmp_path / "subsets"
+    specs_root = SPECS.parent
+    invoke(
+        "subsample",
+        str(specs_root / "subsample" / "tiny.toml"),
+        "--set",
+        f"data.root={tiny_folder}",
+        "--set",
+        f"run.output_dir={subsets}",
+    )
+    out = tmp_path / "runs" / "linear_half"
+    invoke(
+        "evaluate",
+        "linear",
+        str(SPECS / "tiny_linear.toml"),
+        *common(tiny_folder, tiny_weights, out),
+        "--set",
+        f"data.train_subset={subsets / 'subset_50pct.csv'}",
+        "--set",
+        "optim.epochs=2",
+    )
+    record = read_metrics(out)
+    # 5 train images per class in the fixture: half of each class, rounded half up, is 3 → 6 classes × 3
+    assert record["n"]["train"] == 18
+    assert record["label"] == "linear[subset_50pct]"
+    assert record["train_subset"].endswith("subset_50pct.csv")
