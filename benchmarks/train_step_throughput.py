@@ -2,8 +2,8 @@
 
 One step is what `pathssl_cli.pretrain` does per batch: batched views on the device, forward, backward, the
 method's hooks and the optimiser step; the data stream is left out (a fixed uint8 batch) so that the figure is
-the training step's own cost. bf16 is timed in the same run as fp32 (the baseline), so their ratio is meaningful
-on a shared machine.
+the training step's own cost. bf16 is timed in the same run as fp32 (the baseline), so their ratio
+is meaningful on a shared machine.
 
     python benchmarks/train_step_throughput.py [--methods mocov2 dino] [--steps 10] [--threads 2] [--json]
 """
@@ -68,7 +68,8 @@ def time_steps(spec: PretrainSpec, precision: str, steps: int, warmup: int) -> l
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["mocov2", "swav", "barlow_twins", "dino"])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, caches)")
@@ -89,7 +90,8 @@ def main() -> None:
             row["bf16_over_fp32"] = round(row["bf16_img_s"] / row["fp32_img_s"], 2)  # type: ignore[operator]
             rows.append(row)
             if not args.json:
-                print(f"{method:13s} {row['backbone']:12s} batch {row['batch']:3d}  fp32 {row['fp32_img_s']:7.1f} "
+                print(f"{method:13s} {row['backbone']:12s} batch {row['batch']:3d}  "
+                      f"fp32 {row['fp32_img_s']:7.1f} "
                       f"img/s  bf16 {row['bf16_img_s']:7.1f} img/s  bf16/fp32 {row['bf16_over_fp32']:.2f}x",
                       flush=True)
     if args.json:

@@ -1,13 +1,14 @@
 """Optimisers and schedules for pre-training.
 
-Schedules are precomputed arrays indexed by the global step (as in facebookresearch/dino `utils.cosine_scheduler`):
-the loop sets each parameter group's lr and weight decay from them before every optimiser step, so resuming at
-step k needs nothing but k.
+Schedules are precomputed arrays indexed by the global step (as in facebookresearch/dino
+`utils.cosine_scheduler`): the loop sets each parameter group's lr and weight decay from them before every
+optimiser step, so resuming at step k needs nothing but k.
 
 Every parameter group carries two extra keys besides what torch expects:
 - `lr_scale`: multiplies the scheduled lr (Barlow Twins trains biases and norms at 0.0048 / 0.2 = 0.024 of the
   weights' lr, facebookresearch/barlowtwins `main.py`);
-- `weight_decay_applies`: False for biases and norm parameters, which get no weight decay (all four official repos).
+- `weight_decay_applies`: False for biases and norm parameters, which get no weight decay (as in the
+  official repos).
 LARS additionally reads `lars_exclude` (no trust-ratio adaptation, Barlow Twins' `lars_adaptation_filter`).
 """
 
@@ -32,9 +33,10 @@ def scaled_lr(base_lr: float, global_batch: int, reference_batch: int = REFERENC
 
 def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: int = 0,
                     warmup_start: float = 0.0) -> np.ndarray:
-    """Per-step values: linear warm-up `warmup_start → start` over `warmup_steps`, then a half cosine `start → end`.
+    """Per-step values: linear warm-up `warmup_start → start` over `warmup_steps`, then a half cosine
+    `start → end`.
 
-    Matches dino `utils.cosine_scheduler`: the warm-up is `linspace(warmup_start, start, warmup_steps)` (so its
+    As dino `utils.cosine_scheduler`: the warm-up is `linspace(warmup_start, start, warmup_steps)` (so its
     last step already equals `start`), and cosine step i of n is `end + (start - end)(1 + cos(pi i / n)) / 2`,
     which starts exactly at `start` and approaches `end` without reaching it.
     """
@@ -48,7 +50,8 @@ def cosine_schedule(start: float, end: float, total_steps: int, warmup_steps: in
     return np.concatenate([warmup, cosine]).astype(np.float64)
 
 
-def constant_schedule(value: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0) -> np.ndarray:
+def constant_schedule(value: float, total_steps: int, warmup_steps: int = 0,
+                      warmup_start: float = 0.0) -> np.ndarray:
     """`value` at every step after an optional linear warm-up (used when a start and an end are equal)."""
     return cosine_schedule(value, value, total_steps, warmup_steps, warmup_start)
 
@@ -83,7 +86,8 @@ def is_bias_or_norm(name: str, param: torch.Tensor) -> bool:
 
 def decay_split(module: nn.Module) -> list[dict[str, Any]]:
     """Two groups for a plain module: weights (decayed, LARS-adapted) and biases/norms (neither)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in module.named_parameters():
         if param.requires_grad:
             (no_decay if is_bias_or_norm(name, param) else decay).append(param)
@@ -96,14 +100,16 @@ def decay_split(module: nn.Module) -> list[dict[str, Any]]:
 class LARS(torch.optim.Optimizer):
     """Layer-wise Adaptive Rate Scaling (You et al. 2017) with the semantics of facebookresearch/barlowtwins.
 
-    Per parameter p with gradient g, in a group with lr, weight decay wd, momentum m and trust coefficient eta:
+    Per parameter p with gradient g, in a group with lr, weight decay wd, momentum m and trust
+    coefficient eta:
         d = g + wd·p
         d = d · eta‖p‖/‖d‖          unless the group has `lars_exclude` (or either norm is 0)
         mu = m·mu + d;  p = p − lr·mu
     Weight decay enters before the trust ratio, as in the reference; excluded groups run with wd = 0.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
+    def __init__(self, params: Iterable[Any], lr: float = 0.0, weight_decay: float = 0.0,
+                 momentum: float = 0.9,
                  eta: float = 0.001) -> None:
         defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "eta": eta,
                     "lars_exclude": False}
@@ -142,10 +148,11 @@ class LARS(torch.optim.Optimizer):
 def build_optimizer(name: str, groups: Sequence[dict[str, Any]], *, momentum: float = 0.9,
                     betas: tuple[float, float] = (0.9, 0.999), eta: float = 0.001,
                     no_decay_lr_scale: float = 1.0) -> torch.optim.Optimizer:
-    """An optimiser over the method's parameter groups; lr and weight decay are set per step by `apply_schedules`.
+    """An optimiser over the method's parameter groups; lr and weight decay are set per step by
+    `apply_schedules`.
 
-    `no_decay_lr_scale` multiplies the lr of groups without weight decay (biases and norms), Barlow Twins' separate
-    bias lr; a group's own `lr_scale` multiplies on top.
+    `no_decay_lr_scale` multiplies the lr of groups without weight decay (biases and norms), Barlow Twins'
+    separate bias lr; a group's own `lr_scale` multiplies on top.
     """
     torch_groups = []
     for group in groups:
@@ -167,11 +174,13 @@ def build_optimizer(name: str, groups: Sequence[dict[str, Any]], *, momentum: fl
     raise ValueError(f"unknown optimiser {name!r}")
 
 
-def build_schedules(*, peak_lr: float, total_steps: int, warmup_steps: int = 0, final_lr_fraction: float = 0.0,
+def build_schedules(*, peak_lr: float, total_steps: int, warmup_steps: int = 0,
+                    final_lr_fraction: float = 0.0,
                     warmup_start_fraction: float = 0.0, weight_decay: float = 0.0,
                     weight_decay_end: float | None = None) -> Schedules:
     """Warm-up + cosine lr from `peak_lr` to `peak_lr × final_lr_fraction`, and a cosine weight decay
-    `weight_decay → weight_decay_end` over the whole run (no warm-up, as DINO's), constant when no end is given."""
+    `weight_decay → weight_decay_end` over the whole run (no warm-up, as DINO's), constant when no end is
+    given."""
     lr = cosine_schedule(peak_lr, peak_lr * final_lr_fraction, total_steps, warmup_steps,
                          peak_lr * warmup_start_fraction)
     end = weight_decay if weight_decay_end is None else weight_decay_end

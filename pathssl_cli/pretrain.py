@@ -1,12 +1,14 @@
-"""`pathssl pretrain`: the one SSL training loop (MoCo v2, SwAV, Barlow Twins, DINO), single process or torchrun.
+"""`pathssl pretrain`: the one SSL training loop (MoCo v2, SwAV, Barlow Twins, DINO), one process or torchrun.
 
-Read top to bottom: setup (distributed, data, stain statistics, model, optimiser, schedules), resume, the loop,
-outputs. The method plugs in through the contract of `pathssl_cli.methods.base`; views are made batched on the
-training device by `pathssl_cli.augment.views.BatchViews` from uint8 tiles streamed by `pathssl_cli.data.tiles`.
+Read top to bottom: setup (distributed, data, stain statistics, model, optimiser, schedules), resume, the
+loop, outputs. The method plugs in through the contract of `pathssl_cli.methods.base`; views are made batched
+on the training device by `pathssl_cli.augment.views.BatchViews` from uint8 tiles streamed by
+`pathssl_cli.data.tiles`.
 
-Exact resume: the view generator and torch's global RNG are re-seeded at every step from (seed, rank, step), and
-the data position is a pure function of the step (step × per-rank batch samples), so a run killed at any point
-and resumed from its last checkpoint replays exactly the steps an uninterrupted run would have made, on every rank.
+Exact resume: the view generator and torch's global RNG are re-seeded at every step from (seed, rank, step),
+and the data position is a pure function of the step (step × per-rank batch samples), so a run killed at any
+point and resumed from its last checkpoint replays exactly the steps an uninterrupted run would have made, on
+every rank.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pathssl_cli.augment.stain import StainStats, fit_stain_stats
 from pathssl_cli.augment.views import BatchViews
 from pathssl_cli.backbones import create_backbone, export_backbone
 from pathssl_cli.console import info, progress
+from pathssl_cli.data.tiles import TileStream, sample_images
 from pathssl_cli.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -39,7 +42,6 @@ from pathssl_cli.distributed import (
 from pathssl_cli.errors import SpecError, WorkFailed
 from pathssl_cli.methods import create_method
 from pathssl_cli.optim import apply_schedules, build_optimizer, build_schedules
-from pathssl_cli.data.tiles import TileStream, sample_images
 from pathssl_cli.runs import RunDir, load_checkpoint, open_run, save_checkpoint
 from pathssl_cli.specs.pretrain import PretrainSpec, view_counts
 
@@ -50,7 +52,7 @@ STOP_HOOK = "PATHSSL_TEST_BLOCK_AT_STEP"
 
 
 def run_pretrain(spec: PretrainSpec) -> dict[str, Any]:
-    """Pre-train `spec.model.backbone` with `spec.method`; returns the summary also written to metrics.json."""
+    """Pre-train `spec.model.backbone` with `spec.method`; returns the summary written to metrics.json."""
     dist_info = init_distributed(spec.run.device)
     try:
         return _pretrain(spec, dist_info)
@@ -59,7 +61,7 @@ def run_pretrain(spec: PretrainSpec) -> dict[str, Any]:
 
 
 def resolve_precision(choice: str, device: torch.device) -> str:
-    """'auto' = bf16 autocast on CUDA (tensor cores, no loss scaling needed), fp32 on CPU (exact, portable)."""
+    """'auto' = bf16 autocast on CUDA (tensor cores, no loss scaling), fp32 on CPU (exact, portable)."""
     if choice == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
     return choice
@@ -74,14 +76,14 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
     run_cfg, device, world, rank = spec.run, dist_info.device, dist_info.world_size, dist_info.rank
     precision = resolve_precision(run_cfg.precision, device)
     if spec.data.batch_size % world:
-        raise SpecError(f"data.batch_size = {spec.data.batch_size} cannot be split evenly over {world} processes; "
-                        f"use a multiple of {world}")
+        raise SpecError(f"data.batch_size = {spec.data.batch_size} cannot be split evenly over {world} "
+                        f"processes; use a multiple of {world}")
     local_batch = spec.data.batch_size // world
     out = Path(run_cfg.output_dir)
     checkpoint_path = out / CHECKPOINT
     if checkpoint_path.exists() and not run_cfg.resume:
-        raise SpecError(f"{out} already holds a run ({checkpoint_path}). Set run.resume = true to continue it, "
-                        "or choose another run.output_dir.")
+        raise SpecError(f"{out} already holds a run ({checkpoint_path}). Set run.resume = true to continue "
+                        "it, or choose another run.output_dir.")
     resumed = load_checkpoint(checkpoint_path) if run_cfg.resume and checkpoint_path.exists() else None
     n_global, n_local = view_counts(spec.method)
     recipe = spec.augment.recipe(spec.method.name, n_global, n_local)
@@ -107,10 +109,12 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
         torch.manual_seed(run_cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
         backbone = create_backbone(spec.model.backbone, spec.model.weights,
                                    img_size=spec.model.img_size or recipe.global_size)
-        method = create_method(backbone, spec.method, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        method = create_method(backbone, spec.method, steps_per_epoch=steps_per_epoch,
+                               total_steps=total_steps)
         method.to(device)
         if world > 1 and device.type == "cuda" and not getattr(spec.method, "shuffle_bn", False):
-            # Barlow Twins, SwAV and DINO (with BN) use SyncBN in their official code; MoCo shuffles BN instead.
+            # Barlow Twins, SwAV and DINO (with BN) use SyncBN in their official code; MoCo
+            # shuffles BN instead.
             method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
         memory_format = torch.channels_last if run_cfg.channels_last else torch.contiguous_format
         if run_cfg.channels_last:
@@ -121,7 +125,8 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
         schedules = build_schedules(
             peak_lr=spec.optim.peak_lr(spec.data.batch_size), total_steps=total_steps,
             warmup_steps=round(spec.optim.warmup_epochs * steps_per_epoch),
-            final_lr_fraction=spec.optim.final_lr_fraction, warmup_start_fraction=spec.optim.warmup_start_fraction,
+            final_lr_fraction=spec.optim.final_lr_fraction,
+            warmup_start_fraction=spec.optim.warmup_start_fraction,
             weight_decay=spec.optim.weight_decay, weight_decay_end=spec.optim.weight_decay_end)
         scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
@@ -151,7 +156,8 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
         losses: list[tuple[int, float]] = []
         images_per_step = local_batch * world
         block_at = int(os.environ.get(STOP_HOOK, "-1"))
-        bar = progress(total=total_steps, desc=f"pretrain {spec.method.name}", unit="step", initial=start_step)
+        bar = progress(total=total_steps, desc=f"pretrain {spec.method.name}", unit="step",
+                       initial=start_step)
         window_start, window_steps = time.perf_counter(), 0
         step = start_step
         method.train()
@@ -203,7 +209,8 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
         bar.close()
 
         # ---------------------------------------------------------------------------------- outputs
-        summary: dict[str, Any] = {"method": spec.method.name, "backbone": spec.model.backbone, "steps": total_steps,
+        summary: dict[str, Any] = {"method": spec.method.name, "backbone": spec.model.backbone,
+                                   "steps": total_steps,
                                    "steps_per_epoch": steps_per_epoch, "global_batch": spec.data.batch_size,
                                    "final_loss": losses[-1][1] if losses else None,
                                    "checkpoint": str(checkpoint_path)}
@@ -231,14 +238,14 @@ def _open_stream(spec: PretrainSpec, rank: int, world: int, local_batch: int) ->
 
 def _batches(stream: TileStream, local_batch: int, workers: int, steps_per_epoch: int, start_step: int,
              pin_memory: bool) -> Iterator[torch.Tensor]:
-    """Endless uint8 batches; epoch e is steps [e·S, (e+1)·S), so the position of any step is known exactly."""
+    """Endless uint8 batches; epoch e is steps [e·S, (e+1)·S), so any step's data position is known."""
     epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
     while True:
         stream.set_epoch(epoch)
         stream.skip(step_in_epoch * local_batch)
-        loader = torch.utils.data.DataLoader(stream, batch_size=local_batch, num_workers=workers, drop_last=True,
-                                             pin_memory=pin_memory)
-        for _, batch in zip(range(steps_per_epoch - step_in_epoch), loader):
+        loader = torch.utils.data.DataLoader(stream, batch_size=local_batch, num_workers=workers,
+                                             drop_last=True, pin_memory=pin_memory)
+        for _, batch in zip(range(steps_per_epoch - step_in_epoch), loader, strict=False):
             yield batch
         epoch, step_in_epoch = epoch + 1, 0
 
@@ -249,10 +256,10 @@ def _fail_non_finite(value: float, step: int, steps_per_epoch: int, checkpoint_p
             else "no checkpoint had been written yet")
     became = (f"the loss became {value}" if what == "loss" else
               "the weights became NaN or infinite (an overflowing update)")
-    raise WorkFailed(f"{became} at step {step} (epoch {step // steps_per_epoch}); training stopped before saving "
-                     f"anything from this step, and {kept}. Lower optim.lr or lengthen optim.warmup_epochs, "
-                     "or use run.precision = 'fp32'/'bf16' instead of fp16, then rerun (run.resume = true "
-                     "continues from the checkpoint).")
+    raise WorkFailed(f"{became} at step {step} (epoch {step // steps_per_epoch}); training stopped before "
+                     f"saving anything from this step, and {kept}. Lower optim.lr or lengthen "
+                     "optim.warmup_epochs, or use run.precision = 'fp32'/'bf16' instead of fp16, then rerun "
+                     "(run.resume = true continues from the checkpoint).")
 
 
 def _check_resumable(state: dict[str, Any], world: int, steps_per_epoch: int, total_steps: int,
@@ -262,8 +269,8 @@ def _check_resumable(state: dict[str, Any], world: int, steps_per_epoch: int, to
         problems.append(f"it was written by {state['world_size']} processes, this run has {world} (the data "
                         "position is per process)")
     if state["data_steps_per_epoch"] != steps_per_epoch:
-        problems.append(f"a pass over its tiles took {state['data_steps_per_epoch']} steps, the tiles now give "
-                        f"{steps_per_epoch}")
+        problems.append(f"a pass over its tiles took {state['data_steps_per_epoch']} steps, the tiles now "
+                        f"give {steps_per_epoch}")
     if state["total_steps"] != total_steps:
         problems.append(f"it planned {state['total_steps']} steps, the spec now gives {total_steps}")
     if problems:
@@ -283,8 +290,9 @@ def _stain_statistics(spec: PretrainSpec, run: RunDir, resumed: dict[str, Any] |
     if spec.augment.stain_statistics is not None:
         stats = StainStats.load(spec.augment.stain_statistics)
         if stats.space != wanted[0]:
-            raise SpecError(f"{spec.augment.stain_statistics}: statistics are in {stats.space!r} space but the "
-                            f"recipe asks for {wanted[0]!r}; refit them or set augment.overrides.stain.space")
+            raise SpecError(f"{spec.augment.stain_statistics}: statistics are in {stats.space!r} space but "
+                            f"the recipe asks for {wanted[0]!r}; refit them or set "
+                            "augment.overrides.stain.space")
     elif dist_info.is_main:
         info(f"fitting stain statistics ({wanted[0]}, {wanted[1]}) on {spec.augment.stain_fit_tiles} tiles")
         sample = sample_images(spec.data.tiles, spec.augment.stain_fit_tiles, spec.run.seed)
@@ -296,10 +304,10 @@ def _stain_statistics(spec: PretrainSpec, run: RunDir, resumed: dict[str, Any] |
 
 
 def _rng_states() -> dict[str, Any]:
-    keys, position, has_gauss, gauss = np.random.get_state()[1:]  # type: ignore[misc]
+    _, keys, position, has_gauss, gauss = np.random.get_state(legacy=True)
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(), "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(position),
+        "numpy": {"keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(position),
                   "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -310,7 +318,8 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     random.setstate(_as_tuples(states["python"]))
     n = states["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["gauss"]))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
 

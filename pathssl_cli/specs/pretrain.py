@@ -1,9 +1,9 @@
 """The `pretrain` spec: data stream, backbone, SSL method, augmentation preset, optimiser and run options.
 
 `[method]` is the options model of the method named by `name` (`pathssl_cli.methods`); `[augment]` picks the
-view recipe of that method in the `original` or `pathology` preset (`pathssl_cli.augment.views.recipe_for`) with
-optional per-field overrides. Schedules are in epochs where the official recipes count in epochs; an epoch is one
-pass over the tiles of `data.tiles` at `data.batch_size` images per step.
+view recipe of that method in the `original` or `pathology` preset (`pathssl_cli.augment.views.recipe_for`)
+with optional per-field overrides. Settings counted in epochs (as the official recipes count them) use one
+pass over the tiles of `data.tiles` per epoch, or `run.epoch_images` images (1281167 = ImageNet epochs).
 """
 
 from __future__ import annotations
@@ -24,21 +24,23 @@ PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16"]
 
 class PretrainData(Section):
     tiles: list[InputPath] = Field(
-        min_length=1, description="Tile stores written by `pathssl tile` (a folder with manifest.csv and shards/) "
-        "or folders of images (searched recursively); all are mixed into one stream.")
+        min_length=1, description="Tile stores written by `pathssl tile` (a folder with manifest.csv and "
+                                  "shards/) or folders of images (searched recursively); all are mixed into "
+                                  "one stream.")
     batch_size: int = Field(
-        256, ge=1, description="Global batch: images per optimiser step summed over all ranks (each rank gets "
-        "batch_size / world_size). The lr is scaled from it by the linear scaling rule.")
+        256, ge=1, description="Global batch: images per optimiser step summed over all ranks (each rank "
+                               "gets batch_size / world_size). The lr is scaled from it by the linear "
+                               "scaling rule.")
     mpp_weights: dict[str, float] = Field(
         default_factory=dict, description="Fields of view to mix, as {\"mpp\" = weight}, e.g. {\"0.25\" = 1, "
-        "\"0.5\" = 1} (µm/px of the store's levels → relative sampling weight); empty = every level, "
-        "in proportion to its tile count. Kang et al.'s multi-FoV technique.")
+        "\"0.5\" = 1} (µm/px of the store's levels → relative sampling weight); empty = every level, in "
+        "proportion to its tile count. Kang et al.'s multi-FoV technique.")
     shuffle_buffer: int = Field(
-        10_000, ge=1, description="Tiles held in the streaming shuffle buffer (tiles); larger mixes better but "
-        "costs memory (~150 kB per 224 px tile).")
+        10_000, ge=1, description="Tiles held in the streaming shuffle buffer (tiles); larger mixes better "
+                                  "but costs memory (~150 kB per 224 px tile).")
     workers: int = Field(
-        4, ge=0, description="DataLoader processes that read shards and decode JPEG per rank; the augmentations "
-        "run batched on the training device, so a few are enough.")
+        4, ge=0, description="DataLoader processes that read shards and decode JPEG per rank; the "
+                             "augmentations run batched on the training device, so a few are enough.")
 
     @model_validator(mode="after")
     def _check_weights(self) -> PretrainData:
@@ -46,9 +48,10 @@ class PretrainData(Section):
             try:
                 mpp = float(key)
             except ValueError:
-                raise ValueError(f"mpp_weights key {key!r} is not a number of µm/px such as \"0.5\"") from None
+                raise ValueError(f"mpp_weights key {key!r} is not a number of µm/px such as '0.5'") from None
             if mpp <= 0 or weight < 0:
-                raise ValueError(f"mpp_weights needs positive µm/px keys and non-negative weights, got {key}={weight}")
+                raise ValueError(f"mpp_weights needs positive µm/px keys and non-negative weights, got "
+                                 f"{key}={weight}")
         if self.mpp_weights and sum(self.mpp_weights.values()) <= 0:
             raise ValueError("mpp_weights are all zero; give at least one field of view a positive weight")
         return self
@@ -56,33 +59,37 @@ class PretrainData(Section):
 
 class PretrainModel(Section):
     backbone: BackboneName = Field(
-        "resnet50", description="Backbone from `pathssl backbones list`: the paper uses resnet50 (MoCo v2, SwAV, "
-        "Barlow Twins) and vit_small_patch16_224 / vit_small_patch8_224 (DINO).")
+        "resnet50", description="Backbone from `pathssl backbones list`: the paper uses resnet50 (MoCo v2, "
+                                "SwAV, Barlow Twins) and vit_small_patch16_224 / vit_small_patch8_224 "
+                                "(DINO).")
     weights: WeightsRef = Field(
-        "random", description="'random' (the paper pre-trains from scratch) or a local weights file to continue "
-        "from, e.g. another run's backbone.safetensors.")
+        "random", description="'random' (the paper pre-trains from scratch) or a local weights file to "
+                              "continue from, e.g. another run's backbone.safetensors.")
     img_size: int | None = Field(
-        None, ge=16, description="Input side the backbone is built for (px); unset = augment's global view size.")
+        None, ge=16, description="Input side the backbone is built for (px); unset = augment's global view "
+                                 "size.")
 
 
 class PretrainAugment(Section):
     preset: Literal["original", "pathology"] = Field(
         "pathology", description="'original' = the method's own recipe; 'pathology' adds Kang et al.'s "
         "vertical flips, RandStainNA and weaker colour jitter (multi-FoV comes from data.mpp_weights).")
-    global_size: int | None = Field(None, ge=8, description="Global view side (px); unset = 224 (every recipe).")
+    global_size: int | None = Field(None, ge=8, description="Global view side (px); unset = 224 (every "
+                                                            "recipe).")
     local_size: int | None = Field(None, ge=8, description="Local view side (px); unset = 96 (SwAV, DINO).")
     overrides: dict[str, Any] = Field(
-        default_factory=dict, description="Any view-recipe field (see `pathssl_cli.augment.views.ViewRecipe`), "
-        "e.g. {brightness = 0.3, stain = {p = 0.5, space = \"hed\"}}; applied on top of the preset.")
+        default_factory=dict,
+        description="Any view-recipe field (see `pathssl_cli.augment.views.ViewRecipe`), e.g. "
+                    "{brightness = 0.3, stain = {p = 0.5, space = \"hed\"}}; applied on top of the preset.")
     stain_statistics: InputPath | None = Field(
         None, description="A stain_statistics.json from an earlier run to use as is; unset = fit them on "
         "`stain_fit_tiles` tiles of the stream before training (saved in the run).")
     stain_fit_tiles: int = Field(
-        1000, ge=2, description="Tiles sampled to fit the RandStainNA statistics; 1000 tiles give stable channel "
-        "means/stds at a few seconds of decoding.")
+        1000, ge=2, description="Tiles sampled to fit the RandStainNA statistics; 1000 tiles give stable "
+                                "channel means/stds at a few seconds of decoding.")
 
     def recipe(self, method: str, n_global: int, n_local: int) -> ViewRecipe:
-        """The view recipe for `method`: preset, then view counts from the method, then sizes and overrides."""
+        """The recipe for `method`: the preset, then the method's view counts, then sizes and overrides."""
         fields: dict[str, Any] = {"n_global": n_global, "n_local": n_local}
         if self.global_size is not None:
             fields["global_size"] = self.global_size
@@ -101,27 +108,30 @@ class PretrainOptim(Section):
     name: Literal["lars", "sgd", "adamw"] = Field(
         "lars", description="LARS (Barlow Twins, SwAV), SGD (MoCo v2) or AdamW (DINO).")
     lr: float = Field(
-        0.2, gt=0, description="Peak lr for 256 images per step; multiplied by batch_size / 256 when scale_lr "
-        "(the linear scaling rule all four official repos use).")
+        0.2, gt=0, description="Peak lr for 256 images per step; multiplied by batch_size / 256 when "
+                               "scale_lr (the linear scaling rule all four official repos use).")
     scale_lr: bool = Field(True, description="Apply the linear scaling rule lr × batch_size / 256.")
     final_lr_fraction: float = Field(
-        0.0, ge=0, le=1, description="lr at the end of the cosine, as a fraction of the peak: 0 for MoCo v2, "
-        "0.001 for Barlow Twins and SwAV, about 5e-4 for DINO (1e-6 / 0.002).")
+        0.0, ge=0, le=1, description="lr at the end of the cosine, as a fraction of the peak: 0 for MoCo "
+        "v2, 0.001 for Barlow Twins and SwAV, about 5e-4 for DINO (1e-6 / 0.002).")
     warmup_epochs: float = Field(
-        0.0, ge=0, description="Linear warm-up length (epochs); 10 in Barlow Twins, SwAV and DINO, 0 in MoCo v2.")
+        0.0, ge=0, description="Linear warm-up length (epochs); 10 in Barlow Twins, SwAV and DINO, 0 in "
+                               "MoCo v2.")
     warmup_start_fraction: float = Field(
-        0.0, ge=0, le=1, description="lr at the first warm-up step as a fraction of the peak (SwAV: 0.3 / 4.8).")
+        0.0, ge=0, le=1, description="lr at the first warm-up step as a fraction of the peak (SwAV: 0.3 / "
+                                     "4.8).")
     weight_decay: float = Field(
-        1e-6, ge=0, description="Weight decay at step 0 (not on biases and norms): 1.5e-6 Barlow Twins, 1e-6 "
-        "SwAV, 1e-4 MoCo v2, 0.04 DINO.")
+        1e-6, ge=0, description="Weight decay at step 0 (not on biases and norms): 1.5e-6 Barlow Twins, "
+        "1e-6 SwAV, 1e-4 MoCo v2, 0.04 DINO.")
     weight_decay_end: float | None = Field(
         None, ge=0, description="Weight decay at the end of a cosine schedule (DINO: 0.4); unset = constant.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD/LARS momentum; 0.9 in every official recipe.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas; torch defaults, as DINO.")
-    lars_eta: float = Field(0.001, gt=0, description="LARS trust coefficient; 0.001 in Barlow Twins and SwAV.")
+    lars_eta: float = Field(0.001, gt=0, description="LARS trust coefficient; 0.001 in Barlow Twins and "
+                                                     "SwAV.")
     no_decay_lr_scale: float = Field(
-        1.0, gt=0, description="lr multiplier of biases and norms: Barlow Twins trains them at 0.0048 / 0.2 = "
-        "0.024 of the weights' lr; 1 elsewhere.")
+        1.0, gt=0, description="lr multiplier of biases and norms: Barlow Twins trains them at 0.0048 / 0.2 "
+                               "= 0.024 of the weights' lr; 1 elsewhere.")
 
     def peak_lr(self, global_batch: int) -> float:
         from pathssl_cli.optim import scaled_lr
@@ -130,31 +140,35 @@ class PretrainOptim(Section):
 
 
 class PretrainRun(Section):
-    output_dir: OutputPath = Field(description="Run directory: checkpoints/, backbone.safetensors, metrics.jsonl, "
-                                   "loss_curve.png, stain_statistics.json, spec.toml, run.json.")
+    output_dir: OutputPath = Field(description="Run directory: checkpoints/, backbone.safetensors, "
+                                               "metrics.jsonl, loss_curve.png, stain_statistics.json, "
+                                               "spec.toml, run.json.")
     seed: int = Field(0, description="Seeds model init, the data order and the views; same seed = same run.")
     precision: PrecisionChoice = Field(
-        "auto", description="'auto' = bf16 autocast on CUDA and fp32 on CPU; 'fp16' adds a GradScaler; 'bf16' on "
-        "CPU trains 1.6-2.4× faster on recent CPUs at bf16's lower precision.")
-    channels_last: bool = Field(False, description="NHWC memory format; faster for CNNs on GPUs with tensor cores.")
-    compile: bool = Field(False, description="torch.compile the method's forward; pays a compile time up front.")
+        "auto", description="'auto' = bf16 autocast on CUDA and fp32 on CPU; 'fp16' adds a GradScaler; "
+                            "'bf16' on CPU trains 1.6-2.4× faster on recent CPUs at bf16's lower precision.")
+    channels_last: bool = Field(False, description="NHWC memory format; faster for CNNs on GPUs with tensor "
+                                                   "cores.")
+    compile: bool = Field(False, description="torch.compile the method's forward; pays a compile time up "
+                                             "front.")
     epochs: float | None = Field(
         None, gt=0, description="Training length in epochs (see epoch_images); set this or `steps`.")
     steps: int | None = Field(
-        None, ge=1, description="Training length in optimiser steps; set this or `epochs`. The paper trains 200 "
-        "ImageNet-epoch equivalents: 200 × 1,281,167 images / batch_size steps.")
+        None, ge=1, description="Training length in optimiser steps; set this or `epochs`. The paper trains "
+                                "200 ImageNet-epoch equivalents: 200 × 1,281,167 images / batch_size steps.")
     epoch_images: int | None = Field(
         None, ge=1, description="Images that make one epoch for every epoch-counted setting (run.epochs, "
         "optim.warmup_epochs, the methods' warm-ups and freezes); unset = one pass over the tiles. 1281167 "
         "counts in ImageNet epochs, as Kang et al. (200 ImageNet epochs) and the official recipes do.")
     checkpoint_every: int = Field(
-        500, ge=1, description="Steps between checkpoints (checkpoints/last.pt, written atomically); the end of "
-        "the run always writes one.")
+        500, ge=1, description="Steps between checkpoints (checkpoints/last.pt, written atomically); the "
+                               "end of the run always writes one.")
     log_every: int = Field(10, ge=1, description="Steps between metrics.jsonl records.")
     resume: bool = Field(
         False, description="Continue from output_dir/checkpoints/last.pt exactly where it stopped (same "
         "weights, optimiser, RNG and data position); false refuses to overwrite a run that has checkpoints.")
-    device: str = Field("auto", description="'auto' (this rank's GPU when present), 'cpu', 'cuda' or 'cuda:N'.")
+    device: str = Field("auto", description="'auto' (this rank's GPU when present), 'cpu', 'cuda' or "
+                                            "'cuda:N'.")
 
     @model_validator(mode="after")
     def _one_length(self) -> PretrainRun:
@@ -167,8 +181,8 @@ class PretrainSpec(SpecModel):
     kind: Literal["pretrain"] = "pretrain"
     data: PretrainData
     model: PretrainModel = Field(default_factory=PretrainModel)
-    method: MethodOptionsUnion = Field(description="The SSL method: name = mocov2 | swav | barlow_twins | dino, "
-                                       "with its options beside it.")
+    method: MethodOptionsUnion = Field(description="The SSL method: name = mocov2 | swav | barlow_twins | "
+                                                   "dino, with its options beside it.")
     augment: PretrainAugment = Field(default_factory=PretrainAugment)
     optim: PretrainOptim = Field(default_factory=PretrainOptim)
     run: PretrainRun
@@ -189,7 +203,8 @@ class PretrainSpec(SpecModel):
         problems = []
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if self.data.batch_size % world:
-            problems.append(Problem(f"{where}data.batch_size", f"{self.data.batch_size} images per step cannot be "
+            problems.append(Problem(f"{where}data.batch_size", f"{self.data.batch_size} images per step "
+                                                               "cannot be "
                                     f"split evenly over {world} processes; use a multiple of {world}"))
         return problems
 

@@ -62,6 +62,7 @@ def specs_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_overrides() -> Callable[..., list[str]]:
-    """tiny_overrides(tiles, output_dir, **{"run.steps": 8}): --set arguments that point a tiny spec at `tiles`
+    """tiny_overrides(tiles, output_dir, **{"run.steps": 8}): --set arguments that point a tiny spec at
+    `tiles`
     and `output_dir`, with 32 px views, a batch of 16 and a few steps."""
     return _tiny_overrides

@@ -38,7 +38,8 @@ def test_cosine_without_warmup_by_hand() -> None:
 def test_cosine_with_warmup_by_hand() -> None:
     values = cosine_schedule(2.0, 1.0, total_steps=6, warmup_steps=3, warmup_start=0.5)
     # warm-up linspace(0.5, 2, 3) = 0.5, 1.25, 2; then cosine over 3 steps from 2 to 1.
-    expected = [0.5, 1.25, 2.0, 2.0, 1 + (1 + math.cos(math.pi / 3)) / 2, 1 + (1 + math.cos(2 * math.pi / 3)) / 2]
+    expected = [0.5, 1.25, 2.0, 2.0, 1 + (1 + math.cos(math.pi / 3)) / 2,
+                1 + (1 + math.cos(2 * math.pi / 3)) / 2]
     np.testing.assert_allclose(values, expected, rtol=0, atol=1e-12)
     assert len(values) == 6
 

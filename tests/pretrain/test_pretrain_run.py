@@ -35,7 +35,8 @@ def test_tiny_mocov2_on_a_tile_store_through_the_cli(tile_store: Path, tmp_path:
     assert run["status"] == "done" and run["seed"] == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3]
-    assert all(torch.isfinite(torch.tensor(r["loss"])) and r["lr"] >= 0 and r["img_per_s"] > 0 for r in records)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) and r["lr"] >= 0 and r["img_per_s"] > 0
+               for r in records)
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stain = json.loads((out / "stain_statistics.json").read_text())
     assert stain["space"] == "lab" and stain["n_images"] == 16
@@ -59,22 +60,31 @@ def test_tiny_mocov2_on_a_tile_store_through_the_cli(tile_store: Path, tmp_path:
         torch.testing.assert_close(plain(x), backbone(x))
 
 
-@pytest.mark.parametrize("method", ["swav", "barlow_twins", "dino"])
-def test_other_tiny_specs_run(method: str, image_folder: Path, tmp_path: Path, specs_dir: Path,
-                              tiny_overrides: Callable[..., list[str]]) -> None:
+@pytest.mark.parametrize(("method", "options"), [
+    ("swav", {}),
+    ("barlow_twins", {"run.precision": "bf16", "run.channels_last": "true"}),
+    ("dino", {}),
+    # autocast fp16 + GradScaler: emulated on CPU, ~10 s a step, so only in the slow run
+    pytest.param("swav", {"run.precision": "fp16"}, marks=pytest.mark.slow),
+])
+def test_other_tiny_specs_run(method: str, options: dict[str, str], image_folder: Path, tmp_path: Path,
+                              specs_dir: Path, tiny_overrides: Callable[..., list[str]]) -> None:
     out = tmp_path / method
     code, output = _pretrain(specs_dir / f"tiny_{method}.toml",
-                             tiny_overrides(image_folder, out, **{"run.steps": 3}))
+                             tiny_overrides(image_folder, out, **{"run.steps": 3, **options}))
     assert code == 0, output
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["step"] == 3
+    if options.get("run.precision") == "fp16":
+        assert state["scaler"]["scale"] > 0  # the GradScaler's state is checkpointed
     if method == "dino":
         assert "center" in state["method"] and any(k.startswith("teacher") for k in state["method"])
     assert create_backbone("vit_tiny" if method == "dino" else "resnet_tiny", out / "backbone.safetensors")
 
 
 def test_nan_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(
-        image_folder: Path, tmp_path: Path, specs_dir: Path, tiny_overrides: Callable[..., list[str]]) -> None:
+        image_folder: Path, tmp_path: Path, specs_dir: Path,
+        tiny_overrides: Callable[..., list[str]]) -> None:
     out = tmp_path / "nan"
     code, output = _pretrain(specs_dir / "tiny_mocov2.toml", tiny_overrides(
         image_folder, out, **{"optim.lr": 1e30, "optim.warmup_epochs": 0, "run.steps": 6,
