@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,21 @@ def record_cells(record: dict[str, Any], metric: str) -> list[tuple[str, dict[st
     return [(column, summary[metric]) for column, summary in out if metric in summary]
 
 
+PROTOCOL_ORDER = {"linear": 0, "finetune": 1, "knn": 2}
+
+
+def column_order(column: str) -> tuple[str, int, float, str]:
+    """Dataset, then linear < finetune < kNN (by k), then the label fraction (1% < 10% < all labels)."""
+    dataset, _, label = column.partition(" / ")
+    base, _, subset = label.partition("[")
+    protocol = base.split("_k")[0]
+    k = re.search(r"_k(\d+)$", base)
+    pct = re.search(r"(\d+(?:\.\d+)?)pct", subset)
+    fraction = float(pct[1]) if pct else float("inf")
+    rank = PROTOCOL_ORDER.get(protocol, len(PROTOCOL_ORDER)) * 10_000 + (int(k[1]) if k else 0)
+    return (dataset, rank, fraction, label)
+
+
 def collect(files: list[Path], metric: str) -> tuple[dict[tuple[str, str, str], dict[str, Cell]], list[str]]:
     table: dict[tuple[str, str, str], dict[str, Cell]] = {}
     columns: list[str] = []
@@ -122,7 +138,7 @@ def collect(files: list[Path], metric: str) -> tuple[dict[tuple[str, str, str], 
                 columns.append(column)
     if problems:
         raise SpecError(problems)
-    return table, sorted(columns)
+    return table, sorted(columns, key=column_order)
 
 
 def markdown(table: dict[tuple[str, str, str], dict[str, Cell]], columns: list[str], metric: str) -> str:

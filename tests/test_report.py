@@ -96,3 +96,26 @@ def test_report_cli_exit_code_for_missing_dir(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["report", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+def test_columns_follow_the_paper_order() -> None:
+    from pathssl_cli.report import column_order
+
+    shuffled = [
+        "crc / knn_k200",
+        "crc / linear",
+        "crc / finetune",
+        "crc / linear[subset_10pct]",
+        "bach / knn_k20",
+        "crc / knn_k20",
+        "crc / linear[subset_1pct]",
+    ]
+    assert sorted(shuffled, key=column_order) == [
+        "bach / knn_k20",
+        "crc / linear[subset_1pct]",
+        "crc / linear[subset_10pct]",
+        "crc / linear",
+        "crc / finetune",
+        "crc / knn_k20",
+        "crc / knn_k200",
+    ]
