@@ -206,6 +206,8 @@ def _train(spec: SegmentSpec, dist_info: DistInfo) -> dict[str, Any]:
                 if sampler is not None:
                     sampler.set_epoch(epoch + 1000 * phase)
                 net.train()
+                if phase == 1 and t.frozen_bn_stats:
+                    model.encoder.eval()
                 totals: dict[str, float] = {}
                 with progress(
                     total=steps, desc=f"phase {phase} epoch {epoch + 1}/{epochs}", unit="step"

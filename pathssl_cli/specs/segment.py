@@ -104,6 +104,10 @@ class LossWeightsSection(Section):
 class SegmentTrain(Section):
     phase1_epochs: int = Field(50, ge=0, description="Epochs with the encoder frozen (HoVer-Net: 50).")
     phase2_epochs: int = Field(50, ge=0, description="Epochs training the whole network (HoVer-Net: 50).")
+    frozen_bn_stats: bool = Field(
+        False, description="Phase 1 keeps the encoder's BatchNorm running statistics as loaded (encoder in "
+        "eval mode). Off by default as in HoVer-Net, whose freeze only stops gradients; on for a strict "
+        "frozen-encoder ('linear') protocol, where the pre-trained features must stay exactly as they were.")
     batch_size: int = Field(16, ge=1, description="Patches per step per process in phase 1 (HoVer-Net: 16).")
     phase2_batch_size: int = Field(
         4,

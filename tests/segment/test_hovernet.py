@@ -184,3 +184,4 @@ def test_total_loss_is_the_weighted_sum() -> None:
     assert terms["hv_mse"] == pytest.approx(mse_loss(outputs["hv"], targets["hv"]).item())
     without_tp = {k: v for k, v in outputs.items() if k != "tp"}
     assert set(hovernet_loss(without_tp, targets)[1]) == {"np_ce", "np_dice", "hv_mse", "hv_msge"}
+

@@ -300,3 +300,23 @@ def test_two_process_gloo_training(tmp_path: Path) -> None:
     # 4 images x 4 windows = 16 patches, 8 per rank = one batch of 8 per epoch; rank 0 logs each step once.
     assert sum(1 for r in steps if "loss" in r) == 2
     assert (out / "model.pt").exists()
+
+
+@pytest.mark.parametrize("frozen_bn_stats", [False, True])
+def test_phase1_encoder_statistics(tmp_path: Path, frozen_bn_stats: bool) -> None:
+    """Random-init BatchNorm starts at mean 0: HoVer-Net's freeze moves it, frozen_bn_stats keeps it."""
+    from pathssl_cli.runs import load_checkpoint
+    from pathssl_cli.segment.train import run_segment_train
+    from pathssl_cli.specs.segment import SegmentSpec
+
+    spec = SegmentSpec.model_validate({
+        "data": {"format": "generic", "train": [str(_write_generic(tmp_path / "d", 1, seed=0))]},
+        "model": {"backbone": "resnet_tiny", "mode": "same", "input_size": 64, "decoder_width": 0.125},
+        "train": {"phase1_epochs": 1, "phase2_epochs": 0, "batch_size": 2, "steps_per_epoch": 1, "workers": 0,
+                  "frozen_bn_stats": frozen_bn_stats},
+        "run": {"output_dir": str(tmp_path / "run"), "device": "cpu", "resume": False},
+    })
+    run_segment_train(spec)
+    state = load_checkpoint(tmp_path / "run" / "model.pt")["model"]
+    means = [v for k, v in state.items() if k.startswith("encoder.") and k.endswith("running_mean")]
+    assert means and all(m.abs().sum() == 0 for m in means) == frozen_bn_stats
