@@ -131,3 +131,32 @@ def test_linear_on_a_low_label_subset(tiny_folder: Path, tiny_weights: Path, tmp
     assert record["n"]["train"] == 18
     assert record["label"] == "linear[subset_50pct]"
     assert record["train_subset"].endswith("subset_50pct.csv")
+
+
+def test_finetune_early_stopping_and_resume(
+    tiny_folder: Path, tiny_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    import pathssl_cli.evaluate.finetune as finetune
+
+    # A validation score that never improves after the first epoch: patience 1 must stop after epoch 2.
+    monkeypatch.setattr(finetune, "selection_metric", lambda *args, **kwargs: torch.tensor([0.5]))
+    out = tmp_path / "runs" / "ft_stop"
+    args = [
+        "evaluate",
+        "finetune",
+        str(SPECS / "tiny_finetune.toml"),
+        *common(tiny_folder, tiny_weights, out),
+        "--set",
+        "optim.epochs=5",
+        "--set",
+        "optim.patience=1",
+    ]
+    invoke(*args)
+    epochs_logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert epochs_logged == [1, 2]
+    assert torch.load(out / "best_seed0.pt", weights_only=True)["epoch"] == 1
+    # Running again resumes from last_seed0.pt, which already met the stopping rule: no further epoch runs.
+    invoke(*args)
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
