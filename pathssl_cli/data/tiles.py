@@ -24,7 +24,8 @@ decoding is the only work a worker does):
    yields exactly the rank stream whatever the number of workers, and `skip(n)` resumes exactly.
    Set `persistent_workers=False` (the default) so that workers see `set_epoch` / `skip` calls.
 
-Tiles whose side is not `image_size` are resized (bilinear, antialiased) to it. JPEG decoding happens here, on
+Tiles whose side is not `image_size` are resized (bilinear, antialiased) to it; non-square images give
+their central square first. JPEG decoding happens here, on
 the CPU worker. Tile stores follow the contract of `pathssl_cli.tiling.store` (manifest + tar shards).
 """
 
@@ -130,7 +131,12 @@ def load_tile(ref: TileRef, reader: _ShardReader) -> np.ndarray:
 
 
 def _to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
-    if image.shape[0] != size or image.shape[1] != size:
+    height, width = image.shape[:2]
+    if height != width:  # a non-square image gives its central square: resizing it would distort cells
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        image = np.ascontiguousarray(image[top : top + side, left : left + side])
+    if image.shape[0] != size:
         image = np.array(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
     return torch.from_numpy(image).permute(2, 0, 1).contiguous()
 

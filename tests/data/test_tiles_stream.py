@@ -139,9 +139,12 @@ def test_image_folders_mix_with_stores_and_are_resized(store, tmp_path: Path) ->
     folder.mkdir(parents=True)
     for i in range(5):  # PNG is lossless: ids continue after the store's
         Image.fromarray(np.full((12, 12, 3), _colour(100 + i))).save(folder / f"t{i}.png")
+    wide = np.zeros((10, 30, 3), np.uint8)
+    wide[:, 10:20] = _colour(105)  # the central square carries the id, the sides are black
+    Image.fromarray(wide).save(folder / "wide.png")
     stream = TileStream([root, tmp_path / "folder"], image_size=SIDE, seed=0)
     seen = _ids(stream)
-    assert sorted(seen) == sorted(list(ids) + [100 + i for i in range(5)])
+    assert sorted(seen) == sorted([*ids, *range(100, 106)])
     with pytest.raises(FileNotFoundError, match="not found"):
         TileStream([tmp_path / "folder" / "missing"], image_size=SIDE)
     (tmp_path / "empty").mkdir()
