@@ -31,8 +31,7 @@ Interpolation = Literal["bilinear", "bicubic"]
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision and PIL
 
 
-# --------------------------------------------------------------------------------------------- crop
-# parameters
+# ---------------------------------------------------------------------------------- crop parameters
 def random_resized_crop_boxes(
     batch: int,
     height: int,
@@ -81,8 +80,7 @@ def random_resized_crop_boxes(
     return torch.stack([top, left, h, w], dim=1)
 
 
-# ------------------------------------------------------------------------------------------ crop +
-# resize + flip
+# ----------------------------------------------------------------------------- crop + resize + flip
 def _aa_filter(x: Tensor, interpolation: Interpolation) -> Tensor:
     x = x.abs()
     if interpolation == "bilinear":
@@ -194,7 +192,7 @@ def _resized_crop_flip_native(
     return out
 
 
-# ------------------------------------------------------------------------------------------------- colour ops
+# --------------------------------------------------------------------------------------- colour ops
 def _per_sample(values: Tensor, like: Tensor) -> Tensor:
     return values.to(device=like.device, dtype=like.dtype).reshape(-1, 1, 1, 1)
 
@@ -311,7 +309,7 @@ def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     return x.reshape(batch, channels, height, width)
 
 
-# ------------------------------------------------------------------------------------------ composed jitter
+# ---------------------------------------------------------------------------------- composed jitter
 def apply_to(images: Tensor, selected: Tensor, op: Callable[[Tensor], Tensor]) -> Tensor:
     """Apply op to the samples where selected (bool (B,)) is true, in place of those rows."""
     index = selected.to(images.device).nonzero().flatten()

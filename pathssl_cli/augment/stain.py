@@ -41,8 +41,7 @@ from pathssl_cli.augment.ops import hsv_to_rgb, rgb_to_hsv
 ColorSpace = Literal["lab", "hsv", "hed"]
 Distribution = Literal["normal", "laplace", "gmm"]
 
-# ------------------------------------------------------------------------------------- colour-space
-# conversions
+# ------------------------------------------------------------------------- colour-space conversions
 # sRGB (D65) ↔ CIE XYZ, the matrix skimage uses
 _XYZ_FROM_RGB = torch.tensor(
     [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]],
@@ -157,8 +156,7 @@ def channel_stats(values: Tensor) -> tuple[Tensor, Tensor]:
     return mean, variance.clamp_(min=0.0).sqrt_()
 
 
-# --------------------------------------------------------------------------------------------- fitted
-# statistics
+# -------------------------------------------------------------------------------- fitted statistics
 @dataclass
 class StainStats:
     """The distribution of per-image channel statistics over training tiles, in one colour space.
@@ -215,11 +213,12 @@ class StainStats:
             chol = torch.linalg.cholesky(torch.tensor(p["covariances"], dtype=torch.float64, device=device))
             component = torch.multinomial(weights, n, replacement=True, generator=generator)
             noise = torch.randn(n, means.shape[1], dtype=torch.float64, device=device, generator=generator)
-            vectors = means[component] + torch.einsum("nij,nj->ni", chol[component], noise)
+            spread = 1.0 + float(self.extra.get("std_hyper", 0.0))  # scales every component's spread
+            vectors = means[component] + spread * torch.einsum("nij,nj->ni", chol[component], noise)
             target_mean, target_std = vectors[:, :3], vectors[:, 3:]
             std_floor = 0.01 * means[:, 3:].min(dim=0).values.abs()
         else:
-            spread = 1.0 + float(self.extra.get("std_hyper", 0.0))
+            spread = 1.0 + float(self.extra.get("std_hyper", 0.0))  # RandStainNA's std_hyper
             tensors = {k: torch.tensor(p[k], dtype=torch.float64, device=device) for k in _MOMENT_KEYS}
             draws = _standard_draws(self.distribution, (2, n, 3), device, generator)
             target_mean = tensors["mean_loc"] + tensors["mean_scale"] * spread * draws[0]
@@ -296,8 +295,7 @@ def fit_stain_stats(
     return StainStats(space=space, distribution=distribution, params=params, n_images=n)
 
 
-# ------------------------------------------------------------------------------------------------
-# augmentations
+# ------------------------------------------------------------------------------------ augmentations
 def reinhard_transfer(values: Tensor, target_mean: Tensor, target_std: Tensor) -> Tensor:
     """Move each image's channel mean/std (any space) to the targets (B, 3); std floored as the reference."""
     mean, std = channel_stats(values)

@@ -167,3 +167,23 @@ def test_hed_jitter_identity_and_haematoxylin_shift() -> None:
         shift[:, 0][unclipped], torch.full_like(shift[:, 0][unclipped], 0.02), atol=1e-9, rtol=0
     )
     assert shift[:, 1:].permute(1, 0, 2, 3)[:, unclipped].abs().max() < 1e-9
+
+
+def test_std_hyper_widens_every_distribution() -> None:
+    params = {
+        "mean_loc": [60.0, 10.0, -5.0],
+        "mean_scale": [4.0, 2.0, 1.0],
+        "std_loc": [12.0, 5.0, 6.0],
+        "std_scale": [1.0, 0.5, 0.5],
+    }
+    gmm = {
+        "weights": [1.0],
+        "means": [[60.0, 10.0, -5.0, 12.0, 5.0, 6.0]],
+        "covariances": [np.diag([16.0, 4.0, 1.0, 1.0, 0.25, 0.25]).tolist()],
+    }
+    for distribution, p in (("normal", params), ("laplace", params), ("gmm", gmm)):
+        plain = StainStats("lab", distribution, p).sample(20_000, torch.Generator().manual_seed(0))[0]  # type: ignore[arg-type]
+        wide = StainStats("lab", distribution, p, extra={"std_hyper": 1.0}).sample(  # type: ignore[arg-type]
+            20_000, torch.Generator().manual_seed(0)
+        )[0]
+        np.testing.assert_allclose(wide.std(0).numpy() / plain.std(0).numpy(), 2.0, rtol=1e-6)
