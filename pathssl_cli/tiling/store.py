@@ -34,6 +34,7 @@ _FLOAT_COLUMNS = ("mpp", "tissue")
 
 
 _BLOCK = 512
+_PADDING = bytes(_BLOCK)
 
 
 def _ustar_header(name: str, size: int) -> bytes:
@@ -187,8 +188,9 @@ class SlideShardWriter:
         self._in_shard = 0
 
     def _add(self, name: str, data: bytes) -> None:
-        pad = -len(data) % _BLOCK
-        self._file.write(_ustar_header(name, len(data)) + data + b"\0" * pad)
+        self._file.write(_ustar_header(name, len(data)))
+        self._file.write(data)
+        self._file.write(_PADDING[: -len(data) % _BLOCK])
 
     def add(self, jpeg: bytes, row: dict[str, Any]) -> None:
         if not self._shard_open or self._in_shard >= self.tiles_per_shard:
@@ -197,7 +199,7 @@ class SlideShardWriter:
         shard = f"shards/{self._finished[-1][1].name}"
         row = {**row, "shard": shard}
         self._add(f"{row['key']}.jpg", jpeg)
-        self._add(f"{row['key']}.json", json.dumps(row, sort_keys=True).encode())
+        self._add(f"{row['key']}.json", json.dumps(row).encode())
         self.rows.append(row)
         self._in_shard += 1
 

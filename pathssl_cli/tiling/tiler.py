@@ -87,11 +87,12 @@ def _encode(rgb: np.ndarray, quality: int) -> bytes:
 
 
 def _background_fractions(rgb: np.ndarray) -> tuple[float, float]:
-    """Fractions of near-white and near-black pixels, on one pixel in 16 (a fraction needs no more).
+    """Fractions of near-white and near-black pixels, on one pixel in 64 (~800 samples: ±2%, plenty
+    against thresholds like 0.8).
 
     Element-wise minimum/maximum of the channels: numpy's reduction over a length-3 axis is ~10x slower.
     """
-    r, g, b = rgb[::4, ::4, 0], rgb[::4, ::4, 1], rgb[::4, ::4, 2]
+    r, g, b = rgb[::8, ::8, 0], rgb[::8, ::8, 1], rgb[::8, ::8, 2]
     white = float(np.count_nonzero(np.minimum(np.minimum(r, g), b) >= WHITE_LEVEL)) / r.size
     black = float(np.count_nonzero(np.maximum(np.maximum(r, g), b) <= BLACK_LEVEL)) / r.size
     return white, black
