@@ -188,6 +188,7 @@ def _train(spec: SegmentSpec, dist_info: DistInfo) -> dict[str, Any]:
                 scheduler.load_state_dict(resumed["scheduler"])
                 first_epoch = start_epoch
             scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+            order = torch.Generator()
             sampler = DistributedSampler(train_set, seed=spec.run.seed) if dist_info.world_size > 1 else None
             loader = DataLoader(
                 train_set,
@@ -198,10 +199,13 @@ def _train(spec: SegmentSpec, dist_info: DistInfo) -> dict[str, Any]:
                 drop_last=len(train_set) >= batch_size * dist_info.world_size,
                 pin_memory=device.type == "cuda",
                 persistent_workers=False,
-                generator=torch.Generator().manual_seed(spec.run.seed),
+                generator=order,
             )
             steps = len(loader) if t.steps_per_epoch is None else min(len(loader), t.steps_per_epoch)
             for epoch in range(first_epoch, epochs):
+                # Data order and augmentation depend only on (seed, phase, epoch): a resumed run sees the
+                # batches an uninterrupted one would have.
+                order.manual_seed(spec.run.seed * 100_003 + 1000 * phase + epoch)
                 train_set.set_epoch(epoch + 1000 * phase)
                 if sampler is not None:
                     sampler.set_epoch(epoch + 1000 * phase)

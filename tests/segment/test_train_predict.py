@@ -320,3 +320,40 @@ def test_phase1_encoder_statistics(tmp_path: Path, frozen_bn_stats: bool) -> Non
     state = load_checkpoint(tmp_path / "run" / "model.pt")["model"]
     means = [v for k, v in state.items() if k.startswith("encoder.") and k.endswith("running_mean")]
     assert means and all(m.abs().sum() == 0 for m in means) == frozen_bn_stats
+
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pathssl_cli.segment.train as train_module
+    from pathssl_cli.runs import load_checkpoint, save_checkpoint
+    from pathssl_cli.specs.segment import SegmentSpec
+
+    data = str(_write_generic(tmp_path / "d", 2, seed=0))
+
+    def train(out: str) -> None:
+        spec = SegmentSpec.model_validate({
+            "data": {"format": "generic", "train": [data]},
+            "model": {"backbone": "resnet_tiny", "mode": "same", "input_size": 64, "decoder_width": 0.125},
+            "train": {"phase1_epochs": 2, "phase2_epochs": 1, "batch_size": 2, "phase2_batch_size": 2,
+                      "steps_per_epoch": 2, "workers": 0, "lr": 1e-3},
+            "run": {"output_dir": str(tmp_path / out), "device": "cpu", "seed": 5},
+        })
+        torch.manual_seed(0)  # a fresh process: build_model draws the same initial weights
+        train_module.run_segment_train(spec)
+
+    train("straight")
+
+    def save_then_die(state: dict, path: Path) -> None:
+        save_checkpoint(state, path)
+        raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train("killed")
+    assert load_checkpoint(tmp_path / "killed" / "checkpoints" / "last.pt")["epoch"] == 0
+    monkeypatch.setattr(train_module, "save_checkpoint", save_checkpoint)
+    train("killed")  # resumes at phase 1, epoch 2
+    straight = load_checkpoint(tmp_path / "straight" / "model.pt")["model"]
+    resumed = load_checkpoint(tmp_path / "killed" / "model.pt")["model"]
+    for key, value in straight.items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
