@@ -311,3 +311,22 @@ def test_field_of_view_finer_than_the_slide_is_skipped_for_that_slide(tmp_path: 
     (slide,) = summary["per_slide"]
     assert slide["status"] == "done" and set(slide["tiles"]) == {"2.0"} and slide["tiles"]["2.0"] > 0
     assert "finer than the slide's finest level" in slide["notes"][0]
+
+
+def test_cli_shard_arguments(tmp_path: Path, second_slide, slide_without_mpp) -> None:
+    from click.testing import CliRunner
+
+    from pathssl_cli.cli import cli
+
+    spec = write_spec(
+        tmp_path,
+        [str(second_slide.path), str(slide_without_mpp.path)],
+        tmp_path / "store",
+        input={"mpp_override": 1.0},
+    )
+    bad = CliRunner().invoke(cli, ["tile", str(spec), "--num-shards", "2", "--shard-index", "2"])
+    assert bad.exit_code == 2 and not (tmp_path / "store").exists()
+    ok = CliRunner().invoke(cli, ["tile", str(spec), "--num-shards", "2", "--shard-index", "1"])
+    assert ok.exit_code == 0, ok.output
+    summary = json.loads((tmp_path / "store" / "summary-1-of-2.json").read_text())
+    assert summary["slides"] == 1 and summary["part"] == {"index": 1, "count": 2}
