@@ -1,9 +1,10 @@
 """Many linear classifiers trained at once on cached features: the whole lr × weight-decay × seed sweep.
 
-Every head is an independent `nn.Linear(D, C)` with its own lr, weight decay, initialisation and minibatch
-order (the seed). Stacking them as W (G, D, C) turns the sweep into one batched matmul per step instead of G
-Python training loops, which is what keeps a full linear evaluation, sweep included, cheaper than the one-time
-feature extraction (benchmarks/linear_eval_cost.py).
+Every head is an independent `nn.Linear(D, C)` trained exactly as it would be alone; its seed fixes its
+initialisation and its minibatch order, so the heads of one seed differ only in lr and weight decay. Stacking
+them as W (G, D, C) turns the sweep into one matrix product per seed and step instead of G Python training
+loops, which is what keeps a full linear evaluation, sweep included, cheaper than the one-time feature
+extraction (benchmarks/linear_eval_cost.py).
 
 The optimisers are written out here because torch's cannot give each slice of one tensor its own lr and weight
 decay; each follows torch's update rule exactly (tests/evaluate/test_probe.py checks them against torch.optim
