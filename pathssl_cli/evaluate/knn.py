@@ -32,7 +32,7 @@ def knn_scores(
     k: int,
     temperature: float,
     num_classes: int,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> torch.Tensor:
     """Summed vote weight per class for every query: (Q, C) float.
 
