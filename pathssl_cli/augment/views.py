@@ -256,14 +256,17 @@ class BatchViews:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         r = self.recipe
-        source = images.float().div_(255.0)
+        # CPU crops resize the uint8 tiles directly (see `ops.resized_crop_flip`); accelerators crop floats
+        source = images if images.device.type == "cpu" else images.float().div_(255.0)
         stain_source = None
         if r.stain.p > 0 and self.stain is not None and self.stain.space != "hsv":
             # RandStainNA as the reference applies it, to the whole tile: the tile's channel statistics and
             # its colour-space values are computed once and shared by all views; each view crops the
             # converted tile and moves it to its own sampled template (see `_stained_crop`). Not for HSV:
             # interpolating hue across its 1 → 0 wrap would invent colours, so HSV converts each view.
-            values = to_space(source, self.stain.space)
+            values = to_space(
+                source if source.is_floating_point() else source.float() / 255.0, self.stain.space
+            )
             stain_source = (values, *channel_stats(values))
         views = []
         for index in range(r.n_views):
@@ -304,7 +307,7 @@ class BatchViews:
         r = self.recipe
         values, tile_mean, tile_std = stain_source
         selected = selected.to(source.device)
-        out = torch.empty(source.shape[0], 3, size, size, dtype=source.dtype, device=source.device)
+        out = torch.empty(source.shape[0], 3, size, size, dtype=values.dtype, device=source.device)
         plain = (~selected).nonzero().flatten()
         if plain.numel():
             out[plain] = ops.resized_crop_flip(

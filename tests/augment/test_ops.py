@@ -157,3 +157,27 @@ def test_resized_crop_of_selected_rows_equals_cropping_the_selection(force_matmu
     out = ops.resized_crop_flip(x, boxes[rows], 20, "bicubic", flips, ~flips, force_matmul, index=rows)
     expected = ops.resized_crop_flip(x[rows], boxes[rows], 20, "bicubic", flips, ~flips, force_matmul)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_uint8_crops_equal_torchvision_uint8_resize(interpolation: str) -> None:
+    x = (_images() * 255).round().to(torch.uint8)
+    boxes = ops.random_resized_crop_boxes(
+        6, 40, 48, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(6)
+    )
+    hflip = torch.tensor([True, False, True, False, True, False])
+    out = ops.resized_crop_flip(x, boxes, 32, interpolation, hflip)
+    mode = InterpolationMode.BILINEAR if interpolation == "bilinear" else InterpolationMode.BICUBIC
+    for b in range(6):
+        top, left, h, w = boxes[b].tolist()
+        expected = TF.resized_crop(x[b], top, left, h, w, [32, 32], interpolation=mode, antialias=True)
+        expected = TF.to_dtype(
+            TF.horizontal_flip(expected) if hflip[b] else expected, torch.float32, scale=True
+        )
+        torch.testing.assert_close(out[b] * 255, expected * 255, atol=1e-4, rtol=0)  # the same 8-bit values
+    if interpolation == "bilinear":
+        # the batched (accelerator) path on the same input differs by the 8-bit rounding only (fixed-point
+        # weights: at most one level). Bicubic in uint8 also clips the overshoot between its two passes, as
+        # PIL does, so on this noise it may differ more.
+        batched = ops.resized_crop_flip(x, boxes, 32, interpolation, hflip, force_matmul=True)
+        assert (batched - out).abs().max() <= 1 / 255 + 1e-6

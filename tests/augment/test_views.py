@@ -155,8 +155,9 @@ def test_a_fully_determined_view_equals_torchvision_per_image() -> None:
     )  # the first draws of the same seed
     for b in range(4):
         top, left, h, w = boxes[b].tolist()
-        x = TF.to_dtype(images[b], torch.float32, scale=True)
-        x = TF.resized_crop(x, top, left, h, w, [24, 24], interpolation=InterpolationMode.BICUBIC).clamp(0, 1)
+        # the uint8 crop, then floats: as PIL's RandomResizedCrop → ToTensor in the official recipes
+        x = TF.resized_crop(images[b], top, left, h, w, [24, 24], interpolation=InterpolationMode.BICUBIC)
+        x = TF.to_dtype(x, torch.float32, scale=True)
         x = TF.vertical_flip(TF.horizontal_flip(x))
         x = TF.rgb_to_grayscale(x, num_output_channels=3)
         x = TF.gaussian_blur(x, [5, 5], [1.5, 1.5])
