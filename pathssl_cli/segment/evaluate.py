@@ -28,12 +28,12 @@ from pathssl_cli.runs import atomic_path, atomic_write, open_run
 from pathssl_cli.segment import metrics as M
 from pathssl_cli.segment.datasets import PanNukeFold
 from pathssl_cli.segment.postproc import describe_instances, hovernet_postprocess
-from pathssl_cli.segment.predict import ImageReader, predict_window
+from pathssl_cli.segment.predict import ImageReader, PatchModel, predict_window
 from pathssl_cli.specs.segment import SegmentSpec
 
 
 def segment_array(
-    model: torch.nn.Module,
+    model: PatchModel,
     image: np.ndarray,
     *,
     batch_size: int = 8,
@@ -119,7 +119,7 @@ def run_segment_eval(spec: SegmentSpec) -> dict[str, Any]:
                     points["pt"].append(np.array([d.type or 0 for d in instances.values()], np.int64))
                     if pannuke_pred is not None:
                         pannuke_pred[i] = _pannuke_layout(inst, instances)
-                if pannuke_pred is not None:
+                if pannuke_pred is not None and isinstance(source, PanNukeFold):
                     pannuke_pred.flush()
                     tissues = [source.tissue(i) or "unknown" for i in range(len(source))]
                     pannuke_rows += M.pannuke_scores(source.masks, pannuke_pred, tissues)["per_image"]

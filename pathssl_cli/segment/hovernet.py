@@ -185,6 +185,9 @@ class HoVerNetConfig:
 
 
 class HoVerNet(nn.Module):
+    mean: torch.Tensor
+    std: torch.Tensor
+
     """forward(x): x (B, 3, in, in) float RGB in [0, 1] -> {"np": (B, 2, out, out) logits,
     "hv": (B, 2, out, out), "tp": (B, num_types, out, out) logits when num_types > 0}."""
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 import cv2
 import numpy as np
@@ -43,6 +43,15 @@ TYPE_COLOURS = [
     (255, 128, 0),
     (128, 0, 255),
 ]
+
+
+class PatchModel(Protocol):
+    """What tiled inference needs from a network: HoVer-Net, or any stand-in with the same contract."""
+
+    input_size: int
+    output_size: int
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
 class ImageReader:
@@ -118,14 +127,14 @@ def _is_pyramid(path: Path) -> bool:
 
     try:
         with tifffile.TiffFile(path) as tif:
-            return len(tif.series[0].levels) > 1 or tif.pages[0].is_tiled
+            return len(tif.series[0].levels) > 1 or bool(getattr(tif.pages[0], "is_tiled", False))
     except Exception:
         return False
 
 
 # ------------------------------------------------------------------------------------------------ inference
 @torch.no_grad()
-def predict_window(model: torch.nn.Module, reader: ImageReader | SlideReader, top: int, left: int,
+def predict_window(model: PatchModel, reader: ImageReader | SlideReader, top: int, left: int,
                    height: int, width: int, *, batch_size: int = 8, device: torch.device | str = "cpu",
                    precision: str = "fp32") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Network outputs for the window [top, top+height) x [left, left+width) of `reader`.
@@ -222,7 +231,7 @@ class _JsonListWriter:
         self.fh.write(self.tail)
 
 
-def segment_image(model: torch.nn.Module, reader: ImageReader | SlideReader, out_dir: Path, name: str, *,
+def segment_image(model: PatchModel, reader: ImageReader | SlideReader, out_dir: Path, name: str, *,
                   chunk_size: int = 2048, chunk_margin: int = 64, batch_size: int = 8,
                   device: torch.device | str = "cpu", precision: str = "fp32", map_format: str = "npy",
                   overlay: bool = True, overlay_max_px: int = 8192, type_names: list[str] | None = None,
@@ -281,7 +290,7 @@ def segment_image(model: torch.nn.Module, reader: ImageReader | SlideReader, out
     return paths
 
 
-def _segment_chunk(model: torch.nn.Module, reader: ImageReader | SlideReader, c: Chunk, npy_path: Path,
+def _segment_chunk(model: PatchModel, reader: ImageReader | SlideReader, c: Chunk, npy_path: Path,
                    next_id: int, records: _JsonListWriter, features: _JsonListWriter,
                    canvas: np.ndarray | None, scale: float, type_names: list[str] | None, postprocess: Any,
                    pp_kwargs: dict[str, Any], **infer: Any) -> int:
@@ -309,7 +318,8 @@ def _segment_chunk(model: torch.nn.Module, reader: ImageReader | SlideReader, c:
     lookup = np.zeros(n_local + 1, np.int32)
     for inst in owned:
         lookup[inst.id] = next_id
-        inst_id, r0, c0, r1, c1 = next_id, *inst.bbox
+        inst_id = next_id
+        r0, c0, r1, c1 = inst.bbox
         contour = inst.contour + np.array([c.win_left, c.win_top])
         type_name = None if inst.type is None else (
             type_names[inst.type] if type_names and inst.type < len(type_names) else str(inst.type))
@@ -398,7 +408,8 @@ def run_segment_predict(spec: SegmentSpec) -> dict[str, Any]:
     model = load_model(model_path, device)
     type_names = _type_names(spec, model.config.num_types)
     out_dir = Path(spec.run.output_dir) / "predictions"
-    results, failed = [], []
+    results: list[dict[str, Any]] = []
+    failed: list[str] = []
     with open_run(spec, Path(spec.run.output_dir) / "predict_run", seed=spec.run.seed) as run:
         for path in inputs:
             done = output_paths(out_dir, path.stem, p.map_format)

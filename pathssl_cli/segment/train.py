@@ -189,7 +189,9 @@ def _train(spec: SegmentSpec, dist_info: DistInfo) -> dict[str, Any]:
                 first_epoch = start_epoch
             scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
             order = torch.Generator()
-            sampler = DistributedSampler(train_set, seed=spec.run.seed) if dist_info.world_size > 1 else None
+            sampler: DistributedSampler[dict[str, torch.Tensor]] | None = None
+            if dist_info.world_size > 1:
+                sampler = DistributedSampler(train_set, seed=spec.run.seed)
             loader = DataLoader(
                 train_set,
                 batch_size=batch_size,
@@ -241,7 +243,7 @@ def _train(spec: SegmentSpec, dist_info: DistInfo) -> dict[str, Any]:
                                 global_step,
                                 phase=phase,
                                 epoch=epoch + 1,
-                                lr=scheduler.get_last_lr()[0],
+                                lr=float(scheduler.get_last_lr()[0]),
                                 **terms,
                             )
                         bar.update(1)

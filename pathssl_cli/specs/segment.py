@@ -21,7 +21,7 @@ from pathssl_cli.specs.core import (
 
 class SegmentData(Section):
     format: Literal["pannuke", "consep", "generic"] = Field(
-        "consep",
+        default="consep",
         description="Dataset layout: 'pannuke' fold folders (images.npy, masks.npy, types.npy), 'consep' "
         "(Images/*.png + Labels/*.mat) or 'generic' (images/ + labels/ [+ types/]). CoNSeP is the paper's "
         "low-label benchmark, hence the default.",
@@ -38,19 +38,19 @@ class SegmentData(Section):
     )
     test: list[InputPath] = Field(default_factory=list, description="Folders `segment eval` scores.")
     subset: InputPath | None = Field(
-        None,
+        default=None,
         description="Image ids to keep from `train` (a `pathssl subsample` "
         "output, a CSV with an id/name/path column, or one id per line): the paper's "
         "low-label CoNSeP fractions. None = all training images.",
     )
     num_types: int = Field(
-        0,
+        default=0,
         ge=0,
         description="Nucleus types excluding background (PanNuke 5, merged CoNSeP 4). "
         "0 = no type (NC) branch, instance segmentation only.",
     )
     merge_consep_types: bool = Field(
-        False,
+        default=False,
         description="Map CoNSeP's 7 types to HoVer-Net's 4 (3+4 -> epithelial, "
         "5+6+7 -> spindle). Off by default: leave it off for data already merged.",
     )
@@ -58,84 +58,98 @@ class SegmentData(Section):
 
 class SegmentModel(Section):
     backbone: BackboneName = Field(
-        "resnet50", description="Encoder from the backbone registry; ResNet-50 as in the paper."
+        default="resnet50", description="Encoder from the backbone registry; ResNet-50 as in the paper."
     )
     weights: WeightsRef = Field(
-        "random",
+        default="random",
         description="Encoder weights: 'random' or a local file (e.g. a "
         "`pathssl pretrain` export); never downloaded.",
     )
     normalization: Literal["auto", "imagenet", "lunit_tcga"] = Field(
-        "auto",
+        default="auto",
         description="Input normalisation stats: 'auto' takes those stored with a pathssl export, else "
         "ImageNet's; 'lunit_tcga' for Lunit's released weights, which carry none.",
     )
     mode: Literal["original", "fast", "same"] = Field(
-        "fast",
+        default="fast",
         description="HoVer-Net size mode: 'original' 270 px in -> 80 px out, 'fast' 256 -> 164 (the "
         "official PanNuke/CoNSeP choice, hence the default), 'same' input_size in and out.",
     )
-    input_size: int = Field(256, ge=32, description="Patch size in px, used by mode 'same' only.")
+    input_size: int = Field(default=256, ge=32, description="Patch size in px, used by mode 'same' only.")
     decoder_width: float = Field(
-        1.0,
+        default=1.0,
         gt=0,
         le=4,
         description="Multiplier of HoVer-Net's decoder channels; 1.0 is "
         "the paper's. Small values (0.25) keep CPU tests fast.",
     )
     checkpoint: InputPath | None = Field(
-        None,
+        default=None,
         description="Trained HoVer-Net for eval/predict; None = "
         "<run.output_dir>/model.pt written by `segment train`.",
     )
 
 
 class LossWeightsSection(Section):
-    np_ce: float = Field(1.0, ge=0, description="NP cross-entropy weight (HoVer-Net: 1).")
-    np_dice: float = Field(1.0, ge=0, description="NP Dice weight (HoVer-Net: 1).")
-    hv_mse: float = Field(1.0, ge=0, description="HV MSE weight (HoVer-Net: 1).")
+    np_ce: float = Field(default=1.0, ge=0, description="NP cross-entropy weight (HoVer-Net: 1).")
+    np_dice: float = Field(default=1.0, ge=0, description="NP Dice weight (HoVer-Net: 1).")
+    hv_mse: float = Field(default=1.0, ge=0, description="HV MSE weight (HoVer-Net: 1).")
     hv_msge: float = Field(
-        2.0, ge=0, description="HV gradient MSE weight (HoVer-Net paper: 2; its opt.py: 1)."
+        default=2.0, ge=0, description="HV gradient MSE weight (HoVer-Net paper: 2; its opt.py: 1)."
     )
-    tp_ce: float = Field(1.0, ge=0, description="NC cross-entropy weight (HoVer-Net: 1).")
-    tp_dice: float = Field(1.0, ge=0, description="NC Dice weight (HoVer-Net: 1).")
+    tp_ce: float = Field(default=1.0, ge=0, description="NC cross-entropy weight (HoVer-Net: 1).")
+    tp_dice: float = Field(default=1.0, ge=0, description="NC Dice weight (HoVer-Net: 1).")
 
 
 class SegmentTrain(Section):
-    phase1_epochs: int = Field(50, ge=0, description="Epochs with the encoder frozen (HoVer-Net: 50).")
-    phase2_epochs: int = Field(50, ge=0, description="Epochs training the whole network (HoVer-Net: 50).")
+    phase1_epochs: int = Field(
+        default=50, ge=0, description="Epochs with the encoder frozen (HoVer-Net: 50)."
+    )
+    phase2_epochs: int = Field(
+        default=50, ge=0, description="Epochs training the whole network (HoVer-Net: 50)."
+    )
     frozen_bn_stats: bool = Field(
-        False, description="Phase 1 keeps the encoder's BatchNorm running statistics as loaded (encoder in "
+        default=False,
+        description="Phase 1 keeps the encoder's BatchNorm running statistics as loaded (encoder in "
         "eval mode). Off by default as in HoVer-Net, whose freeze only stops gradients; on for a strict "
-        "frozen-encoder ('linear') protocol, where the pre-trained features must stay exactly as they were.")
-    batch_size: int = Field(16, ge=1, description="Patches per step per process in phase 1 (HoVer-Net: 16).")
+        "frozen-encoder ('linear') protocol, where the pre-trained features must stay exactly as they were.",
+    )
+    batch_size: int = Field(
+        default=16, ge=1, description="Patches per step per process in phase 1 (HoVer-Net: 16)."
+    )
     phase2_batch_size: int = Field(
-        4,
+        default=4,
         ge=1,
         description="Patches per step per process in phase 2; HoVer-Net drops "
         "to 4 because gradients through the encoder cost memory.",
     )
     lr: float = Field(
-        1e-4, gt=0, description="Adam learning rate at the start of each phase (HoVer-Net: 1e-4)."
+        default=1e-4, gt=0, description="Adam learning rate at the start of each phase (HoVer-Net: 1e-4)."
     )
-    lr_step_epochs: int = Field(25, ge=1, description="Epochs between lr decays (HoVer-Net StepLR step 25).")
-    lr_gamma: float = Field(0.1, gt=0, le=1, description="Factor of each lr decay (StepLR default 0.1).")
+    lr_step_epochs: int = Field(
+        default=25, ge=1, description="Epochs between lr decays (HoVer-Net StepLR step 25)."
+    )
+    lr_gamma: float = Field(
+        default=0.1, gt=0, le=1, description="Factor of each lr decay (StepLR default 0.1)."
+    )
     steps_per_epoch: int | None = Field(
-        None,
+        default=None,
         ge=1,
         description="Cap on steps per epoch (quick runs, CPU tests); None = one pass over the patches.",
     )
-    flips: bool = Field(True, description="Random horizontal flips (with rotations: all 8 dihedral poses).")
-    rotations: bool = Field(True, description="Random 90-degree rotations.")
+    flips: bool = Field(
+        default=True, description="Random horizontal flips (with rotations: all 8 dihedral poses)."
+    )
+    rotations: bool = Field(default=True, description="Random 90-degree rotations.")
     stain: float = Field(
-        0.05,
+        default=0.05,
         ge=0,
         le=0.5,
         description="HED stain jitter strength s (Tellez et al. 2018): each stain channel h -> "
         "h * U(1-s, 1+s) + U(-s, s). 0.05 is Tellez's 'HED-light' (as evaluate's hed_sigma); 0 = off.",
     )
     loss: LossWeightsSection = Field(default_factory=LossWeightsSection, description="Loss term weights.")
-    workers: int = Field(2, ge=0, description="DataLoader worker processes.")
+    workers: int = Field(default=2, ge=0, description="DataLoader worker processes.")
 
 
 class SegmentPredict(Section):
@@ -144,53 +158,57 @@ class SegmentPredict(Section):
         description="Images (png/jpg/tif) or slides (svs/tiff/ndpi/...; globs allowed) to segment.",
     )
     region: tuple[int, int, int, int] | None = Field(
-        None,
+        default=None,
         description="Slide region x, y, width, height in "
         "level-0 px; None = the whole image or slide level 0.",
     )
     chunk_size: int = Field(
-        2048,
+        default=2048,
         ge=64,
         description="Output px per side post-processed at once: bounds memory "
         "whatever the slide size; rounded up to a multiple of the model output size.",
     )
     chunk_margin: int = Field(
-        64,
+        default=64,
         ge=16,
         description="Context px around each chunk for post-processing; must "
         "exceed the largest nucleus diameter so border nuclei are whole in their owner.",
     )
-    batch_size: int = Field(8, ge=1, description="Patches per forward pass.")
+    batch_size: int = Field(default=8, ge=1, description="Patches per forward pass.")
     map_format: Literal["npy", "tif"] = Field(
-        "npy", description="Instance map file: .npy (memory-mapped) or tiled .tif (int32)."
+        default="npy", description="Instance map file: .npy (memory-mapped) or tiled .tif (int32)."
     )
     overlay: bool = Field(
-        True,
+        default=True,
         description="Write an overlay PNG with contours coloured by type (skipped above "
         "overlay_max_px per side to keep memory bounded).",
     )
-    overlay_max_px: int = Field(8192, ge=256, description="Largest overlay side in px.")
+    overlay_max_px: int = Field(default=8192, ge=256, description="Largest overlay side in px.")
 
 
 class SegmentRun(Section):
     output_dir: OutputPath = Field(
-        Path("runs/segment"), description="Run directory (model.pt, checkpoints, metrics, predictions)."
+        default=Path("runs/segment"),
+        description="Run directory (model.pt, checkpoints, metrics, predictions).",
     )
-    seed: int = Field(0, description="Seed of initialisation and data order.")
-    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
+    seed: int = Field(default=0, description="Seed of initialisation and data order.")
+    device: str = Field(default="auto", description="'auto' (CUDA when available), 'cpu' or 'cuda[:N]'.")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "bf16", description="Autocast precision on GPU (CPU always runs fp32); bf16 needs no loss scaling."
+        default="bf16",
+        description="Autocast precision on GPU (CPU always runs fp32); bf16 needs no loss scaling.",
     )
-    resume: bool = Field(True, description="Continue from <output_dir>/checkpoints/last.pt when present.")
+    resume: bool = Field(
+        default=True, description="Continue from <output_dir>/checkpoints/last.pt when present."
+    )
 
 
 class SegmentSpec(SpecModel):
     kind: Literal["segment"] = "segment"
-    data: SegmentData = Field(default_factory=SegmentData)
-    model: SegmentModel = Field(default_factory=SegmentModel)
-    train: SegmentTrain = Field(default_factory=SegmentTrain)
-    predict: SegmentPredict = Field(default_factory=SegmentPredict)
-    run: SegmentRun = Field(default_factory=SegmentRun)
+    data: SegmentData = Field(default_factory=SegmentData, description="Dataset layout, splits, types.")
+    model: SegmentModel = Field(default_factory=SegmentModel, description="Encoder and HoVer-Net mode.")
+    train: SegmentTrain = Field(default_factory=SegmentTrain, description="Two-phase schedule, losses.")
+    predict: SegmentPredict = Field(default_factory=SegmentPredict, description="Whole-image inference.")
+    run: SegmentRun = Field(default_factory=SegmentRun, description="Output, seed, device, precision.")
 
     @model_validator(mode="after")
     def _types_consistent(self) -> SegmentSpec:
