@@ -55,6 +55,7 @@ _RGB_FROM_HED = torch.tensor(
 )
 _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 _LOG_EPS = float(np.log(1e-6))  # skimage clips RGB at 1e-6 before the optical-density log
+OD_PER_HED_UNIT = -_LOG_EPS  # optical density (-ln I) per unit of skimage's rgb2hed output
 
 
 def _mix(images: Tensor, matrix: Tensor, offset: Tensor | None = None) -> Tensor:
@@ -316,7 +317,11 @@ def rand_stain(
 
 
 def hed_jitter(images: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
-    """Tellez HED jitter with per-sample, per-channel factors alpha, beta (B, 3)."""
+    """Tellez HED jitter with per-sample, per-channel factors alpha, beta (B, 3).
+
+    beta is in the units of `rgb_to_hed` (skimage's: optical density divided by -ln(1e-6) ≈ 13.8); a β given
+    in optical density, as Tellez et al.'s "HED-light" 0.05, is divided by `OD_PER_HED_UNIT` first.
+    """
     hed = rgb_to_hed(images, clip=False)
     hed = hed * alpha.to(hed)[..., None, None] + beta.to(hed)[..., None, None]
     return hed_to_rgb(hed).to(images.dtype)

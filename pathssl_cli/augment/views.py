@@ -54,6 +54,7 @@ from torch import Tensor
 
 from pathssl_cli.augment import ops
 from pathssl_cli.augment.stain import (
+    OD_PER_HED_UNIT,
     ColorSpace,
     Distribution,
     StainStats,
@@ -92,7 +93,11 @@ class HedJitterOptions(Section):
     p: float = Field(0.0, ge=0, le=1, description="Probability per view; off by default (an option).")
     alpha: float = Field(0.05, ge=0, le=1, description="σ of the multiplicative factor; 0.05 = 'HED-light'.")
     beta: float = Field(
-        0.05, ge=0, le=1, description="b of the additive offset (optical density); 0.05 = light."
+        0.05,
+        ge=0,
+        le=1,
+        description="b of the additive offset in optical density (-ln of intensity); 0.05 = 'HED-light', "
+        "a few percent of the intensity range.",
     )
 
 
@@ -376,7 +381,9 @@ class BatchViews:
         if r.hed_jitter.p > 0:
             selected = coin(r.hed_jitter.p)
             alpha = uniform(1 - r.hed_jitter.alpha, 1 + r.hed_jitter.alpha, (3,))
-            beta = uniform(-r.hed_jitter.beta, r.hed_jitter.beta, (3,))
+            beta = (
+                uniform(-r.hed_jitter.beta, r.hed_jitter.beta, (3,)) / OD_PER_HED_UNIT
+            )  # OD → rgb2hed units
             index = selected.to(x.device).nonzero().flatten()
             x = ops.apply_to(
                 x, selected, lambda v: hed_jitter(v, alpha.to(x.device)[index], beta.to(x.device)[index])

@@ -274,3 +274,41 @@ def test_full_tile_stained_views_have_the_template_statistics(space: str) -> Non
     for view in views:
         measured = image_statistics([v.permute(1, 2, 0).double().numpy() * 255 for v in view], space)
         np.testing.assert_allclose(measured, np.tile(template, (4, 1)), rtol=1e-3, atol=1e-3)
+
+
+def test_hed_light_changes_colours_by_a_few_percent() -> None:
+    # Tellez's HED-light (σ = b = 0.05, β in optical density) is a mild colour change, not a restaining
+    base = dict(
+        global_size=24,
+        jitter_p=0.0,
+        grayscale_p=0.0,
+        blur_p=[0.0],
+        solarize_p=[0.0],
+        hflip=0.0,
+        global_scale=(1.0, 1.0),
+        ratio=(1.0, 1.0),
+    )
+    images = (
+        torch.from_numpy(
+            np.stack(
+                [
+                    np.clip(
+                        np.array([190, 120, 175]) + np.random.default_rng(i).normal(0, 10, (24, 24, 3)),
+                        0,
+                        255,
+                    )
+                    for i in range(16)
+                ]
+            ).astype(np.uint8)
+        )
+        .permute(0, 3, 1, 2)
+        .contiguous()
+    )
+    plain = BatchViews(recipe_for("mocov2", "original", **base), (0.0,) * 3, (1.0,) * 3)
+    jittered = BatchViews(
+        recipe_for("mocov2", "original", hed_jitter={"p": 1.0}, **base), (0.0,) * 3, (1.0,) * 3
+    )
+    a = plain(images, torch.Generator().manual_seed(0))[0]
+    b = jittered(images, torch.Generator().manual_seed(0))[0]
+    change = (a - b).abs().mean(dim=(1, 2, 3))
+    assert (change > 0.002).all() and (change < 0.06).all()
