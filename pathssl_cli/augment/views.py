@@ -315,9 +315,10 @@ class BatchViews:
         out = torch.empty(source.shape[0], 3, size, size, dtype=values.dtype, device=source.device)
         plain = (~selected).nonzero().flatten()
         if plain.numel():
-            out[plain] = ops.resized_crop_flip(
+            crop = ops.resized_crop_flip(
                 source, boxes[plain], size, r.interpolation, hflip[plain], vflip[plain], index=plain
             )
+            out.index_copy_(0, plain, crop)
         chosen = selected.nonzero().flatten()
         if chosen.numel():
             stats = StainStats(
@@ -341,7 +342,7 @@ class BatchViews:
             scale = target_std.to(crop) / tile_std[chosen].clamp(min=1e-4)
             shift = target_mean.to(crop) - tile_mean[chosen] * scale
             crop = crop.mul_(scale[..., None, None]).add_(shift[..., None, None])
-            out[chosen] = from_space(crop, self.stain.space).to(out.dtype)
+            out.index_copy_(0, chosen, from_space(crop, self.stain.space).to(out.dtype))
         return out
 
     def _view(
