@@ -88,20 +88,21 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
     n_global, n_local = view_counts(spec.method)
     recipe = spec.augment.recipe(spec.method.name, n_global, n_local)
 
-    with open_run(spec, out, seed=run_cfg.seed, world_size=world, is_main=dist_info.is_main) as run:
-        # ------------------------------------------------------------------------------------ data
-        stream = _open_stream(spec, rank, world, local_batch)
-        data_steps_per_epoch = len(stream) // local_batch  # every rank streams len(stream) tiles a pass
-        if data_steps_per_epoch == 0:
-            raise SpecError(f"data.tiles hold {stream.epoch_length()} usable tiles, fewer than one batch "
-                            f"(data.batch_size = {spec.data.batch_size}); add tiles or lower the batch size")
-        # The epoch of schedules and methods: a pass over the tiles, or run.epoch_images (ImageNet epochs).
-        steps_per_epoch = (max(1, run_cfg.epoch_images // spec.data.batch_size) if run_cfg.epoch_images
-                           else data_steps_per_epoch)
-        total_steps = run_cfg.steps or max(1, math.ceil(run_cfg.epochs * steps_per_epoch))  # type: ignore[operator]
-        if resumed is not None:
-            _check_resumable(resumed, world, data_steps_per_epoch, total_steps, checkpoint_path)
+    # ---------------------------------------------------------------------------------------- data
+    # (before the run directory is made: a problem with the tiles is a spec error, nothing started)
+    stream = _open_stream(spec, rank, world, local_batch)
+    data_steps_per_epoch = len(stream) // local_batch  # every rank streams len(stream) tiles a pass
+    if data_steps_per_epoch == 0:
+        raise SpecError(f"data.tiles hold {stream.epoch_length()} usable tiles, fewer than one batch "
+                        f"(data.batch_size = {spec.data.batch_size}); add tiles or lower the batch size")
+    # The epoch of schedules and methods: a pass over the tiles, or run.epoch_images (ImageNet epochs).
+    steps_per_epoch = (max(1, run_cfg.epoch_images // spec.data.batch_size) if run_cfg.epoch_images
+                       else data_steps_per_epoch)
+    total_steps = run_cfg.steps or max(1, math.ceil(run_cfg.epochs * steps_per_epoch))  # type: ignore[operator]
+    if resumed is not None:
+        _check_resumable(resumed, world, data_steps_per_epoch, total_steps, checkpoint_path)
 
+    with open_run(spec, out, seed=run_cfg.seed, world_size=world, is_main=dist_info.is_main) as run:
         # -------------------------------------------------------------------------- stain statistics
         stain = _stain_statistics(spec, run, resumed, dist_info)
 

@@ -110,3 +110,13 @@ def test_an_existing_run_is_not_overwritten_without_resume(image_folder: Path, t
     # Resuming with a different plan is refused too: the schedules would not continue exactly.
     code, output = _pretrain(specs_dir / "tiny_mocov2.toml", [*overrides, "run.resume=true", "run.steps=5"])
     assert code == 2 and "planned 1 steps" in output
+
+
+def test_too_few_tiles_is_a_spec_error_before_any_output(image_folder: Path, tmp_path: Path,
+                                                          specs_dir: Path,
+                                                          tiny_overrides: Callable[..., list[str]]) -> None:
+    out = tmp_path / "small"
+    code, output = _pretrain(specs_dir / "tiny_mocov2.toml",
+                             tiny_overrides(image_folder, out, **{"data.batch_size": 128}))
+    assert code == 2 and "fewer than one batch" in output and "96" in output
+    assert not out.exists()
