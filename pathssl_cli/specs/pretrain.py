@@ -90,6 +90,10 @@ class PretrainAugment(Section):
 
     def recipe(self, method: str, n_global: int, n_local: int) -> ViewRecipe:
         """The recipe for `method`: the preset, then the method's view counts, then sizes and overrides."""
+        clashing = sorted({"n_global", "n_local"} & set(self.overrides))
+        if clashing:
+            raise ValueError(f"overrides.{clashing[0]}: the number of views is the method's (method."
+                             "n_global_crops / n_local_crops for SwAV and DINO; two views otherwise)")
         fields: dict[str, Any] = {"n_global": n_global, "n_local": n_local}
         if self.global_size is not None:
             fields["global_size"] = self.global_size

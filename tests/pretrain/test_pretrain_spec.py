@@ -63,6 +63,7 @@ def test_paper_grid_follows_the_paper(image_folder: Path) -> None:
 @pytest.mark.parametrize(("override", "expected"), [
     (["run.epochs=2"], "exactly one of run.epochs and run.steps"),
     (["augment.overrides={vflip=2.0}"], "vflip"),
+    (["augment.overrides={n_local=4}"], "the number of views is the method's"),
     (["method.name=simclr"], "method"),
     (['data.mpp_weights={"abc"=1.0}'], "not a number"),
     (["optim.name=adam"], "optim.name"),
