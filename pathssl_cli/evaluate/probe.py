@@ -20,7 +20,9 @@ The initialisation is DINO's (eval_linear.py LinearClassifier): weight ~ N(0, 0.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -108,7 +110,17 @@ def all_head_logits(features: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return flat.view(-1, g_count, num_classes).permute(1, 0, 2) + bias[:, None, :]
 
 
-@torch.no_grad()
+@contextlib.contextmanager
+def cpu_threads(count: int) -> Iterator[None]:
+    """Run the block with `count` intra-op threads, then restore the previous setting."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def train_probes(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -126,8 +138,30 @@ def train_probes(
     initialisation and its minibatch order (a fresh permutation every epoch), so within a seed only lr and
     weight decay differ, and seeds differ in both. Sharing the order lets one (B, D) × (D, H·C) product serve
     all H heads of a seed, instead of copying a minibatch per head. Every seed must have the same heads.
+
+    On the CPU the loop runs on one thread: each step is a few small products (tens of MFLOP), too little to
+    share, and OpenMP's synchronisation then costs more than it saves — on a busy 2-core machine the same
+    sweep took 160-190 s on 2 threads and 10-24 s on one (benchmarks/linear_eval_cost.py).
     """
     device = torch.device(device)
+    if device.type != "cpu":
+        return _train_probes(train_x, train_y, val_x, val_y, num_classes, heads, schedule, desc, device)
+    with cpu_threads(1):
+        return _train_probes(train_x, train_y, val_x, val_y, num_classes, heads, schedule, desc, device)
+
+
+@torch.no_grad()
+def _train_probes(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    num_classes: int,
+    heads: list[HeadConfig],
+    schedule: ProbeSchedule,
+    desc: str,
+    device: torch.device,
+) -> ProbeResult:
     n, dim = train_x.shape
     seeds = list(dict.fromkeys(h.seed for h in heads))
     groups = [[g for g, h in enumerate(heads) if h.seed == seed] for seed in seeds]

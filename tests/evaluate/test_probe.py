@@ -137,3 +137,19 @@ def test_lr_factors_cosine_and_constant() -> None:
     )
     const = lr_factors(ProbeSchedule(optimizer="sgd", steps=3, batch_size=1, lr_schedule="constant"))
     assert const.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_thread_setting_is_restored() -> None:
+    before = torch.get_num_threads()
+    x = torch.randn(20, 3)
+    y = (x[:, 0] > 0).long()
+    train_probes(
+        x,
+        y,
+        x,
+        y,
+        2,
+        [HeadConfig(lr=0.1, weight_decay=0.0, seed=0)],
+        ProbeSchedule(optimizer="sgd", steps=2, batch_size=8),
+    )
+    assert torch.get_num_threads() == before
