@@ -12,7 +12,8 @@ Per view, in the order of the official recipes: random resized crop (+ flips) �
 (RandStainNA, pathology) → HED jitter (option) → colour jitter (p) → grayscale (p) → Gaussian blur (p) →
 solarisation (p) → normalise. Stain augmentation runs before colour jitter, which then perturbs realistic
 stainings. RandStainNA uses the channel statistics of the whole tile, as the reference applies it to the
-image before any crop, and each view draws its own template.
+image before any crop, and each view draws its own template (views much smaller than their tiles, or the
+HSV space, use each view's own statistics instead; see `BatchViews._views`).
 
 `original` recipes, each from the method's official code:
 - mocov2: facebookresearch/moco `main_moco.py --aug-plus`: 2×224 crops, scale (0.2, 1), jitter
