@@ -28,30 +28,18 @@ from pathssl_cli.runs import atomic_path, atomic_write, open_run
 from pathssl_cli.segment import metrics as M
 from pathssl_cli.segment.datasets import PanNukeFold
 from pathssl_cli.segment.postproc import describe_instances, hovernet_postprocess
-from pathssl_cli.segment.predict import ImageReader, PatchModel, predict_window
+from pathssl_cli.segment.predict import ImageReader, PatchModel, default_trim, predict_window
 from pathssl_cli.specs.segment import SegmentSpec
 
 
-def segment_array(
-    model: PatchModel,
-    image: np.ndarray,
-    *,
-    batch_size: int = 8,
-    device: torch.device | str = "cpu",
-    precision: str = "fp32",
-) -> tuple[np.ndarray, dict[int, Any]]:
-    """Instance map and instances of one in-memory RGB image (H, W, 3) uint8."""
-    np_prob, hv, tp = predict_window(
-        model,
-        ImageReader(image),
-        0,
-        0,
-        image.shape[0],
-        image.shape[1],
-        batch_size=batch_size,
-        device=device,
-        precision=precision,
-    )
+def segment_array(model: PatchModel, image: np.ndarray, *, batch_size: int = 8,
+                  device: torch.device | str = "cpu", precision: str = "fp32", trim: int | None = None,
+                  ) -> tuple[np.ndarray, dict[int, Any]]:
+    """Instance map and instances of one in-memory RGB image (H, W, 3) uint8 (`trim`: see `predict_window`;
+    None = `default_trim`)."""
+    trim = default_trim(model) if trim is None else trim
+    np_prob, hv, tp = predict_window(model, ImageReader(image), 0, 0, image.shape[0], image.shape[1],
+                                     batch_size=batch_size, device=device, precision=precision, trim=trim)
     return hovernet_postprocess(np_prob, hv, tp)
 
 
@@ -102,12 +90,8 @@ def run_segment_eval(spec: SegmentSpec) -> dict[str, Any]:
                 for i in track(range(len(source)), total=len(source), desc=f"eval {split}", unit="image"):
                     sample = source.load(i)
                     inst, instances = segment_array(
-                        model,
-                        sample.image,
-                        batch_size=spec.predict.batch_size,
-                        device=device,
-                        precision=precision,
-                    )
+                        model, sample.image, batch_size=spec.predict.batch_size, device=device,
+                        precision=precision, trim=spec.predict.trim)
                     s = M.instance_stats(sample.inst_map, inst)
                     stats.append(s)
                     rows.append({"name": sample.name, **{k: s[k] for k in M.METRIC_KEYS}})

@@ -136,14 +136,18 @@ def _is_pyramid(path: Path) -> bool:
 @torch.no_grad()
 def predict_window(model: PatchModel, reader: ImageReader | SlideReader, top: int, left: int,
                    height: int, width: int, *, batch_size: int = 8, device: torch.device | str = "cpu",
-                   precision: str = "fp32") -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                   precision: str = "fp32", trim: int = 0,
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Network outputs for the window [top, top+height) x [left, left+width) of `reader`.
 
-    `top` and `left` must be multiples of the model's output size (the global tile grid). Returns np_prob
-    (h, w) float32, hv (2, h, w) float32 and type_prob (C, h, w) float32 or None.
+    Each patch keeps its output minus `trim` px per side, so the tile grid steps by output - 2 trim; `top`
+    and `left` must be multiples of that step. `trim` gives "same"-size models (input = output) the context
+    the HoVer-Net modes have built in; without it their tile borders show as seams. Returns np_prob (h, w)
+    float32, hv (2, h, w) float32 and type_prob (C, h, w) float32 or None.
     """
-    in_size, out_size = model.input_size, model.output_size
-    margin = (in_size - out_size) // 2
+    in_size, out_size = model.input_size, tile_step(model, trim)
+    margin = (in_size - model.output_size) // 2 + trim
+    keep = slice(trim, trim + out_size)
     rows, cols = math.ceil(height / out_size), math.ceil(width / out_size)
     np_out = np.zeros((rows * out_size, cols * out_size), np.float32)
     hv_out = np.zeros((2, *np_out.shape), np.float32)
@@ -156,9 +160,9 @@ def predict_window(model: PatchModel, reader: ImageReader | SlideReader, top: in
         x = torch.from_numpy(patches).to(device).permute(0, 3, 1, 2).float().div_(255.0)
         with autocast(device, precision):  # type: ignore[arg-type]
             out = model(x)
-        np_prob = torch.softmax(out["np"].float(), dim=1)[:, 1].cpu().numpy()
-        hv = out["hv"].float().cpu().numpy()
-        tp = torch.softmax(out["tp"].float(), dim=1).cpu().numpy() if "tp" in out else None
+        np_prob = torch.softmax(out["np"].float(), dim=1)[:, 1, keep, keep].cpu().numpy()
+        hv = out["hv"].float()[..., keep, keep].cpu().numpy()
+        tp = torch.softmax(out["tp"].float(), dim=1)[..., keep, keep].cpu().numpy() if "tp" in out else None
         if tp is not None and tp_out is None:
             tp_out = np.zeros((tp.shape[1], *np_out.shape), np.float32)
         for k, (r, c) in enumerate(chunk):
@@ -169,6 +173,19 @@ def predict_window(model: PatchModel, reader: ImageReader | SlideReader, top: in
     crop = (slice(0, height), slice(0, width))
     tp_crop = None if tp_out is None else tp_out[(slice(None), *crop)]
     return np_out[crop], hv_out[(slice(None), *crop)], tp_crop
+
+
+def tile_step(model: PatchModel, trim: int) -> int:
+    step = model.output_size - 2 * trim
+    if trim < 0 or step < 8:
+        raise SpecError(f"predict.trim = {trim} leaves {step} px of each {model.output_size} px output; "
+                        f"use 0 to {(model.output_size - 8) // 2}")
+    return step
+
+
+def default_trim(model: PatchModel) -> int:
+    """Context to drop per side when the model has none of its own (mode 'same'): 1/8 of the output."""
+    return model.output_size // 8 if model.input_size == model.output_size else 0
 
 
 @dataclass(frozen=True)
@@ -236,7 +253,7 @@ def segment_image(model: PatchModel, reader: ImageReader | SlideReader, out_dir:
                   device: torch.device | str = "cpu", precision: str = "fp32", map_format: str = "npy",
                   overlay: bool = True, overlay_max_px: int = 8192, type_names: list[str] | None = None,
                   postprocess: Callable[..., tuple[np.ndarray, dict[int, Any]]] | None = None,
-                  postprocess_kwargs: dict[str, Any] | None = None) -> PredictOutputs:
+                  postprocess_kwargs: dict[str, Any] | None = None, trim: int = 0) -> PredictOutputs:
     """Segment the nuclei of one image/region into `out_dir`: maps/<name>.{npy|tif} (int32 instance ids),
     instances/<name>.json (id, bbox, centroid x/y, contour, type, type_prob per nucleus),
     geojson/<name>.geojson (QuPath detections) and overlays/<name>.png (contours coloured by type).
@@ -250,7 +267,7 @@ def segment_image(model: PatchModel, reader: ImageReader | SlideReader, out_dir:
     postprocess = postprocess or hovernet_postprocess
 
     height, width = reader.height, reader.width
-    chunks = plan_chunks(height, width, chunk_size, chunk_margin, model.output_size)
+    chunks = plan_chunks(height, width, chunk_size, chunk_margin, tile_step(model, trim))
     scale = min(1.0, overlay_max_px / max(height, width))
     canvas = np.zeros((max(1, round(height * scale)), max(1, round(width * scale)), 3), np.uint8) if overlay \
         else None
@@ -273,7 +290,7 @@ def segment_image(model: PatchModel, reader: ImageReader | SlideReader, out_dir:
                     next_id = _segment_chunk(
                         model, reader, chunk, npy_tmp, next_id, records, features, canvas, scale, type_names,
                         postprocess, postprocess_kwargs or {}, batch_size=batch_size, device=device,
-                        precision=precision)
+                        precision=precision, trim=trim)
                     bar.update(1)
             records.close()
             features.close()
@@ -421,7 +438,8 @@ def run_segment_predict(spec: SegmentSpec) -> dict[str, Any]:
                 outputs = segment_image(model, reader, out_dir, path.stem, chunk_size=p.chunk_size,
                                         chunk_margin=p.chunk_margin, batch_size=p.batch_size, device=device,
                                         precision=precision, map_format=p.map_format, overlay=p.overlay,
-                                        overlay_max_px=p.overlay_max_px, type_names=type_names)
+                                        overlay_max_px=p.overlay_max_px, type_names=type_names,
+                                        trim=default_trim(model) if p.trim is None else p.trim)
             except (PathsslError, OSError, ValueError) as exc:  # one bad input must not stop the others
                 failed.append(f"{path}: {exc}")
                 continue

@@ -175,6 +175,10 @@ class SegmentPredict(Section):
         "exceed the largest nucleus diameter so border nuclei are whole in their owner.",
     )
     batch_size: int = Field(default=8, ge=1, description="Patches per forward pass.")
+    trim: int | None = Field(
+        default=None, ge=0, description="Output px dropped per patch side, patches overlapping to match. "
+        "None = 1/8 of the output for mode 'same' (which has no context of its own; its tile borders would "
+        "show as seams) and 0 for 'original'/'fast', whose outputs are already the centre of their input.")
     map_format: Literal["npy", "tif"] = Field(
         default="npy", description="Instance map file: .npy (memory-mapped) or tiled .tif (int32)."
     )

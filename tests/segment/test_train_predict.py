@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from scipy import ndimage
 
 from pathssl_cli.cli import cli
+from pathssl_cli.errors import SpecError
 from pathssl_cli.segment.metrics import instance_stats
 from pathssl_cli.segment.postproc import describe_instances
 from pathssl_cli.segment.predict import ImageReader, SlideReader, plan_chunks, segment_image
@@ -357,3 +358,18 @@ def test_resumed_training_equals_uninterrupted(tmp_path: Path, monkeypatch: pyte
     resumed = load_checkpoint(tmp_path / "killed" / "model.pt")["model"]
     for key, value in straight.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_trimmed_overlapping_tiles_stay_aligned(tissue: tuple[np.ndarray, np.ndarray]) -> None:
+    """ThresholdModel's NP output depends on the pixel alone, so any trim must give the same NP map: a
+    misplaced tile would show as a mismatch."""
+    from pathssl_cli.segment.predict import predict_window
+
+    rgb, _ = tissue
+    reader, model = _array_reader(rgb), ThresholdModel()
+    np0, _, _ = predict_window(model, reader, 0, 0, 200, 180, trim=0)
+    np8, hv8, _ = predict_window(model, reader, 0, 0, 200, 180, trim=8)
+    np.testing.assert_array_equal(np0, np8)
+    assert np8.shape == (200, 180) and hv8.shape == (2, 200, 180)
+    with pytest.raises(SpecError, match="trim"):
+        predict_window(model, reader, 0, 0, 64, 64, trim=30)
