@@ -1,13 +1,15 @@
 """`pathssl segment predict`: HoVer-Net on image files and whole-slide regions with bounded memory.
 
 Inference follows HoVer-Net's tiling (vqdang/hover_net `infer/tile.py`): input patches step by the output
-size, so every output pixel is predicted exactly once, from a patch centred on it, on a grid anchored at the
-image origin; borders are reflect-padded. Post-processing runs per *chunk*: a block of `chunk_size` output
-pixels plus a `chunk_margin` of context on each side (both multiples of the output size, so the chunk's
-network outputs equal those of a whole-image pass). An instance belongs to the chunk whose core holds its
-centroid, so each nucleus is written exactly once, whole, even across chunk borders; where two owners' pixels
-meet, the first written keeps them. Memory is bounded by the chunk size: the instance map is a memory-mapped
-.npy reopened per chunk, and the JSON/GeoJSON are streamed.
+size (less 2 x `trim` for 'same'-size models, which need overlap for context), so every output pixel is
+predicted exactly once, from a patch centred on it, on a grid anchored at the image origin; borders are
+reflect-padded. Post-processing runs per *chunk*: a block of `chunk_size` output pixels plus a `chunk_margin`
+of context on each side (both multiples of the tile step, so the chunk's network outputs equal those of a
+whole-image pass). An instance belongs to the chunk whose core holds its centroid, so each nucleus is written
+once, whole, even across chunk borders; where two owners' pixels meet, the first written keeps them, and an
+instance left with under half its pixels (the same nucleus seen from the other side) is dropped. Memory is
+bounded by the chunk size: the instance map is a memory-mapped .npy reopened per chunk, and the JSON/GeoJSON
+are streamed.
 """
 
 from __future__ import annotations
