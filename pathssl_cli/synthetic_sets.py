@@ -66,4 +66,24 @@ def write_slides(out: str | Path, count: int = 2, size: int = 4096, mpp: float =
     return paths
 
 
-__all__ = ["NUCLEI_TEXTURES", "NUCLEUS_TYPES", "write_consep_like", "write_slides"]
+
+def write_two_site_folder(root: str | Path, n_per_class: int, size: int, seed: int,
+                          site_shift: float = 0.15) -> Path:
+    """An ImageFolder whose val/test tiles come from a second "site": each image's RGB channels are scaled by
+    factors drawn from U(1 - site_shift, 1 + site_shift), the scanner and staining differences that make
+    pathology models fail across hospitals. Random-init features key on colour and suffer; features learned
+    with stain and colour augmentation should not.
+    """
+    from pathssl_cli.synthetic import write_image_folder
+
+    root = write_image_folder(root, n_per_class, size, seed)
+    rng = np.random.default_rng(seed + 7919)
+    for split in ("val", "test"):
+        for path in sorted((root / split).rglob("*.png")):
+            image = cv2.imread(str(path)).astype(np.float32)
+            gains = rng.uniform(1 - site_shift, 1 + site_shift, 3).astype(np.float32)
+            cv2.imwrite(str(path), np.clip(image * gains, 0, 255).astype(np.uint8))
+    return root
+
+
+__all__ = ["NUCLEI_TEXTURES", "NUCLEUS_TYPES", "write_consep_like", "write_slides", "write_two_site_folder"]
