@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pathssl_cli.backbones import Normalization
 from pathssl_cli.errors import Problem
@@ -67,6 +67,13 @@ class RunSection(Section):
         description="Folder of cached features shared by runs; unset = '<output_dir>/../feature_cache', "
         "so runs written next to each other reuse each other's features.",
     )
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"run.seeds repeats a seed ({seeds}); a repeated seed repeats the same run")
+        return seeds
 
     def cache_dir(self) -> Path:
         return (

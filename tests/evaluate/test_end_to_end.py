@@ -86,7 +86,9 @@ def test_missing_root_is_a_spec_error(tmp_path: Path) -> None:
     assert "nowhere" in result.output
 
 
-@pytest.mark.parametrize("field,value", [("optim.lrs", "[]"), ("optim.weight_decays", "[-1.0]")])
+@pytest.mark.parametrize(
+    "field,value", [("optim.lrs", "[]"), ("optim.weight_decays", "[-1.0]"), ("run.seeds", "[1, 1]")]
+)
 def test_bad_sweep_grid_is_refused(tiny_folder: Path, field: str, value: str) -> None:
     result = CliRunner().invoke(
         cli,
