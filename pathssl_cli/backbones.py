@@ -174,7 +174,7 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
 
         with safe_open(str(path), framework="pt") as fh:
             raw_meta = fh.metadata() or {}
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 - safe_open has no iterator
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
         meta = {k: json.loads(v) for k, v in raw_meta.items() if k != "format"}
         return tensors, meta
     try:
@@ -215,7 +215,7 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], source
     if "pos_embed" in selected and hasattr(model, "patch_embed"):
         from timm.models.vision_transformer import checkpoint_filter_fn
 
-        selected = checkpoint_filter_fn(selected, model)  # resamples position embeddings to this input size
+        selected = checkpoint_filter_fn(selected, model)  # type: ignore[arg-type]  # resamples position embeddings to this input size
     missing = sorted(expected - set(selected))
     unexpected = sorted(set(selected) - expected)
     if missing or unexpected:
@@ -262,8 +262,9 @@ def describe_backbones() -> list[dict[str, Any]]:
     for name, info in BACKBONES.items():
         model = _build_timm(info, info.default_img_size)
         patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+        feature_dim = int(getattr(model, "num_features"))  # noqa: B009 - timm models type it as Tensor | Module
         rows.append({"name": name, "timm_name": info.timm_name, "params": sum(p.numel() for p in model.parameters()),
-                     "feature_dim": int(model.num_features), "patch_size": int(patch[0]) if patch else None,
+                     "feature_dim": feature_dim, "patch_size": int(patch[0]) if patch else None,
                      "default_img_size": info.default_img_size, "normalization": "imagenet",
                      "description": info.description})
     return rows

@@ -103,7 +103,7 @@ def spec_validate(files: tuple[Path, ...], overrides: tuple[str, ...], no_input_
             failed += 1
             click.echo(f"invalid: {file}\n" + "\n".join(f"  {p}" for p in exc.problems), err=True)
         else:
-            click.echo(f"ok: {file} ({loaded.kind})")
+            click.echo(f"ok: {file} ({getattr(loaded, 'kind', '?')})")
     if failed:
         click.echo(f"{failed} of {len(files)} specs invalid", err=True)
         sys.exit(2)

@@ -53,8 +53,10 @@ def write_report(state: DemoState, store: Path, pretrain_dir: Path, eval_runs: d
     seg_mean = seg.get("mean", seg)
     table_path = run_report([*eval_runs.values(), finetune_dir], state.out / "results_table.md")
 
-    margin = {key: (rows["pretrained"][key][0] - rows["random"][key][0])
-              if rows["pretrained"][key] and rows["random"][key] else None for key in ("linear", "knn20")}
+    margin: dict[str, float | None] = {}
+    for key in ("linear", "knn20"):
+        pretrained, random_init = rows["pretrained"][key], rows["random"][key]
+        margin[key] = pretrained[0] - random_init[0] if pretrained and random_init else None
     lines = [
         f"# pathssl demo: {state.method} on synthetic pathology\n",
         "Everything below was produced from synthetic slides and tiles by the specs in `specs/`; run any of them "

@@ -80,7 +80,7 @@ def write_two_site_folder(root: str | Path, n_per_class: int, size: int, seed: i
     rng = np.random.default_rng(seed + 7919)
     for split in ("val", "test"):
         for path in sorted((root / split).rglob("*.png")):
-            image = cv2.imread(str(path)).astype(np.float32)
+            image = np.asarray(cv2.imread(str(path)), np.float32)
             gains = rng.uniform(1 - site_shift, 1 + site_shift, 3).astype(np.float32)
             cv2.imwrite(str(path), np.clip(image * gains, 0, 255).astype(np.uint8))
     return root

@@ -297,35 +297,40 @@ def iter_path_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[BaseM
                 yield from iter_path_fields(child, f"{dotted}.")
 
 
+def _resolve_one(item: Any, base: Path, marker: _PathMarker, where: str, problems: list[Problem]) -> Any:
+    if not isinstance(item, Path | str) or item == "random":
+        return item
+    text = str(item)
+    path = Path(text).expanduser()
+    resolved = path if path.is_absolute() else Path(os.path.normpath(base / path))
+    if marker.kind == "pattern":
+        return str(resolved)
+    if marker.kind == "input" and not resolved.exists():
+        problems.append(Problem(where, f"file not found: {resolved} (given as {text!r}, relative to {base}). "
+                                       "Fix the path or create the file."))
+    return resolved
+
+
 def resolve_paths(spec: BaseModel, origins: dict[str, Path], default_file: str,
                   check_exists: bool = True) -> list[Problem]:
     """Make relative paths absolute (against the file that set them) and check that inputs exist."""
-    problems = []
+    problems: list[Problem] = []
     for owner, name, dotted, marker in list(iter_path_fields(spec)):
         origin = origins.get(dotted)
         # a value from a file is relative to that file; defaults and --set values to the working directory
         base = origin.parent if origin is not None else Path.cwd()
+        where = f"{_file_for(dotted, origins, default_file)}: {dotted}"
+        found: list[Problem] = []
         value = getattr(owner, name)
-
-        def resolve(item: Any) -> Any:
-            if isinstance(item, Path | str) and not (isinstance(item, str) and item == "random"):
-                text = str(item)
-                path = Path(text).expanduser()
-                resolved = path if path.is_absolute() else Path(os.path.normpath(base / path))
-                if check_exists and marker.kind == "input" and not resolved.exists():
-                    problems.append(Problem(f"{_file_for(dotted, origins, default_file)}: {dotted}",
-                                            f"file not found: {resolved} (given as {text!r}, relative to "
-                                            f"{base}). Fix the path or create the file."))
-                return text if marker.kind == "pattern" and path.is_absolute() else (
-                    str(resolved) if marker.kind == "pattern" else resolved)
-            return item
-
         if isinstance(value, list):
-            object.__setattr__(owner, name, [resolve(v) for v in value])
+            resolved: Any = [_resolve_one(v, base, marker, where, found) for v in value]
         elif isinstance(value, dict):
-            object.__setattr__(owner, name, {k: resolve(v) for k, v in value.items()})
-        elif value is not None:
-            object.__setattr__(owner, name, resolve(value))
+            resolved = {k: _resolve_one(v, base, marker, where, found) for k, v in value.items()}
+        else:
+            resolved = _resolve_one(value, base, marker, where, found)
+        object.__setattr__(owner, name, resolved)
+        if check_exists:
+            problems += found
     return problems
 
 
