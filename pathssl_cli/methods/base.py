@@ -33,6 +33,7 @@ The loop does:
 
 from __future__ import annotations
 
+import abc
 import copy
 from collections.abc import Sequence
 from typing import ClassVar
@@ -112,7 +113,7 @@ def frozen_copy(module: nn.Module) -> nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------- the method
-class SSLMethod(nn.Module):
+class SSLMethod(nn.Module, abc.ABC):
     """Base class of the four methods; see the module docstring for the contract."""
 
     options_model: ClassVar[type[MethodOptions]]
@@ -134,8 +135,9 @@ class SSLMethod(nn.Module):
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
+    @abc.abstractmethod
     def forward(self, views: list[Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
-        raise NotImplementedError
+        """This rank's loss for `views` (global views first) at optimiser step `step`, plus float logs."""
 
     def on_before_optimizer_step(self, step: int) -> None:
         """Called after backward, before the optimiser step (gradients are already averaged by DDP)."""

@@ -8,6 +8,7 @@ nucleus cut by the output border keeps the centroid of its visible part in the i
 
 from __future__ import annotations
 
+import abc
 import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ class NucleiSample:
     type_map: np.ndarray | None  # (H, W) uint8, 0 background, 1..C
 
 
-class NucleiSource:
+class NucleiSource(abc.ABC):
     """Named images with instance (and optionally type) maps, loaded on demand."""
 
     names: list[str]
@@ -46,11 +47,13 @@ class NucleiSource:
     def __len__(self) -> int:
         return len(self.names)
 
+    @abc.abstractmethod
     def size(self, index: int) -> tuple[int, int]:
-        raise NotImplementedError
+        """(height, width) of image `index` without decoding it."""
 
+    @abc.abstractmethod
     def load(self, index: int) -> NucleiSample:
-        raise NotImplementedError
+        """Image `index` with its instance (and type) maps."""
 
 
 def read_image(path: Path) -> np.ndarray:

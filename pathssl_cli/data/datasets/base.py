@@ -8,6 +8,7 @@ expected and how to fix it.
 
 from __future__ import annotations
 
+import abc
 import copy
 import warnings
 import zlib
@@ -29,7 +30,7 @@ SPLITS: tuple[Split, ...] = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".ppm")
 
 
-class ClassificationDataset(torch.utils.data.Dataset):
+class ClassificationDataset(torch.utils.data.Dataset, abc.ABC):
     """One split of a labelled image dataset: `len(self)` items, each an RGB image and a class index.
 
     `classes[k]` names class index k; `targets` (int64, one per item) are class indices; `ids` are stable item
@@ -59,8 +60,9 @@ class ClassificationDataset(torch.utils.data.Dataset):
         """Item i as an RGB uint8 array of shape (H, W, 3)."""
         return self._load(int(self._rows[i]))
 
+    @abc.abstractmethod
     def _load(self, row: int) -> np.ndarray:
-        raise NotImplementedError
+        """Decode the image stored at `row` of the dataset's own listing."""
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         image = self.load_image(i)
