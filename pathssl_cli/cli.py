@@ -338,7 +338,9 @@ def segment_score(true_path: Path, pred_path: Path, fmt: str, as_json: bool, out
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Output file for the markdown table (CSV and PNG are written beside it).")
-def report(run_dirs: tuple[Path, ...], out: Path | None) -> None:
+@click.option("--metric", type=click.Choice(["top1", "balanced_acc", "macro_f1", "auroc"]), default="top1",
+              show_default=True, help="Metric in the table (top-1 is what the paper reports).")
+def report(run_dirs: tuple[Path, ...], out: Path | None, metric: str) -> None:
     """Gather metrics.json files into the paper-style table (markdown + CSV) and a bar chart.
 
     \b
@@ -346,7 +348,7 @@ def report(run_dirs: tuple[Path, ...], out: Path | None) -> None:
     """
     from pathssl_cli.report import run_report
 
-    run_report(list(run_dirs), out)
+    run_report(list(run_dirs), out, metric=metric)
 
 
 @cli.command()
