@@ -78,8 +78,9 @@ def _piecewise(x: Tensor, threshold: float, above: Tensor, below: Callable[[], T
 
 
 def _power(x: Tensor, exponent: float) -> Tensor:
-    """x ** exponent for x > 0 as exp(exponent · log x): vectorised exp/log beat pow by ~1.5× on CPU."""
-    return torch.log(x).mul_(exponent).exp_()
+    """x ** exponent for x > 0 as 2^(exponent · log2 x): vectorised exp2/log2 beat pow by ~2× on CPU (and
+    exp2 is ~2.5× faster than exp)."""
+    return torch.log2(x).mul_(exponent).exp2_()
 
 
 # L = 116 fy − 16, a = 500 (fx − fy), b = 200 (fy − fz): a linear map of f = (fx, fy, fz)
@@ -90,9 +91,46 @@ _F_FROM_LAB = torch.linalg.inv(_LAB_FROM_F)
 _LAB_OFFSET = torch.tensor([-16.0, 0.0, 0.0], dtype=torch.float64)
 
 
+def _srgb_to_linear(images: Tensor) -> Tensor:
+    return _piecewise(images, 0.04045, _power((images + 0.055) / 1.055, 2.4), lambda: images / 12.92)
+
+
+# the sRGB → linear curve at the 256 levels of 8-bit input, in float64 (rounded once to the output dtype)
+_LINEAR_FROM_SRGB8 = _srgb_to_linear(torch.arange(256, dtype=torch.float64) / 255.0)
+
+
+def _image_by_image(convert: Callable[[Tensor], Tensor], images: Tensor, dtype: torch.dtype) -> Tensor:
+    """convert applied one image at a time on CPU, into one output tensor.
+
+    The conversions chain ~15 elementwise passes; over a whole batch every intermediate is a fresh tensor of
+    tens of MB (served by new mmaps, page-faulted on first touch) and no pass hits the cache. One image of
+    224 px is 0.6 MB of float32, so its intermediates stay in L2: 1.5–2.5× faster on one core. Elementwise
+    maths, so the values are those of the batched call (also the near-black branch of `_piecewise`, now
+    decided per image)."""
+    if images.device.type != "cpu" or images.shape[0] <= 1:
+        return convert(images)
+    out = torch.empty(images.shape, dtype=dtype)
+    for image, target in zip(images.split(1), out.split(1), strict=True):
+        target.copy_(convert(image))
+    return out
+
+
 def rgb_to_lab(images: Tensor) -> Tensor:
-    """sRGB in [0, 1] → CIE L*a*b* (D65), as `skimage.color.rgb2lab`."""
-    linear = _piecewise(images, 0.04045, _power((images + 0.055) / 1.055, 2.4), lambda: images / 12.92)
+    """sRGB in [0, 1] → CIE L*a*b* (D65), as `skimage.color.rgb2lab`.
+
+    uint8 images (0..255) give float32 LAB; their sRGB → linear step is a lookup in a 256-entry table
+    computed in float64, which replaces the power curve (the costliest pass) and is more exact than it."""
+    if images.dtype == torch.uint8:
+        table = _LINEAR_FROM_SRGB8.to(device=images.device, dtype=torch.float32)
+        return _image_by_image(  # index_select: ~5× faster than advanced indexing on CPU
+            lambda image: _linear_to_lab(table.index_select(0, image.flatten().int()).view(image.shape)),
+            images,
+            torch.float32,
+        )
+    return _image_by_image(lambda image: _linear_to_lab(_srgb_to_linear(image)), images, images.dtype)
+
+
+def _linear_to_lab(linear: Tensor) -> Tensor:
     xyz = _mix(linear, _XYZ_FROM_RGB / _D65_WHITE[:, None])
     f = _piecewise(xyz, 0.008856, _power(xyz.clamp(min=1e-12), 1.0 / 3.0), lambda: xyz * 7.787 + 16.0 / 116.0)
     return _mix(f, _LAB_FROM_F, _LAB_OFFSET)
@@ -100,6 +138,10 @@ def rgb_to_lab(images: Tensor) -> Tensor:
 
 def lab_to_rgb(lab: Tensor) -> Tensor:
     """CIE L*a*b* (D65) → sRGB clipped to [0, 1], as `skimage.color.lab2rgb`."""
+    return _image_by_image(_lab_to_rgb, lab, lab.dtype)
+
+
+def _lab_to_rgb(lab: Tensor) -> Tensor:
     f = _mix(lab, _F_FROM_LAB, -_F_FROM_LAB @ _LAB_OFFSET)
     xyz = _piecewise(f, 0.2068966, f * f * f, lambda: (f - 16.0 / 116.0) / 7.787).clamp_(min=0.0)
     linear = _mix(xyz, _RGB_FROM_XYZ * _D65_WHITE[None, :]).clamp_(min=0.0)

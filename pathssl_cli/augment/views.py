@@ -297,9 +297,9 @@ class BatchViews:
             # interpolating hue across its 1 → 0 wrap would invent colours, so HSV converts each view. Nor
             # when the stained views hold fewer pixels than the tile (small views of large tiles): then each
             # view is converted on its own, with its own statistics, as RandStainNA after the crop.
-            values = to_space(
-                source if source.is_floating_point() else source.float() / 255.0, self.stain.space
-            )
+            # LAB converts uint8 tiles directly (a table lookup replaces the sRGB curve, see `rgb_to_lab`)
+            direct = self.stain.space == "lab" or source.is_floating_point()
+            values = to_space(source if direct else source.float() / 255.0, self.stain.space)
             stain_source = (values, *channel_stats(values))
         views = []
         for index in range(r.n_views):

@@ -187,3 +187,21 @@ def test_std_hyper_widens_every_distribution() -> None:
             20_000, torch.Generator().manual_seed(0)
         )[0]
         np.testing.assert_allclose(wide.std(0).numpy() / plain.std(0).numpy(), 2.0, rtol=1e-6)
+
+
+def test_uint8_lab_matches_skimage_and_image_by_image_matches_one_image() -> None:
+    # uint8 tiles take the 256-entry lookup table for the sRGB curve; skimage converts the same bytes in float64
+    rng = np.random.default_rng(3)
+    tiles = rng.integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
+    tiles[0, :4] = 0  # near-black pixels take the linear branches of both curves
+    batch = torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()
+    lab = stain.rgb_to_lab(batch)
+    assert lab.dtype == torch.float32
+    expected = _nchw(rgb2lab(tiles))
+    torch.testing.assert_close(lab.double(), expected, atol=2e-4, rtol=0)
+    # the CPU conversions loop over images: each row must be what a one-image call gives
+    for i in range(3):
+        torch.testing.assert_close(lab[i : i + 1], stain.rgb_to_lab(batch[i : i + 1]), atol=0, rtol=0)
+    back = stain.lab_to_rgb(expected)
+    torch.testing.assert_close(back, _nchw(lab2rgb(_nhwc(expected))), atol=1e-9, rtol=0)
+    torch.testing.assert_close(back[2:], stain.lab_to_rgb(expected[2:]), atol=0, rtol=0)
