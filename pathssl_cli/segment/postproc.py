@@ -18,12 +18,15 @@ at three noise levels; the benchmark and tests check agreement):
 - the Sobel responses are computed in float32 instead of float64; a pixel can only change if its value lies
   within float32 rounding of the 0.4 marker threshold;
 - a foreground blob containing exactly one marker is flooded entirely by that marker (a masked watershed
-  fills every pixel 4-connected to a seed), so watershed only runs on blobs with two or more markers, packed
-  into one small mosaic (its cost is mostly per pixel of the array it gets), and marker pixels with no free
-  neighbour are kept out of its priority queue (they flood nothing; only the order among seeds of equal
-  priority, which scikit-image leaves to its heap, could in principle change);
-- instance properties come from `scipy.ndimage.find_objects` and `np.bincount` (bbox, centroid, type votes)
-  instead of one full-image mask per instance; only contours loop, on each instance's bbox crop.
+  fills every pixel 4-connected to a seed), so watershed only runs on blobs with two or more markers, through
+  scikit-image's priority-flood core called directly on the tile (the public wrapper's per-pixel conversions
+  and padding cost more than the flood), and marker pixels with no free neighbour are kept out of its priority
+  queue (they flood nothing; only the order among seeds of equal priority, which scikit-image leaves to its
+  heap, could in principle change);
+- instance properties come from `np.bincount` (centroid, type votes) and one `cv2.findContours` in
+  `RETR_FLOODFILL` mode over the whole label map (every instance's outer contour, identical to tracing it
+  alone; its bounding rectangle is the bbox) instead of one full-image mask per instance; only ids in several
+  pieces go through a per-instance crop.
 Differences, on purpose: ids are renumbered 1..N (the official ids are the surviving marker labels, with
 gaps); every instance is described (the official dict silently drops instances whose contour has < 3 points,
 while keeping them in the map); `type_prob` is votes / pixels without the official +1e-6 in the denominator.
@@ -37,6 +40,11 @@ import cv2
 import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
+
+try:  # the priority-flood core behind skimage's watershed (private: the public call is the fallback)
+    from skimage.segmentation._watershed_cy import watershed_raveled as _watershed_raveled
+except ImportError:  # pragma: no cover - depends on the scikit-image build
+    _watershed_raveled = None
 
 _MARKER_KERNEL = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
 _CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
@@ -149,8 +157,8 @@ def _flood(
     blob_to_marker[pair_blob[single]] = pair_marker[single]
     out = blob_to_marker[blobs]
 
-    multi = np.flatnonzero(markers_per_blob >= 2)
-    if len(multi):
+    multi = markers_per_blob >= 2
+    if multi.any():
         _flood_multi(energy, markers, blobs, multi, out)
     # Markers outside every blob flood nothing and vanish: renumber the surviving ids 1..N in marker order.
     present = np.zeros(n_markers + 1, dtype=bool)
@@ -166,46 +174,42 @@ def _flood(
 def _flood_multi(
     energy: np.ndarray, markers: np.ndarray, blobs: np.ndarray, multi: np.ndarray, out: np.ndarray
 ) -> None:
-    """Watershed of the blobs `multi` (ids with 2+ markers), written into `out` in place.
+    """Watershed of the blobs where `multi` (bool per blob id) is set, written into `out` in place.
 
-    scikit-image's watershed costs mostly per pixel of the array it is given (conversions, padding), not per
-    pixel flooded, so the blobs' bounding boxes are packed into one small mosaic (shelf packing, one empty
-    pixel between boxes so floods cannot cross) and flooded in a single call.
+    The public `skimage.segmentation.watershed` spends most of its time per pixel of the array it gets
+    (float64 and int8 conversions, three `np.pad` copies, `flatnonzero` of the whole map), not per pixel
+    flooded. Its priority-flood core, `watershed_raveled`, is called directly on the padded tile instead:
+    the heap only ever holds the seeds and the pixels it floods, so the cost follows the multi-marker blobs.
+    Marker pixels with no free 4-neighbour are popped without flooding anything: they are left out of the
+    seed list (the output already holds their label), which shrinks the priority queue.
     """
-    boxes = ndimage.find_objects(blobs)
-    crops = [(int(b), boxes[b - 1]) for b in multi]
-    widths = [box[1].stop - box[1].start for _, box in crops]
-    heights = [box[0].stop - box[0].start for _, box in crops]
-    mosaic_width = max(
-        max(widths), int(np.sqrt(sum(h * w for h, w in zip(heights, widths, strict=True)))) + 1
+    height, width = blobs.shape
+    region = multi[blobs]
+    padded_mask = np.zeros((height + 2, width + 2), dtype=np.int8)
+    padded_mask[1:-1, 1:-1] = region
+    seeds = np.where(region, markers, 0)
+    output = np.zeros((height + 2, width + 2), dtype=np.int32)
+    output[1:-1, 1:-1] = seeds
+    free = (padded_mask == 1) & (output == 0)
+    has_free_neighbour = cv2.dilate(free.view(np.uint8), _CROSS) > 0
+    seed_locations = np.flatnonzero((output > 0) & has_free_neighbour)
+    if _watershed_raveled is None:  # scikit-image without the private core: the public call on the tile
+        flooded = watershed(energy, markers=seeds, mask=region)
+        out[region] = flooded[region]
+        return
+    padded_energy = np.zeros((height + 2, width + 2), dtype=np.float64)
+    padded_energy[1:-1, 1:-1] = energy
+    _watershed_raveled(
+        padded_energy.ravel(),
+        seed_locations.astype(np.intp),
+        np.array([-(width + 2), -1, 1, width + 2], dtype=np.intp),
+        padded_mask.ravel(),
+        np.array([width + 2, 1], dtype=np.intp),
+        0.0,
+        output.ravel(),
+        False,
     )
-    places, x, y, shelf = [], 0, 0, 0
-    for h, w in zip(heights, widths, strict=True):
-        if x + w > mosaic_width:
-            x, y, shelf = 0, y + shelf + 1, 0
-        places.append((y, x))
-        x, shelf = x + w + 1, max(shelf, h)
-    shape = (y + shelf, mosaic_width)
-    m_energy = np.zeros(shape, dtype=energy.dtype)
-    m_markers = np.zeros(shape, dtype=np.int32)
-    m_mask = np.zeros(shape, dtype=bool)
-    for (blob, box), (py, px), h, w in zip(crops, places, heights, widths, strict=True):
-        own = blobs[box] == blob
-        m_mask[py : py + h, px : px + w] = own
-        m_energy[py : py + h, px : px + w] = energy[box]
-        m_markers[py : py + h, px : px + w] = np.where(own, markers[box], 0)
-    # Marker pixels with no free 4-neighbour are popped by the watershed without flooding anything: leaving
-    # them out of its mask shrinks its priority queue.
-    free = (~m_mask) | (m_markers > 0)
-    interior = (m_markers > 0) & (
-        cv2.erode(free.astype(np.uint8), _CROSS, borderType=cv2.BORDER_CONSTANT, borderValue=1) > 0
-    )
-    flood_mask = m_mask & ~interior
-    flooded = watershed(m_energy, markers=np.where(flood_mask, m_markers, 0), mask=flood_mask)
-    flooded[interior] = m_markers[interior]
-    for (_, box), (py, px), h, w in zip(crops, places, heights, widths, strict=True):
-        own = m_mask[py : py + h, px : px + w]
-        out[box][own] = flooded[py : py + h, px : px + w][own]
+    out[region] = output[1:-1, 1:-1][region]
 
 
 def describe_instances(inst_map: np.ndarray, type_prob: np.ndarray | None = None) -> dict[int, Instance]:
@@ -237,27 +241,31 @@ def describe_instances(inst_map: np.ndarray, type_prob: np.ndarray | None = None
         pixel_type = np.argmax(type_prob.reshape(type_prob.shape[0], -1)[:, where], axis=0)
         types, probs = _vote_types(labels, pixel_type, type_prob.shape[0], area)
 
-    isolated = _isolated_contours(inst_map, n)
+    contours = _outer_contours(inst_map, n)
+    # Ids in several pieces: traced alone on their bbox crop (longest contour kept), bbox over all pieces.
+    piece_boxes: dict[int, tuple[int, int, int, int]] = {}
+    missing = [idx for idx in (np.flatnonzero(area[1:]) + 1).tolist() if idx not in contours]
+    if missing:
+        boxes = ndimage.find_objects(inst_map)
+        for idx in missing:
+            box = boxes[idx - 1]
+            assert box is not None  # the id has pixels
+            contours[idx] = _crop_contour(inst_map, idx, box)
+            piece_boxes[idx] = (box[0].start, box[1].start, box[0].stop, box[1].stop)
     instances: dict[int, Instance] = {}
-    # The loop is per instance (not per pixel) and kept lean: it is most of the cost after the watershed.
-    find_contours, external, simple = cv2.findContours, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
-    for idx, box in enumerate(ndimage.find_objects(inst_map), start=1):
-        if box is None:
-            continue
-        r0, r1, c0, c1 = box[0].start, box[0].stop, box[1].start, box[1].stop
-        contour = isolated.get(idx)
-        if contour is None:  # touches another instance: trace it alone on its bbox crop
-            crop = np.zeros(
-                (r1 - r0 + 2, c1 - c0 + 2), dtype=np.uint8
-            )  # zero border keeps contours off the edge
-            np.equal(inst_map[r0:r1, c0:c1], idx, out=crop[1:-1, 1:-1], casting="unsafe")
-            contours = find_contours(crop, external, simple)[0]
-            contour = (contours[0] if len(contours) == 1 else max(contours, key=len)).reshape(
-                -1, 2
-            ) + np.array((c0 - 1, r0 - 1), dtype=np.int32)
+    bounding_rect = cv2.boundingRect
+    # The loop is per instance (not per pixel) and kept lean.
+    for idx in sorted(contours):
+        contour = contours[idx]
+        bbox = piece_boxes.get(idx)
+        if bbox is None:
+            # An outer contour passes through the extreme pixels of its region (CHAIN_APPROX_SIMPLE keeps
+            # segment ends), so its bounding rectangle is the instance's bbox.
+            c0, r0, box_w, box_h = bounding_rect(contour)
+            bbox = (r0, c0, r0 + box_h, c0 + box_w)
         instances[idx] = Instance(
             id=idx,
-            bbox=(r0, c0, r1, c1),
+            bbox=bbox,
             centroid=(float(cx[idx]), float(cy[idx])),
             contour=contour,
             type=None if types is None else int(types[idx]),
@@ -266,35 +274,42 @@ def describe_instances(inst_map: np.ndarray, type_prob: np.ndarray | None = None
     return instances
 
 
-def _isolated_contours(inst_map: np.ndarray, n: int) -> dict[int, np.ndarray]:
-    """Contours of the instances that touch no other instance, from one `findContours` over the whole map.
+def _outer_contours(inst_map: np.ndarray, n: int) -> dict[int, np.ndarray]:
+    """Outer contour of every instance in one piece, from one `findContours` over the whole label map.
 
-    An instance alone in its 8-connected foreground component has that component's outer contour, traced from
-    the same first pixel in the same direction as on its own crop, so the result is identical. Instances that
-    touch others (or sit in another's hole) are left to the per-instance path.
+    `RETR_FLOODFILL` on an int32 label image traces the outer border of every 8-connected region of equal
+    label (background regions included) with the same border following as on a binary image, so an instance's
+    contour is the one its own binary crop gives. A region's outer border starts at its first pixel in raster
+    order, so a contour belongs to the id under its first point (0 for background regions). Ids met by more
+    than one contour (several pieces) are left out, for the caller's per-crop path.
     """
-    padded = np.zeros((inst_map.shape[0] + 2, inst_map.shape[1] + 2), dtype=np.uint8)
-    padded[1:-1, 1:-1] = inst_map > 0
-    n_comp, components = cv2.connectedComponents(padded, connectivity=8, ltype=cv2.CV_32S)
-    components = components[1:-1, 1:-1]
-    # Instances per component: one id at each component's pixels, counted through (component, id) pairs.
-    # Each instance lies in one component; `lowest`/`highest` id per component differ where two or more meet.
-    lowest = np.full(n_comp, n + 1, dtype=np.int64)
-    highest = np.zeros(n_comp, dtype=np.int64)
-    first_comp = np.zeros(n + 1, dtype=np.int64)
-    first_comp[inst_map.ravel()] = components.ravel()
-    ids = np.arange(1, n + 1)
-    np.minimum.at(lowest, first_comp[1:], ids)
-    np.maximum.at(highest, first_comp[1:], ids)
-    single = lowest == highest
-    contours = cv2.findContours(padded, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]
+    height, width = inst_map.shape
+    padded = np.zeros((height + 2, width + 2), dtype=np.int32)  # zero border keeps contours off the edge
+    padded[1:-1, 1:-1] = inst_map
+    traced = cv2.findContours(padded, cv2.RETR_FLOODFILL, cv2.CHAIN_APPROX_SIMPLE)[0]
     found: dict[int, np.ndarray] = {}
-    for contour in contours:
-        points = contour.reshape(-1, 2) - 1
+    pieces = np.zeros(n + 1, dtype=np.int64)
+    offset = np.array((1, 1), dtype=np.int32)
+    for contour in traced:
+        points = contour.reshape(-1, 2)
         x, y = points[0]
-        if single[components[y, x]]:
-            found[int(inst_map[y, x])] = points
+        idx = int(padded[y, x])
+        if idx:
+            pieces[idx] += 1
+            found[idx] = points - offset
+    for repeated in np.flatnonzero(pieces > 1).tolist():
+        del found[repeated]
     return found
+
+
+def _crop_contour(inst_map: np.ndarray, idx: int, box: tuple[slice, slice]) -> np.ndarray:
+    """Longest outer contour of instance `idx` traced alone on its bbox crop (x, y image coordinates)."""
+    r0, r1, c0, c1 = box[0].start, box[0].stop, box[1].start, box[1].stop
+    crop = np.zeros((r1 - r0 + 2, c1 - c0 + 2), dtype=np.uint8)  # zero border keeps contours off the edge
+    np.equal(inst_map[r0:r1, c0:c1], idx, out=crop[1:-1, 1:-1], casting="unsafe")
+    contours = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]
+    contour = contours[0] if len(contours) == 1 else max(contours, key=len)
+    return contour.reshape(-1, 2) + np.array((c0 - 1, r0 - 1), dtype=np.int32)
 
 
 def _vote_types(

@@ -176,3 +176,39 @@ def test_empty_and_flat_outputs(official: ModuleType) -> None:
     assert pred.max() == 1 and (pred > 0).sum() == 144 and len(records) == 1
     with pytest.raises(ValueError, match="hv"):
         hovernet_postprocess(blob, np.zeros((32, 32), np.float32))
+
+
+def _naive_records(inst: np.ndarray) -> dict[int, tuple[tuple[int, int, int, int], np.ndarray]]:
+    """Per-instance full-image mask: bbox and longest outer contour of each id traced alone."""
+    records = {}
+    for idx in np.unique(inst)[1:]:
+        rows, cols = np.nonzero(inst == idx)
+        r0, r1, c0, c1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        crop = np.pad((inst[r0:r1, c0:c1] == idx).astype(np.uint8), 1)
+        contours = cv2.findContours(crop, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]
+        longest = max(contours, key=len).reshape(-1, 2) + np.array([c0 - 1, r0 - 1])
+        records[int(idx)] = ((int(r0), int(c0), int(r1), int(c1)), longest)
+    return records
+
+
+def test_contours_and_boxes_match_per_instance_tracing() -> None:
+    """The whole-map contour pass gives each instance the contour it has traced alone, whatever touches it:
+    packed neighbours, an instance inside another's hole, ids in two pieces, diagonal-only links, the border."""
+    maps = [_touching_nuclei(seed, size=96, n=30) for seed in range(3)]
+    special = np.zeros((40, 40), np.int32)
+    special[2:20, 2:20] = 1
+    special[6:14, 6:14] = 2  # inside 1's hole
+    special[8:10, 8:10] = 0  # hole inside 2
+    special[0:5, 30:40] = 3  # on the border, and a second piece of id 3 below
+    special[30:36, 30:36] = 3
+    special[22, 22] = special[23, 23] = special[24, 24] = 4  # diagonal-only chain
+    special[22:26, 25:27] = 5  # touches 4 diagonally
+    special[39, 0:40] = 7  # gap in ids (no 6), full bottom row
+    maps.append(special)
+    for inst in maps:
+        records = describe_instances(inst)
+        naive = _naive_records(inst)
+        assert sorted(records) == sorted(naive)
+        for idx, (bbox, contour) in naive.items():
+            assert records[idx].bbox == bbox, idx
+            np.testing.assert_array_equal(records[idx].contour, contour, err_msg=str(idx))
