@@ -181,3 +181,11 @@ def test_uint8_crops_equal_torchvision_uint8_resize(interpolation: str) -> None:
         # PIL does, so on this noise it may differ more.
         batched = ops.resized_crop_flip(x, boxes, 32, interpolation, hflip, force_matmul=True)
         assert (batched - out).abs().max() <= 1 / 255 + 1e-6
+
+
+def test_hue_image_by_image_equals_the_batched_formula() -> None:
+    # CPU rotates hue one image at a time; accelerators run the batched formula: same per-sample maths
+    x = _images()
+    factors = torch.linspace(-0.5, 0.5, x.shape[0])
+    torch.testing.assert_close(ops.adjust_hue(x, factors), ops._adjust_hue_batch(x, factors), atol=0, rtol=0)
+    torch.testing.assert_close(ops.adjust_hue(x, factors), _per_image(TF.adjust_hue, x, factors), atol=TOL, rtol=0)
