@@ -181,22 +181,21 @@ def _resized_crop_flip_native(
 ) -> Tensor:
     rows = range(images.shape[0]) if index is None else index.tolist()
     out = torch.empty(len(rows), images.shape[1], size, size, dtype=images.dtype)  # uint8 in, uint8 out
-    for position, (row, (top, left, height, width)) in enumerate(zip(rows, boxes.tolist(), strict=True)):
+    # flips are applied to each crop while it is in cache, instead of flipped batch copies afterwards
+    no_flips = [False] * len(rows)
+    hflips = no_flips if hflip is None else hflip.tolist()
+    vflips = no_flips if vflip is None else vflip.tolist()
+    crops = zip(rows, boxes.tolist(), hflips, vflips, strict=True)
+    for position, (row, (top, left, height, width), flip_h, flip_v) in enumerate(crops):
         crop = images[row : row + 1, :, top : top + height, left : left + width]
-        if (height, width) == (size, size):
-            out[position] = crop[0]
-        else:
-            out[position : position + 1] = F.interpolate(
-                crop, size=(size, size), mode=interpolation, antialias=True, align_corners=False
-            )
+        if (height, width) != (size, size):
+            crop = F.interpolate(crop, size=(size, size), mode=interpolation, antialias=True, align_corners=False)
+        dims = [d for d, flip in ((3, flip_h), (2, flip_v)) if flip]
+        out[position : position + 1] = crop.flip(dims) if dims else crop
     if out.dtype == torch.uint8:
         out = out.float().div_(255.0)
     elif clamp:
         out.clamp_(0.0, 1.0)
-    if hflip is not None:
-        out = apply_to(out, hflip, lambda x: x.flip(3))
-    if vflip is not None:
-        out = apply_to(out, vflip, lambda x: x.flip(2))
     return out
 
 
