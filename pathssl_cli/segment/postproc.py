@@ -124,28 +124,29 @@ def instance_map(
 
     sobel_h = cv2.Sobel(_minmax(hv[0]), cv2.CV_32F, 1, 0, ksize=sobel_ksize)
     sobel_v = cv2.Sobel(_minmax(hv[1]), cv2.CV_32F, 0, 1, ksize=sobel_ksize)
-    # float64 from here on, as the official `overall - (1 - blb)` promotes it; as overall lies in [0, 1], that
-    # subtraction followed by clipping at 0 is exactly "zero off the foreground".
-    overall = np.maximum(1 - _minmax(sobel_h), 1 - _minmax(sobel_v)).astype(np.float64)
-    overall[~fg] = 0
-    energy = -cv2.GaussianBlur(np.where(fg, 1.0 - overall, 0.0), (3, 3), 0)
-
-    marker = fg & (overall < marker_thresh)
+    overall = np.maximum(1 - _minmax(sobel_h), 1 - _minmax(sobel_v))  # float32, as the official maps
+    # The official code compares the float64 promotion of these float32 values with 0.4: the same split as
+    # comparing in float32 with the smallest float32 whose float64 value reaches the threshold.
+    threshold = np.float32(marker_thresh)
+    if float(threshold) < marker_thresh:
+        threshold = np.nextafter(threshold, np.float32(np.inf))
+    marker = fg & (overall < threshold)
     marker = _fill_holes(marker).astype(np.uint8)
     marker = cv2.morphologyEx(marker, cv2.MORPH_OPEN, _MARKER_KERNEL)
     markers, n_markers = _label_without_small(marker, min_size)
-    return _flood(energy, markers, n_markers, blobs, n_blobs)
+    return _flood(overall, markers, n_markers, blobs, n_blobs)
 
 
 def _flood(
-    energy: np.ndarray, markers: np.ndarray, n_markers: int, blobs: np.ndarray, n_blobs: int
+    overall: np.ndarray, markers: np.ndarray, n_markers: int, blobs: np.ndarray, n_blobs: int
 ) -> np.ndarray:
     """Masked watershed, run only where a foreground blob holds two or more markers."""
-    markers = np.where(blobs > 0, markers, 0)  # seeds outside the mask never flood anything
-    seeded = markers > 0
-    # Which markers sit in which blob, as distinct (blob, marker) pairs: a dense occupancy table for tiles,
-    # np.unique for large maps where the table would not fit.
-    pair_keys = blobs[seeded].astype(np.int64) * (n_markers + 1) + markers[seeded]
+    # Which markers sit in which blob, as distinct (blob, marker) pairs over the marker pixels: a dense
+    # occupancy table for tiles, np.unique for large maps where the table would not fit. Marker pixels off
+    # the foreground (filled holes) never flood anything.
+    seeded = np.flatnonzero(markers)
+    seed_blob = blobs.ravel()[seeded].astype(np.int64)
+    pair_keys = (seed_blob * (n_markers + 1) + markers.ravel()[seeded])[seed_blob > 0]
     if (n_blobs + 1) * (n_markers + 1) <= 1 << 24:
         pairs = np.flatnonzero(np.bincount(pair_keys, minlength=(n_blobs + 1) * (n_markers + 1)))
     else:
@@ -159,10 +160,11 @@ def _flood(
 
     multi = markers_per_blob >= 2
     if multi.any():
-        _flood_multi(energy, markers, blobs, multi, out)
-    # Markers outside every blob flood nothing and vanish: renumber the surviving ids 1..N in marker order.
+        _flood_multi(overall, markers, blobs, multi, out)
+    # Every marker inside a blob keeps at least its own pixels; markers outside every blob vanish: renumber
+    # the surviving ids 1..N in marker order.
     present = np.zeros(n_markers + 1, dtype=bool)
-    present[out.ravel()] = True
+    present[pair_marker] = True
     present[0] = False
     if present[1:].all():
         return out
@@ -172,44 +174,59 @@ def _flood(
 
 
 def _flood_multi(
-    energy: np.ndarray, markers: np.ndarray, blobs: np.ndarray, multi: np.ndarray, out: np.ndarray
+    overall: np.ndarray, markers: np.ndarray, blobs: np.ndarray, multi: np.ndarray, out: np.ndarray
 ) -> None:
     """Watershed of the blobs where `multi` (bool per blob id) is set, written into `out` in place.
 
+    Everything happens on the bounding box of those blobs grown by one pixel (clipped to the tile): the
+    energy -GaussianBlur3x3((1 - overall) * foreground), computed in float64 as the official code does, is
+    the same there as over the whole tile for every pixel that is flooded.
     The public `skimage.segmentation.watershed` spends most of its time per pixel of the array it gets
     (float64 and int8 conversions, three `np.pad` copies, `flatnonzero` of the whole map), not per pixel
-    flooded. Its priority-flood core, `watershed_raveled`, is called directly on the padded tile instead:
-    the heap only ever holds the seeds and the pixels it floods, so the cost follows the multi-marker blobs.
-    Marker pixels with no free 4-neighbour are popped without flooding anything: they are left out of the
-    seed list (the output already holds their label), which shrinks the priority queue.
+    flooded. Its priority-flood core, `watershed_raveled`, is called directly instead: the heap only ever
+    holds the seeds and the pixels it floods. Marker pixels with no free 4-neighbour are popped without
+    flooding anything: they are left out of the seed list (the output already holds their label).
     """
+    region_full = multi[blobs]
+    rows = np.flatnonzero(region_full.any(axis=1))
+    cols = np.flatnonzero(region_full.any(axis=0))
     height, width = blobs.shape
-    region = multi[blobs]
-    padded_mask = np.zeros((height + 2, width + 2), dtype=np.int8)
+    r0, r1 = max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, height)
+    c0, c1 = max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, width)
+    box = np.s_[r0:r1, c0:c1]
+    region = region_full[box]
+    fg = blobs[box] > 0
+    # (1 - overall) * fg in float64, as the official code (a product: np.where with a mask is slower).
+    dist = np.subtract(1.0, overall[box], dtype=np.float64)
+    dist *= fg
+    energy = -cv2.GaussianBlur(dist, (3, 3), 0)
+    seeds = markers[box] * region
+    if _watershed_raveled is None:  # scikit-image without the private core: the public call on the box
+        flooded = watershed(energy, markers=seeds, mask=region)
+        out[box][region] = flooded[region]
+        return
+    # Padded by one pixel of mask 0, so the flood never steps off the array.
+    crop_h, crop_w = r1 - r0 + 2, c1 - c0 + 2
+    padded_mask = np.zeros((crop_h, crop_w), dtype=np.int8)
     padded_mask[1:-1, 1:-1] = region
-    seeds = np.where(region, markers, 0)
-    output = np.zeros((height + 2, width + 2), dtype=np.int32)
+    output = np.zeros((crop_h, crop_w), dtype=np.int32)
     output[1:-1, 1:-1] = seeds
     free = (padded_mask == 1) & (output == 0)
     has_free_neighbour = cv2.dilate(free.view(np.uint8), _CROSS) > 0
     seed_locations = np.flatnonzero((output > 0) & has_free_neighbour)
-    if _watershed_raveled is None:  # scikit-image without the private core: the public call on the tile
-        flooded = watershed(energy, markers=seeds, mask=region)
-        out[region] = flooded[region]
-        return
-    padded_energy = np.zeros((height + 2, width + 2), dtype=np.float64)
+    padded_energy = np.zeros((crop_h, crop_w), dtype=np.float64)
     padded_energy[1:-1, 1:-1] = energy
     _watershed_raveled(
         padded_energy.ravel(),
         seed_locations.astype(np.intp),
-        np.array([-(width + 2), -1, 1, width + 2], dtype=np.intp),
+        np.array([-crop_w, -1, 1, crop_w], dtype=np.intp),
         padded_mask.ravel(),
-        np.array([width + 2, 1], dtype=np.intp),
+        np.array([crop_w, 1], dtype=np.intp),
         0.0,
         output.ravel(),
         False,
     )
-    out[region] = output[1:-1, 1:-1][region]
+    out[box][region] = output[1:-1, 1:-1][region]
 
 
 def describe_instances(inst_map: np.ndarray, type_prob: np.ndarray | None = None) -> dict[int, Instance]:

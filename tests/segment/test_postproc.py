@@ -212,3 +212,17 @@ def test_contours_and_boxes_match_per_instance_tracing() -> None:
         for idx, (bbox, contour) in naive.items():
             assert records[idx].bbox == bbox, idx
             np.testing.assert_array_equal(records[idx].contour, contour, err_msg=str(idx))
+
+
+def test_public_watershed_fallback_gives_the_same_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without scikit-image's private flood core, the public `watershed` on the same box gives the same map."""
+    from pathssl_cli.segment import postproc
+
+    inst = _drop_small(_touching_nuclei(5))
+    rng = np.random.default_rng(1)
+    hv = np.clip(hv_map(inst) + rng.normal(0, 0.1, (2, *inst.shape)), -1, 1).astype(np.float32)
+    outputs = ((inst > 0).astype(np.float32), hv)
+    fast = postproc.instance_map(*outputs)
+    monkeypatch.setattr(postproc, "_watershed_raveled", None)
+    assert np.array_equal(postproc.instance_map(*outputs), fast)
+    assert fast.max() > 20
