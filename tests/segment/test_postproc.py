@@ -226,3 +226,12 @@ def test_public_watershed_fallback_gives_the_same_map(monkeypatch: pytest.Monkey
     monkeypatch.setattr(postproc, "_watershed_raveled", None)
     assert np.array_equal(postproc.instance_map(*outputs), fast)
     assert fast.max() > 20
+
+
+def test_channel_argmax_matches_numpy_with_ties() -> None:
+    from pathssl_cli.segment.postproc import _argmax_channels
+
+    rng = np.random.default_rng(0)
+    channels = rng.integers(0, 3, (5, 400)).astype(np.float32)  # many ties: the first maximum must win
+    where = np.flatnonzero(rng.random(400) > 0.3)
+    np.testing.assert_array_equal(_argmax_channels(channels, where), np.argmax(channels[:, where], axis=0))
