@@ -318,7 +318,22 @@ def gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
 
 
 def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
-    """Separable Gaussian blur, reflect padding, one sigma per sample (a depthwise conv over B×C groups)."""
+    """Separable Gaussian blur, reflect padding, one sigma per sample (a depthwise conv over B×C groups).
+
+    On CPU in chunks of a multiple of 4 images (12 channels, ~0.5 M values): the oneDNN depthwise kernels
+    ran ~1.6× faster on one core on such chunks than on a whole batch of 224 px views (cache), and channel
+    counts that are multiples of 12 avoided its slow path (chunks of 2 images were slower than the batch).
+    The blur is per sample, so chunks give the values of the whole batch (to float rounding)."""
+    if images.device.type == "cpu":
+        per_image = images.shape[1] * images.shape[2] * images.shape[3]
+        chunk = 4 * max(1, (1 << 19) // (4 * per_image))
+        if images.shape[0] > chunk:
+            parts = zip(images.split(chunk), sigma.split(chunk), strict=True)
+            return torch.cat([_gaussian_blur(part, part_sigma, kernel_size) for part, part_sigma in parts])
+    return _gaussian_blur(images, sigma, kernel_size)
+
+
+def _gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
     batch, channels, height, width = images.shape
     kernels = gaussian_kernels(sigma.to(images.device), kernel_size).to(images.dtype)
     kernels = kernels.repeat_interleave(channels, dim=0)  # (B*C, k)
