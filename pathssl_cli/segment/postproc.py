@@ -75,7 +75,8 @@ def _label_without_small(binary: np.ndarray, min_size: int) -> tuple[np.ndarray,
     half its cost; small-object removal is then one `np.bincount` and a table lookup (skimage
     `remove_small_objects`: size < min_size goes).
     """
-    n, labels = cv2.connectedComponents(binary.astype(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    as_bytes = binary.view(np.uint8) if binary.dtype == bool else binary.astype(np.uint8, copy=False)
+    n, labels = cv2.connectedComponents(as_bytes, connectivity=4, ltype=cv2.CV_32S)
     keep = np.bincount(labels.ravel(), minlength=n) >= min_size
     keep[0] = False
     if keep[1:].all():
@@ -131,7 +132,7 @@ def instance_map(
     if float(threshold) < marker_thresh:
         threshold = np.nextafter(threshold, np.float32(np.inf))
     marker = fg & (overall < threshold)
-    marker = _fill_holes(marker).astype(np.uint8)
+    marker = _fill_holes(marker).view(np.uint8)
     marker = cv2.morphologyEx(marker, cv2.MORPH_OPEN, _MARKER_KERNEL)
     markers, n_markers = _label_without_small(marker, min_size)
     return _flood(overall, markers, n_markers, blobs, n_blobs)
@@ -156,11 +157,11 @@ def _flood(
     blob_to_marker = np.zeros(n_blobs + 1, dtype=np.int32)
     single = markers_per_blob[pair_blob] == 1
     blob_to_marker[pair_blob[single]] = pair_marker[single]
-    out = blob_to_marker[blobs]
-
     multi = markers_per_blob >= 2
+    blob_to_marker[multi] = -1  # to be flooded; every pixel of such a blob is reached from one of its seeds
+    out = blob_to_marker[blobs]
     if multi.any():
-        _flood_multi(overall, markers, blobs, multi, out)
+        _flood_multi(overall, markers, blobs, out)
     # Every marker inside a blob keeps at least its own pixels; markers outside every blob vanish: renumber
     # the surviving ids 1..N in marker order.
     present = np.zeros(n_markers + 1, dtype=bool)
@@ -173,10 +174,8 @@ def _flood(
     return lookup[out]
 
 
-def _flood_multi(
-    overall: np.ndarray, markers: np.ndarray, blobs: np.ndarray, multi: np.ndarray, out: np.ndarray
-) -> None:
-    """Watershed of the blobs where `multi` (bool per blob id) is set, written into `out` in place.
+def _flood_multi(overall: np.ndarray, markers: np.ndarray, blobs: np.ndarray, out: np.ndarray) -> None:
+    """Watershed of the blobs with two or more markers (-1 in `out`), written into `out` in place.
 
     Everything happens on the bounding box of those blobs grown by one pixel (clipped to the tile): the
     energy -GaussianBlur3x3((1 - overall) * foreground), computed in float64 as the official code does, is
@@ -187,7 +186,7 @@ def _flood_multi(
     holds the seeds and the pixels it floods. Marker pixels with no free 4-neighbour are popped without
     flooding anything: they are left out of the seed list (the output already holds their label).
     """
-    region_full = multi[blobs]
+    region_full = out < 0
     rows = np.flatnonzero(region_full.any(axis=1))
     cols = np.flatnonzero(region_full.any(axis=0))
     height, width = blobs.shape
