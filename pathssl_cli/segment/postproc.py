@@ -301,18 +301,14 @@ def _outer_contours(inst_map: np.ndarray, n: int) -> dict[int, np.ndarray]:
     padded = np.zeros((height + 2, width + 2), dtype=np.int32)  # zero border keeps contours off the edge
     padded[1:-1, 1:-1] = inst_map
     traced = cv2.findContours(padded, cv2.RETR_FLOODFILL, cv2.CHAIN_APPROX_SIMPLE)[0]
+    if not traced:
+        return {}
+    starts = np.array([contour[0, 0] for contour in traced])  # (K, 2) x, y of each contour's first point
+    ids = padded[starts[:, 1], starts[:, 0]]
+    pieces = np.bincount(ids, minlength=n + 1)
     found: dict[int, np.ndarray] = {}
-    pieces = np.zeros(n + 1, dtype=np.int64)
-    offset = np.array((1, 1), dtype=np.int32)
-    for contour in traced:
-        points = contour.reshape(-1, 2)
-        x, y = points[0]
-        idx = int(padded[y, x])
-        if idx:
-            pieces[idx] += 1
-            found[idx] = points - offset
-    for repeated in np.flatnonzero(pieces > 1).tolist():
-        del found[repeated]
+    for k in np.flatnonzero((ids > 0) & (pieces[ids] == 1)).tolist():
+        found[int(ids[k])] = traced[k].reshape(-1, 2) - 1
     return found
 
 
