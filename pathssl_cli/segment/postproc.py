@@ -77,7 +77,7 @@ def _label_without_small(binary: np.ndarray, min_size: int) -> tuple[np.ndarray,
     """
     as_bytes = binary.view(np.uint8) if binary.dtype == bool else binary.astype(np.uint8, copy=False)
     n, labels = cv2.connectedComponents(as_bytes, connectivity=4, ltype=cv2.CV_32S)
-    keep = np.bincount(labels.ravel(), minlength=n) >= min_size
+    keep = np.bincount(labels[as_bytes != 0], minlength=n) >= min_size  # foreground pixels only: faster
     keep[0] = False
     if keep[1:].all():
         return labels, n - 1
