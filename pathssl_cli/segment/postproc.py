@@ -125,7 +125,10 @@ def instance_map(
 
     sobel_h = cv2.Sobel(_minmax(hv[0]), cv2.CV_32F, 1, 0, ksize=sobel_ksize)
     sobel_v = cv2.Sobel(_minmax(hv[1]), cv2.CV_32F, 0, 1, ksize=sobel_ksize)
-    overall = np.maximum(1 - _minmax(sobel_h), 1 - _minmax(sobel_v))  # float32, as the official maps
+    # max(1 - a, 1 - b) of the official float32 maps, as 1 - min(a, b): float32 rounding of 1 - x is monotone,
+    # so both give the same bits, with one pass fewer.
+    overall = np.minimum(_minmax(sobel_h), _minmax(sobel_v))
+    np.subtract(np.float32(1), overall, out=overall)
     # The official code compares the float64 promotion of these float32 values with 0.4: the same split as
     # comparing in float32 with the smallest float32 whose float64 value reaches the threshold.
     threshold = np.float32(marker_thresh)
