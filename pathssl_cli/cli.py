@@ -302,7 +302,7 @@ def segment_predict(spec: Path, overrides: tuple[str, ...]) -> None:
     """Segment nuclei in images or whole-slide regions with overlapping tiles and bounded memory.
 
     \b
-    Example:  pathssl segment predict specs/segment/predict_wsi.toml --set predict.inputs='["slide.svs"]'
+    Example:  pathssl segment predict specs/segment/tiny.toml --set predict.inputs='["slide.svs"]'
     """
     loaded = _load(spec, overrides, "segment")
     from pathssl_cli.segment.predict import run_segment_predict

@@ -64,7 +64,25 @@ def find_metrics(run_dirs: Iterable[Path]) -> list[Path]:
             )
     if problems:
         raise SpecError(problems)
-    return found
+    return [path for path in found if _is_finished_evaluation(path)]
+
+
+def _is_finished_evaluation(metrics_path: Path) -> bool:
+    """Skip other run kinds (pretrain, segment) found below a folder, and runs that did not finish: a failed
+    rerun into an old directory must not have its predecessor's metrics reported as its own."""
+    run_json = metrics_path.parent / "run.json"
+    if not run_json.is_file():
+        return True  # metrics written by hand or copied without their run.json
+    try:
+        record = json.loads(run_json.read_text())
+    except (OSError, ValueError):
+        return False
+    if record.get("kind") not in (None, "linear", "finetune", "knn"):
+        return False
+    if record.get("status") != "done":
+        warn(f"{metrics_path.parent}: skipped, its run.json says status {record.get('status')!r}, not 'done'")
+        return False
+    return True
 
 
 def weights_label(weights: str) -> str:

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pathssl_cli.errors import WorkFailed
 from pathssl_cli.tiling.store import read_manifest
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -126,8 +127,13 @@ def decode(data: bytes) -> np.ndarray:
 
 
 def load_tile(ref: TileRef, reader: _ShardReader) -> np.ndarray:
-    data = ref.path.read_bytes() if ref.member is None else reader.read(ref.path, ref.member)
-    return decode(data)
+    where = str(ref.path) if ref.member is None else f"{ref.path} (member {ref.member})"
+    try:
+        data = ref.path.read_bytes() if ref.member is None else reader.read(ref.path, ref.member)
+        return decode(data)
+    except (OSError, ValueError) as exc:  # PIL raises OSError for truncated and undecodable images
+        raise WorkFailed(f"{where}: cannot read this image ({exc}). Remove or replace it, or re-run "
+                         "`pathssl tile` for a damaged store.") from None
 
 
 def _to_tensor(image: np.ndarray, size: int) -> torch.Tensor:

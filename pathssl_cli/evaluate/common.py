@@ -61,7 +61,8 @@ def open_splits(data: Any, need_val: bool = True) -> tuple[dict[str, Classificat
         splits["eval"] = open_dataset(data, "test")
         eval_split = "test"
     except SpecError:
-        if data.dataset not in OPTIONAL_TEST:
+        # Only a missing test split falls back to val; a test/ folder with a layout problem is an error.
+        if data.dataset not in OPTIONAL_TEST or (data.dataset == "folder" and (Path(data.root) / "test").is_dir()):
             raise
         warn(
             f"{data.root}: no test split, so the metrics are measured on the val split, which also picks the "
@@ -117,7 +118,7 @@ def frozen_features(spec: Any, need_val: bool = True) -> FeatureSet:
             dataset=spec.data.dataset,
             root=str(spec.data.root),
             split=split,
-            ids_sha256=FeatureKey.ids_digest(list(ds.ids)),
+            ids_sha256=FeatureKey.ids_digest(list(ds.ids), root=Path(spec.data.root)),
             transform=repr(transform),
         )
         features[name] = cached_features(

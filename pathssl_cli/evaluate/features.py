@@ -7,7 +7,8 @@ protocol on the same backbone) reads the stored tensor.
 Cache key (sha256 of a canonical JSON): backbone name, the sha256 of the weights file's bytes (so retraining
 or replacing a file under the same name invalidates it; "random" weights are keyed by the seed that
 initialised them), the dataset name and root, the split, the ordered item ids (which covers a `train_subset`
-file and the seeded val split), and the transform (image size, mean, std). One entry is one file written
+file and the seeded val split) with each image file's size and mtime,
+and the transform (image size, mean, std). One entry is one file written
 atomically, so a killed extraction leaves no entry and the next run redoes that split only.
 """
 
@@ -54,8 +55,18 @@ class FeatureKey:
     transform: str  # canonical description of the eval transform
 
     @staticmethod
-    def ids_digest(ids: list[str]) -> str:
-        return hashlib.sha256("\n".join(ids).encode()).hexdigest()
+    def ids_digest(ids: list[str], root: Path | None = None) -> str:
+        """Ordered ids, plus each image file's size and modification time when the id is a file under `root`,
+        so an image replaced under the same name invalidates the entry."""
+        digest = hashlib.sha256()
+        for item in ids:
+            digest.update(item.encode())
+            path = root / item if root is not None else None
+            if path is not None and path.is_file():
+                stat = path.stat()
+                digest.update(f"|{stat.st_size}|{stat.st_mtime_ns}".encode())
+            digest.update(b"\n")
+        return digest.hexdigest()
 
     def digest(self) -> str:
         payload = json.dumps({"version": CACHE_VERSION, **self.__dict__}, sort_keys=True)

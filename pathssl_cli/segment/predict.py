@@ -451,8 +451,8 @@ def run_segment_predict(spec: SegmentSpec) -> dict[str, Any]:
             info(f"{path}: {outputs.count} nuclei -> {outputs.inst_map}")
         summary = {"outputs": results, "instances": sum(r["instances"] for r in results), "failed": failed}
         run.write_json("predict_summary.json", summary)
-    if failed:
-        raise WorkFailed(f"{len(failed)} of {len(inputs)} inputs failed:\n" + "\n".join(failed))
+        if failed:  # inside the run, so run.json records the failure
+            raise WorkFailed(f"{len(failed)} of {len(inputs)} inputs failed:\n" + "\n".join(failed))
     return summary
 
 

@@ -7,7 +7,7 @@ which weights) and `[run]` (where, which seeds, which device); each adds its own
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -136,7 +136,7 @@ class LinearSpec(SpecModel):
 
 # ------------------------------------------------------------------------------------------------------- knn
 class KnnSection(Section):
-    k: list[int] = Field(
+    k: list[Annotated[int, Field(ge=1)]] = Field(
         default=[20, 200],
         min_length=1,
         description="Neighbour counts; DINO's eval_knn reports 20 (its best) and 200.",

@@ -169,7 +169,8 @@ def _write_qc(path: Path, mask: TissueMask, boxes_per_fov: list[list[tuple]]) ->
     # Non-tissue dimmed towards white, in uint8 (a float copy of the thumbnail would double peak memory).
     image = mask.thumbnail.copy()
     outside = ~mask.mask
-    image[outside] = cv2.addWeighted(image[outside], 0.55, np.full_like(image[outside], 255), 0.45, 0)
+    if outside.any():  # a slide that is tissue edge to edge (a crop, a TMA core) has nothing to dim
+        image[outside] = cv2.addWeighted(image[outside], 0.55, np.full_like(image[outside], 255), 0.45, 0)
     contours, _ = cv2.findContours(mask.mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(image, contours, -1, (255, 0, 0), 1)
     for fov, boxes in enumerate(boxes_per_fov):
