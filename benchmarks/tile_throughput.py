@@ -37,7 +37,7 @@ cv2.setNumThreads(1)
 
 
 def make_slide(workdir: Path, size: int) -> Path:
-    from pathssl_cli.synthetic import write_synthetic_slide
+    from pathssl_cli.synthetic_slide import write_synthetic_slide
 
     path = workdir / f"synthetic_{size}.tif"
     if not path.exists():

@@ -107,7 +107,7 @@ def main() -> None:
         child(args.child, args.chunk, args.out)
         return
 
-    from pathssl_cli.synthetic import write_synthetic_slide
+    from pathssl_cli.synthetic_slide import write_synthetic_slide
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

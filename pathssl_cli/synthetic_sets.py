@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 import scipy.io
 
-from pathssl_cli.synthetic import NUCLEUS_TYPES, render_tissue, write_synthetic_slide
+from pathssl_cli.synthetic import NUCLEUS_TYPES, render_tissue
+from pathssl_cli.synthetic_slide import write_synthetic_slide
 
 # Textures that hold nuclei; adipose and mucus are nearly empty and make poor segmentation examples.
 NUCLEI_TEXTURES = ("tumour", "lymphocytes", "stroma", "necrosis")

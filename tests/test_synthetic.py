@@ -14,8 +14,8 @@ from pathssl_cli.synthetic import (
     labelled_tiles,
     render_tissue,
     write_image_folder,
-    write_synthetic_slide,
 )
+from pathssl_cli.synthetic_slide import write_synthetic_slide
 
 
 @pytest.mark.parametrize("texture", TEXTURES)

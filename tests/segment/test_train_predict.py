@@ -18,7 +18,8 @@ from pathssl_cli.segment.metrics import instance_stats
 from pathssl_cli.segment.postproc import describe_instances
 from pathssl_cli.segment.predict import ImageReader, SlideReader, plan_chunks, segment_image
 from pathssl_cli.segment.targets import hv_map
-from pathssl_cli.synthetic import render_tissue, write_synthetic_slide
+from pathssl_cli.synthetic import render_tissue
+from pathssl_cli.synthetic_slide import write_synthetic_slide
 
 TINY_SPEC = Path(__file__).resolve().parents[2] / "specs" / "segment" / "tiny.toml"
 

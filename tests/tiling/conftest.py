@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pathssl_cli.synthetic import SlideTruth, write_synthetic_slide
+from pathssl_cli.synthetic_slide import SlideTruth, write_synthetic_slide
 
 
 @pytest.fixture(scope="session")

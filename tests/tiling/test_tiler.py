@@ -150,7 +150,7 @@ def test_bad_slides_are_reported_and_others_complete(
     data = synthetic_slide.path.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
     empty = tmp_path / "empty.tif"
-    from pathssl_cli.synthetic import write_synthetic_slide
+    from pathssl_cli.synthetic_slide import write_synthetic_slide
 
     write_synthetic_slide(
         empty, width=256, height=256, mpp=1.0, tile_size=128, n_levels=1, tissue_fraction=0.0001
