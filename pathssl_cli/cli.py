@@ -166,22 +166,26 @@ def backbones_list(as_json: bool) -> None:
 @cli.command()
 @spec_argument
 @click.option("--num-shards", type=click.IntRange(min=1), default=None,
-              help="Split the slide list into N disjoint parts (one per machine or array job).")
+              help="Split the slide list into N disjoint parts (one per machine or array job). Without it a SLURM "
+                   "job array (SLURM_ARRAY_TASK_ID/COUNT) or torchrun's RANK/WORLD_SIZE splits it.")
 @click.option("--shard-index", type=click.IntRange(min=0), default=None, help="Which part this process tiles.")
-def tile(spec: Path, overrides: tuple[str, ...], num_shards: int | None, shard_index: int | None) -> None:
-    """Tile whole-slide images at one or more fields of view (µm/px) into WebDataset shards + a manifest.
+@click.option("--consolidate", is_flag=True,
+              help="Afterwards write manifest.parquet + manifest.csv from all parts (once, after all array tasks).")
+def tile(spec: Path, overrides: tuple[str, ...], num_shards: int | None, shard_index: int | None,
+         consolidate: bool) -> None:
+    """Tile whole-slide images at one or more fields of view (µm/px) into WebDataset shards + a Parquet index.
 
     \b
     Example:  pathssl tile specs/tile/tcga_two_fov.toml --set input.slides='["slides/*.svs"]'
+    SLURM:    sbatch --array=0-99 --wrap "pathssl tile spec.toml"   then once:  pathssl tile spec.toml --consolidate
     """
-    if (num_shards is None) != (shard_index is None):
-        raise click.UsageError("--num-shards and --shard-index go together")
-    if num_shards is not None and shard_index is not None and shard_index >= num_shards:
-        raise click.UsageError(f"--shard-index {shard_index} must be below --num-shards {num_shards}")
+    from pathssl_cli.sharding import resolve_shard
+
+    resolve_shard(num_shards, shard_index)  # a bad split is exit 2 before the spec is even read
     loaded = _load(spec, overrides, "tile")
     from pathssl_cli.tiling.tiler import run_tile
 
-    run_tile(loaded, num_shards=num_shards, shard_index=shard_index)
+    run_tile(loaded, num_shards=num_shards, shard_index=shard_index, consolidate=consolidate)
 
 
 # ----------------------------------------------------------------------------------------------- pretrain

@@ -39,11 +39,12 @@ says "optim.lr"
 run 1 pathssl tile specs/tile/tiny.toml --set "input.slides=['$work/slides/*.tif']" --set output.dir="$work/tiles" \
     --set tiles.size=64 --set tiles.mpp=[0.5]
 says "corrupt_slide"
-need "$work/tiles/manifest.csv" "$work/tiles/errors.csv"
+need "$work/tiles/parts" "$work/tiles/errors.csv"
 grep -q corrupt_slide "$work/tiles/errors.csv" || fail "errors.csv does not name the corrupt slide"
-# Re-running over the good slides only skips what is complete and succeeds.
+# Re-running over the good slides only skips what is complete and succeeds; --consolidate exports the index.
 run 0 pathssl tile specs/tile/tiny.toml --set "input.slides=['$work/slides/slide_*.tif']" \
-    --set output.dir="$work/tiles" --set tiles.size=64 --set tiles.mpp=[0.5]
+    --set output.dir="$work/tiles" --set tiles.size=64 --set tiles.mpp=[0.5] --consolidate
+need "$work/tiles/manifest.parquet" "$work/tiles/manifest.csv"
 
 run 0 pathssl pretrain specs/pretrain/tiny_barlow_twins.toml --set "data.tiles=['$work/tiles']" \
     --set run.output_dir="$work/pretrain" --set run.steps=6 --set run.checkpoint_every=3

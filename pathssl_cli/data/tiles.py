@@ -26,98 +26,64 @@ decoding is the only work a worker does):
 
 Tiles whose side is not `image_size` are resized (bilinear, antialiased) to it; non-square images give
 their central square first. JPEG decoding happens here, on
-the CPU worker. Tile stores follow the contract of `pathssl_cli.tiling.store` (manifest + tar shards).
+the CPU worker. Tile stores follow the contract of `pathssl_cli.tiling.store` (Parquet index + tar shards).
+
+Memory: the tiles' locations are flat numpy arrays (`pathssl_cli.data.tile_index`), memory-mapped from a cache
+beside the store and built once per process, so a rank and its workers share them (~17 bytes per tile); each
+worker holds its rank order (4 bytes per tile of the rank) and reads members by offset.
 """
 
 from __future__ import annotations
 
 import io
-import tarfile
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pathssl_cli.errors import WorkFailed
-from pathssl_cli.tiling.store import read_manifest
+from pathssl_cli.data.tile_index import (
+    IMAGE_SUFFIXES,
+    DamagedTile,
+    TileArrays,
+    TileReader,
+    damaged_message,
+    open_sources,
+)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-_FOLDER_SHARD = 256  # files per pseudo-shard of an image folder: only affects the order's locality
+__all__ = ["IMAGE_SUFFIXES", "TileRef", "TileStream", "decode", "sample_images"]
+_SHUFFLE_CHUNK = 65536  # items per Python-list chunk of the shuffle buffer: fast loop, bounded extra memory
 
 
 @dataclass(frozen=True)
 class TileRef:
-    """Where one tile lives: a member of a tar shard (member set) or a plain image file (member None)."""
+    """Where one tile lives: bytes [offset, offset + nbytes) of a shard, or a whole image file (nbytes -1)."""
 
     path: Path
-    member: str | None
+    offset: int
+    nbytes: int
     mpp: float | None
     shard: int  # index of its shard among all shards of the stream
 
 
-def _is_store(path: Path) -> bool:
-    return (path / "manifest.csv").exists() or (path / "parts").is_dir()
+class _Refs(Sequence[TileRef]):
+    """`stream.refs[i]`: a TileRef made on demand from the index arrays (none is kept)."""
 
+    def __init__(self, index: TileArrays) -> None:
+        self.index = index
 
-def index_sources(sources: Sequence[Path]) -> list[TileRef]:
-    """Every tile of every source in a fixed order: sources as given, then shard and key, or file path."""
-    refs: list[TileRef] = []
-    shard_ids: dict[Path, int] = {}
-    for source in map(Path, sources):
-        if not source.is_dir():
-            raise FileNotFoundError(
-                f"{source}: tile source not found (a tile store folder or an image folder)"
-            )
-        if _is_store(source):
-            for row in read_manifest(source):
-                shard_path = source / row["shard"]
-                shard = shard_ids.setdefault(shard_path, len(shard_ids))
-                refs.append(TileRef(shard_path, f"{row['key']}.jpg", float(row["mpp"]), shard))
-        else:
-            files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            if not files:
-                raise FileNotFoundError(
-                    f"{source}: neither a tile store (manifest.csv) nor a folder with images "
-                    f"({', '.join(IMAGE_SUFFIXES)})"
-                )
-            for position, file in enumerate(files):
-                pseudo_shard = source / f"#folder-{position // _FOLDER_SHARD}"
-                shard = shard_ids.setdefault(pseudo_shard, len(shard_ids))
-                refs.append(TileRef(file, None, None, shard))
-    if not refs:
-        raise FileNotFoundError(f"no tiles in {', '.join(map(str, sources))}")
-    return refs
+    def __len__(self) -> int:
+        return len(self.index)
 
-
-class _ShardReader:
-    """Random access to tar members by name: one member index per shard, a few open files (LRU)."""
-
-    def __init__(self, max_open: int = 8) -> None:
-        self.max_open = max_open
-        self.indexes: dict[Path, dict[str, tuple[int, int]]] = {}
-        self.files: OrderedDict[Path, BinaryIO] = OrderedDict()
-
-    def read(self, path: Path, member: str) -> bytes:
-        if path not in self.indexes:
-            with tarfile.open(path, "r:") as tar:
-                self.indexes[path] = {m.name: (m.offset_data, m.size) for m in tar.getmembers() if m.isfile()}
-        offset, size = self.indexes[path][member]
-        handle = self.files.pop(path, None) or open(path, "rb")
-        self.files[path] = handle
-        while len(self.files) > self.max_open:
-            self.files.popitem(last=False)[1].close()
-        handle.seek(offset)
-        return handle.read(size)
-
-    def close(self) -> None:
-        for handle in self.files.values():
-            handle.close()
-        self.files.clear()
+    def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        index, i = self.index, int(i)
+        nbytes, offset, shard = int(index.nbytes[i]), int(index.offset[i]), int(index.shard[i])
+        path = Path(index.files[offset] if nbytes < 0 else index.shard_paths[shard])
+        return TileRef(path, offset, nbytes, index.mpp(i), shard)
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -126,14 +92,12 @@ def decode(data: bytes) -> np.ndarray:
         return np.array(image.convert("RGB"))  # a writable copy: torch.from_numpy refuses read-only arrays
 
 
-def load_tile(ref: TileRef, reader: _ShardReader) -> np.ndarray:
-    where = str(ref.path) if ref.member is None else f"{ref.path} (member {ref.member})"
+def load_tile(index: TileArrays, i: int, reader: TileReader) -> np.ndarray:
+    data = reader.read(i)
     try:
-        data = ref.path.read_bytes() if ref.member is None else reader.read(ref.path, ref.member)
         return decode(data)
     except (OSError, ValueError) as exc:  # PIL raises OSError for truncated and undecodable images
-        raise WorkFailed(f"{where}: cannot read this image ({exc}). Remove or replace it, or re-run "
-                         "`pathssl tile` for a damaged store.") from None
+        raise DamagedTile(damaged_message(index, i, f"undecodable image: {exc}")) from None
 
 
 def _to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
@@ -148,11 +112,28 @@ def _to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
 
 
 def _shard_ordered(indices: np.ndarray, shards: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """indices reordered: their shards in random order, stored order inside a shard."""
-    unique = np.unique(shards[indices])
-    shard_rank = np.zeros(int(unique.max()) + 1, dtype=np.int64)
-    shard_rank[unique] = rng.permutation(len(unique))
-    return indices[np.lexsort((indices, shard_rank[shards[indices]]))]
+    """indices reordered: their shards in random order, stored order inside a shard.
+
+    `indices` ascend and their shard ids never decrease along them (the index is sorted by shard), so each
+    shard is one contiguous block and the blocks are permuted: the same result as sorting by (shard rank,
+    index), drawn from the same single permutation, without sorting every tile.
+    """
+    of = shards[indices]
+    if len(of) > 1 and bool((of[1:] < of[:-1]).any()):  # not blocked (a source given twice): sort
+        unique = np.unique(of)
+        shard_rank = np.zeros(int(unique.max()) + 1, dtype=np.int64)
+        shard_rank[unique] = rng.permutation(len(unique))
+        return indices[np.lexsort((indices, shard_rank[of]))]
+    starts = np.flatnonzero(of[1:] != of[:-1]) + 1
+    del of
+    starts = np.concatenate(([0], starts))
+    lengths = np.diff(np.append(starts, len(indices)))
+    blocks = np.argsort(rng.permutation(len(starts)))  # block b has rank perm[b]: emit blocks by rank
+    out_starts = np.concatenate(([0], np.cumsum(lengths[blocks])[:-1]))
+    dtype = np.int32 if len(indices) < 2**31 else np.int64
+    positions = np.arange(len(indices), dtype=dtype)
+    positions += np.repeat((starts[blocks] - out_starts).astype(dtype), lengths[blocks])
+    return indices[positions]
 
 
 def _shuffle_buffer(items: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -160,11 +141,16 @@ def _shuffle_buffer(items: np.ndarray, size: int, rng: np.random.Generator) -> n
     if size <= 1 or len(items) <= 1:
         return items.copy()
     out = np.empty_like(items)
-    buffer = list(items[:size])
+    buffer = items[:size].tolist()
     picks = rng.integers(0, len(buffer), size=max(0, len(items) - size))
-    for emitted, (incoming, slot) in enumerate(zip(items[size:], picks, strict=True)):
-        out[emitted] = buffer[slot]
-        buffer[slot] = incoming
+    for start in range(size, len(items), _SHUFFLE_CHUNK):  # Python ints in chunks: ~3x faster than numpy scalars
+        incoming = items[start : start + _SHUFFLE_CHUNK].tolist()
+        slots = picks[start - size : start - size + len(incoming)].tolist()
+        emitted = []
+        for new, slot in zip(incoming, slots, strict=True):
+            emitted.append(buffer[slot])
+            buffer[slot] = new
+        out[start - size : start - size + len(emitted)] = emitted
     tail = np.asarray(buffer, dtype=items.dtype)
     out[len(items) - len(buffer) :] = tail[rng.permutation(len(tail))]
     return out
@@ -194,7 +180,8 @@ class TileStream(torch.utils.data.IterableDataset):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
-        self.refs = index_sources(sources)
+        self._sources = [Path(s) for s in sources]
+        self._mpp_weights = mpp_weights
         self.image_size = image_size
         self.seed = seed
         self.shuffle_buffer = max(1, shuffle_buffer)
@@ -202,18 +189,32 @@ class TileStream(torch.utils.data.IterableDataset):
         self.batch_size = max(1, batch_size)
         self.epoch = 0
         self._skip = 0
-        self._shards = np.array([ref.shard for ref in self.refs], dtype=np.int64)
-        self._groups, self._weights = self._fields_of_view(mpp_weights)
+        self._open()
+
+    def _open(self) -> None:
+        self.index = open_sources(self._sources)  # once per process per store state; memory-mapped
+        self.refs = _Refs(self.index)
+        self._groups, self._weights = self._fields_of_view(self._mpp_weights)
+
+    def __getstate__(self) -> dict:
+        # A spawned DataLoader worker reopens the memory maps instead of receiving a pickled copy of them.
+        return {k: v for k, v in self.__dict__.items() if k not in ("index", "refs", "_groups", "_weights")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._open()
 
     def _fields_of_view(self, mpp_weights: dict[float, float] | None) -> tuple[list[np.ndarray], np.ndarray]:
-        everything = np.arange(len(self.refs))
+        dtype = np.int32 if len(self.index) < 2**31 else np.int64
         if not mpp_weights:
-            return [everything], np.ones(1)
-        levels = np.array([np.nan if ref.mpp is None else round(ref.mpp, 4) for ref in self.refs])
-        present = sorted({float(v) for v in levels if not np.isnan(v)})
+            return [np.arange(len(self.index), dtype=dtype)], np.ones(1)
+        index = self.index
+        present = sorted(index.mpps)
         groups, weights = [], []
         for mpp, weight in sorted(mpp_weights.items()):
-            members = everything[levels == round(float(mpp), 4)]
+            wanted = round(float(mpp), 4)
+            code = present.index(wanted) if wanted in present else -1
+            members = np.flatnonzero(index.level == code).astype(dtype) if code >= 0 else np.empty(0, dtype)
             if weight > 0 and len(members) == 0:
                 raise ValueError(
                     f"mpp_weights asks for {mpp} µm/px but no tile has that field of view; levels present: "
@@ -245,19 +246,19 @@ class TileStream(torch.utils.data.IterableDataset):
         return int(sum(len(group) for group in self._groups))
 
     def global_order(self) -> np.ndarray:
-        """Tile indices (into `self.refs`) of the whole epoch, before the rank split."""
+        """Tile indices (into `self.index` / `self.refs`) of the whole epoch, before the rank split."""
         rng = np.random.default_rng([self.seed, self.epoch, 0x7153])
         if len(self._groups) == 1:
-            return _shard_ordered(self._groups[0], self._shards, rng)
+            return _shard_ordered(self._groups[0], self.index.shard, rng)
         total = self.epoch_length()
         level_of = rng.choice(len(self._groups), size=total, p=self._weights / self._weights.sum())
-        order = np.empty(total, dtype=np.int64)
+        order = np.empty(total, dtype=self._groups[0].dtype)
         for level, group in enumerate(self._groups):
             positions = np.flatnonzero(level_of == level)
             if len(positions) == 0:
                 continue
             passes = [
-                _shard_ordered(group, self._shards, rng) for _ in range(-(-len(positions) // len(group)))
+                _shard_ordered(group, self.index.shard, rng) for _ in range(-(-len(positions) // len(group)))
             ]
             order[positions] = np.concatenate(passes)[: len(positions)]
         return order
@@ -274,13 +275,13 @@ class TileStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         order = self.rank_order()
-        reader = _ShardReader()
+        reader = TileReader(self.index)
         try:
             for position in range(self._skip, len(order)):
                 # batches are counted from the skip point: a resumed DataLoader again asks worker 0 first
                 if ((position - self._skip) // self.batch_size) % workers != worker:
                     continue
-                yield _to_tensor(load_tile(self.refs[order[position]], reader), self.image_size)
+                yield _to_tensor(load_tile(self.index, int(order[position]), reader), self.image_size)
         finally:
             reader.close()
 
@@ -290,11 +291,11 @@ def sample_images(sources: Sequence[Path], n: int, seed: int) -> list[np.ndarray
 
     For fitting stain statistics; tiles keep their stored size.
     """
-    refs = index_sources([Path(s) for s in sources])
+    index = open_sources([Path(s) for s in sources])  # the same opened index the stream then uses
     rng = np.random.default_rng([seed, 0x5A11])
-    chosen = np.sort(rng.choice(len(refs), size=min(n, len(refs)), replace=False))  # sorted: sequential reads
-    reader = _ShardReader()
+    chosen = np.sort(rng.choice(len(index), size=min(n, len(index)), replace=False))  # sorted: sequential reads
+    reader = TileReader(index)
     try:
-        return [load_tile(refs[i], reader) for i in chosen]
+        return [load_tile(index, int(i), reader) for i in chosen]
     finally:
         reader.close()

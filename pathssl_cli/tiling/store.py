@@ -1,23 +1,25 @@
-"""The tile store: WebDataset tar shards plus a manifest, written so that a kill never leaves a lie.
+"""The tile store: WebDataset tar shards plus a Parquet index, written so that a kill never leaves a lie.
 
-Layout of a store folder:
+Layout of a store folder (the index files are described in `pathssl_cli.tiling.index`):
 
-    shards/<slide_id>-<n>.tar     members <key>.jpg + <key>.json (json = the manifest row)
-    parts/<slide_id>.csv          manifest rows of one slide; its presence marks the slide complete
-    manifest.csv                  all parts concatenated (rebuilt at the end of every run)
+    shards/<slide_id>-<n>.tar     members <key>.jpg + <key>.json (json = the tile's row, without offsets)
+    parts/<slide_id>.parquet      the slide's tile rows, with each JPEG's byte offset; its presence marks the
+                                  slide complete
+    slides/<slide_id>.parquet     the slide's row (path, MPP, size, reader)
+    locks/<slide_id>.lock         flock of the process tiling that slide (empty files)
 
 Keys are `<slide_id>_<mpp in nm>nm_<x>_<y>`: unique, dot-free (WebDataset splits member names at
 the first dot). A slide's shards are written under temporary names and renamed only when the whole
 slide is done; its part file is written last. A rerun deletes shards of slides that have no part
-file (interrupted), so tiles are never duplicated. `read_manifest` reads the parts when present,
-so stores filled by several runs (`--shard-index`) combine without any merge step.
+file (interrupted), so tiles are never duplicated; a per-slide lock keeps two concurrent runs (array
+tasks with overlapping slide lists) from tiling the same slide at once.
 """
 
 from __future__ import annotations
 
-import csv
+import contextlib
+import fcntl
 import hashlib
-import io
 import json
 import os
 import re
@@ -26,12 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pathssl_cli.runs import atomic_path, atomic_write
+import pyarrow.parquet as pq
 
-MANIFEST_COLUMNS = ("slide", "mpp", "level", "x", "y", "size", "tissue", "shard", "key")
-_INT_COLUMNS = ("level", "x", "y", "size")
-_FLOAT_COLUMNS = ("mpp", "tissue")
-
+from pathssl_cli.tiling import index
 
 _BLOCK = 512
 _PADDING = bytes(_BLOCK)
@@ -77,58 +76,6 @@ def tile_key(slide: str, mpp: float, x: int, y: int) -> str:
     return f"{slide}_{round(mpp * 1000)}nm_{x}_{y}"
 
 
-def _typed(row: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = dict(row)
-    for name in _INT_COLUMNS:
-        out[name] = int(row[name])
-    for name in _FLOAT_COLUMNS:
-        out[name] = float(row[name])
-    return out
-
-
-def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with path.open(newline="") as fh:
-        return [_typed(row) for row in csv.DictReader(fh)]
-
-
-def _csv_text(rows: list[dict[str, Any]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def read_manifest(store_dir: str | Path) -> list[dict[str, Any]]:
-    """All tiles of a store, one dict per tile with typed values (ints, floats), sorted by shard then key.
-
-    Reads the per-slide parts when the store has them (always current, even while other runs add
-    slides), else `manifest.csv` (a store copied without its parts).
-    """
-    store = Path(store_dir)
-    parts = sorted((store / "parts").glob("*.csv"))
-    if parts:
-        rows = [row for part in parts for row in _read_csv(part)]
-    elif (store / "manifest.csv").exists():
-        rows = _read_csv(store / "manifest.csv")
-    else:
-        raise FileNotFoundError(
-            f"{store}: not a tile store (no parts/*.csv or manifest.csv). "
-            "Create one with `pathssl tile SPEC`."
-        )
-    rows.sort(key=lambda r: (r["shard"], r["key"]))
-    return rows
-
-
-def write_manifest(store_dir: str | Path) -> int:
-    """Rebuild manifest.csv from the parts (atomically); returns the number of tiles."""
-    store = Path(store_dir)
-    rows = [row for part in sorted((store / "parts").glob("*.csv")) for row in _read_csv(part)]
-    rows.sort(key=lambda r: (r["shard"], r["key"]))
-    atomic_write(store / "manifest.csv", _csv_text(rows))
-    return len(rows)
-
-
 def iter_shard(path: str | Path) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
     """Yield (key, jpeg bytes, manifest row) for every tile of one tar shard, in stored order."""
     pending: dict[str, dict[str, Any]] = {}
@@ -145,16 +92,39 @@ def iter_shard(path: str | Path) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
                 yield key, item["jpg"], json.loads(item["json"])
 
 
-def read_manifest_part(store_dir: Path, slide: str) -> list[dict[str, Any]]:
-    return _read_csv(store_dir / "parts" / f"{slide}.csv")
-
-
 def slide_complete(store_dir: Path, slide: str) -> bool:
-    return (store_dir / "parts" / f"{slide}.csv").exists()
+    return index.part_path(store_dir, slide).exists()
+
+
+def part_tile_counts(store_dir: Path, slide: str) -> dict[str, int]:
+    """Tiles per field of view (µm/px as text) of a complete slide, read from its part's mpp column only."""
+    counts = pq.read_table(index.part_path(store_dir, slide), columns=["mpp"]).column("mpp").value_counts()
+    return {str(item["values"].as_py()): item["counts"].as_py() for item in counts}
+
+
+@contextlib.contextmanager
+def slide_lock(store_dir: Path, slide: str) -> Iterator[bool]:
+    """Yields True when this process holds `slide` exclusively, False when another process is tiling it.
+
+    An advisory `flock`, released by the kernel when its holder dies (kill -9 included): two array tasks given
+    the same slide never write its shards at the same time, and a lock never outlives its process.
+    """
+    folder = store_dir / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{slide}.lock", "a+b") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def discard_incomplete(store_dir: Path, slide: str) -> None:
-    """Remove shards (final or temporary) left by an interrupted attempt at `slide`."""
+    """Remove shards (final or temporary) left by an interrupted attempt at `slide` (call under its lock)."""
     for leftover in (store_dir / "shards").glob(f"{slide}-*.tar"):
         leftover.unlink(missing_ok=True)
     for leftover in (store_dir / "shards").glob(f".{slide}-*"):
@@ -164,7 +134,8 @@ def discard_incomplete(store_dir: Path, slide: str) -> None:
 class SlideShardWriter:
     """Writes one slide's tiles into bounded tar shards; `commit()` publishes them and the part file.
 
-    Until `commit()`, shards live under `.<name>.partial` names that no reader looks at.
+    Until `commit()`, shards live under `.<name>.partial` names that no reader looks at. Each JPEG's data
+    offset is recorded as it is written, so the index locates every tile without reading a tar header.
     """
 
     def __init__(self, store_dir: Path, slide: str, tiles_per_shard: int) -> None:
@@ -173,24 +144,32 @@ class SlideShardWriter:
         self.tiles_per_shard = tiles_per_shard
         self.rows: list[dict[str, Any]] = []
         self._finished: list[tuple[Path, Path]] = []  # (partial, final)
+        self._sizes: dict[str, int] = {}  # shard (store-relative) -> bytes, once closed
         self._shard_open = False
         self._in_shard = 0
+        self._position = 0
         (store_dir / "shards").mkdir(parents=True, exist_ok=True)
         (store_dir / "parts").mkdir(parents=True, exist_ok=True)
 
     def _open_next(self) -> None:
-        index = len(self._finished)
-        final = self.store_dir / "shards" / f"{self.slide}-{index:05d}.tar"
+        index_ = len(self._finished)
+        final = self.store_dir / "shards" / f"{self.slide}-{index_:05d}.tar"
         partial = final.with_name(f".{final.name}.partial")
         self._file = open(partial, "wb")
         self._shard_open = True
         self._finished.append((partial, final))
         self._in_shard = 0
+        self._position = 0
 
-    def _add(self, name: str, data: bytes) -> None:
+    def _add(self, name: str, data: bytes) -> int:
+        """Append one member; returns the offset of its data in the shard."""
         self._file.write(_ustar_header(name, len(data)))
         self._file.write(data)
-        self._file.write(_PADDING[: -len(data) % _BLOCK])
+        padding = -len(data) % _BLOCK
+        self._file.write(_PADDING[:padding])
+        offset = self._position + _BLOCK
+        self._position = offset + len(data) + padding
+        return offset
 
     def add(self, jpeg: bytes, row: dict[str, Any]) -> None:
         if not self._shard_open or self._in_shard >= self.tiles_per_shard:
@@ -198,9 +177,9 @@ class SlideShardWriter:
             self._open_next()
         shard = f"shards/{self._finished[-1][1].name}"
         row = {**row, "shard": shard}
-        self._add(f"{row['key']}.jpg", jpeg)
+        offset = self._add(f"{row['key']}.jpg", jpeg)
         self._add(f"{row['key']}.json", json.dumps(row).encode())
-        self.rows.append(row)
+        self.rows.append({**row, "slide_id": self.slide, "offset": offset, "nbytes": len(jpeg)})
         self._in_shard += 1
 
     def close_shard(self) -> None:
@@ -210,14 +189,20 @@ class SlideShardWriter:
             os.fsync(self._file.fileno())  # the bytes are on disk before the rename publishes them
             self._file.close()
             self._shard_open = False
+            self._sizes[f"shards/{self._finished[-1][1].name}"] = self._position + 2 * _BLOCK
 
-    def commit(self) -> list[dict[str, Any]]:
-        """Publish the shards, then the part file that marks the slide complete; returns its rows."""
+    def commit(self, slide_row: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """Publish the shards, then the slide's row and its part (last: it marks the slide complete).
+
+        `slide_row`: the per-slide columns of `index.SLIDE_SCHEMA` (path, MPP, size, reader); missing ones
+        are left empty. Returns the tile rows.
+        """
         self.close_shard()
         for partial, final in self._finished:
             partial.replace(final)
-        with atomic_path(self.store_dir / "parts" / f"{self.slide}.csv") as tmp:
-            tmp.write_text(_csv_text(self.rows))
+        for row in self.rows:
+            row["shard_bytes"] = self._sizes[row["shard"]]
+        index.write_part(self.store_dir, self.slide, self.rows, slide_row or {})
         return self.rows
 
     def abort(self) -> None:

@@ -11,21 +11,23 @@ import csv
 import io
 import json
 import multiprocessing
-import os
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import cv2
 import imagecodecs
 import numpy as np
+import tiffslide
 
 from pathssl_cli.console import info, progress
 from pathssl_cli.errors import SpecError, WorkFailed
 from pathssl_cli.runs import atomic_write, open_run
+from pathssl_cli.sharding import resolve_shard
 from pathssl_cli.specs.tile import TileSpec, resolve_slides
-from pathssl_cli.tiling import store
+from pathssl_cli.tiling import index, store
 from pathssl_cli.tiling.slide import (
     LevelReader,
     SlideError,
@@ -72,7 +74,7 @@ class TileSettings:
 class SlideResult:
     path: str
     slide_id: str
-    status: str  # done | skipped | failed
+    status: str  # done | skipped (complete before) | busy (another process had it) | failed
     tiles: dict[str, int] = field(default_factory=dict)  # per field of view (µm/px as text)
     error: str = ""
     fix: str = ""
@@ -213,15 +215,44 @@ def _feasible_fields_of_view(
 
 def tile_slide(path: Path, csv_mpp: float | None, settings: TileSettings) -> SlideResult:
     """Tile one slide completely, or record why not. Never raises for a bad slide."""
-    started = time.perf_counter()
     sid = store.slide_id(path)
     result = SlideResult(str(path), sid, "done")
     if store.slide_complete(settings.store_dir, sid):
-        rows = store.read_manifest_part(settings.store_dir, sid)
-        result.status = "skipped"
-        for row in rows:
-            result.tiles[str(row["mpp"])] = result.tiles.get(str(row["mpp"]), 0) + 1
-        return result
+        return _already_done(settings, sid, result)
+    with store.slide_lock(settings.store_dir, sid) as mine:
+        if not mine:  # another array task holds it right now: its run owns the slide, ours must not touch it
+            result.status = "busy"
+            result.notes.append("another process was tiling this slide; it is counted by that run")
+            return result
+        if store.slide_complete(settings.store_dir, sid):  # finished while we waited to look
+            return _already_done(settings, sid, result)
+        return _tile_locked(path, csv_mpp, settings, sid, result)
+
+
+def _already_done(settings: TileSettings, sid: str, result: SlideResult) -> SlideResult:
+    result.status = "skipped"
+    result.tiles = store.part_tile_counts(settings.store_dir, sid)
+    return result
+
+
+def _slide_row(path: Path, slide: Any, base_mpp: float) -> dict[str, Any]:
+    """The store's per-slide columns; `reader_name`/`reader_version` are set by the slide opener when it
+    chose a reader other than the default."""
+    return {
+        "slide": str(path),
+        "base_mpp": base_mpp,
+        "width": int(slide.dimensions[0]),
+        "height": int(slide.dimensions[1]),
+        "levels": int(slide.level_count),
+        "reader": str(getattr(slide, "reader_name", "tiffslide")),
+        "reader_version": str(getattr(slide, "reader_version", tiffslide.__version__)),
+        "tiled_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _tile_locked(path: Path, csv_mpp: float | None, settings: TileSettings, sid: str,
+                 result: SlideResult) -> SlideResult:
+    started = time.perf_counter()
     store.discard_incomplete(settings.store_dir, sid)
     writer = store.SlideShardWriter(settings.store_dir, sid, settings.tiles_per_shard)
     try:
@@ -245,7 +276,7 @@ def tile_slide(path: Path, csv_mpp: float | None, settings: TileSettings) -> Sli
             boxes_per_fov.append(boxes)
         if settings.qc:
             _write_qc(settings.store_dir / "qc" / f"{sid}.png", mask, boxes_per_fov)
-        writer.commit()
+        writer.commit(_slide_row(path, slide, base_mpp))
     except SlideError as exc:
         writer.abort()
         result.status, result.error, result.fix = "failed", exc.reason, exc.fix
@@ -254,14 +285,6 @@ def tile_slide(path: Path, csv_mpp: float | None, settings: TileSettings) -> Sli
         result.status, result.error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
     result.seconds = time.perf_counter() - started
     return result
-
-
-def _slice_for_this_process(num_shards: int | None, shard_index: int | None) -> tuple[int, int]:
-    """(number of parts, this part): from the arguments, else from torchrun's WORLD_SIZE/RANK, else (1, 0)."""
-    if num_shards is not None:
-        return num_shards, shard_index or 0
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (world, int(os.environ.get("RANK", "0"))) if world > 1 else (1, 0)
 
 
 def _check_store_settings(settings: TileSettings) -> None:
@@ -323,12 +346,24 @@ def _errors_csv(results: list[SlideResult]) -> str:
 
 
 def run_tile(
-    spec: TileSpec, *, num_shards: int | None = None, shard_index: int | None = None
+    spec: TileSpec, *, num_shards: int | None = None, shard_index: int | None = None, consolidate: bool = False
 ) -> dict[str, Any]:
-    """Tile the spec's slides (this process's slice of them) into the store; returns the summary."""
-    parts, index = _slice_for_this_process(num_shards, shard_index)
+    """Tile the spec's slides (this process's part of them, see `pathssl_cli.sharding`) into the store.
+
+    `consolidate`: afterwards write manifest.parquet and its CSV export from all parts; only for a process
+    that covers the whole slide list (run it once after the array tasks: it skips every complete slide).
+    Returns the summary.
+    """
+    part = resolve_shard(num_shards, shard_index)
+    if consolidate and part.count > 1:
+        raise SpecError(
+            f"--consolidate reads every part of the store, so it runs once, after all {part.count} parts "
+            f"(this process is part {part.index + 1} of {part.count}, from {part.source}): run "
+            "`pathssl tile SPEC --consolidate` without a split, e.g. in a job that depends on the array"
+        )
     slides = resolve_slides(spec)
-    jobs = slides[index::parts]  # round-robin over the sorted list: disjoint slices that cover it all
+    jobs = part.take(slides)  # round-robin over the sorted list: disjoint slices that cover it all
+    parts, index_ = part.count, part.index
     store_dir = Path(spec.output.dir)
     settings = TileSettings(
         store_dir=store_dir,
@@ -344,16 +379,19 @@ def run_tile(
     )
     store_dir.mkdir(parents=True, exist_ok=True)
     _check_store_settings(settings)
-    suffix = f"-{index}-of-{parts}" if parts > 1 else ""
-    with open_run(spec, store_dir, world_size=parts, is_main=index == 0):
+    suffix = part.suffix
+    with open_run(spec, store_dir, world_size=parts, is_main=index_ == 0):
         started = time.perf_counter()
         info(
             f"tiling {len(jobs)} slide(s) at {settings.mpps} µm/px into {store_dir}"
-            + (f" (part {index + 1} of {parts})" if parts > 1 else "")
+            + (f" (part {index_ + 1} of {parts}, from {part.source})" if parts > 1 else "")
         )
         results = _run_jobs(jobs, settings, spec.run.workers)
         seconds = time.perf_counter() - started
-        total_tiles = store.write_manifest(store_dir)
+        # Only a process that covers the whole list looks at the other parts: N array tasks each reading
+        # every part would make the total work grow with N x slides.
+        total_tiles = (index.consolidate(store_dir) if consolidate else index.tiles_in_store(store_dir)) \
+            if parts == 1 else None
         new_tiles = sum(sum(r.tiles.values()) for r in results if r.status == "done")
         by_fov: dict[str, int] = {}
         for r in results:
@@ -364,6 +402,7 @@ def run_tile(
             "slides": len(jobs),
             "done": sum(r.status == "done" for r in results),
             "skipped": sum(r.status == "skipped" for r in results),
+            "busy": sum(r.status == "busy" for r in results),
             "failed": len(failed),
             "tiles_written": new_tiles,
             "tiles_copied_through": sum(r.copied for r in results),
@@ -371,15 +410,18 @@ def run_tile(
             "tiles_by_mpp": by_fov,
             "seconds": round(seconds, 3),
             "tiles_per_s": round(new_tiles / seconds, 1) if seconds > 0 else None,
-            "part": {"index": index, "count": parts},
+            "part": {"index": index_, "count": parts},
             "per_slide": [asdict(r) for r in results],
         }
         atomic_write(store_dir / f"errors{suffix}.csv", _errors_csv(results))
         atomic_write(store_dir / f"summary{suffix}.json", json.dumps(summary, indent=2) + "\n")
+        busy = f", {summary['busy']} being tiled by another process" if summary["busy"] else ""
+        held = f"; store holds {total_tiles}" if total_tiles is not None else ""
         info(
-            f"{summary['done']} slide(s) tiled, {summary['skipped']} already complete, {len(failed)} failed; "
-            f"{new_tiles} tiles in {seconds:.1f} s ({summary['tiles_per_s']} tiles/s); "
-            f"store holds {total_tiles}"
+            f"{summary['done']} slide(s) tiled, {summary['skipped']} already complete{busy}, {len(failed)} "
+            f"failed; {new_tiles} tiles in {seconds:.1f} s ({summary['tiles_per_s']} tiles/s){held}"
+            + (f"; consolidated into {store_dir / index.CONSOLIDATED} and {index.CSV_EXPORT}" if consolidate
+               else "")
         )
         if failed and not spec.run.allow_failures:
             first = failed[0]

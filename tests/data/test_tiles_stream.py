@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pathssl_cli.data.tiles import TileStream, sample_images
-from pathssl_cli.tiling.store import SlideShardWriter, tile_key, write_manifest
+from pathssl_cli.tiling.store import SlideShardWriter, tile_key
 
 SIDE = 8
 STEP = 4  # levels per id digit: flat JPEG tiles decode within ±1-2, so ids survive compression
@@ -52,7 +52,6 @@ def _make_store(
                 ids[next_id] = mpp
                 next_id += 1
         writer.commit()
-    write_manifest(root)
     return ids
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pathssl_cli.synthetic import labelled_tiles, write_image_folder
-from pathssl_cli.tiling.store import SlideShardWriter, tile_key, write_manifest
+from pathssl_cli.tiling.store import SlideShardWriter, tile_key
 
 SPECS = Path(__file__).resolve().parents[2] / "specs" / "pretrain"
 TILE = 32  # px: the tiny specs crop 32 px global views from these
@@ -36,7 +36,6 @@ def tile_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            key=tile_key(f"slide{s}", mpp, i * TILE, 0))
                 writer.add(_jpeg(image), row)
         writer.commit()
-    write_manifest(root)
     return root
 
 

@@ -1,4 +1,4 @@
-"""Tile store: tar members as the standard library writes them, keys, parts and manifest."""
+"""Tile store: tar members as the standard library writes them, keys, parts, offsets and the consolidated index."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pathssl_cli.tiling import store
+from pathssl_cli.tiling import index, store
 
 
 @pytest.mark.parametrize(("name", "size"), [("a_250nm_0_0.jpg", 0), ("x" * 100, 1), ("k.json", 8**11 - 1)])
@@ -46,19 +46,27 @@ def test_parts_commit_and_abort(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar")) == [
         f"s1-abc-{i:05d}.tar" for i in range(3)
     ]
-    rows = store.read_manifest(tmp_path)
+    rows = index.read_tiles(tmp_path).to_pylist()
     assert [r["x"] for r in rows] == [0, 1, 2, 3, 4] and rows[4]["shard"] == "shards/s1-abc-00002.tar"
     items = [
         item for shard in sorted((tmp_path / "shards").glob("*.tar")) for item in store.iter_shard(shard)
     ]
     assert [(k, j) for k, j, _ in items] == [(r["key"], b"jpeg%d" % r["x"]) for r in rows]
-    assert store.write_manifest(tmp_path) == 5
+    # The recorded offsets are where the standard library finds each member's data.
+    for shard in sorted((tmp_path / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            members = {m.name: (m.offset_data, m.size) for m in tar.getmembers()}
+        for r in rows:
+            if r["shard"] == f"shards/{shard.name}":
+                assert members[f"{r['key']}.jpg"] == (r["offset"], r["nbytes"])
+                assert r["shard_bytes"] == shard.stat().st_size
+    assert index.consolidate(tmp_path) == 5 and index.consolidated_is_current(tmp_path)
     aborted = store.SlideShardWriter(tmp_path, "s2-def", tiles_per_shard=2)
     aborted.add(b"x", {**rows[0], "key": "s2-def_500nm_0_0"})
     aborted.abort()
     assert not list((tmp_path / "shards").glob("*s2-def*")) and not store.slide_complete(tmp_path, "s2-def")
-    # A store copied without its parts is read from manifest.csv.
+    # A store copied without its parts is read from the consolidated manifest.parquet.
     for part in (tmp_path / "parts").iterdir():
         part.unlink()
     (tmp_path / "parts").rmdir()
-    assert [r["key"] for r in store.read_manifest(tmp_path)] == [r["key"] for r in rows]
+    assert [r["key"] for r in index.read_tiles(tmp_path).to_pylist()] == [r["key"] for r in rows]

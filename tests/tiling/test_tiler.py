@@ -18,7 +18,8 @@ import tiffslide
 
 from pathssl_cli.errors import SpecError, WorkFailed
 from pathssl_cli.specs import load_spec
-from pathssl_cli.tiling.store import iter_shard, read_manifest
+from pathssl_cli.tiling.index import CSV_EXPORT, consolidate, read_tiles
+from pathssl_cli.tiling.store import iter_shard
 from pathssl_cli.tiling.tiler import run_tile
 
 
@@ -48,7 +49,7 @@ def tile_keys(store: Path) -> list[str]:
 
 def check_store(store: Path) -> list[dict]:
     """Every manifest row has exactly one decodable tile in its shard and vice versa."""
-    rows = read_manifest(store)
+    rows = read_tiles(store).to_pylist()
     keys = [r["key"] for r in rows]
     assert len(keys) == len(set(keys)) and all("." not in k for k in keys)
     found = {}
@@ -59,11 +60,12 @@ def check_store(store: Path) -> list[dict]:
     assert set(found) == set(keys)
     for row in rows:
         shard, jpeg, meta = found[row["key"]]
-        assert row["shard"] == f"shards/{shard.name}" and meta == {**row, "tissue": meta["tissue"]}
+        assert row["shard"] == f"shards/{shard.name}" and meta == {**{k: row[k] for k in meta}, "tissue": meta["tissue"]}
         assert meta["tissue"] == pytest.approx(row["tissue"])
         image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
         assert image.shape == (row["size"], row["size"], 3)
-    with (store / "manifest.csv").open() as fh:
+    consolidate(store)  # the CSV export holds the same tiles
+    with (store / CSV_EXPORT).open() as fh:
         assert sorted(r["key"] for r in csv.DictReader(fh)) == sorted(keys)
     return rows
 
@@ -243,8 +245,8 @@ def test_disjoint_shard_indices_add_up(
     assert not done[0] & done[1] and done[0] | done[1] == {str(Path(s).resolve()) for s in slides}
     assert (tmp_path / "parts" / "errors-1-of-2.csv").exists()
     assert tile_keys(tmp_path / "parts") == tile_keys(tmp_path / "full")
-    assert [r["key"] for r in read_manifest(tmp_path / "parts")] == [
-        r["key"] for r in read_manifest(tmp_path / "full")
+    assert [r["key"] for r in read_tiles(tmp_path / "parts").to_pylist()] == [
+        r["key"] for r in read_tiles(tmp_path / "full").to_pylist()
     ]
 
 
@@ -290,7 +292,7 @@ def test_resume_after_kill_gives_the_same_tiles(
     assert not list(shards.glob(".*"))  # no partial shards left behind
     clean = tmp_path / "clean"
     run_tile(load_spec(spec, [f"output.dir={clean}"]))
-    assert [r["key"] for r in rows] == [r["key"] for r in read_manifest(clean)]
+    assert [r["key"] for r in rows] == [r["key"] for r in read_tiles(clean).to_pylist()]
     assert tile_keys(tmp_path / "store") == tile_keys(clean)
     shutil.rmtree(clean)
 

@@ -1,0 +1,258 @@
+"""Where every tile of a stream's sources lies, as a few flat numpy arrays (no Python object per tile).
+
+A tile store's arrays are built once from its Parquet index (`pathssl_cli.tiling.index`) and cached beside it in
+`.index/<state>/` (`state` digests the parts' names, sizes and times, so adding a slide makes a new cache and a
+stale one is never read). They are opened memory-mapped: a rank and its DataLoader workers share the same page
+cache pages, so their memory does not grow with copies. About 17 bytes per tile:
+
+    shard   int32   shard id (index into `shard_paths`)
+    offset  int64   JPEG data offset in the shard; for an image-folder file its index into `files`
+    nbytes  int32   JPEG size; -1 for an image-folder file (read whole)
+    level   uint8   index into `mpps`; 255 for image-folder files (no field of view)
+
+Torch-free, so it also serves tools that only inspect a store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pathssl_cli.errors import WorkFailed
+from pathssl_cli.tiling.index import StoreError, index_source, is_store, read_tiles
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+FOLDER_SHARD = 256  # files per pseudo-shard of an image folder: only affects the order's locality
+NO_LEVEL = 255
+_ARRAYS = {"shard": np.int32, "offset": np.int64, "nbytes": np.int32, "level": np.uint8}
+_OPENED: dict[tuple[str, str], TileArrays] = {}  # per process: each store's index is opened once
+
+
+@dataclass
+class TileArrays:
+    """Flat per-tile arrays plus the small per-shard tables (see the module docstring)."""
+
+    shard: np.ndarray
+    offset: np.ndarray
+    nbytes: np.ndarray
+    level: np.ndarray
+    mpps: list[float]
+    shard_paths: list[str]  # absolute; for image folders a pseudo name
+    shard_store: list[str] = field(default_factory=list)  # the store a shard belongs to ("" for folders)
+    files: list[str] = field(default_factory=list)  # image-folder files, indexed by `offset`
+
+    def __len__(self) -> int:
+        return len(self.shard)
+
+    def mpp(self, i: int) -> float | None:
+        code = int(self.level[i])
+        return None if code == NO_LEVEL else self.mpps[code]
+
+
+def _cache_root(store: Path) -> Path:
+    """`<store>/.index` when writable, else a per-user cache (a read-only shared store still gets one)."""
+    local = store / ".index"
+    try:
+        local.mkdir(exist_ok=True)
+        if os.access(local, os.W_OK):
+            return local
+    except OSError:
+        pass
+    import hashlib
+
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pathssl" / "index"
+    return base / hashlib.sha1(str(store.resolve()).encode()).hexdigest()[:16]
+
+
+def _build(store: Path) -> tuple[dict[str, np.ndarray], dict]:
+    table = read_tiles(store, columns=["shard", "offset", "nbytes", "mpp", "shard_bytes"])
+    shards = table.column("shard").combine_chunks().dictionary_encode()
+    names = shards.dictionary.to_pylist()
+    order = np.argsort(np.asarray(names, dtype=object), kind="stable")
+    rank = np.empty(len(names), np.int32)
+    rank[order] = np.arange(len(names), dtype=np.int32)
+    shard = rank[shards.indices.to_numpy()]  # rows are already sorted by shard path: ids increase along them
+    mpp_column = table.column("mpp").to_numpy()
+    mpps = sorted({round(float(v), 4) for v in np.unique(mpp_column)})
+    if len(mpps) >= NO_LEVEL:
+        raise StoreError(f"{store}: {len(mpps)} distinct fields of view; at most {NO_LEVEL - 1} are supported")
+    level = np.searchsorted(np.asarray(mpps), np.round(mpp_column, 4)).astype(np.uint8)
+    shard_bytes = np.zeros(len(names), np.int64)
+    shard_bytes[shard] = table.column("shard_bytes").to_numpy()
+    arrays = {"shard": shard, "offset": table.column("offset").to_numpy().astype(np.int64),
+              "nbytes": table.column("nbytes").to_numpy().astype(np.int32), "level": level}
+    meta = {"tiles": len(shard), "mpps": mpps, "shards": [names[i] for i in order],
+            "shard_bytes": shard_bytes.tolist()}
+    return arrays, meta
+
+
+def _write_cache(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
+    """Into a temporary folder renamed into place: concurrent ranks may race, the first rename wins."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    try:
+        for name, array in arrays.items():
+            with open(tmp / f"{name}.npy", "wb") as fh:
+                np.save(fh, array)
+                os.fsync(fh.fileno())
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process published the same state first
+            return
+        for old in folder.parent.iterdir():  # earlier states: their memory maps stay valid after unlink
+            if old.name != folder.name and not old.name.startswith("."):
+                shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_shards(store: Path, meta: dict) -> None:
+    """Every shard the index names exists with the size it had when its part was written."""
+    rebuild = (f"delete that slide's part (parts/<slide_id>.parquet, the shard's name less its -NNNNN.tar) and "
+               f"run `pathssl tile {store / 'spec.toml'}` again: it re-tiles only slides without a part")
+    for name, expected in zip(meta["shards"], meta["shard_bytes"], strict=True):
+        try:
+            size = os.stat(store / name).st_size
+        except FileNotFoundError:
+            raise StoreError(f"{store}: the index lists {name}, which is missing. To rebuild it, {rebuild}") from None
+        if size < expected:
+            raise StoreError(f"{store}: {name} is truncated ({size} of {expected} bytes). To rebuild it, {rebuild}")
+        if size != expected:
+            raise StoreError(f"{store}: the index is stale: {name} has {size} bytes, its part recorded {expected} "
+                             f"(the shard was rewritten after its part). To rebuild it, {rebuild}")
+
+
+def open_store(store: str | Path, *, check: bool = True) -> TileArrays:
+    """A store's tile arrays (memory-mapped, from the cache; built on first use), checked against its shards."""
+    store = Path(store).absolute()
+    _, state = index_source(store)
+    key = (str(store), state)
+    if key in _OPENED:
+        return _OPENED[key]
+    root = _cache_root(store)
+    folder = root / state
+    if not (folder / "meta.json").exists():
+        arrays, meta = _build(store)
+        if check:
+            _check_shards(store, meta)
+        try:
+            _write_cache(folder, arrays, meta)
+        except OSError:  # no writable cache anywhere: this process keeps its own copy
+            pass
+        check = False
+    if (folder / "meta.json").exists():
+        meta = json.loads((folder / "meta.json").read_text())
+        arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}
+    if check:
+        _check_shards(store, meta)
+    if any(len(a) != meta["tiles"] for a in arrays.values()):
+        raise StoreError(f"{store}: the index cache {folder} is damaged; delete {root} and start again")
+    opened = TileArrays(arrays["shard"], arrays["offset"], arrays["nbytes"], arrays["level"], meta["mpps"],
+                        [str(store / n) for n in meta["shards"]], [str(store)] * len(meta["shards"]))
+    _OPENED[key] = opened
+    return opened
+
+
+def _open_folder(folder: Path) -> TileArrays:
+    files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"{folder}: neither a tile store (parts/*.parquet) nor a folder with images "
+                                f"({', '.join(IMAGE_SUFFIXES)})")
+    n = len(files)
+    shard = (np.arange(n) // FOLDER_SHARD).astype(np.int32)
+    pseudo = [f"{folder}#folder-{i}" for i in range(int(shard[-1]) + 1)]
+    return TileArrays(shard, np.arange(n, dtype=np.int64), np.full(n, -1, np.int32), np.full(n, NO_LEVEL, np.uint8),
+                      [], pseudo, [""] * len(pseudo), files)
+
+
+def open_sources(sources: list[Path] | tuple[Path, ...]) -> TileArrays:
+    """Every tile of every source in a fixed order: sources as given, then shard path and offset, or file path.
+
+    One store alone is returned as its memory maps; several sources are joined into one set of arrays.
+    """
+    parts: list[TileArrays] = []
+    for source in map(Path, sources):
+        if not source.is_dir():
+            raise FileNotFoundError(f"{source}: tile source not found (a tile store folder or an image folder)")
+        parts.append(open_store(source) if is_store(source) else _open_folder(source))
+    if not parts:
+        raise FileNotFoundError("no tile sources given")
+    if len(parts) == 1:
+        return parts[0]
+    mpps = sorted({m for p in parts for m in p.mpps})
+    shards, offsets, levels, files = [], [], [], []
+    shard_base = file_base = 0
+    for p in parts:
+        shards.append(p.shard + np.int32(shard_base))
+        offsets.append(p.offset + file_base if p.files else p.offset)
+        recode = np.array([mpps.index(m) for m in p.mpps] + [NO_LEVEL] * (256 - len(p.mpps)), np.uint8)
+        levels.append(recode[p.level])
+        shard_base += len(p.shard_paths)
+        file_base += len(p.files)
+        files += p.files
+    return TileArrays(np.concatenate(shards), np.concatenate(offsets), np.concatenate([p.nbytes for p in parts]),
+                      np.concatenate(levels), mpps, [s for p in parts for s in p.shard_paths],
+                      [s for p in parts for s in p.shard_store], files)
+
+
+class DamagedTile(WorkFailed):
+    """A tile that cannot be read mid-run (exit 1). Keeps only its own message when a DataLoader worker's
+    exception is re-raised in the main process (torch rebuilds it from a text that embeds the traceback)."""
+
+    def __init__(self, message: str) -> None:
+        marker = f"{type(self).__name__}: "
+        if "Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
+
+def damaged_message(index: TileArrays, i: int, reason: str) -> str:
+    shard_path = index.shard_paths[int(index.shard[i])]
+    store = index.shard_store[int(index.shard[i])]
+    if not store:
+        return (f"{index.files[int(index.offset[i])]}: cannot read this image ({reason}). Remove or replace it.")
+    slide = Path(shard_path).name.rsplit("-", 1)[0]
+    return (f"{shard_path}: damaged shard ({reason}, tile at byte {int(index.offset[i])}). Rebuild it: delete "
+            f"{Path(store) / 'parts' / (slide + '.parquet')}, run `pathssl tile {Path(store) / 'spec.toml'}` "
+            "(it re-tiles only that slide), then resume with run.resume = true: the last checkpoint is kept.")
+
+
+class TileReader:
+    """Encoded bytes of tile i: one `pread` at its offset, a few open files (LRU), no per-member tables."""
+
+    def __init__(self, index: TileArrays, max_open: int = 8) -> None:
+        self.index = index
+        self.max_open = max_open
+        self.fds: dict[int, int] = {}  # shard id -> file descriptor, in least-recently-used order
+
+    def read(self, i: int) -> bytes:
+        index = self.index
+        nbytes = int(index.nbytes[i])
+        if nbytes < 0:
+            return Path(index.files[int(index.offset[i])]).read_bytes()
+        shard = int(index.shard[i])
+        fd = self.fds.pop(shard, None)
+        if fd is None:
+            try:
+                fd = os.open(index.shard_paths[shard], os.O_RDONLY)
+            except OSError as exc:
+                raise DamagedTile(damaged_message(index, i, f"cannot open: {exc.strerror}")) from None
+        self.fds[shard] = fd
+        while len(self.fds) > self.max_open:
+            os.close(self.fds.pop(next(iter(self.fds))))
+        data = os.pread(fd, nbytes, int(index.offset[i]))
+        if len(data) != nbytes:
+            raise DamagedTile(damaged_message(index, i, f"truncated: {len(data)} of {nbytes} bytes at its offset"))
+        return data
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()

@@ -1,0 +1,189 @@
+"""The tile store's index: one Parquet schema that `pathssl tile` writes and every reader reads.
+
+    store/parts/<slide_id>.parquet    one row per tile of one slide; its presence marks the slide complete
+    store/slides/<slide_id>.parquet   one row per slide: path, MPP, size, the reader that opened it
+    store/manifest.parquet            every part in one file: written only on request (`pathssl tile --consolidate`)
+    store/manifest.csv                the same as CSV, an export for spreadsheets; never read back
+
+The parts are the source of truth: a run adds its own parts and reads nobody else's, so N array tasks tiling
+into one store do work linear in their own tiles. Any tool of the field reads them:
+
+    pd.read_parquet("store/parts").query("mpp == 0.5").groupby("slide").size()     # tiles per slide at 0.5 µm/px
+
+(pyarrow, and so pandas, polars and duckdb, skip the `.name.tmp` files of writes in flight.) Each tile row says
+where its JPEG bytes lie (`shard`, `offset`, `nbytes`), so a reader never scans a tar; `shard_bytes` is the
+shard's size when the part was written, so a truncated or rewritten shard is caught before training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.dataset as pa_ds
+import pyarrow.parquet as pq
+
+from pathssl_cli.errors import SpecError
+from pathssl_cli.runs import atomic_path
+
+TILE_SCHEMA = pa.schema([
+    pa.field("key", pa.string(), nullable=False),  # <slide_id>_<mpp in nm>nm_<x>_<y>: the tar member stem
+    pa.field("slide", pa.string()),  # the slide's path as given to `pathssl tile`
+    pa.field("slide_id", pa.string()),
+    pa.field("mpp", pa.float64()),  # field of view, µm/px
+    pa.field("level", pa.int16()),  # pyramid level read
+    pa.field("x", pa.int64()),  # tile origin, level-0 pixels
+    pa.field("y", pa.int64()),
+    pa.field("size", pa.int32()),  # tile side, px
+    pa.field("tissue", pa.float32()),  # tissue fraction under the tile (0-1)
+    pa.field("shard", pa.string(), nullable=False),  # tar path relative to the store
+    pa.field("offset", pa.int64(), nullable=False),  # first byte of the JPEG member's data in the shard
+    pa.field("nbytes", pa.int64(), nullable=False),  # JPEG size in bytes
+    pa.field("shard_bytes", pa.int64(), nullable=False),  # the shard's file size when the part was written
+])
+SLIDE_SCHEMA = pa.schema([
+    pa.field("slide_id", pa.string(), nullable=False),
+    pa.field("slide", pa.string()),
+    pa.field("base_mpp", pa.float64()),  # µm/px of level 0 as used for tiling
+    pa.field("width", pa.int64()),  # level-0 pixels
+    pa.field("height", pa.int64()),
+    pa.field("levels", pa.int16()),
+    pa.field("reader", pa.string()),  # the library that opened the slide, and its version
+    pa.field("reader_version", pa.string()),
+    pa.field("tiles", pa.int64()),
+    pa.field("tiled_at", pa.string()),  # UTC, ISO 8601
+])
+TILE_COLUMNS = tuple(TILE_SCHEMA.names)
+CONSOLIDATED = "manifest.parquet"
+CSV_EXPORT = "manifest.csv"
+_PARTS_KEY = b"pathssl.parts_state"  # consolidated file's metadata: the parts it was made from
+
+
+class StoreError(SpecError):
+    """A tile store that cannot be read as it is (exit 2: nothing started); says which store and the fix."""
+
+
+def part_path(store: Path, slide_id: str) -> Path:
+    return store / "parts" / f"{slide_id}.parquet"
+
+
+def write_part(store: Path, slide_id: str, rows: list[dict[str, Any]], slide_row: dict[str, Any]) -> None:
+    """Write the slide's row, then its tiles' part: the part, written last and atomically, marks it complete."""
+    slide = pa.Table.from_pylist([{**slide_row, "slide_id": slide_id, "tiles": len(rows)}], schema=SLIDE_SCHEMA)
+    with atomic_path(store / "slides" / f"{slide_id}.parquet") as tmp:
+        pq.write_table(slide, tmp)
+    table = pa.Table.from_pylist(rows, schema=TILE_SCHEMA)
+    with atomic_path(part_path(store, slide_id)) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def part_files(store: Path) -> list[os.DirEntry]:
+    """The published parts (temporary files of writes in flight start with a dot and are left out)."""
+    try:
+        with os.scandir(store / "parts") as entries:
+            return sorted((e for e in entries if e.name.endswith(".parquet") and not e.name.startswith(".")),
+                          key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+
+
+def parts_state(parts: list[os.DirEntry]) -> str:
+    """A digest of the parts' names, sizes and modification times: changes whenever a part is added or replaced."""
+    digest = hashlib.sha1()
+    for entry in parts:
+        stat = entry.stat()
+        digest.update(f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def _legacy_hint(store: Path) -> str | None:
+    if any((store / "parts").glob("*.csv")) or ((store / CSV_EXPORT).exists() and not (store / CONSOLIDATED).exists()):
+        return (f"{store}: this tile store was written by an older pathssl (CSV manifest without byte offsets). "
+                "Re-tile it into a new folder with `pathssl tile SPEC --set output.dir=NEW_DIR`")
+    return None
+
+
+def index_source(store: str | Path) -> tuple[list[Path], str]:
+    """(files that hold the store's tile rows, their state digest): the parts, else the consolidated file."""
+    store = Path(store)
+    parts = part_files(store)
+    if parts:
+        return [Path(e.path) for e in parts], parts_state(parts)
+    consolidated = store / CONSOLIDATED
+    if consolidated.exists():
+        stat = consolidated.stat()
+        return [consolidated], f"c{stat.st_size:x}{stat.st_mtime_ns:x}"
+    hint = _legacy_hint(store)
+    raise StoreError(hint or f"{store}: not a tile store (no parts/*.parquet or {CONSOLIDATED}). Create one "
+                     "with `pathssl tile SPEC`.")
+
+
+def is_store(path: Path) -> bool:
+    return (path / "parts").is_dir() or (path / CONSOLIDATED).exists() or (path / CSV_EXPORT).exists()
+
+
+def read_tiles(store: str | Path, columns: list[str] | None = None) -> pa.Table:
+    """Every tile of a store as an Arrow table in stream order: by shard path, then byte offset (stored order).
+
+    `read_tiles(store).to_pandas()` for pandas; `columns` reads only those (shard and offset are always read).
+    """
+    files, _ = index_source(store)
+    wanted = list(dict.fromkeys([*(columns or TILE_COLUMNS), "shard", "offset"]))
+    try:
+        table = pa_ds.dataset([str(f) for f in files], schema=TILE_SCHEMA, format="parquet").to_table(columns=wanted)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise StoreError(f"{store}: cannot read the tile index ({exc}). Delete the damaged part file and run "
+                         "`pathssl tile SPEC` again to re-tile that slide") from None
+    return table.take(stored_order(table))
+
+
+def stored_order(table: pa.Table) -> np.ndarray:
+    """Row order by shard path then offset; sorts integer codes, never the strings of every row."""
+    shards = table.column("shard").combine_chunks().dictionary_encode()
+    names = shards.dictionary.to_numpy(zero_copy_only=False)
+    rank = np.empty(len(names), np.int64)
+    rank[np.argsort(names, kind="stable")] = np.arange(len(names))
+    codes = rank[shards.indices.to_numpy()]
+    return np.lexsort((table.column("offset").to_numpy(), codes))
+
+
+def read_slides(store: str | Path) -> pa.Table:
+    """One row per complete slide (path, base MPP, size, reader and version, tiles)."""
+    files = sorted((Path(store) / "slides").glob("[!.]*.parquet"))
+    if not files:
+        return SLIDE_SCHEMA.empty_table()
+    return pa_ds.dataset([str(f) for f in files], schema=SLIDE_SCHEMA, format="parquet").to_table()
+
+
+def tiles_in_store(store: Path) -> int:
+    """Number of tiles, from the parts' footers only (no row is read)."""
+    return sum(pq.read_metadata(e.path).num_rows for e in part_files(store))
+
+
+def consolidate(store: str | Path) -> int:
+    """Write manifest.parquet (every part, in stream order) and its CSV export, atomically; returns the tiles."""
+    store = Path(store)
+    parts = part_files(store)
+    if not parts:
+        raise StoreError(f"{store}: no parts/*.parquet to consolidate; run `pathssl tile SPEC` first")
+    table = read_tiles(store)
+    table = table.replace_schema_metadata({_PARTS_KEY: parts_state(parts).encode()})
+    with atomic_path(store / CONSOLIDATED) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+    with atomic_path(store / CSV_EXPORT) as tmp:
+        pa_csv.write_csv(table.drop_columns(["offset", "nbytes", "shard_bytes"]), tmp)
+    return table.num_rows
+
+
+def consolidated_is_current(store: Path) -> bool:
+    """Whether manifest.parquet was made from exactly the parts present now."""
+    path = store / CONSOLIDATED
+    if not path.exists():
+        return False
+    metadata = pq.read_schema(path).metadata or {}
+    return metadata.get(_PARTS_KEY, b"").decode() == parts_state(part_files(store))
