@@ -302,16 +302,22 @@ def segment_eval(spec: Path, overrides: tuple[str, ...]) -> None:
 
 @segment.command("predict")
 @spec_argument
-def segment_predict(spec: Path, overrides: tuple[str, ...]) -> None:
+@click.option("--num-shards", type=click.IntRange(min=1), default=None,
+              help="Split the inputs into N disjoint parts (else SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE).")
+@click.option("--shard-index", type=click.IntRange(min=0), default=None, help="Which part this process predicts.")
+def segment_predict(spec: Path, overrides: tuple[str, ...], num_shards: int | None, shard_index: int | None) -> None:
     """Segment nuclei in images or whole-slide regions with overlapping tiles and bounded memory.
 
     \b
     Example:  pathssl segment predict specs/segment/tiny.toml --set predict.inputs='["slide.svs"]'
     """
+    from pathssl_cli.sharding import resolve_shard
+
+    resolve_shard(num_shards, shard_index)  # a bad split is exit 2 before the spec is even read
     loaded = _load(spec, overrides, "segment")
     from pathssl_cli.segment.predict import run_segment_predict
 
-    run_segment_predict(loaded)
+    run_segment_predict(loaded, num_shards=num_shards, shard_index=shard_index)
 
 
 @segment.command("score")

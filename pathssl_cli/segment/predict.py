@@ -32,6 +32,7 @@ from pathssl_cli.distributed import autocast, resolve_device
 from pathssl_cli.errors import PathsslError, SpecError, WorkFailed
 from pathssl_cli.runs import atomic_path, open_run
 from pathssl_cli.segment.readers import ImageReader, SlideReader, open_reader
+from pathssl_cli.sharding import resolve_shard
 from pathssl_cli.specs.segment import SegmentSpec
 
 # QuPath-friendly colours by type id (0 = untyped); PanNuke order after background.
@@ -331,14 +332,18 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return found
 
 
-def run_segment_predict(spec: SegmentSpec) -> dict[str, Any]:
-    """Segment every `predict.inputs` file; returns {"outputs": [...], "instances": total}."""
+def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None,
+                        shard_index: int | None = None) -> dict[str, Any]:
+    """Segment every `predict.inputs` file (this process's part of them, see `pathssl_cli.sharding`); returns
+    {"outputs": [...], "instances": total}."""
     from pathssl_cli.segment.train import default_model_path, load_model
 
     p = spec.predict
     inputs = expand_inputs(p.inputs)
     if not inputs:
         raise SpecError(f"predict.inputs {p.inputs} matches no file; give image or slide paths or globs")
+    part = resolve_shard(num_shards, shard_index)
+    inputs = part.take(inputs)
     model_path = default_model_path(spec)
     if not model_path.exists():
         raise SpecError(f"no trained model at {model_path}: run `pathssl segment train` first or set "
@@ -350,7 +355,7 @@ def run_segment_predict(spec: SegmentSpec) -> dict[str, Any]:
     out_dir = Path(spec.run.output_dir) / "predictions"
     results: list[dict[str, Any]] = []
     failed: list[str] = []
-    with open_run(spec, Path(spec.run.output_dir) / "predict_run", seed=spec.run.seed) as run:
+    with open_run(spec, Path(spec.run.output_dir) / f"predict_run{part.suffix}", seed=spec.run.seed) as run:
         for path in inputs:
             done = output_paths(out_dir, path.stem, p.map_format)
             if all(f.exists() for f in done[:3]):
