@@ -174,3 +174,99 @@ def test_real_tiff_tiles_stream_and_fit_stain_statistics(shared_data: Path) -> N
     # H&E tiles are light and pink: high lightness, positive a* (red), small b*
     lightness, red_green, _ = stats.params["mean_loc"]
     assert 40 < lightness < 95 and red_green > 5
+
+
+# ------------------------------------------------------------------------------------ the index behind it
+def _reference_shard_ordered(indices: np.ndarray, shards: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The original formulation: sort by (random shard rank, index)."""
+    unique = np.unique(shards[indices])
+    shard_rank = np.zeros(int(unique.max()) + 1, dtype=np.int64)
+    shard_rank[unique] = rng.permutation(len(unique))
+    return indices[np.lexsort((indices, shard_rank[shards[indices]]))]
+
+
+def test_block_shard_order_equals_the_sorting_reference() -> None:
+    from pathssl_cli.data.tiles import _shard_ordered
+
+    rng = np.random.default_rng(0)
+    shards = np.repeat(np.arange(40, dtype=np.int32), rng.integers(1, 9, size=40))
+    for seed in range(5):
+        subset = np.sort(rng.choice(len(shards), size=len(shards) // 2, replace=False)).astype(np.int32)
+        for indices in (np.arange(len(shards), dtype=np.int32), subset):
+            got = _shard_ordered(indices, shards, np.random.default_rng(seed))
+            assert np.array_equal(got, _reference_shard_ordered(indices, shards, np.random.default_rng(seed)))
+
+
+def test_index_is_cached_by_the_parts_state_and_memory_mapped(tmp_path: Path) -> None:
+    from pathssl_cli.data import tile_index
+
+    _make_store(tmp_path, slides=2, per_level=3)
+    first = tile_index.open_store(tmp_path)
+    assert isinstance(first.offset, np.memmap) and len(first) == 12
+    assert tile_index.open_store(tmp_path) is first  # once per process
+    (cache,) = (tmp_path / ".index").iterdir()
+    _make_store(tmp_path, slides=3, per_level=3, first_id=100)  # a third slide joins the store
+    second = tile_index.open_store(tmp_path)
+    assert len(second) == 18 and [p.name for p in (tmp_path / ".index").iterdir()] != [cache.name]
+    stream = TileStream([tmp_path], image_size=SIDE)
+    assert stream.index is second and len(list(stream)) == 18
+
+
+def test_read_only_store_gets_a_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathssl_cli.data import tile_index
+
+    ids = _make_store(tmp_path / "store", slides=2, per_level=2)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(tile_index.os, "access", lambda path, mode: False)  # as on a read-only share
+    assert sorted(_ids(TileStream([tmp_path / "store"], image_size=SIDE, seed=5))) == sorted(ids)
+    assert list((tmp_path / "cache" / "pathssl" / "index").rglob("meta.json"))
+
+
+def _broken(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "store"
+    _make_store(root, slides=2, per_level=3)
+    return root, sorted((root / "shards").glob("slide1-*.tar"))[0]
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "stale"])
+def test_damaged_store_is_refused_before_work_naming_shard_and_fix(tmp_path: Path, damage: str) -> None:
+    from pathssl_cli.tiling.index import StoreError
+
+    root, shard = _broken(tmp_path)
+    data = shard.read_bytes()
+    if damage == "missing":
+        shard.unlink()
+    elif damage == "truncated":
+        shard.write_bytes(data[: len(data) // 2])
+    else:
+        shard.write_bytes(data + bytes(1024))
+    with pytest.raises(StoreError, match={"missing": "missing", "truncated": "truncated", "stale": "stale"}[damage]) \
+            as caught:
+        TileStream([root], image_size=SIDE)
+    message = str(caught.value)
+    assert str(root) in message and shard.name in message and "pathssl tile" in message
+    assert caught.value.exit_code == 2
+
+
+def test_stores_of_an_older_pathssl_get_a_clear_error(tmp_path: Path) -> None:
+    from pathssl_cli.tiling.index import StoreError
+
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "slide0.csv").write_text("slide,mpp,level,x,y,size,tissue,shard,key\n")
+    with pytest.raises(StoreError, match="older pathssl"):
+        TileStream([tmp_path], image_size=SIDE)
+
+
+def test_shard_damaged_mid_stream_names_it_without_a_traceback(tmp_path: Path) -> None:
+    from pathssl_cli.data.tile_index import DamagedTile
+
+    root, shard = _broken(tmp_path)
+    stream = TileStream([root], image_size=SIDE, seed=0, batch_size=2)  # index checked and opened: all fine
+    shard.write_bytes(shard.read_bytes()[:700])  # then the shard is cut short under the running job
+    loader = torch.utils.data.DataLoader(stream, batch_size=2, num_workers=2)
+    with pytest.raises(DamagedTile) as caught:
+        for _ in loader:
+            pass
+    message = str(caught.value)
+    assert shard.name in message and "pathssl tile" in message and "slide1.parquet" in message
+    assert "Traceback" not in message and "checkpoint is kept" in message

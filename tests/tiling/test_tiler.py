@@ -60,7 +60,8 @@ def check_store(store: Path) -> list[dict]:
     assert set(found) == set(keys)
     for row in rows:
         shard, jpeg, meta = found[row["key"]]
-        assert row["shard"] == f"shards/{shard.name}" and meta == {**{k: row[k] for k in meta}, "tissue": meta["tissue"]}
+        assert row["shard"] == f"shards/{shard.name}"
+        assert meta == {**{k: row[k] for k in meta}, "tissue": meta["tissue"]}
         assert meta["tissue"] == pytest.approx(row["tissue"])
         image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
         assert image.shape == (row["size"], row["size"], 3)
