@@ -113,6 +113,23 @@ def _write_cache(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> Non
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def release_freed_memory() -> None:
+    """Hand memory freed by large temporaries back to the OS (Arrow's pool, then glibc's heap).
+
+    glibc raises its mmap threshold after a large free, so arrays of a few MB freed later stay in the heap
+    and would count against every worker; `malloc_trim` returns them. A no-op where either is unavailable.
+    """
+    import ctypes
+
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _check_shards(store: Path, meta: dict) -> None:
     """Every shard the index names exists with the size it had when its part was written."""
     rebuild = (f"delete that slide's part (parts/<slide_id>.parquet, the shard's name less its -NNNNN.tar) and "
@@ -140,6 +157,7 @@ def open_store(store: str | Path, *, check: bool = True) -> TileArrays:
     folder = root / state
     if not (folder / "meta.json").exists():
         arrays, meta = _build(store)
+        release_freed_memory()  # the Arrow table is gone; its pages should not stay with this process
         if check:
             _check_shards(store, meta)
         try:

@@ -51,6 +51,7 @@ from pathssl_cli.data.tile_index import (
     TileReader,
     damaged_message,
     open_sources,
+    release_freed_memory,
 )
 
 __all__ = ["IMAGE_SUFFIXES", "TileRef", "TileStream", "decode", "sample_images"]
@@ -71,16 +72,16 @@ class TileRef:
 class _Refs(Sequence[TileRef]):
     """`stream.refs[i]`: a TileRef made on demand from the index arrays (none is kept)."""
 
-    def __init__(self, index: TileArrays) -> None:
-        self.index = index
+    def __init__(self, arrays: TileArrays) -> None:
+        self.arrays = arrays
 
     def __len__(self) -> int:
-        return len(self.index)
+        return len(self.arrays)
 
     def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        index, i = self.index, int(i)
+        index, i = self.arrays, int(i)
         nbytes, offset, shard = int(index.nbytes[i]), int(index.offset[i]), int(index.shard[i])
         path = Path(index.files[offset] if nbytes < 0 else index.shard_paths[shard])
         return TileRef(path, offset, nbytes, index.mpp(i), shard)
@@ -132,7 +133,7 @@ def _shard_ordered(indices: np.ndarray, shards: np.ndarray, rng: np.random.Gener
     out_starts = np.concatenate(([0], np.cumsum(lengths[blocks])[:-1]))
     dtype = np.int32 if len(indices) < 2**31 else np.int64
     positions = np.arange(len(indices), dtype=dtype)
-    positions += np.repeat((starts[blocks] - out_starts).astype(dtype), lengths[blocks])
+    np.add(positions, np.repeat((starts[blocks] - out_starts).astype(dtype), lengths[blocks]), out=positions)
     return indices[positions]
 
 
@@ -275,6 +276,7 @@ class TileStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         order = self.rank_order()
+        release_freed_memory()  # the order's temporaries: several times its size, freed but kept by malloc
         reader = TileReader(self.index)
         try:
             for position in range(self._skip, len(order)):

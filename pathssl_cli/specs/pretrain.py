@@ -24,7 +24,7 @@ PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16"]
 
 class PretrainData(Section):
     tiles: list[InputPath] = Field(
-        min_length=1, description="Tile stores written by `pathssl tile` (a folder with manifest.csv and "
+        min_length=1, description="Tile stores written by `pathssl tile` (a folder with parts/*.parquet and "
                                   "shards/) or folders of images (searched recursively); all are mixed into "
                                   "one stream.")
     batch_size: int = Field(

@@ -117,7 +117,8 @@ def _as_mpp(value: float | str) -> float:
 
 class TileOutput(Section):
     dir: OutputPath = Field(
-        description="Tile store folder: shards/, manifest.csv, qc/, errors.csv, summary.json."
+        description="Tile store folder: shards/, parts/ and slides/ (the Parquet index), qc/, errors.csv, "
+        "summary.json. Several runs or array tasks may fill one store at the same time."
     )
     jpeg_quality: int = Field(
         default=90,
