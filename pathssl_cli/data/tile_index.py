@@ -174,6 +174,8 @@ def open_store(store: str | Path, *, check: bool = True) -> TileArrays:
         raise StoreError(f"{store}: the index cache {folder} is damaged; delete {root} and start again")
     opened = TileArrays(arrays["shard"], arrays["offset"], arrays["nbytes"], arrays["level"], meta["mpps"],
                         [str(store / n) for n in meta["shards"]], [str(store)] * len(meta["shards"]))
+    for old in [k for k in _OPENED if k[0] == key[0]]:  # an earlier state of this store: streams keep their own
+        del _OPENED[old]
     _OPENED[key] = opened
     return opened
 

@@ -270,3 +270,16 @@ def test_shard_damaged_mid_stream_names_it_without_a_traceback(tmp_path: Path) -
     message = str(caught.value)
     assert shard.name in message and "pathssl tile" in message and "slide1.parquet" in message
     assert "Traceback" not in message and "checkpoint is kept" in message
+
+
+def test_a_pickled_stream_reopens_its_index_instead_of_copying_it(store) -> None:
+    import pickle
+
+    root, _ = store
+    stream = TileStream([root], image_size=SIDE, seed=3, shuffle_buffer=4, mpp_weights={0.25: 1.0, 0.5: 2.0})
+    stream.set_epoch(2)
+    stream.skip(5)
+    data = pickle.dumps(stream)  # what a spawned DataLoader worker receives
+    assert len(data) < 2000  # no per-tile array travels
+    copy = pickle.loads(data)
+    assert np.array_equal(copy.rank_order(), stream.rank_order()) and _ids(copy) == _ids(stream)

@@ -103,3 +103,18 @@ def test_consolidate_is_on_request_and_tracks_the_parts(tmp_path: Path, six_slid
     assert exported["key"].to_pylist() == consolidated["key"].to_pylist()
     run_tile(load_spec(write_spec(tmp_path, six_slides[:4], store)))  # one more slide: the export is now stale
     assert not index.consolidated_is_current(store)
+
+
+def test_a_split_run_reads_no_other_part(tmp_path: Path, six_slides: list[str], monkeypatch) -> None:
+    """N array tasks do index work linear in their own tiles: none reads the store's other parts."""
+    spec = load_spec(write_spec(tmp_path, six_slides[:4], tmp_path / "store"))
+    run_tile(spec, num_shards=2, shard_index=0)
+    mine = {p.name for p in (tmp_path / "store" / "parts").iterdir()}
+    opened: list[str] = []
+    for name in ("read_table", "read_metadata", "ParquetFile"):
+        real = getattr(pq, name)
+        monkeypatch.setattr(pq, name, lambda path, *a, _real=real, **k: (opened.append(Path(path).name),
+                                                                          _real(path, *a, **k))[1])
+    monkeypatch.setattr(pa_ds, "dataset", lambda *a, **k: pytest.fail("a split run scanned the index"))
+    summary = run_tile(spec, num_shards=2, shard_index=1)
+    assert summary["done"] == 2 and not set(opened) & mine
