@@ -49,6 +49,22 @@ class TileInput(Section):
         "a slide "
         "is an error naming it: guessing a resolution silently would tile at the wrong field of view.",
     )
+    reader: Literal["auto", "tiffslide", "openslide", "dicom"] = Field(
+        default="auto",
+        description="Slide library: 'auto' tries tiffslide, then OpenSlide (extra 'openslide': MIRAX, Leica, "
+        "Ventana, Hamamatsu VMS, Philips), then wsidicom (extra 'dicom': DICOM-WSI folders). The reader used "
+        "is recorded per slide, because readers may decode pixels slightly differently.",
+    )
+
+    @field_validator("reader")
+    @classmethod
+    def _reader_installed(cls, value: str) -> str:
+        from pathssl_cli.slides.readers import reader_problem
+
+        problem = reader_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class TileGrid(Section):
