@@ -184,6 +184,31 @@ def tile(spec: Path, overrides: tuple[str, ...], num_shards: int | None, shard_i
     run_tile(loaded, num_shards=num_shards, shard_index=shard_index)
 
 
+# ------------------------------------------------------------------------------------------------- slides
+@cli.group()
+def slides() -> None:
+    """Inspect whole-slide images before tiling them."""
+
+
+@slides.command("info")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--reader", type=click.Choice(["auto", "tiffslide", "openslide", "dicom"]), default="auto",
+              show_default=True, help="Slide library (auto: tiffslide, then OpenSlide, then DICOM).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per slide.")
+@click.option("--csv", "out_csv", type=click.Path(path_type=Path), default=None,
+              help="Write one CSV row per slide to this file ('-' for standard output).")
+def slides_info(paths: tuple[str, ...], reader: str, as_json: bool, out_csv: Path | None) -> None:
+    """Format, reader, levels, MPP and its source, objective, compression, associated images, size; exit 1 if
+    any slide is unreadable. Reads metadata only.
+
+    \b
+    Example:  pathssl slides info 'slides/**/*.svs' dicom_series/ --csv slides.csv
+    """
+    from pathssl_cli.slides.info import write_slides_info
+
+    write_slides_info(list(paths), reader=reader, as_json=as_json, out_csv=out_csv)
+
+
 # ----------------------------------------------------------------------------------------------- pretrain
 @cli.command()
 @spec_argument

@@ -191,6 +191,13 @@ class DicomAdapter(_Adapter):
             self.properties["dicom.mpp-x"] = str(spacing.width * 1000)
             self.properties["dicom.mpp-y"] = str(spacing.height * 1000)
         self.associated_images = _DicomAssociated(self._wsi)
+        try:  # metadata for `slides info`; a dataset lacking them still reads
+            self.properties["dicom.transfer-syntax"] = str(base.default_instance.image_data.transfer_syntax.name)
+            power = base.default_instance.dataset.get("OpticalPathSequence", [{}])[0].get("ObjectiveLensPower")
+            if power:
+                self.properties["dicom.objective-power"] = str(power)
+        except (AttributeError, IndexError, KeyError, TypeError):
+            pass
 
     def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
         w, h = self.level_dimensions[level]
