@@ -15,10 +15,12 @@ import numpy as np
 WSM_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"
 
 
-def write_dicom_wsi(rgb: np.ndarray, mpp: float, out_dir: Path, *, tile: int = 256, levels: int = 2,
+def write_dicom_wsi(rgb: np.ndarray, mpp: float | None, out_dir: Path, *, tile: int = 256, levels: int = 2,
                     quality: int = 95) -> list[Path]:
-    """Write `rgb` (H, W, 3 uint8, level 0 at `mpp` µm/px) as `levels` DICOM files in `out_dir`."""
-    import pydicom
+    """Write `rgb` (H, W, 3 uint8, level 0 at `mpp` µm/px) as `levels` DICOM files in `out_dir`.
+
+    `mpp=None` leaves out the pixel spacing and imaged size, as some converters do.
+    """
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
     from pydicom.uid import JPEGBaseline8Bit, generate_uid
@@ -29,7 +31,7 @@ def write_dicom_wsi(rgb: np.ndarray, mpp: float, out_dir: Path, *, tile: int = 2
     image = rgb
     for level in range(levels):
         height, width = image.shape[:2]
-        spacing_mm = mpp * 2**level / 1000
+        spacing_mm = (mpp or 1.0) * 2**level / 1000
         frames = []
         for y in range(0, height, tile):
             for x in range(0, width, tile):
@@ -62,8 +64,9 @@ def write_dicom_wsi(rgb: np.ndarray, mpp: float, out_dir: Path, *, tile: int = 2
         ds.PlanarConfiguration = 0
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
         ds.LossyImageCompression = "01"
-        ds.ImagedVolumeWidth = width * spacing_mm
-        ds.ImagedVolumeHeight = height * spacing_mm
+        if mpp is not None:
+            ds.ImagedVolumeWidth = width * spacing_mm
+            ds.ImagedVolumeHeight = height * spacing_mm
         ds.ImagedVolumeDepth = 0.001
         ds.NumberOfOpticalPaths = 1
         optical = Dataset()
@@ -74,11 +77,12 @@ def write_dicom_wsi(rgb: np.ndarray, mpp: float, out_dir: Path, *, tile: int = 2
         origin.YOffsetInSlideCoordinateSystem = 0.0
         ds.TotalPixelMatrixOriginSequence = [origin]
         ds.ImageOrientationSlide = [0, -1, 0, -1, 0, 0]
-        measures = Dataset()
-        measures.PixelSpacing = [spacing_mm, spacing_mm]
-        measures.SliceThickness = 0.001
         shared = Dataset()
-        shared.PixelMeasuresSequence = [measures]
+        if mpp is not None:
+            measures = Dataset()
+            measures.PixelSpacing = [spacing_mm, spacing_mm]
+            measures.SliceThickness = 0.001
+            shared.PixelMeasuresSequence = [measures]
         ds.SharedFunctionalGroupsSequence = [shared]
         ds.PixelData = encapsulate(frames)
         ds["PixelData"].VR = "OB"
@@ -86,5 +90,4 @@ def write_dicom_wsi(rgb: np.ndarray, mpp: float, out_dir: Path, *, tile: int = 2
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
         image = cv2.resize(image, (max(width // 2, 1), max(height // 2, 1)), interpolation=cv2.INTER_AREA)
-    del pydicom
     return paths
