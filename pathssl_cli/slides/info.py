@@ -66,6 +66,14 @@ def _size_on_disk(path: Path) -> int:
     return size
 
 
+def _number(value: Any) -> float | None:
+    """Readers give the objective power as int (tiffslide) or text (OpenSlide, DICOM): one type for JSON/CSV."""
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _compression(slide: Any, path: Path) -> str | None:
     tif = getattr(slide, "ts_tifffile", None)
     if tif is None and path.is_file() and path.suffix.lower() in (".tif", ".tiff", ".svs", ".ndpi", ".scn", ".bif"):
@@ -120,7 +128,7 @@ def slide_info(path: Path, reader: str = "auto") -> dict[str, Any]:
             ],
             mpp=mpp,
             mpp_source=source,
-            objective_power=next((props[k] for k in POWER_KEYS if props.get(k)), None),
+            objective_power=_number(next((props[k] for k in POWER_KEYS if props.get(k)), None)),
             compression=_compression(slide, path),
             associated_images=sorted(slide.associated_images),
             file_size_bytes=_size_on_disk(path),
@@ -163,10 +171,11 @@ def _text(rows: list[dict[str, Any]]) -> str:
         mpp = (f"{row['mpp']:.4g} µm/px (from {row['mpp_source']})" if row["mpp"] is not None
                else "MISSING (tile needs input.mpp_override or an mpp column)")
         levels = ", ".join(f"{lv['width']}x{lv['height']} (/{lv['downsample']:g})" for lv in row["levels"])
+        objective = f"{row['objective_power']:g}x" if row["objective_power"] else "unknown"
         lines += [
             f"  format {row['format']}, read by {row['reader']} {row['reader_version']}",
             f"  levels {len(row['levels'])}: {levels}",
-            f"  mpp {mpp}; objective {row['objective_power'] or 'unknown'}",
+            f"  mpp {mpp}; objective {objective}",
             f"  compression {row['compression'] or 'unknown'}; "
             f"associated images: {', '.join(row['associated_images']) or 'none'}; "
             f"{row['file_size_bytes'] / 2**20:.1f} MiB",
