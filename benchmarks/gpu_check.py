@@ -61,11 +61,13 @@ PAPER = {"mocov2": "mocov2_resnet50_pathology", "swav": "swav_resnet50_pathology
 
 # Shapes per mode: `gpu` is the paper's (224 px views, batch 128); `cpu` is small enough for CI (< 1 min).
 SHAPES: dict[str, dict[str, Any]] = {
-    "gpu": {"slide_px": 4096, "slide_mpp": 0.25, "tile_mpp": [0.25, 0.5], "tile_px": 224, "batch": 128,
-            "steps": 8, "warmup": 3, "compile_steps": 12, "ddp_steps": 20, "predict_px": 2048,
+    "gpu": {"slide_px": 8192, "slide_mpp": 0.25, "tile_mpp": [0.25, 0.5], "tile_px": 224, "batch": 128,
+            "steps": 8, "warmup": 3, "compile_steps": 12, "compile_batch": 64, "ddp_steps": 20, "ddp_batch": 32,
+            "predict_px": 2048,
             "specs": PAPER, "segment": "consep_resnet50", "predict_batch": 64, "precisions": ["fp32", "bf16"]},
     "cpu": {"slide_px": 1024, "slide_mpp": 1.0, "tile_mpp": [2.0], "tile_px": 64, "batch": 8,
-            "steps": 2, "warmup": 1, "compile_steps": 0, "ddp_steps": 0, "predict_px": 128,
+            "steps": 2, "warmup": 1, "compile_steps": 4, "compile_batch": 8, "ddp_steps": 3, "ddp_batch": 8,
+            "predict_px": 128,
             "specs": {m: f"tiny_{m}" for m in PAPER}, "segment": "tiny", "predict_batch": 16,
             # bf16 autocast on a CPU without AMX is emulated (~4x slower than fp32 here): it says nothing of a GPU.
             "precisions": ["fp32"]},
@@ -231,7 +233,10 @@ def compile_check(store: Path, work: Path, shape: dict[str, Any]) -> dict[str, A
     for flag in (False, True):
         out = work / f"compile_{flag}"
         spec: Any = load_spec(SPECS / "pretrain" / f"{PAPER['mocov2']}.toml", [
-            f'data.tiles=["{store}"]', "data.batch_size=64", f"run.steps={shape['compile_steps']}",
+            # The paper spec counts ImageNet epochs (run.epochs + run.epoch_images): one "epoch" of N steps.
+            f'data.tiles=["{store}"]', f"data.batch_size={shape['compile_batch']}",
+            f"run.epoch_images={shape['compile_batch'] * shape['compile_steps']}",
+            "run.epochs=1",
             f'run.output_dir="{out}"', f"run.compile={str(flag).lower()}", "run.log_every=1",
             "data.workers=2"], kind="pretrain")
         began = time.perf_counter()
@@ -249,13 +254,14 @@ def _metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def torchrun_check(store: Path, work: Path, shape: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """One `torchrun -m pathssl_cli pretrain` over every visible GPU (nccl)."""
+    """One `torchrun -m pathssl_cli pretrain` over every visible GPU (nccl), `ddp_batch` tiles per GPU."""
     gpus = torch.cuda.device_count()
     out = work / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
                "-m", "pathssl_cli", "pretrain", str(SPECS / "pretrain" / f"{PAPER['mocov2']}.toml"),
-               "--set", f'data.tiles=["{store}"]', "--set", f"data.batch_size={64 * gpus}",
-               "--set", f"run.steps={shape['ddp_steps']}", "--set", f'run.output_dir="{out}"',
+               "--set", f'data.tiles=["{store}"]', "--set", f"data.batch_size={shape['ddp_batch'] * gpus}",
+               "--set", f"run.epoch_images={shape['ddp_batch'] * gpus * shape['ddp_steps']}", "--set", "run.epochs=1",
+               "--set", f'run.output_dir="{out}"',
                "--set", "run.log_every=5", "--set", "data.workers=2"]
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "PATHSSL_PROGRESS": "0"}
@@ -269,7 +275,8 @@ def torchrun_check(store: Path, work: Path, shape: dict[str, Any], device: torch
     rates = [r["img_per_s"] for r in _metrics(out)][1:]
     found["img_s"] = round(statistics.median(rates), 1) if rates else None
     if done.returncode != 0:
-        raise RuntimeError(f"torchrun exited {done.returncode}: {found['output_tail'][-800:]}")
+        errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error:")]
+        raise RuntimeError(f"torchrun exited {done.returncode}: {' | '.join(errors) or found['output_tail'][-800:]}")
     return found
 
 

@@ -63,12 +63,12 @@ class SlideReader:
 
 
 def open_reader(
-    path: Path, region: tuple[int, int, int, int] | None, reader: str = "auto"
+    path: Path, region: tuple[int, int, int, int] | None, slide_reader: str = "auto"
 ) -> ImageReader | SlideReader:
     """PNG/JPEG and small flat TIFFs are read whole; slides and pyramidal or large TIFFs window by window."""
     suffix = path.suffix.lower()
     if path.is_dir():  # a DICOM-WSI series folder
-        return SlideReader(path, region, reader)
+        return SlideReader(path, region, slide_reader)
     if suffix in (".png", ".jpg", ".jpeg") or (
         suffix in IMAGE_SUFFIXES and path.stat().st_size < 64 * 2**20 and not _is_pyramid(path)
     ):
@@ -82,7 +82,7 @@ def open_reader(
                 where=str(path),
             )
         return ImageReader(reader.image[y : y + h, x : x + w])
-    return SlideReader(path, region, reader)
+    return SlideReader(path, region, slide_reader)
 
 
 def _is_pyramid(path: Path) -> bool:

@@ -81,7 +81,8 @@ def _compression(slide: Any, path: Path) -> str | None:
 
         try:
             with tifffile.TiffFile(path) as handle:
-                return str(handle.pages[0].compression.name)
+                page: Any = handle.pages[0]
+                return str(page.compression.name)
         except Exception:  # not a TIFF after all, or unreadable header: leave compression unknown
             return None
     if tif is not None:

@@ -139,8 +139,9 @@ class OpenSlideAdapter(_Adapter):
         self._slide = openslide.OpenSlide(str(path))
         self.reader_version = f"{_version('openslide-python')} (libopenslide {openslide.__library_version__})"
         self.properties = dict(self._slide.properties)
-        self.dimensions = tuple(self._slide.dimensions)
-        self.level_dimensions = tuple(tuple(d) for d in self._slide.level_dimensions)
+        width, height = self._slide.dimensions
+        self.dimensions = (int(width), int(height))
+        self.level_dimensions = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._slide.level_downsamples)
         self.associated_images = self._slide.associated_images
         colour = self.properties.get("openslide.background-color") or "FFFFFF"
@@ -245,7 +246,7 @@ class _DicomAssociated(dict):
 def _open_tiffslide(path: Path) -> Any:
     import tiffslide
 
-    slide = tiffslide.TiffSlide(path)
+    slide: Any = tiffslide.TiffSlide(path)
     _ = slide.level_dimensions
     slide.reader_name = "tiffslide"
     slide.reader_version = _version("tiffslide")

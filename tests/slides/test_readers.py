@@ -204,3 +204,27 @@ def test_openslide_transparent_pixels_become_background() -> None:
     out = adapter.read_level(0, 0, 0, 2, 2)
     assert out[0, 0].tolist() == [10, 20, 30] and out[0, 1].tolist() == [255, 255, 255]
     assert out[1, 0].tolist() == [127, 127, 127]
+
+
+def test_segment_predict_reads_dicom_through_the_one_opener(dicom_dir: Path, tmp_path: Path) -> None:
+    from pathssl_cli.runs import save_checkpoint
+    from pathssl_cli.segment.predict import run_segment_predict
+    from pathssl_cli.segment.readers import SlideReader, open_reader
+    from pathssl_cli.segment.train import build_model, model_record
+
+    reader = open_reader(dicom_dir, (256, 128, 96, 64), "auto")
+    assert isinstance(reader, SlideReader) and reader.reader.startswith("dicom ")
+    exact = decoded_frames(dicom_dir / "level0.dcm")[128:192, 256:352]
+    assert np.abs(reader.read(0, 0, 64, 96).astype(np.int16) - exact).max() <= 1
+
+    root = Path(__file__).resolve().parents[2]
+    spec = load_spec(root / "specs" / "segment" / "tiny.toml", [
+        f'run.output_dir="{tmp_path}"', f'predict.inputs=["{dicom_dir}"]', "predict.region=[0, 0, 128, 128]",
+        "predict.overlay=false", 'predict.reader="dicom"'], kind="segment", check_inputs=False)
+    model = build_model(spec)
+    save_checkpoint({"hovernet": model_record(model), "model": model.state_dict()}, tmp_path / "model.pt")
+    summary = run_segment_predict(spec)
+    assert len(summary["outputs"]) == 1 and not summary["failed"]
+    run = json.loads((tmp_path / "predict_run" / "run.json").read_text())
+    assert run["slide_readers"]["requested"] == "dicom"
+    assert list(run["slide_readers"]["used"]) == [reader.reader]
