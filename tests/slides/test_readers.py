@@ -228,3 +228,27 @@ def test_segment_predict_reads_dicom_through_the_one_opener(dicom_dir: Path, tmp
     run = json.loads((tmp_path / "predict_run" / "run.json").read_text())
     assert run["slide_readers"]["requested"] == "dicom"
     assert list(run["slide_readers"]["used"]) == [reader.reader]
+
+
+def test_openslide_slide_without_mpp_takes_the_override(tmp_path: Path) -> None:
+    needs("openslide")
+    from pathssl_cli.errors import WorkFailed
+    from pathssl_cli.synthetic_slide import write_synthetic_slide
+
+    slide = tmp_path / "nompp.tif"
+    write_synthetic_slide(slide, width=512, height=384, mpp=1.0, tile_size=128, n_levels=1, seed=6,
+                          write_mpp=False, tissue_fraction=0.6)
+    assert metadata_mpp(open_slide(slide, "openslide")) == (None, "missing")
+
+    def spec(override: str) -> Path:
+        path = tmp_path / f"t{len(override)}.toml"
+        path.write_text(f'kind = "tile"\n[input]\nslides = ["{slide}"]\nreader = "openslide"\n{override}'
+                        f'[tiles]\nmpp = [2.0]\nsize = 64\n[output]\ndir = "{tmp_path / f"s{len(override)}"}"\n'
+                        "[run]\nworkers = 1\n")
+        return path
+
+    with pytest.raises(WorkFailed, match="no MPP"):
+        run_tile(load_spec(spec(""), (), kind="tile"))
+    summary = run_tile(load_spec(spec("mpp_override = 1.0\n"), (), kind="tile"))
+    assert summary["failed"] == 0 and summary["tiles_written"] > 0
+    assert summary["per_slide"][0]["reader"].startswith("openslide ")
