@@ -17,13 +17,13 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import importlib.metadata
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
-ReaderName = Literal["auto", "tiffslide", "openslide", "dicom"]
 READERS: tuple[str, ...] = ("tiffslide", "openslide", "dicom")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 # tiffslide opens these TIFF files but not their layout (Leica .scn places several images on the glass, Ventana
@@ -87,7 +87,7 @@ def _to_rgb(region: Any) -> np.ndarray:
     return np.ascontiguousarray(array[..., :3])
 
 
-class _Adapter:
+class _Adapter(ABC):
     """Common surface over a non-tiffslide reader; subclasses fill the level table and `read_level`."""
 
     reader_name = ""
@@ -102,8 +102,9 @@ class _Adapter:
     def level_count(self) -> int:
         return len(self.level_dimensions)
 
+    @abstractmethod
     def read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        raise SlideError(f"{type(self).__name__} cannot read pixels")
+        """RGB uint8 (height, width, 3) at `level`, `x`, `y` in that level's pixels; outside the image white."""
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int], *,
                     as_array: bool = False) -> Any:
@@ -134,7 +135,7 @@ class OpenSlideAdapter(_Adapter):
     def __init__(self, path: Path) -> None:
         try:
             import openslide
-        except ImportError:
+        except (ImportError, OSError):  # OSError: openslide-python found no OpenSlide C library (openslide-bin)
             raise _missing("openslide", "openslide-python (and openslide-bin)") from None
         self._slide = openslide.OpenSlide(str(path))
         self.reader_version = f"{_version('openslide-python')} (libopenslide {openslide.__library_version__})"
