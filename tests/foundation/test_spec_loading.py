@@ -160,3 +160,43 @@ def test_validate_many_files_reports_each(tree: Path) -> None:
     result = CliRunner().invoke(cli, ["spec", "validate", str(good), str(bad)])
     assert result.exit_code == 2
     assert f"ok: {good}" in result.output and "1 of 2 specs invalid" in result.output
+
+
+# ------------------------------------------------------------------------------ every problem in one pass
+def _wheres(error: SpecError) -> set[str]:
+    return {p.where.rpartition(": ")[2] for p in error.problems}
+
+
+def test_missing_sections_and_missing_inputs_in_one_pass(tree: Path) -> None:
+    # Issue 11 item 13: the missing [run] section used to hide the missing data root and weights file.
+    spec = write(tree / "s.toml", 'kind = "knn"\n[data]\ndataset = "folder"\nroot = "nowhere"\n'
+                                  '[model]\nweights = "missing.safetensors"\n')
+    with pytest.raises(SpecError) as info:
+        load_spec(spec)
+    assert _wheres(info.value) == {"run", "data.root", "model.weights"}
+    by_where = {p.where.rpartition(": ")[2]: p for p in info.value.problems}
+    assert str(tree / "nowhere") in by_where["data.root"].message
+    assert by_where["data.root"].where.startswith(str(spec))
+    # Without input checks only the structure is reported.
+    with pytest.raises(SpecError) as info:
+        load_spec(spec, check_inputs=False)
+    assert _wheres(info.value) == {"run"}
+
+
+def test_missing_input_in_a_list_is_found_beside_a_bad_value(tree: Path) -> None:
+    spec = write(tree / "s.toml", GOOD + 'extra = ["data", "gone.txt"]\n[optim]\nlr = -1\n')
+    with pytest.raises(SpecError) as info:
+        load_spec(spec)
+    assert _wheres(info.value) == {"optim.lr", "data.extra"}
+    assert sum("gone.txt" in p.message for p in info.value.problems) == 1
+
+
+def test_a_missing_file_does_not_hide_the_input_checks(tree: Path) -> None:
+    # The data root exists but holds no split folders: the layout problem is reported beside the missing
+    # weights file, not after it is fixed.
+    (tree / "empty").mkdir()
+    spec = write(tree / "s.toml", 'kind = "knn"\n[data]\ndataset = "folder"\nroot = "empty"\n'
+                                  '[model]\nweights = "missing.safetensors"\n[run]\noutput_dir = "out"\n')
+    with pytest.raises(SpecError) as info:
+        load_spec(spec)
+    assert _wheres(info.value) == {"model.weights", "data.root"}
