@@ -384,11 +384,11 @@ def build_spec(model: type[SpecModel], data: dict[str, Any], origins: dict[str, 
             problems += [p for p in raw_input_problems(model, data, origins, default_file) if p not in problems]
         raise SpecError(problems) from None
     problems = resolve_paths(spec, origins, default_file, check_exists=check_inputs)
+    spec._source_file = source  # before the checks, so that their problems can name the file
     if check_inputs:
         problems += _input_checks(spec, problems)
     if problems:
         raise SpecError(problems)
-    spec._source_file = source
     return spec
 
 
