@@ -200,3 +200,27 @@ def test_a_missing_file_does_not_hide_the_input_checks(tree: Path) -> None:
     with pytest.raises(SpecError) as info:
         load_spec(spec)
     assert _wheres(info.value) == {"model.weights", "data.root"}
+
+
+# ------------------------------------------------------------------------------------------ partial bases
+def test_partial_base_named_explicitly_is_checked_as_a_partial(tree: Path) -> None:
+    # Issue 11 item 11: `pathssl spec validate specs/**/*.toml` names the _*.toml bases, which lack required
+    # sections by design; they were reported invalid.
+    base = write(tree / "_base.toml", 'kind = "toy"\n[optim]\nlr = 0.5\n[model]\nweights = "later.pth"\n')
+    child = write(tree / "child.toml", 'extends = "_base.toml"\n[data]\nroot = "data"\n[model]\nweights = "random"\n')
+    fragment = write(tree / "_run.toml", '[run]\nworld_size = 2\n')
+    result = CliRunner().invoke(cli, ["spec", "validate", str(base), str(child), str(fragment)])
+    assert result.exit_code == 0, result.output
+    assert f"ok: {base} (partial toy base)" in result.output and f"ok: {child} (toy)" in result.output
+    assert f"ok: {fragment} (partial base without a kind)" in result.output
+
+
+def test_partial_base_still_has_its_keys_and_values_checked(tree: Path) -> None:
+    write(tree / "specs" / "_base.toml", 'kind = "toy"\n[optim]\nlr = -1\nschedul = "step"\n')
+    write(tree / "specs" / "_typo.toml", 'kind = "tiy"\n')
+    for args in (["spec", "validate", str(tree / "specs")],
+                 ["spec", "validate", str(tree / "specs" / "_base.toml"), str(tree / "specs" / "_typo.toml")]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2
+        assert "optim.lr" in result.output and "'schedul'" in result.output and "'tiy'" in result.output
+        assert "required field" not in result.output and "2 of 2 specs invalid" in result.output
