@@ -128,15 +128,18 @@ def spec_schema_command(kind: str) -> None:
 
 @spec.command("show")
 @spec_argument
-def spec_show(spec: Path, overrides: tuple[str, ...]) -> None:
+@click.option("--no-input-check", is_flag=True,
+              help="Resolve without checking that input files exist (a machine without the data).")
+def spec_show(spec: Path, overrides: tuple[str, ...], no_input_check: bool) -> None:
     """Print the resolved spec (after extends and --set), as each run saves it in spec.toml.
 
     \b
     Example:  pathssl spec show specs/pretrain/tiny_dino.toml --set optim.lr=0.001
+              pathssl spec show --no-input-check specs/evaluate/pcam_linear.toml
     """
     from pathssl_cli.specs import load_spec, spec_to_toml
 
-    click.echo(spec_to_toml(load_spec(spec, overrides)), nl=False)
+    click.echo(spec_to_toml(load_spec(spec, overrides, check_inputs=not no_input_check)), nl=False)
 
 
 # ------------------------------------------------------------------------------------------------ backbones

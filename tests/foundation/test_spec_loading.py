@@ -224,3 +224,11 @@ def test_partial_base_still_has_its_keys_and_values_checked(tree: Path) -> None:
         assert result.exit_code == 2
         assert "optim.lr" in result.output and "'schedul'" in result.output and "'tiy'" in result.output
         assert "required field" not in result.output and "2 of 2 specs invalid" in result.output
+
+
+def test_show_without_input_check_resolves_a_spec_whose_inputs_are_absent(tree: Path) -> None:
+    spec = write(tree / "s.toml", 'kind = "toy"\n[data]\nroot = "not_here"\n')
+    assert CliRunner().invoke(cli, ["spec", "show", str(spec)]).exit_code == 2
+    result = CliRunner().invoke(cli, ["spec", "show", "--no-input-check", str(spec)])
+    assert result.exit_code == 0, result.output
+    assert f'root = "{tree / "not_here"}"' in result.output
