@@ -7,8 +7,8 @@ reports k = 20 (its best) alongside 10, 100 and 200; the issue asks for k = 20 a
 
 Scores are each class's *fraction* of the vote weight (rows sum to 1), the weighted kNN's estimate of the class
 probability. DINO only takes the argmax of the summed weights, which the fractions keep; ranking metrics need
-the fractions: the raw sums reach e^(1/0.07) ≈ 1.6e6, and a softmax over them (what `classification_metrics`
-applies to logits) saturates almost every score to 0 or 1, which turns AUROC into accuracy.
+the fractions: the raw sums reach k·e^(1/0.07) ≈ k·1.6e6, and the softmax over them that AUROC used to rank
+saturated almost every score to 0 or 1, which turned AUROC into accuracy (issue 11).
 
 The neighbours come from the whole training partition, as in DINO's `eval_knn.py` (all of ImageNet train): where
 the dataset's val split is carved out of its official training set (CRC, BACH, MHIST, a folder without val/, a
@@ -103,8 +103,8 @@ def val_is_carved(data: DataSection) -> bool:
 
 
 def run_knn(spec: KnnSpec) -> dict[str, Any]:
-    """kNN of the evaluation split against the train split, for every k of `[knn]`; metrics.json reports the
-    first k as the run's result and the others as variants."""
+    """kNN of the evaluation split against the training partition (`knn_neighbours`), for every k of `[knn]`;
+    metrics.json reports the first k as the run's result and the others as variants."""
     with open_run(spec, spec.run.output_dir, seed=spec.run.seeds[0]) as run:
         fset = frozen_features(spec, need_val=val_is_carved(spec.data))
         num_classes = len(fset.splits["train"].classes)
