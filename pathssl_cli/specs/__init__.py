@@ -69,7 +69,14 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), kind: str | None 
     data = apply_overrides(data, overrides, origins)
     source = path.resolve()
     found = _kind_of(data, source, kind)
-    return build_spec(spec_model(found), data, origins, source=source, check_inputs=check_inputs)
+    try:
+        return build_spec(spec_model(found), data, origins, source=source, check_inputs=check_inputs)
+    except SpecError as exc:
+        if not is_partial(path):
+            raise
+        hint = Problem(str(source), "this file is a partial base (its name starts with '_'): run a spec that "
+                                    "extends it; `pathssl spec validate` checks the partial on its own.")
+        raise SpecError([*exc.problems, hint]) from None
 
 
 def is_partial(path: str | Path) -> bool:

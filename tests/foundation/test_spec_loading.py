@@ -232,3 +232,9 @@ def test_show_without_input_check_resolves_a_spec_whose_inputs_are_absent(tree: 
     result = CliRunner().invoke(cli, ["spec", "show", "--no-input-check", str(spec)])
     assert result.exit_code == 0, result.output
     assert f'root = "{tree / "not_here"}"' in result.output
+
+
+def test_running_a_partial_base_says_what_it_is(tree: Path) -> None:
+    base = write(tree / "_base.toml", 'kind = "toy"\n[optim]\nlr = 0.5\n')
+    result = CliRunner().invoke(cli, ["spec", "show", str(base)])
+    assert result.exit_code == 2 and "data" in result.output and "partial base" in result.output
