@@ -171,6 +171,17 @@ class TileSpec(SpecModel):
     run: TileRun = Field(default_factory=TileRun, description="Parallelism and failure policy.")
 
     def check_inputs(self) -> list[Problem]:
+        # A path without glob characters names one file: like model.weights, it must exist (a typo there
+        # would otherwise surface only as a failed slide in errors.csv after the run). Paths listed inside a
+        # CSV stay per-slide errors, so that one lost file does not stop a run over thousands.
+        missing = [
+            Problem(f"{self.source_file or 'spec'}: input.slides[{i}]",
+                    f"file not found: {item}. Fix the path, or use a glob pattern or a CSV list for slides "
+                    "that may be absent.")
+            for i, item in enumerate(self.input.slides) if not _GLOB.search(item) and not Path(item).exists()
+        ]
+        if missing:
+            return missing
         try:
             slides = resolve_slides(self)
         except (ValueError, OSError) as exc:
@@ -183,6 +194,9 @@ class TileSpec(SpecModel):
                 )
             ]
         return []
+
+
+_GLOB = re.compile(r"[*?\[]")  # what makes an input.slides entry a pattern rather than one file
 
 
 def _read_slide_csv(path: Path) -> list[tuple[Path, float | None]]:
@@ -207,8 +221,8 @@ def _read_slide_csv(path: Path) -> list[tuple[Path, float | None]]:
 def resolve_slides(spec: TileSpec) -> list[tuple[Path, float | None]]:
     """(slide path, per-slide mpp or None), sorted and de-duplicated, from paths, globs and CSV files.
 
-    Missing explicit paths are kept: they are reported per slide in errors.csv, not as a spec error,
-    so one lost file does not stop a run over thousands.
+    Missing paths listed in a CSV are kept: they are reported per slide in errors.csv, not as a spec error,
+    so one lost file does not stop a run over thousands (a missing path in the spec itself is a spec error).
     """
     found: dict[Path, float | None] = {}
     for item in spec.input.slides:
