@@ -87,7 +87,7 @@ def test_segment_predict_takes_its_slurm_part(tmp_path: Path, monkeypatch: pytes
     monkeypatch.setattr(train, "default_model_path", lambda spec: model)
     monkeypatch.setattr(train, "load_model", lambda path, device: SimpleNamespace(
         config=SimpleNamespace(num_types=0), input_size=64, output_size=64))
-    monkeypatch.setattr(predict, "open_reader", lambda path, region: None)
+    monkeypatch.setattr(predict, "open_reader", lambda path, *args, **kwargs: None)
     monkeypatch.setattr(predict, "segment_image", fake_segment)
     spec = load_spec(Path(__file__).resolve().parents[1] / "specs" / "segment" / "tiny.toml",
                      [f"predict.inputs=['{images}/*.png']", f"run.output_dir='{tmp_path / 'run'}'"],
