@@ -15,17 +15,20 @@ Torch-free, so it also serves tools that only inspect a store.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from pathssl_cli.errors import WorkFailed
-from pathssl_cli.tiling.index import StoreError, index_source, is_store, read_tiles
+from pathssl_cli.tiling.index import StoreError, index_source, is_store, read_locations
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 FOLDER_SHARD = 256  # files per pseudo-shard of an image folder: only affects the order's locality
@@ -70,25 +73,34 @@ def _cache_root(store: Path) -> Path:
     return base / hashlib.sha1(str(store.resolve()).encode()).hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def _build_lock(root: Path) -> Iterator[None]:
+    """An exclusive flock on the cache folder (released by the kernel if the holder dies); none if unwritable."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / ".build.lock", "a+b")
+    except OSError:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def _build(store: Path) -> tuple[dict[str, np.ndarray], dict]:
-    table = read_tiles(store, columns=["shard", "offset", "nbytes", "mpp", "shard_bytes"])
-    shards = table.column("shard").combine_chunks().dictionary_encode()
-    names = shards.dictionary.to_pylist()
-    order = np.argsort(np.asarray(names, dtype=object), kind="stable")
-    rank = np.empty(len(names), np.int32)
-    rank[order] = np.arange(len(names), dtype=np.int32)
-    shard = rank[shards.indices.to_numpy()]  # rows are already sorted by shard path: ids increase along them
-    mpp_column = table.column("mpp").to_numpy()
-    mpps = sorted({round(float(v), 4) for v in np.unique(mpp_column)})
+    names, columns = read_locations(store)
+    mpps = sorted({round(float(v), 4) for v in np.unique(columns["mpp"])})
     if len(mpps) >= NO_LEVEL:
         raise StoreError(f"{store}: {len(mpps)} distinct fields of view; at most {NO_LEVEL - 1} are supported")
-    level = np.searchsorted(np.asarray(mpps), np.round(mpp_column, 4)).astype(np.uint8)
+    level = np.searchsorted(np.asarray(mpps), np.round(columns["mpp"], 4)).astype(np.uint8)
     shard_bytes = np.zeros(len(names), np.int64)
-    shard_bytes[shard] = table.column("shard_bytes").to_numpy()
-    arrays = {"shard": shard, "offset": table.column("offset").to_numpy().astype(np.int64),
-              "nbytes": table.column("nbytes").to_numpy().astype(np.int32), "level": level}
-    meta = {"tiles": len(shard), "mpps": mpps, "shards": [names[i] for i in order],
-            "shard_bytes": shard_bytes.tolist()}
+    shard_bytes[columns["shard"]] = columns["shard_bytes"]
+    arrays = {"shard": columns["shard"], "offset": columns["offset"].astype(np.int64),
+              "nbytes": columns["nbytes"].astype(np.int32), "level": level}
+    meta = {"tiles": len(level), "mpps": mpps, "shards": names, "shard_bytes": shard_bytes.tolist()}
     return arrays, meta
 
 
@@ -155,16 +167,17 @@ def open_store(store: str | Path, *, check: bool = True) -> TileArrays:
         return _OPENED[key]
     root = _cache_root(store)
     folder = root / state
-    if not (folder / "meta.json").exists():
-        arrays, meta = _build(store)
-        release_freed_memory()  # the Arrow table is gone; its pages should not stay with this process
-        if check:
-            _check_shards(store, meta)
-        try:
-            _write_cache(folder, arrays, meta)
-        except OSError:  # no writable cache anywhere: this process keeps its own copy
-            pass
-        check = False
+    with _build_lock(root):  # the ranks of a node wait for one build instead of each paying for their own
+        if not (folder / "meta.json").exists():
+            arrays, meta = _build(store)
+            release_freed_memory()  # the Arrow table is gone; its pages should not stay with this process
+            if check:
+                _check_shards(store, meta)
+            try:
+                _write_cache(folder, arrays, meta)
+            except OSError:  # no writable cache anywhere: this process keeps its own copy
+                pass
+            check = False
     if (folder / "meta.json").exists():
         meta = json.loads((folder / "meta.json").read_text())
         arrays = {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in _ARRAYS}

@@ -204,10 +204,11 @@ def test_index_is_cached_by_the_parts_state_and_memory_mapped(tmp_path: Path) ->
     first = tile_index.open_store(tmp_path)
     assert isinstance(first.offset, np.memmap) and len(first) == 12
     assert tile_index.open_store(tmp_path) is first  # once per process
-    (cache,) = (tmp_path / ".index").iterdir()
+    (cache,) = (p for p in (tmp_path / ".index").iterdir() if not p.name.startswith("."))
     _make_store(tmp_path, slides=3, per_level=3, first_id=100)  # a third slide joins the store
     second = tile_index.open_store(tmp_path)
-    assert len(second) == 18 and [p.name for p in (tmp_path / ".index").iterdir()] != [cache.name]
+    states = [p.name for p in (tmp_path / ".index").iterdir() if not p.name.startswith(".")]
+    assert len(second) == 18 and len(states) == 1 and states != [cache.name]  # the old state is pruned
     stream = TileStream([tmp_path], image_size=SIDE)
     assert stream.index is second and len(list(stream)) == 18
 
@@ -283,3 +284,12 @@ def test_a_pickled_stream_reopens_its_index_instead_of_copying_it(store) -> None
     assert len(data) < 2000  # no per-tile array travels
     copy = pickle.loads(data)
     assert np.array_equal(copy.rank_order(), stream.rank_order()) and _ids(copy) == _ids(stream)
+
+
+def test_a_damaged_part_is_named(tmp_path: Path) -> None:
+    from pathssl_cli.tiling.index import StoreError
+
+    _make_store(tmp_path, slides=2, per_level=2)
+    (tmp_path / "parts" / "slide1.parquet").write_bytes(b"PAR1 not a parquet file")
+    with pytest.raises(StoreError, match=r"slide1\.parquet is damaged"):
+        TileStream([tmp_path], image_size=SIDE)
