@@ -58,6 +58,9 @@ _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 _RGB_TO_HED_MIX, _HED_TO_RGB_MIX = _HED_FROM_RGB.T.contiguous(), _RGB_FROM_HED.T.contiguous()
 _LOG_EPS = float(np.log(1e-6))  # skimage clips RGB at 1e-6 before the optical-density log
 OD_PER_HED_UNIT = -_LOG_EPS  # optical density (-ln I) per unit of skimage's rgb2hed output
+#: RandStainNA's std_hyper in the reference's training usage (yiqings/RandStainNA `main.py`:
+#: `RandStainNA(..., std_hyper=-0.3, ...)`): templates are drawn with 0.7 × the fitted spread.
+RANDSTAINNA_STD_HYPER = -0.3
 
 
 @functools.lru_cache(maxsize=64)
@@ -359,9 +362,13 @@ def reinhard_transfer(values: Tensor, target_mean: Tensor, target_std: Tensor) -
 
 
 def rand_stain(
-    images: Tensor, stats: StainStats, generator: torch.Generator | None = None, std_hyper: float = 0.0
+    images: Tensor,
+    stats: StainStats,
+    generator: torch.Generator | None = None,
+    std_hyper: float = RANDSTAINNA_STD_HYPER,
 ) -> Tensor:
-    """RandStainNA on float RGB (B, 3, H, W) in [0, 1]: every image gets its own sampled virtual template."""
+    """RandStainNA on float RGB (B, 3, H, W) in [0, 1]: every image gets its own sampled virtual template,
+    drawn with the fitted spread × (1 + std_hyper), as the reference's `scale=std * (1 + std_adjust)`."""
     extra = dict(stats.extra)
     extra["std_hyper"] = std_hyper
     sampler = StainStats(stats.space, stats.distribution, stats.params, stats.n_images, extra)

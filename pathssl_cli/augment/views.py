@@ -56,6 +56,7 @@ from torch import Tensor
 from pathssl_cli.augment import ops
 from pathssl_cli.augment.stain import (
     OD_PER_HED_UNIT,
+    RANDSTAINNA_STD_HYPER,
     ColorSpace,
     Distribution,
     StainStats,
@@ -83,9 +84,10 @@ class StainOptions(Section):
         "normal", description="Distribution fitted to per-image channel statistics: normal, laplace or gmm."
     )
     std_hyper: float = Field(
-        0.0,
+        RANDSTAINNA_STD_HYPER,
         ge=-1,
-        description="Widens (>0) or narrows (<0) the sampled spread by (1 + std_hyper); 0 = as fitted.",
+        description="Scales the spread of the sampled templates by (1 + std_hyper): > 0 widens, < 0 narrows, "
+        "0 = as fitted. -0.3 as the reference's training usage (yiqings/RandStainNA main.py).",
     )
 
 

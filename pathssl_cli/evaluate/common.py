@@ -84,7 +84,8 @@ def build_backbone(model: Any, seed: int) -> Backbone:
     from pathssl_cli.backbones import create_backbone
 
     torch.manual_seed(seed)  # makes "random" weights a function of the seed, which the feature cache keys on
-    return create_backbone(model.backbone, model.weights, model.img_size, model.normalization)
+    return create_backbone(model.backbone, model.weights, model.img_size, model.normalization,
+                           network=model.weights_network)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pathssl_cli.backbones import Normalization
+from pathssl_cli.backbones import Network, Normalization
 from pathssl_cli.errors import Problem
 from pathssl_cli.specs.core import BackboneName, OutputPath, Section, SpecModel, WeightsRef
 from pathssl_cli.specs.data import DataSection
@@ -27,7 +27,14 @@ class ModelSection(Section):
     weights: WeightsRef = Field(
         default="random",
         description="'random', or a local weights file: a `pathssl pretrain` export "
-        "(backbone.safetensors), Lunit's release, or timm/torchvision weights. Never downloaded.",
+        "(backbone.safetensors), a pretrain checkpoint (checkpoints/last.pt), an official DINO checkpoint, "
+        "Lunit's release, or timm/torchvision weights. Never downloaded.",
+    )
+    weights_network: Network = Field(
+        default="auto",
+        description="Which network of a checkpoint holding a teacher and a student (DINO) to evaluate: 'auto' "
+        "= the teacher, as DINO's eval_linear/eval_knn (`--checkpoint_key teacher`); or 'student'. Files "
+        "with one network (exports, Lunit's release, dino's *_pretrain.pth) need 'auto'.",
     )
     normalization: Normalization = Field(
         default="auto",
