@@ -20,9 +20,10 @@ The loop does:
   `resnet50.py`).
 - The returned loss is this rank's loss, scaled so that DDP's gradient *averaging* gives the gradient of the
   global-batch loss: per-sample losses are means over the local batch (gathered keys/centres carry no
-  gradient), and losses that are global by construction (Barlow Twins' cross-correlation) are identical on
-  every rank and use a gradient-carrying all-reduce whose backward sums the W identical upstream gradients
-  (W × 1/W = 1).
+  gradient). The one exception is on purpose: Barlow Twins' cross-correlation is global by construction and,
+  by default, summed over ranks as barlowtwins' raw all_reduce does, which gives 1/W of that gradient, the
+  gradient its hyper-parameters were tuned with (`ddp_gradient = "exact"` gives the global-batch gradient;
+  see `barlow_twins.py`).
 - All schedules (momentum, temperature) are precomputed per-step arrays indexed by `step`, so resuming at step
   k needs nothing but k and the state dict.
 - DDP: every buffer is kept identical on all ranks (queues hold *gathered* features), so DDP's default
