@@ -55,7 +55,6 @@ from torch import Tensor
 
 from pathssl_cli.augment import ops
 from pathssl_cli.augment.stain import (
-    OD_PER_HED_UNIT,
     RANDSTAINNA_STD_HYPER,
     ColorSpace,
     Distribution,
@@ -412,9 +411,7 @@ class BatchViews:
         if r.hed_jitter.p > 0:
             selected = coin(r.hed_jitter.p)
             alpha = uniform(1 - r.hed_jitter.alpha, 1 + r.hed_jitter.alpha, (3,))
-            beta = (
-                uniform(-r.hed_jitter.beta, r.hed_jitter.beta, (3,)) / OD_PER_HED_UNIT
-            )  # OD → rgb2hed units
+            beta = uniform(-r.hed_jitter.beta, r.hed_jitter.beta, (3,))  # optical density, as hed_jitter
             index = selected.to(x.device).nonzero().flatten()
             x = ops.apply_to(
                 x, selected, lambda v: hed_jitter(v, alpha.to(x.device)[index], beta.to(x.device)[index])

@@ -219,7 +219,8 @@ class FinetuneAugment(Section):
         default=0.05,
         ge=0,
         le=1,
-        description="HED jitter strength: α ~ U(1-σ, 1+σ), β ~ U(-σ, σ); 0.05 is Tellez's 'HED-light'.",
+        description="HED jitter strength: α ~ U(1-σ, 1+σ), β ~ U(-σ, σ) in optical density (-ln I), the units "
+        "of every command (pathssl_cli.augment.stain.hed_jitter); 0.05 is Tellez's 'HED-light'.",
     )
 
 
