@@ -130,11 +130,36 @@ class LinearOptim(Section):
         return self
 
 
+class LinearFeatures(Section):
+    """The feature recipe: which outputs of the frozen backbone the linear head sees (part of the cache key)."""
+
+    recipe: Literal["preset", "pooled", "dino"] = Field(
+        default="preset",
+        description="'preset' = the optim.preset's protocol ('paper': 'dino', each family's official recipe; "
+        "'eva': 'pooled'); 'pooled' = the backbone's pooled output (CNN global average pool, ViT final-norm "
+        "CLS; eva); 'dino' = dino eval_linear.py: ViTs concatenate the CLS tokens of the last n_last_blocks "
+        "blocks (+ mean patch token), CNNs use the average pool as dino does for torchvision models.",
+    )
+    n_last_blocks: int = Field(
+        default=4, ge=1,
+        description="Blocks whose CLS tokens are concatenated under 'dino' (ViTs); dino `--n_last_blocks 4` for "
+        "ViT-S (1 for ViT-B).",
+    )
+    avgpool_patchtokens: bool = Field(
+        default=False,
+        description="Also concatenate the mean patch token of the last block under 'dino' (ViTs); dino "
+        "`--avgpool_patchtokens false` for ViT-S (true for ViT-B).",
+    )
+
+
 class LinearSpec(SpecModel):
     kind: Literal["linear"] = "linear"
     data: DataSection
     model: ModelSection = Field(default_factory=ModelSection, description="Backbone and weights to evaluate.")
     optim: LinearOptim = Field(default_factory=LinearOptim, description="Linear-probe training and sweep.")
+    features: LinearFeatures = Field(
+        default_factory=LinearFeatures, description="Feature recipe: `features.recipe = \"dino\"` or "
+        "\"pooled\" in one line; by default the preset's.")
     run: RunSection
 
     def check_inputs(self) -> list[Problem]:
