@@ -118,6 +118,8 @@ def frozen_features(spec: Any, need_val: bool = True,
     transform = eval_transform(backbone.img_size, backbone.mean, backbone.std)
     device = resolve_device(spec.run.device)
     identity = weights_identity(spec.model.weights, seed)
+    if spec.model.weights_network != "auto":  # one checkpoint file, two networks: two cache entries
+        identity += f"|network={spec.model.weights_network}"
     cache_dir = spec.run.cache_dir()
     features: dict[str, Features] = {}
     for name, ds in splits.items():

@@ -94,3 +94,24 @@ def test_linear_records_the_recipe_it_used(tiny_folder: Path, tmp_path: Path) ->
     assert record["settings"]["feature_recipe"] == {"kind": "vit_blocks", "n_last_blocks": 4,
                                                     "avgpool_patchtokens": False}
     assert record["settings"]["feature_dim"] == 4 * create_backbone("vit_tiny").feature_dim
+
+
+def test_teacher_and_student_of_one_checkpoint_are_two_cache_entries(tiny_folder: Path, tmp_path: Path) -> None:
+    from pathssl_cli.methods import DINOOptions, create_method
+
+    torch.manual_seed(0)
+    method = create_method(create_backbone("vit_tiny", img_size=32),
+                           DINOOptions(out_dim=16, hidden_dim=16, bottleneck_dim=8, n_local_crops=0),
+                           steps_per_epoch=1, total_steps=2)
+    with torch.no_grad():
+        for p in method.teacher_backbone.parameters():
+            p.mul_(1.5)
+    checkpoint = tmp_path / "last.pt"
+    torch.save({"method": method.state_dict()}, checkpoint)
+    common = [f"data.root={tiny_folder}", "model.backbone=vit_tiny", "model.img_size=32",
+              f"model.weights={checkpoint}", f"run.output_dir={tmp_path / 'run'}"]
+    teacher = frozen_features(load_spec(SPECS / "tiny_linear.toml", common), need_val=False)
+    student = frozen_features(load_spec(SPECS / "tiny_linear.toml", [*common, "model.weights_network=student"]),
+                              need_val=False)
+    assert not student.features["train"].cache_hit
+    assert not torch.allclose(student.features["train"].features, teacher.features["train"].features)
