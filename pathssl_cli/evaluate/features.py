@@ -64,7 +64,7 @@ def recipe_features(backbone: torch.nn.Module, images: torch.Tensor, recipe: Fea
     """Features (B, D') of `images` by `recipe`; D' = D for "pooled", D · (n + avgpool) for "vit_blocks"."""
     if recipe.kind == "pooled":
         return backbone(images)
-    timm_model = backbone.timm_model  # type: ignore[union-attr]
+    timm_model: Any = backbone.timm_model
     outputs = timm_model.forward_intermediates(images, indices=recipe.n_last_blocks, norm=True,
                                                return_prefix_tokens=True, output_fmt="NLC",
                                                intermediates_only=True)
