@@ -7,6 +7,7 @@ Weights are local files only (never downloaded), loaded strictly without executi
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, 
     "lunit_tcga": (LUNIT_TCGA_MEAN, LUNIT_TCGA_STD),
 }
 Normalization = Literal["auto", "imagenet", "lunit_tcga"]
+#: Which network of a checkpoint holding a teacher and a student (DINO) becomes the backbone; see select_network.
+Network = Literal["auto", "teacher", "student"]
 EXPORT_FORMAT = "pathssl-backbone"
 TIMM_PREFIX = "timm:"
 
@@ -128,30 +131,37 @@ class Backbone(nn.Module):
         return self._probe_maps()[1]
 
 
-def _build_timm(info: BackboneInfo, img_size: int) -> nn.Module:
+def _build_timm(info: BackboneInfo, img_size: int, drop_path_rate: float = 0.0) -> nn.Module:
     kwargs: dict[str, Any] = {"pretrained": False, "num_classes": 0, **info.timm_kwargs}
+    if drop_path_rate > 0:  # timm's stochastic depth: rate of the last block, linearly from 0 at the first
+        kwargs["drop_path_rate"] = drop_path_rate
     if info.family == "vit":
         kwargs.update(img_size=img_size, dynamic_img_size=True)
     return timm.create_model(info.timm_name, **kwargs)
 
 
 def create_backbone(name: str, weights: str | Path = "random", img_size: int | None = None,
-                    normalization: Normalization | tuple[tuple[float, ...], tuple[float, ...]] = "auto"
-                    ) -> Backbone:
+                    normalization: Normalization | tuple[tuple[float, ...], tuple[float, ...]] = "auto",
+                    *, network: Network = "auto", drop_path_rate: float = 0.0) -> Backbone:
     """Build a registry backbone with random weights or strictly loaded local weights.
 
     `normalization="auto"` takes the statistics stored with a pathssl export, else ImageNet's; Lunit's released
-    TCGA weights carry no metadata, so give `normalization="lunit_tcga"` for them.
+    TCGA weights carry no metadata, so give `normalization="lunit_tcga"` for them. `network` picks the network
+    of a checkpoint that holds a teacher and a student (see `select_network`). `drop_path_rate` is the
+    stochastic-depth rate (timm's: the last block's rate, linear from 0; dino `--drop_path_rate 0.1`); it only
+    acts in training mode, and EMA teachers made with `methods.base.frozen_copy` never drop.
     """
+    if not 0.0 <= drop_path_rate < 1.0:
+        raise SpecError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
     info = backbone_info(name)
     stored_meta: dict[str, Any] = {}
     state: dict[str, torch.Tensor] | None = None
     if str(weights) != "random":
-        state, stored_meta = read_weights(Path(weights))
+        state, stored_meta = read_weights(Path(weights), network)
         if img_size is None and "img_size" in stored_meta:
             img_size = int(stored_meta["img_size"])
     size = img_size or info.default_img_size
-    model = _build_timm(info, size)
+    model = _build_timm(info, size, drop_path_rate)
     if state is not None:
         load_backbone_state(model, state, source=Path(weights))
     if isinstance(normalization, tuple):
@@ -165,8 +175,9 @@ def create_backbone(name: str, weights: str | Path = "random", img_size: int | N
 
 
 # ------------------------------------------------------------------------------------------------- weights I/O
-def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and metadata from a safetensors file or a torch file loaded with `weights_only=True`."""
+def read_weights(path: Path, network: Network = "auto") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors of one backbone and metadata, from a safetensors file or a torch file loaded with
+    `weights_only=True`; `network` picks the teacher or the student where the file holds both."""
     if not path.exists():
         raise SpecError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
@@ -176,32 +187,69 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             raw_meta = fh.metadata() or {}
             tensors = {key: fh.get_tensor(key) for key in fh.keys()}
         meta = {k: json.loads(v) for k, v in raw_meta.items() if k != "format"}
-        return tensors, meta
+        return select_network(tensors, network, path), meta
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # argparse.Namespace: official DINO checkpoints store their `args` (plain attributes, runs no code)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise SpecError(f"{path}: refusing to load: it is not a plain tensor checkpoint ({type(exc).__name__}: "
                         f"{str(exc).splitlines()[0][:200]}). pathssl loads weights with weights_only=True so a file "
                         "cannot run code; re-save it as a state dict or safetensors.") from None
     meta = {key: obj[key] for key in ("mean", "std", "img_size") if isinstance(obj, dict) and key in obj}
-    return _find_state_dict(obj, path), meta
+    return select_network(obj, network, path), meta
 
 
-def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    # Checkpoint containers seen in the wild: timm/torchvision ('state_dict', 'model'), DINO ('teacher'),
-    # pathssl pretrain ('method' holding 'backbone.timm_model.*').
-    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        return obj
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _networks(obj: Any, path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """The networks a file holds, by role: {'teacher': ..., 'student': ...} for a DINO checkpoint, else
+    {'single': ...}. Layouts: a plain state dict (Lunit's release, timm, torchvision, a pathssl export or an
+    official DINO `*_pretrain.pth`, which is the teacher alone); containers 'state_dict' / 'model' /
+    'backbone'; a pathssl pretrain checkpoint ('method' holding `backbone.timm_model.*` and, for DINO,
+    `teacher_backbone.timm_model.*`); an official DINO checkpoint (dino `main_dino.py` `save_dict`: 'student'
+    with `module.backbone.*`, 'teacher' with `backbone.*`, or `module.backbone.*` when it has BatchNorm)."""
+    if _is_state_dict(obj):
+        teacher = {k.removeprefix("teacher_"): v for k, v in obj.items() if k.startswith("teacher_backbone.")}
+        if teacher:  # a pathssl DINO method state: student `backbone.*`, EMA teacher `teacher_backbone.*`
+            return {"teacher": teacher, "student": {k: v for k, v in obj.items() if k.startswith("backbone.")}}
+        roles = {role: {k.removeprefix(f"{role}."): v for k, v in obj.items() if k.startswith(f"{role}.")}
+                 for role in ("teacher", "student")}  # dino's checkpoint flattened into one dict
+        if any(roles.values()):
+            return {role: state for role, state in roles.items() if state}
+        return {"single": obj}
     if isinstance(obj, dict):
-        for key in ("backbone", "state_dict", "model", "method", "teacher", "student"):
+        if isinstance(obj.get("teacher"), dict) or isinstance(obj.get("student"), dict):
+            return {role: obj[role] for role in ("teacher", "student") if _is_state_dict(obj.get(role))}
+        for key in ("backbone", "state_dict", "model", "method"):
             if isinstance(obj.get(key), dict):
-                return _find_state_dict(obj[key], path)
+                return _networks(obj[key], path)
     raise SpecError(f"{path}: no state dict found (expected a dict of tensors, possibly under 'state_dict', "
-                    "'model', 'backbone', 'method' or 'teacher')")
+                    "'model', 'backbone', 'method', 'teacher' or 'student')")
+
+
+def select_network(obj: Any, network: Network, path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of the chosen network: 'auto' = the teacher where a file holds a teacher and a student
+    (DINO's official evaluation uses the teacher: `eval_linear.py --checkpoint_key teacher`), else its only
+    network; 'teacher' / 'student' ask for that one and fail clearly on a file that lacks it."""
+    found = _networks(obj, path)
+    if network == "auto":
+        return found.get("teacher") or found.get("single") or found["student"]
+    if network in found:
+        return found[network]
+    holds = ("a teacher and a student" if len(found) == 2 else
+             "only one network (e.g. a backbone export, Lunit's release or DINO's released teacher)"
+             if "single" in found else f"only the {next(iter(found))}")
+    raise SpecError(f"{path}: model.weights_network = {network!r}, but this file holds {holds}. Use "
+                    "'auto' (the teacher where there is one), or a checkpoint that holds the "
+                    f"{network} (a DINO checkpoint: `checkpoints/last.pt` of `pathssl pretrain`, or dino's "
+                    "checkpoint.pth).")
 
 
 _PREFIXES = ("", "module.", "backbone.", "module.backbone.", "timm_model.", "backbone.timm_model.",
-             "module.backbone.timm_model.", "encoder.", "model.", "student.backbone.", "teacher.backbone.")
+             "module.backbone.timm_model.", "encoder.", "model.")
 # Classifier and projection heads are not part of a backbone: dropped on purpose, as Lunit's release drops `fc`.
 _HEAD_PREFIXES = ("fc.", "head.", "head_drop.", "classifier.", "heads.")
 

@@ -109,7 +109,8 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
         # ------------------------------------------------------------------------------------ model
         torch.manual_seed(run_cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
         backbone = create_backbone(spec.model.backbone, spec.model.weights,
-                                   img_size=spec.model.img_size or recipe.global_size)
+                                   img_size=spec.model.img_size or recipe.global_size,
+                                   network=spec.model.weights_network, drop_path_rate=spec.model.drop_path_rate)
         method = create_method(backbone, spec.method, steps_per_epoch=steps_per_epoch,
                                total_steps=total_steps)
         method.to(device)
@@ -216,7 +217,11 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
                                    "final_loss": losses[-1][1] if losses else None,
                                    "checkpoint": str(checkpoint_path)}
         if dist_info.is_main:
-            summary["backbone_file"] = str(export_backbone(method.backbone, out / "backbone.safetensors"))
+            # the network the method's official evaluation uses: DINO's teacher (unless method.export), else
+            # the student / query encoder
+            exported = method.exported_backbone()
+            summary["exported_network"] = method.exported_network
+            summary["backbone_file"] = str(export_backbone(exported, out / "backbone.safetensors"))
             _plot_losses(run, out / "loss_curve.png", spec.method.name)
             run.write_json("metrics.json", summary)
             info(f"pre-trained backbone: {summary['backbone_file']} (full checkpoint: {checkpoint_path})")

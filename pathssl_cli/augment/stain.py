@@ -20,8 +20,9 @@ purpose:
   statistics (the reference normalises the whole image before cropping); `rand_stain` here works on any
   batch of images with their own statistics.
 
-HED jitter (Tellez et al., 2018 and 2019): per channel in HED space, h' = h · α + β with α ~ U(1-σ, 1+σ) and
-β ~ U(-b, b). Tellez et al. 2019 call σ = b = 0.05 "HED-light" and 0.2 "HED-strong".
+HED jitter (Tellez et al., 2018 and 2019): per stain, od' = od · α + β with α ~ U(1-σ, 1+σ) and
+β ~ U(-b, b), β in optical density (−ln I) in every command (see `hed_jitter`). Tellez et al. 2019 call
+σ = b = 0.05 "HED-light" and 0.2 "HED-strong".
 """
 
 from __future__ import annotations
@@ -58,6 +59,9 @@ _HED_FROM_RGB = torch.linalg.inv(_RGB_FROM_HED)
 _RGB_TO_HED_MIX, _HED_TO_RGB_MIX = _HED_FROM_RGB.T.contiguous(), _RGB_FROM_HED.T.contiguous()
 _LOG_EPS = float(np.log(1e-6))  # skimage clips RGB at 1e-6 before the optical-density log
 OD_PER_HED_UNIT = -_LOG_EPS  # optical density (-ln I) per unit of skimage's rgb2hed output
+#: RandStainNA's std_hyper in the reference's training usage (yiqings/RandStainNA `main.py`:
+#: `RandStainNA(..., std_hyper=-0.3, ...)`): templates are drawn with 0.7 × the fitted spread.
+RANDSTAINNA_STD_HYPER = -0.3
 
 
 @functools.lru_cache(maxsize=64)
@@ -359,9 +363,13 @@ def reinhard_transfer(values: Tensor, target_mean: Tensor, target_std: Tensor) -
 
 
 def rand_stain(
-    images: Tensor, stats: StainStats, generator: torch.Generator | None = None, std_hyper: float = 0.0
+    images: Tensor,
+    stats: StainStats,
+    generator: torch.Generator | None = None,
+    std_hyper: float = RANDSTAINNA_STD_HYPER,
 ) -> Tensor:
-    """RandStainNA on float RGB (B, 3, H, W) in [0, 1]: every image gets its own sampled virtual template."""
+    """RandStainNA on float RGB (B, 3, H, W) in [0, 1]: every image gets its own sampled virtual template,
+    drawn with the fitted spread × (1 + std_hyper), as the reference's `scale=std * (1 + std_adjust)`."""
     extra = dict(stats.extra)
     extra["std_hyper"] = std_hyper
     sampler = StainStats(stats.space, stats.distribution, stats.params, stats.n_images, extra)
@@ -371,11 +379,32 @@ def rand_stain(
 
 
 def hed_jitter(images: Tensor, alpha: Tensor, beta: Tensor) -> Tensor:
-    """Tellez HED jitter with per-sample, per-channel factors alpha, beta (B, 3).
+    """Tellez HED jitter of float RGB (B, 3, H, W) in [0, 1] with per-sample, per-stain factors (B, 3):
+    each stain's optical density becomes od · alpha + beta. The one implementation every command uses
+    (pretraining views, `evaluate finetune`, `segment train`).
 
-    beta is in the units of `rgb_to_hed` (skimage's: optical density divided by -ln(1e-6) ≈ 13.8); a β given
-    in optical density, as Tellez et al.'s "HED-light" 0.05, is divided by `OD_PER_HED_UNIT` first.
+    Unit convention: beta is in optical density, OD = −ln(I) for intensity I in (0, 1], as Tellez et al.'s
+    "HED-light" bound 0.05. `rgb_to_hed` works in skimage's units (OD / −ln(1e-6) = OD / 13.8), so beta is
+    divided by `OD_PER_HED_UNIT` here and nowhere else; alpha is a unitless factor.
     """
     hed = rgb_to_hed(images, clip=False)
-    hed = hed * alpha.to(hed)[..., None, None] + beta.to(hed)[..., None, None]
+    shift = beta.to(hed) / OD_PER_HED_UNIT
+    hed = hed * alpha.to(hed)[..., None, None] + shift[..., None, None]
     return hed_to_rgb(hed).to(images.dtype)
+
+
+def hed_jitter_image(image: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """`hed_jitter` of one uint8 H×W×3 image with alpha ~ U(1 − σ, 1 + σ) and beta ~ U(−σ, σ) in optical density
+    per stain, drawn from `rng` (alpha first), for per-sample pipelines such as segmentation patches."""
+    alpha = torch.from_numpy(rng.uniform(1 - sigma, 1 + sigma, (1, 3)))
+    beta = torch.from_numpy(rng.uniform(-sigma, sigma, (1, 3)))
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float().div(255.0)
+    # One patch is far too small for intra-op threads: with workers=0 on a busy machine their start-up cost
+    # was ~25x the work itself (60 ms vs 2.5 ms per 96 px patch). DataLoader workers already run 1 thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rgb = hed_jitter(x, alpha, beta)[0].permute(1, 2, 0).numpy()
+    finally:
+        torch.set_num_threads(threads)
+    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)

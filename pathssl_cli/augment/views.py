@@ -55,7 +55,7 @@ from torch import Tensor
 
 from pathssl_cli.augment import ops
 from pathssl_cli.augment.stain import (
-    OD_PER_HED_UNIT,
+    RANDSTAINNA_STD_HYPER,
     ColorSpace,
     Distribution,
     StainStats,
@@ -83,9 +83,10 @@ class StainOptions(Section):
         "normal", description="Distribution fitted to per-image channel statistics: normal, laplace or gmm."
     )
     std_hyper: float = Field(
-        0.0,
+        RANDSTAINNA_STD_HYPER,
         ge=-1,
-        description="Widens (>0) or narrows (<0) the sampled spread by (1 + std_hyper); 0 = as fitted.",
+        description="Scales the spread of the sampled templates by (1 + std_hyper): > 0 widens, < 0 narrows, "
+        "0 = as fitted. -0.3 as the reference's training usage (yiqings/RandStainNA main.py).",
     )
 
 
@@ -410,9 +411,7 @@ class BatchViews:
         if r.hed_jitter.p > 0:
             selected = coin(r.hed_jitter.p)
             alpha = uniform(1 - r.hed_jitter.alpha, 1 + r.hed_jitter.alpha, (3,))
-            beta = (
-                uniform(-r.hed_jitter.beta, r.hed_jitter.beta, (3,)) / OD_PER_HED_UNIT
-            )  # OD → rgb2hed units
+            beta = uniform(-r.hed_jitter.beta, r.hed_jitter.beta, (3,))  # optical density, as hed_jitter
             index = selected.to(x.device).nonzero().flatten()
             x = ops.apply_to(
                 x, selected, lambda v: hed_jitter(v, alpha.to(x.device)[index], beta.to(x.device)[index])

@@ -18,6 +18,7 @@ Values are fractions in [0, 1]; std is the sample standard deviation over seeds 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,7 +30,14 @@ from pathssl_cli.console import warn
 from pathssl_cli.data.benchmarks import ClassificationDataset, eval_transform, open_dataset
 from pathssl_cli.distributed import resolve_device
 from pathssl_cli.errors import SpecError
-from pathssl_cli.evaluate.features import FeatureKey, Features, cached_features, weights_identity
+from pathssl_cli.evaluate.features import (
+    POOLED,
+    FeatureKey,
+    FeatureRecipe,
+    Features,
+    cached_features,
+    weights_identity,
+)
 from pathssl_cli.evaluate.metrics import (
     METRIC_NAMES,
     confusion_matrix,
@@ -84,7 +92,8 @@ def build_backbone(model: Any, seed: int) -> Backbone:
     from pathssl_cli.backbones import create_backbone
 
     torch.manual_seed(seed)  # makes "random" weights a function of the seed, which the feature cache keys on
-    return create_backbone(model.backbone, model.weights, model.img_size, model.normalization)
+    return create_backbone(model.backbone, model.weights, model.img_size, model.normalization,
+                           network=model.weights_network)
 
 
 @dataclass
@@ -94,16 +103,23 @@ class FeatureSet:
     eval_split: str
     features: dict[str, Features]
     extraction_seconds: float
+    recipe: FeatureRecipe = POOLED
 
 
-def frozen_features(spec: Any, need_val: bool = True) -> FeatureSet:
-    """Open the splits, build the backbone, and return the features of each split (cached on disk)."""
+def frozen_features(spec: Any, need_val: bool = True,
+                    recipe: FeatureRecipe | Callable[[Backbone], FeatureRecipe] = POOLED) -> FeatureSet:
+    """Open the splits, build the backbone, and return the features of each split by `recipe` (cached on
+    disk); `recipe` may be a function of the built backbone (its family and depth)."""
     splits, eval_split = open_splits(spec.data, need_val)
     seed = spec.run.seeds[0]
     backbone = build_backbone(spec.model, seed)
+    if callable(recipe):
+        recipe = recipe(backbone)
     transform = eval_transform(backbone.img_size, backbone.mean, backbone.std)
     device = resolve_device(spec.run.device)
     identity = weights_identity(spec.model.weights, seed)
+    if spec.model.weights_network != "auto":  # one checkpoint file, two networks: two cache entries
+        identity += f"|network={spec.model.weights_network}"
     cache_dir = spec.run.cache_dir()
     features: dict[str, Features] = {}
     for name, ds in splits.items():
@@ -120,6 +136,7 @@ def frozen_features(spec: Any, need_val: bool = True) -> FeatureSet:
             split=split,
             ids_sha256=FeatureKey.ids_digest(list(ds.ids), root=Path(spec.data.root)),
             transform=repr(transform),
+            recipe=recipe.describe(),
         )
         features[name] = cached_features(
             backbone,
@@ -130,9 +147,10 @@ def frozen_features(spec: Any, need_val: bool = True) -> FeatureSet:
             workers=spec.run.workers,
             device=device,
             precision=spec.run.precision,
+            recipe=recipe,
         )
     seconds = sum(f.seconds for f in features.values())
-    return FeatureSet(backbone, splits, eval_split, features, seconds)
+    return FeatureSet(backbone, splits, eval_split, features, seconds, recipe)
 
 
 def pretrain_method(weights: str | Path) -> str | None:

@@ -8,8 +8,9 @@ Cache key (sha256 of a canonical JSON): backbone name, the sha256 of the weights
 or replacing a file under the same name invalidates it; "random" weights are keyed by the seed that
 initialised them), the dataset name and root, the split, the ordered item ids (which covers a `train_subset`
 file and the seeded val split) with each image file's size and mtime,
-and the transform (image size, mean, std). One entry is one file written
-atomically, so a killed extraction leaves no entry and the next run redoes that split only.
+the transform (image size, mean, std) and the feature recipe (`FeatureRecipe`: which tokens or pooling make
+the vector). One entry is one file written atomically, so a killed extraction leaves no entry and the next
+run redoes that split only.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -28,7 +29,49 @@ from pathssl_cli.console import info, progress
 from pathssl_cli.distributed import autocast
 from pathssl_cli.runs import atomic_write, load_checkpoint, save_checkpoint
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the key holds the feature recipe
+
+
+@dataclass(frozen=True)
+class FeatureRecipe:
+    """How a frozen backbone turns an image into one feature vector.
+
+    - "pooled": the backbone's own pooled output (`Backbone.forward`): global average pooling for CNNs (dino
+      `eval_linear.py` for torchvision models, moco `main_lincls.py`), the final-norm CLS token for timm ViTs
+      (what eva's timm backbones return).
+    - "vit_blocks": dino `eval_linear.py` for ViTs: the CLS tokens of the last `n_last_blocks` blocks, each
+      through the final norm (dino `get_intermediate_layers`), concatenated; with `avgpool_patchtokens` also the
+      mean of the last block's normed patch tokens. DINO uses n = 4 without pooling for ViT-S, n = 1 with
+      pooling for ViT-B. Its code interleaves CLS and mean entries ([c0, m0, c1, m1, ...]); here they are
+      concatenated ([c..., m...]), the same features in another order, which a linear layer does not see.
+    """
+
+    kind: Literal["pooled", "vit_blocks"] = "pooled"
+    n_last_blocks: int = 1
+    avgpool_patchtokens: bool = False
+
+    def describe(self) -> str:
+        if self.kind == "pooled":
+            return json.dumps({"kind": "pooled"})
+        return json.dumps({"kind": self.kind, "n_last_blocks": self.n_last_blocks,
+                           "avgpool_patchtokens": self.avgpool_patchtokens})
+
+
+POOLED = FeatureRecipe()
+
+
+def recipe_features(backbone: torch.nn.Module, images: torch.Tensor, recipe: FeatureRecipe) -> torch.Tensor:
+    """Features (B, D') of `images` by `recipe`; D' = D for "pooled", D · (n + avgpool) for "vit_blocks"."""
+    if recipe.kind == "pooled":
+        return backbone(images)
+    timm_model: Any = backbone.timm_model
+    outputs = timm_model.forward_intermediates(images, indices=recipe.n_last_blocks, norm=True,
+                                               return_prefix_tokens=True, output_fmt="NLC",
+                                               intermediates_only=True)
+    parts = [prefix[:, 0] for _, prefix in outputs]  # the CLS token of each block, after the final norm
+    if recipe.avgpool_patchtokens:
+        parts.append(outputs[-1][0].mean(dim=1))  # patch tokens only (no CLS, no register tokens)
+    return torch.cat(parts, dim=1)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -53,6 +96,7 @@ class FeatureKey:
     split: str
     ids_sha256: str
     transform: str  # canonical description of the eval transform
+    recipe: str = POOLED.describe()  # FeatureRecipe.describe(): which tokens / pooling make the vector
 
     @staticmethod
     def ids_digest(ids: list[str], root: Path | None = None) -> str:
@@ -152,6 +196,7 @@ def extract(
     device: torch.device,
     precision: str = "fp32",
     desc: str = "features",
+    recipe: FeatureRecipe = POOLED,
 ) -> Features:
     """Run the frozen backbone (eval mode) over `dataset` in order; returns float32 features on the CPU."""
     backbone.eval().to(device)
@@ -163,7 +208,7 @@ def extract(
         for images, targets in loader:
             images = images.to(device, non_blocking=True)
             with autocast(device, precision):  # type: ignore[arg-type]
-                out = backbone(images)
+                out = recipe_features(backbone, images, recipe)
             chunks.append(out.float().cpu())
             labels.append(torch.as_tensor(targets, dtype=torch.int64))
             bar.update(len(images))
@@ -182,8 +227,11 @@ def cached_features(
     workers: int,
     device: torch.device,
     precision: str = "fp32",
+    recipe: FeatureRecipe = POOLED,
 ) -> Features:
-    """Features of `dataset` from the cache when `key` is there, else extracted and stored."""
+    """Features of `dataset` by `recipe` from the cache when `key` is there, else extracted and stored."""
+    if key.recipe != recipe.describe():
+        raise ValueError(f"the cache key's recipe {key.recipe} is not the extraction's {recipe.describe()}")
     hit = load_cached(cache_dir, key)
     if hit is not None:
         if len(hit.targets) == len(dataset) and torch.equal(hit.targets, torch.as_tensor(dataset.targets)):
@@ -197,6 +245,7 @@ def cached_features(
         device=device,
         precision=precision,
         desc=f"features {key.split}",
+        recipe=recipe,
     )
     if cache_dir is not None:
         store(cache_dir, key, feats)

@@ -15,7 +15,6 @@ horizontal and vertical flips and 90° rotations (the dihedral group: tissue has
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any
 
 import torch
@@ -36,8 +35,6 @@ from pathssl_cli.optim import Schedules as OptimSchedules
 from pathssl_cli.optim import apply_schedules, build_optimizer, cosine_schedule, is_bias_or_norm
 from pathssl_cli.runs import RunDir, load_checkpoint, open_run, save_checkpoint
 from pathssl_cli.specs.evaluate import FinetuneAugment, FinetuneSpec
-
-OD_TO_SKIMAGE_HED = -math.log(1e-6)
 
 
 class Classifier(nn.Module):
@@ -101,9 +98,7 @@ def augment_batch(images: torch.Tensor, aug: FinetuneAugment, generator: torch.G
     if aug.stain == "hed" and aug.hed_sigma > 0:
         sigma = aug.hed_sigma
         alpha = 1 + (torch.rand(b, 3, generator=generator) * 2 - 1) * sigma
-        # Tellez's β is in optical-density units (-ln I); pathssl_cli.augment.stain works in skimage's rgb2hed
-        # units, which divide the OD by -ln(1e-6) ≈ 13.8, so β is rescaled to keep "HED-light" light.
-        beta = (torch.rand(b, 3, generator=generator) * 2 - 1) * sigma / OD_TO_SKIMAGE_HED
+        beta = (torch.rand(b, 3, generator=generator) * 2 - 1) * sigma  # optical density, as hed_jitter
         images = hed_jitter(images.float(), alpha.to(dev), beta.to(dev)).clamp(0, 1)
     return images
 

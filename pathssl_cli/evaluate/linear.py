@@ -11,6 +11,11 @@ Presets (every field can be overridden in `[optim]`):
 `paper` — the standard linear protocol, which Kang et al. (CVPR 2023, §5 "linear evaluation") follow. Their
 supplementary hyper-parameter table could not be consulted here, so each setting is taken from the public
 reference implementation of that standard protocol and marked as such:
+- features (`[features] recipe`, default "dino" under this preset): each family's official recipe. ViTs:
+  dino `eval_linear.py`, the CLS tokens of the last 4 blocks after the final norm, concatenated, no mean
+  patch token (`--n_last_blocks 4 --avgpool_patchtokens false`, its ViT-S setting). CNNs: the global
+  average pool (dino `eval_linear.py` for torchvision models, moco `main_lincls.py`, barlowtwins
+  `evaluate.py`).
 - SGD, momentum 0.9: facebookresearch/dino `eval_linear.py` and facebookresearch/moco `main_lincls.py`.
 - 100 epochs, cosine decay to 0: dino `eval_linear.py` (--epochs 100, CosineAnnealingLR eta_min 0).
 - batch 256: moco `main_lincls.py` (-b 256); dino's lr rule is stated per 256 images.
@@ -21,8 +26,19 @@ reference implementation of that standard protocol and marked as such:
   un-normalised pooled CNN features of norm ~1 need lr ≥ 1); weight decay 0 is dino's and moco's value, the
   two small ones let the sweep regularise small datasets such as BACH and MHIST.
 - selection by val top-1, the metric the paper reports.
+Where it differs from those implementations, on purpose:
+- no train-time augmentation. dino, moco and barlowtwins train the head on RandomResizedCrop +
+  horizontal-flip views, extracting features anew every step; here every image is extracted once with the
+  eval transform and cached, so the whole lr × weight-decay × seed sweep (36 heads) costs one extraction
+  instead of 36 × 100 epochs of backbone passes. This removes a regulariser of the head, which can matter
+  on small training sets (BACH, low-label subsets).
+- the lr is swept on val instead of fixed (dino 1e-3, moco 30 per 256 images); see above.
+- dino's recipe with avgpool_patchtokens concatenates [CLS..., mean] where dino interleaves them: the same
+  features in another order.
 
-`eva` — kaiko-ai/eva's offline classification configs as the issue states them: AdamW lr 3e-4, batch 256,
+`eva` — kaiko-ai/eva's offline classification configs as the issue states them: features = the backbone's
+pooled output ("pooled": the final-norm CLS token of a ViT, the average pool of a CNN, as eva's timm
+backbones return), AdamW lr 3e-4, batch 256,
 12,500 steps, best checkpoint by the monitored val metric (eva monitors MulticlassAccuracy with macro average,
 i.e. balanced accuracy), cosine decay to 0 over max_steps (eva's CosineAnnealingLR T_max = max_steps), weight
 decay 0 (eva's SGD configs set 0.0). Current eva releases use SGD lr 6.25e-4 instead; set optim.optimizer and
@@ -31,18 +47,24 @@ optim.lrs for that.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from pathssl_cli.console import info
 from pathssl_cli.distributed import resolve_device
+from pathssl_cli.errors import SpecError
 from pathssl_cli.evaluate.common import frozen_features, write_outputs
+from pathssl_cli.evaluate.features import POOLED, FeatureRecipe
 from pathssl_cli.evaluate.metrics import classification_metrics
 from pathssl_cli.evaluate.probe import HeadConfig, ProbeSchedule, steps_for_epochs, train_probes
 from pathssl_cli.runs import open_run
-from pathssl_cli.specs.evaluate import LinearOptim, LinearSpec
+from pathssl_cli.specs.evaluate import LinearFeatures, LinearOptim, LinearSpec
+
+if TYPE_CHECKING:
+    from pathssl_cli.backbones import Backbone
 
 
 @dataclass(frozen=True)
@@ -98,6 +120,23 @@ def resolve_plan(optim: LinearOptim) -> LinearPlan:
     return LinearPlan(**base)
 
 
+#: The feature recipe each preset follows when `features.recipe = "preset"` (sources in the module docstring).
+PRESET_RECIPES: dict[str, Literal["pooled", "dino"]] = {"paper": "dino", "eva": "pooled"}
+
+
+def resolve_recipe(features: LinearFeatures, preset: str, backbone: Backbone) -> FeatureRecipe:
+    """The recipe for `backbone`: 'dino' takes the last blocks' CLS tokens of a ViT and the average pool of a
+    CNN (dino eval_linear.py does the same for torchvision models); 'pooled' the backbone's pooled output."""
+    choice = PRESET_RECIPES[preset] if features.recipe == "preset" else features.recipe
+    if choice == "pooled" or backbone.info.family != "vit":
+        return POOLED
+    depth = len(getattr(backbone.timm_model, "blocks", ()))
+    if features.n_last_blocks > depth:
+        raise SpecError(f"features.n_last_blocks = {features.n_last_blocks}, but {backbone.name} has {depth} "
+                        f"blocks; use at most {depth}")
+    return FeatureRecipe("vit_blocks", features.n_last_blocks, features.avgpool_patchtokens)
+
+
 def plan_schedule(plan: LinearPlan, n_train: int) -> ProbeSchedule:
     batch = min(plan.batch_size, n_train)
     steps_per_epoch = max(1, -(-n_train // batch))
@@ -115,7 +154,7 @@ def plan_schedule(plan: LinearPlan, n_train: int) -> ProbeSchedule:
 def run_linear(spec: LinearSpec) -> dict[str, Any]:
     plan = resolve_plan(spec.optim)
     with open_run(spec, spec.run.output_dir, seed=spec.run.seeds[0]) as run:
-        fset = frozen_features(spec)
+        fset = frozen_features(spec, recipe=lambda b: resolve_recipe(spec.features, spec.optim.preset, b))
         classes = fset.splits["train"].classes
         num_classes = len(classes)
         train, val, test = fset.features["train"], fset.features["val"], fset.features["eval"]
@@ -183,6 +222,7 @@ def run_linear(spec: LinearSpec) -> dict[str, Any]:
             "seeds": spec.run.seeds,
             "extraction_seconds": round(fset.extraction_seconds, 3),
             "feature_dim": int(train.features.shape[1]),
+            "feature_recipe": json.loads(fset.recipe.describe()),
         }
         label = "linear" if spec.data.train_subset is None else f"linear[{spec.data.train_subset.stem}]"
         record = write_outputs(

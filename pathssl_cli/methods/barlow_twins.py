@@ -3,10 +3,19 @@
 Matches facebookresearch/barlowtwins `main.py`: projector 8192-8192-8192 (Linear without bias → BN → ReLU,
 last Linear without bias), each view projected separately, embeddings normalised by an affine-free BatchNorm
 over the global batch, cross-correlation summed over ranks and divided by the global batch size, loss
-Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij² with λ = 0.0051. barlowtwins sums C with a raw `all_reduce` (no gradient
-through the other ranks' terms); we use a gradient-carrying all-reduce, so DDP's averaged gradient equals the
-single-process gradient of the global-batch loss (the raw version is that divided by the world size).
+Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij² with λ = 0.0051.
 The LARS learning rates for weights / biases and norms are the optimiser's (`param_groups` marks the split).
+
+Gradient under DDP with W processes (`ddp_gradient`):
+- "official" (default): barlowtwins sums C with a raw `torch.distributed.all_reduce`, so each rank's backward
+  sees only its own samples' share of C, and DDP's *average* of the ranks' gradients is the single-process
+  gradient of the global-batch loss divided by W. The cited hyper-parameters (LARS lr 0.2 / 0.0048 per 256
+  images, tuned on 32 GPUs) were tuned with that gradient; LARS normalises it away for weights, but biases
+  and norm parameters (excluded from LARS adaptation) step with it as is. So this is the default, and the
+  recipe means what it meant. One process: W = 1, both variants agree.
+- "exact": a gradient-carrying all-reduce, whose backward sums the W identical upstream gradients, so DDP's
+  averaged gradient equals the single-process gradient for any W (W × the official one).
+The global-batch BatchNorm statistics carry gradients in both (as barlowtwins' SyncBatchNorm does).
 """
 
 from __future__ import annotations
@@ -41,6 +50,14 @@ class BarlowTwinsOptions(MethodOptions):
         default=0.0051, ge=0,
         description="Weight of the off-diagonal (redundancy) term (unitless); barlowtwins `--lambd 0.0051`.",
     )
+    ddp_gradient: Literal["official", "exact"] = Field(
+        default="official",
+        description=(
+            "Gradient under DDP with W processes: 'official' = barlowtwins' raw all_reduce of C, whose "
+            "DDP-averaged gradient is the single-process gradient / W (what its hyper-parameters were tuned "
+            "with); 'exact' = the single-process gradient for any W. Identical in one process."
+        ),
+    )
 
 
 def global_batch_standardize(z: Tensor) -> Tensor:
@@ -58,18 +75,28 @@ def off_diagonal(matrix: Tensor) -> Tensor:
     return matrix.flatten()[:-1].view(n - 1, n + 1)[:, 1:].flatten()
 
 
-def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float) -> Tensor:
+def all_reduce_sum_local_grad(x: Tensor) -> Tensor:
+    """Sum of `x` over ranks whose gradient flows to this rank's `x` only, as a raw in-place
+    `torch.distributed.all_reduce` inside a graph (barlowtwins `main.py`): value Σ_r x_r, gradient ∂/∂x_local."""
+    return x + (all_reduce_sum(x) - x).detach()
+
+
+def barlow_twins_loss(z1: Tensor, z2: Tensor, lambd: float,
+                      ddp_gradient: Literal["official", "exact"] = "official") -> Tensor:
     """Barlow Twins loss (barlowtwins `main.py` `BarlowTwins.forward`).
 
     z1, z2 (B_local, D): projector outputs of the two views on this rank. C = BN(z1)ᵀ BN(z2) / N summed over
     ranks (N the global batch), loss = Σ_i (1 − C_ii)² + λ Σ_{i≠j} C_ij². The same scalar on every rank.
+    `ddp_gradient` (see the module docstring): "official" sums C as barlowtwins' raw all_reduce (DDP's
+    averaged gradient = single-process gradient / W); "exact" keeps the other ranks' gradient paths.
     """
     dtype = torch.promote_types(z1.dtype, torch.float32)
     with without_autocast(z1):  # D² sums of N products: float32 even under bf16/fp16 autocast
         z1 = global_batch_standardize(z1.to(dtype))
         z2 = global_batch_standardize(z2.to(dtype))
         count = all_reduce_sum(z1.new_tensor(float(z1.shape[0])))
-        c = all_reduce_sum_with_grad(z1.T @ z2) / count
+        reduce = all_reduce_sum_with_grad if ddp_gradient == "exact" else all_reduce_sum_local_grad
+        c = reduce(z1.T @ z2) / count
         on_diagonal = (torch.diagonal(c) - 1).pow(2).sum()
         return on_diagonal + lambd * off_diagonal(c).pow(2).sum()
 
@@ -89,4 +116,4 @@ class BarlowTwins(SSLMethod):
         self.check_views(views)
         z1 = self.projector(self.backbone(views[0]))
         z2 = self.projector(self.backbone(views[1]))
-        return barlow_twins_loss(z1, z2, self.options.lambd), {}
+        return barlow_twins_loss(z1, z2, self.options.lambd, self.options.ddp_gradient), {}

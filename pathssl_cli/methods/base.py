@@ -20,9 +20,10 @@ The loop does:
   `resnet50.py`).
 - The returned loss is this rank's loss, scaled so that DDP's gradient *averaging* gives the gradient of the
   global-batch loss: per-sample losses are means over the local batch (gathered keys/centres carry no
-  gradient), and losses that are global by construction (Barlow Twins' cross-correlation) are identical on
-  every rank and use a gradient-carrying all-reduce whose backward sums the W identical upstream gradients
-  (W × 1/W = 1).
+  gradient). The one exception is on purpose: Barlow Twins' cross-correlation is global by construction and,
+  by default, summed over ranks as barlowtwins' raw all_reduce does, which gives 1/W of that gradient, the
+  gradient its hyper-parameters were tuned with (`ddp_gradient = "exact"` gives the global-batch gradient;
+  see `barlow_twins.py`).
 - All schedules (momentum, temperature) are precomputed per-step arrays indexed by `step`, so resuming at step
   k needs nothing but k and the state dict.
 - DDP: every buffer is kept identical on all ranks (queues hold *gathered* features), so DDP's default
@@ -105,10 +106,17 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
-    """A deep copy whose parameters never receive gradients (teacher / key encoder)."""
+    """A deep copy whose parameters never receive gradients (teacher / key encoder), without stochastic
+    depth: dino `main_dino.py` builds the teacher without `drop_path_rate`, and no official key encoder drops
+    paths either."""
+    from timm.layers import DropPath
+
     twin = copy.deepcopy(module)
     for p in twin.parameters():
         p.requires_grad_(False)
+    for m in twin.modules():
+        if isinstance(m, DropPath):
+            m.drop_prob = 0.0
     return twin
 
 
@@ -119,7 +127,7 @@ class SSLMethod(nn.Module, abc.ABC):
     options_model: ClassVar[type[MethodOptions]]
     n_global_views: int
     n_local_views: int
-    backbone: Backbone  # the student / query backbone: what gets exported
+    backbone: Backbone  # the student / query backbone (exported unless the method says otherwise)
 
     def __init__(self, backbone: Backbone, options: MethodOptions, *, steps_per_epoch: int,
                  total_steps: int) -> None:
@@ -131,6 +139,16 @@ class SSLMethod(nn.Module, abc.ABC):
         self.options = options
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = total_steps
+
+    @property
+    def exported_network(self) -> str:
+        """Which network `exported_backbone` returns, for the run's summary."""
+        return "student"
+
+    def exported_backbone(self) -> Backbone:
+        """The backbone `pathssl pretrain` exports: the network the method's official evaluation uses (the
+        student / query encoder here; DINO overrides it with its teacher)."""
+        return self.backbone
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch

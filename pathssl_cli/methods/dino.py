@@ -5,7 +5,9 @@ Matches facebookresearch/dino `main_dino.py` (`DINOLoss`, the training loop), `v
 and an EMA teacher (backbone + DINO head); the student sees all crops, the teacher the global crops only; the
 loss is the cross-entropy between the sharpened, centred teacher and the student over every (teacher crop,
 student crop) pair of different views; the centre is an EMA (0.9) of the all-reduced teacher batch mean.
-The weight-decay schedule 0.04 → 0.4 is the optimiser's (`pathssl_cli/optim.py`).
+The weight-decay schedule 0.04 → 0.4 is the optimiser's (`pathssl_cli/optim.py`). The student's stochastic
+depth (`--drop_path_rate`) is the backbone's (`model.drop_path_rate`); the teacher never drops paths. The
+teacher is what gets exported (`export`), as dino evaluates it.
 """
 
 from __future__ import annotations
@@ -111,6 +113,14 @@ class DINOOptions(MethodOptions):
         default=3.0, ge=0,
         description="Per-parameter gradient-norm clip (L2; 0 = off); dino `--clip_grad 3.0`.",
     )
+    export: Literal["teacher", "student"] = Field(
+        default="teacher",
+        description=(
+            "The network written to backbone.safetensors: the EMA teacher, which dino evaluates "
+            "(`eval_linear.py` / `eval_knn.py --checkpoint_key teacher`) and which is the better network "
+            "throughout training; 'student' for the network the optimiser trained."
+        ),
+    )
 
 
 def dino_loss(student_output: Tensor, teacher_output: Tensor, center: Tensor, student_temp: float,
@@ -172,6 +182,15 @@ class DINO(SSLMethod):
         self.teacher_temp = teacher_temperature_schedule(options, math.ceil(total_steps / steps_per_epoch))
         self.teacher_momentum = momentum_schedule(options.momentum_teacher, total_steps, cosine_to_one=True)
         self.freeze_last_layer_steps = round(options.freeze_last_layer_epochs * steps_per_epoch)
+
+    @property
+    def exported_network(self) -> str:
+        return self.options.export
+
+    def exported_backbone(self) -> Backbone:
+        if self.options.export == "teacher":
+            return self.teacher_backbone  # type: ignore[return-value]  # a frozen_copy of the Backbone
+        return self.backbone
 
     def forward(self, views: list[Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
         self.check_views(views)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from pathssl_cli.augment.stain import hed_jitter_image
 from pathssl_cli.errors import Problem, SpecError
 
 PANNUKE_TYPES = ("neoplastic", "inflammatory", "connective", "dead", "epithelial")
@@ -300,26 +301,7 @@ class Subset(NucleiSource):
 class AugmentConfig:
     flips: bool = True
     rotations: bool = True
-    stain: float = 0.0  # HED jitter strength s (0 = off), see `hed_jitter`
-
-
-def hed_jitter(image: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    """Stain augmentation in HED space (Tellez et al. 2018), through the shared `pathssl_cli.augment` op:
-    each stain channel h -> h * U(1 - s, 1 + s) + U(-s, s); s = 0.05 is Tellez's "HED-light"."""
-    from pathssl_cli.augment.stain import hed_jitter as hed_jitter_batch
-
-    alpha = torch.from_numpy(rng.uniform(1 - strength, 1 + strength, (1, 3)))
-    beta = torch.from_numpy(rng.uniform(-strength, strength, (1, 3)))
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float().div(255.0)
-    # One patch is far too small for intra-op threads: with workers=0 on a busy machine their start-up cost
-    # was ~25x the work itself (60 ms vs 2.5 ms per 96 px patch). DataLoader workers already run 1 thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rgb = hed_jitter_batch(x, alpha, beta)[0].permute(1, 2, 0).numpy()
-    finally:
-        torch.set_num_threads(threads)
-    return np.clip(rgb * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    stain: float = 0.0  # HED jitter σ (0 = off), see `pathssl_cli.augment.stain.hed_jitter_image`
 
 
 def _pad_to(array: np.ndarray, top: int, left: int, height: int, width: int, reflect: bool) -> np.ndarray:
@@ -422,7 +404,7 @@ class HoVerNetPatches(Dataset):
             arrays = [a[:, ::-1] for a in arrays]
         image = np.ascontiguousarray(arrays[0])
         if self.augment.stain > 0:
-            image = hed_jitter(image, self.augment.stain, rng)
+            image = hed_jitter_image(image, self.augment.stain, rng)  # the one HED jitter, β in OD
         return (
             image,
             np.ascontiguousarray(arrays[1]),

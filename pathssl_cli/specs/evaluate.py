@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pathssl_cli.backbones import Normalization
+from pathssl_cli.backbones import Network, Normalization
 from pathssl_cli.errors import Problem
 from pathssl_cli.specs.core import BackboneName, OutputPath, Section, SpecModel, WeightsRef
 from pathssl_cli.specs.data import DataSection
@@ -27,7 +27,14 @@ class ModelSection(Section):
     weights: WeightsRef = Field(
         default="random",
         description="'random', or a local weights file: a `pathssl pretrain` export "
-        "(backbone.safetensors), Lunit's release, or timm/torchvision weights. Never downloaded.",
+        "(backbone.safetensors), a pretrain checkpoint (checkpoints/last.pt), an official DINO checkpoint, "
+        "Lunit's release, or timm/torchvision weights. Never downloaded.",
+    )
+    weights_network: Network = Field(
+        default="auto",
+        description="Which network of a checkpoint holding a teacher and a student (DINO) to evaluate: 'auto' "
+        "= the teacher, as DINO's eval_linear/eval_knn (`--checkpoint_key teacher`); or 'student'. Files "
+        "with one network (exports, Lunit's release, dino's *_pretrain.pth) need 'auto'.",
     )
     normalization: Normalization = Field(
         default="auto",
@@ -123,11 +130,36 @@ class LinearOptim(Section):
         return self
 
 
+class LinearFeatures(Section):
+    """The feature recipe: which outputs of the frozen backbone the linear head sees (part of the cache key)."""
+
+    recipe: Literal["preset", "pooled", "dino"] = Field(
+        default="preset",
+        description="'preset' = the optim.preset's protocol ('paper': 'dino', each family's official recipe; "
+        "'eva': 'pooled'); 'pooled' = the backbone's pooled output (CNN global average pool, ViT final-norm "
+        "CLS; eva); 'dino' = dino eval_linear.py: ViTs concatenate the CLS tokens of the last n_last_blocks "
+        "blocks (+ mean patch token), CNNs use the average pool as dino does for torchvision models.",
+    )
+    n_last_blocks: int = Field(
+        default=4, ge=1,
+        description="Blocks whose CLS tokens are concatenated under 'dino' (ViTs); dino `--n_last_blocks 4` for "
+        "ViT-S (1 for ViT-B).",
+    )
+    avgpool_patchtokens: bool = Field(
+        default=False,
+        description="Also concatenate the mean patch token of the last block under 'dino' (ViTs); dino "
+        "`--avgpool_patchtokens false` for ViT-S (true for ViT-B).",
+    )
+
+
 class LinearSpec(SpecModel):
     kind: Literal["linear"] = "linear"
     data: DataSection
     model: ModelSection = Field(default_factory=ModelSection, description="Backbone and weights to evaluate.")
     optim: LinearOptim = Field(default_factory=LinearOptim, description="Linear-probe training and sweep.")
+    features: LinearFeatures = Field(
+        default_factory=LinearFeatures, description="Feature recipe: `features.recipe = \"dino\"` or "
+        "\"pooled\" in one line; by default the preset's.")
     run: RunSection
 
     def check_inputs(self) -> list[Problem]:
@@ -212,7 +244,8 @@ class FinetuneAugment(Section):
         default=0.05,
         ge=0,
         le=1,
-        description="HED jitter strength: α ~ U(1-σ, 1+σ), β ~ U(-σ, σ); 0.05 is Tellez's 'HED-light'.",
+        description="HED jitter strength: α ~ U(1-σ, 1+σ), β ~ U(-σ, σ) in optical density (-ln I), the units "
+        "of every command (pathssl_cli.augment.stain.hed_jitter); 0.05 is Tellez's 'HED-light'.",
     )
 
 

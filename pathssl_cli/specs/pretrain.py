@@ -15,6 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from pathssl_cli.augment.stain import ColorSpace, Distribution
 from pathssl_cli.augment.views import ViewRecipe, recipe_for
+from pathssl_cli.backbones import Network
 from pathssl_cli.errors import Problem
 from pathssl_cli.methods import MethodOptionsUnion
 from pathssl_cli.specs.core import BackboneName, InputPath, OutputPath, Section, SpecModel, WeightsRef
@@ -65,9 +66,17 @@ class PretrainModel(Section):
     weights: WeightsRef = Field(
         "random", description="'random' (the paper pre-trains from scratch) or a local weights file to "
                               "continue from, e.g. another run's backbone.safetensors.")
+    weights_network: Network = Field(
+        "auto", description="Which network of a checkpoint that holds a teacher and a student (a DINO "
+        "checkpoint of pathssl or of facebookresearch/dino) to start from: 'auto' = the teacher, as DINO "
+        "evaluates it; 'student'; files with one network (exports, Lunit's release) need 'auto'.")
     img_size: int | None = Field(
         None, ge=16, description="Input side the backbone is built for (px); unset = augment's global view "
                                  "size.")
+    drop_path_rate: float = Field(
+        0.0, ge=0, lt=1, description="Stochastic depth of the trained backbone (timm's rate at the last block, "
+        "linear from 0): dino `--drop_path_rate 0.1` for ViT-S (the DINO specs set it); 0 for the ResNet "
+        "methods, whose official code has none. EMA teachers and key encoders never drop.")
 
 
 class PretrainAugment(Section):

@@ -145,8 +145,9 @@ class SegmentTrain(Section):
         default=0.05,
         ge=0,
         le=0.5,
-        description="HED stain jitter strength s (Tellez et al. 2018): each stain channel h -> "
-        "h * U(1-s, 1+s) + U(-s, s). 0.05 is Tellez's 'HED-light' (as evaluate's hed_sigma); 0 = off.",
+        description="HED stain jitter σ (Tellez et al. 2018): each stain's optical density od -> "
+        "od * U(1-σ, 1+σ) + U(-σ, σ), the offset in OD = -ln(I) (pathssl_cli.augment.stain.hed_jitter, the same "
+        "op and units as evaluate's hed_sigma and pretrain's hed_jitter). 0.05 is Tellez's 'HED-light'; 0 = off.",
     )
     loss: LossWeightsSection = Field(default_factory=LossWeightsSection, description="Loss term weights.")
     workers: int = Field(default=2, ge=0, description="DataLoader worker processes.")

@@ -83,7 +83,7 @@ def test_rand_stain_moves_lab_statistics_to_the_sampled_template() -> None:
     tiles = _he_like(6, size=32, noise=(3, 8))
     x = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).double() / 255
     stats = fit_stain_stats(_he_like(40, seed=1, noise=(3, 8)), "lab", "normal")
-    out = stain.rand_stain(x, stats, torch.Generator().manual_seed(7))
+    out = stain.rand_stain(x, stats, torch.Generator().manual_seed(7), std_hyper=0.0)  # the fitted spread
     target_mean, target_std = stats.sample(6, torch.Generator().manual_seed(7))  # the same draws
     lab = rgb2lab(_nhwc(out)).reshape(6, -1, 3)  # measured independently with skimage
     # in-gamut templates: only float rounding and rare clipped pixels separate output from target
@@ -158,13 +158,14 @@ def test_hed_jitter_identity_and_haematoxylin_shift() -> None:
     x = _rgb().clamp(0.05, 0.95)
     ones, zeros = torch.ones(3, 3), torch.zeros(3, 3)
     torch.testing.assert_close(stain.hed_jitter(x, ones, zeros), x, atol=1e-9, rtol=0)
-    beta = torch.tensor([[0.02, 0.0, 0.0]] * 3)
+    beta = torch.tensor([[0.02, 0.0, 0.0]] * 3)  # optical density (-ln I)
     out = stain.hed_jitter(x, ones, beta)
     shift = stain.rgb_to_hed(out, clip=False) - stain.rgb_to_hed(x, clip=False)
     unclipped = ((out > 0) & (out < 1)).all(dim=1)  # pixels where the RGB clip did not interfere
     assert unclipped.float().mean() > 0.5
+    expected = 0.02 / -np.log(1e-6)  # rgb_to_hed (skimage) units are OD / -ln(1e-6)
     torch.testing.assert_close(
-        shift[:, 0][unclipped], torch.full_like(shift[:, 0][unclipped], 0.02), atol=1e-9, rtol=0
+        shift[:, 0][unclipped], torch.full_like(shift[:, 0][unclipped], expected), atol=1e-9, rtol=0
     )
     assert shift[:, 1:].permute(1, 0, 2, 3)[:, unclipped].abs().max() < 1e-9
 
@@ -205,3 +206,78 @@ def test_uint8_lab_matches_skimage_and_image_by_image_matches_one_image() -> Non
     back = stain.lab_to_rgb(expected)
     torch.testing.assert_close(back, _nchw(lab2rgb(_nhwc(expected))), atol=1e-9, rtol=0)
     torch.testing.assert_close(back[2:], stain.lab_to_rgb(expected[2:]), atol=0, rtol=0)
+
+
+def test_hed_jitter_offset_is_in_optical_density() -> None:
+    # a pure haematoxylin offset β (OD = -ln I) multiplies each RGB intensity by exp(-β · rgb_from_hed[H])
+    x = torch.full((1, 3, 2, 2), 0.8, dtype=torch.float64)
+    beta = torch.tensor([[0.1, 0.0, 0.0]], dtype=torch.float64)
+    out = stain.hed_jitter(x, torch.ones(1, 3, dtype=torch.float64), beta)
+    expected = 0.8 * np.exp(-0.1 * np.array([0.65, 0.70, 0.29]))  # skimage.color.rgb_from_hed[0]
+    np.testing.assert_allclose(out[0, :, 0, 0].numpy(), expected, rtol=1e-9)
+
+
+class _FixedDraws:
+    """Stands in for np.random.Generator: returns the given arrays from uniform(), in order."""
+
+    def __init__(self, *draws: np.ndarray) -> None:
+        self.draws = list(draws)
+
+    def uniform(self, low: float, high: float, size: tuple[int, ...]) -> np.ndarray:
+        value = self.draws.pop(0)
+        assert value.shape == size and (low <= value).all() and (value <= high).all()
+        return value
+
+
+def test_segmentation_jitter_equals_the_pretraining_and_finetuning_op_for_the_same_beta() -> None:
+    """segment train once passed β in skimage's rgb2hed units (13.8x stronger); now every command runs
+    `hed_jitter` with β in optical density."""
+    from pathssl_cli.segment import datasets
+
+    image = (_rgb(1, 16, seed=4)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    alpha, beta = np.array([[1.03, 0.97, 1.01]]), np.array([[0.04, -0.03, 0.05]])
+    assert datasets.hed_jitter_image is stain.hed_jitter_image  # no private copy in segment/
+    segmented = stain.hed_jitter_image(image, 0.05, _FixedDraws(alpha, beta))  # type: ignore[arg-type]
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    shared = stain.hed_jitter(x, torch.from_numpy(alpha), torch.from_numpy(beta))[0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(segmented, np.clip(shared * 255 + 0.5, 0, 255).astype(np.uint8))
+
+
+def test_glass_stays_near_glass_at_the_shipped_segmentation_strength() -> None:
+    from pathssl_cli.segment.datasets import AugmentConfig, HoVerNetPatches, NucleiSample, NucleiSource
+    from pathssl_cli.specs.segment import SegmentTrain
+
+    glass = np.array([242, 237, 242], dtype=np.uint8)
+
+    class Glass(NucleiSource):
+        names, num_types = ["g"], 0
+
+        def size(self, index: int) -> tuple[int, int]:
+            return 32, 32
+
+        def load(self, index: int) -> NucleiSample:
+            return NucleiSample("g", np.tile(glass, (32, 32, 1)), np.zeros((32, 32), np.int32), None)
+
+    strength = SegmentTrain.model_fields["stain"].default
+    assert strength == pytest.approx(0.05)  # Tellez's HED-light, as evaluate's hed_sigma
+    patches = HoVerNetPatches([Glass()], 32, 32, train=True, augment=AugmentConfig(stain=strength))
+    changes = []
+    for epoch in range(24):
+        patches.set_epoch(epoch)
+        changes.append((patches[0]["image"].numpy() * 255 - glass[:, None, None]).__abs__().max())
+    # the worst corner (α = 1.05, β = +0.05 OD on all three stains) moves glass by 26 levels; β in rgb2hed
+    # units turned it to (155, 146, 198) and worse
+    assert 0 < max(changes) <= 27
+    assert np.mean(changes) < 15
+
+
+def test_randstainna_std_hyper_defaults_to_the_reference_usage() -> None:
+    from pathssl_cli.augment.views import recipe_for
+
+    assert recipe_for("dino", "pathology").stain.std_hyper == pytest.approx(-0.3)  # RandStainNA main.py
+    stats = fit_stain_stats([(_rgb(1, 16, seed=s)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+                             for s in range(8)], "lab", "normal")
+    x = _rgb(4, 16, seed=9)
+    default = stain.rand_stain(x, stats, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(default, stain.rand_stain(x, stats, torch.Generator().manual_seed(0), -0.3))
+    assert not torch.allclose(default, stain.rand_stain(x, stats, torch.Generator().manual_seed(0), 0.0))

@@ -21,7 +21,9 @@ from pathssl_cli.methods import (
 GLOBAL_BATCH = 8
 N_STEPS = 2
 LR = 0.5
-METHOD_NAMES = ("mocov2", "swav", "barlow_twins", "dino")
+# barlow_twins: barlowtwins' raw all_reduce (the default), 1/W of the single-process gradient under DDP;
+# barlow_twins_exact: the gradient-carrying variant, equal to the single-process gradient
+METHOD_NAMES = ("mocov2", "swav", "barlow_twins", "barlow_twins_exact", "dino")
 
 
 def tiny_options(name: str) -> MethodOptions:
@@ -34,6 +36,8 @@ def tiny_options(name: str) -> MethodOptions:
                            queue_start_epoch=0, freeze_prototypes_epochs=1)
     if name == "barlow_twins":
         return BarlowTwinsOptions(projector_dims=(32, 24))
+    if name == "barlow_twins_exact":
+        return BarlowTwinsOptions(projector_dims=(32, 24), ddp_gradient="exact")
     if name == "dino":
         return DINOOptions(out_dim=40, hidden_dim=32, bottleneck_dim=16, n_local_crops=2, use_bn_in_head=True,
                            norm_last_layer=False, warmup_teacher_temp_epochs=2, momentum_teacher=0.9,
@@ -54,9 +58,9 @@ def global_views(method: SSLMethod, step: int) -> list[Tensor]:
 
 
 def run_steps(name: str, rank: int = 0, world: int = 1,
-              wrap: type[nn.Module] | None = None) -> dict[str, object]:
-    """N_STEPS of the method on this rank's contiguous share of each global batch. Returns per-step global
-    losses (mean over ranks of each rank's loss), the averaged gradients, and the final state dict."""
+              wrap: type[nn.Module] | None = None, lr: float = LR) -> dict[str, object]:
+    """N_STEPS of plain SGD (`lr`) on this rank's contiguous share of each global batch. Returns per-step
+    global losses (mean over ranks of each rank's loss), the averaged gradients, and the final state dict."""
     method = build(name)
     model = wrap(method) if wrap is not None else method
     local = GLOBAL_BATCH // world
@@ -71,7 +75,7 @@ def run_steps(name: str, rank: int = 0, world: int = 1,
             for pname, p in method.named_parameters():
                 if p.grad is not None:
                     step_grads[pname] = p.grad.clone()
-                    p.sub_(LR * p.grad)
+                    p.sub_(lr * p.grad)
                     p.grad = None
         method.on_after_optimizer_step(step)
         total = loss.detach().clone()

@@ -49,23 +49,35 @@ def assert_close_to_scale(actual: torch.Tensor, expected: torch.Tensor, what: st
     assert error <= 2e-4 * scale + floor, f"{what}: max error {error:.3g} against scale {scale:.3g}"
 
 
-@pytest.mark.parametrize("name", ["mocov2", "swav", "barlow_twins", "dino"])
-def test_two_processes_match_one_process(name: str, distributed_results: dict[str, dict]) -> None:
-    single = _common().run_steps(name)
-    multi = distributed_results[name]
+def _assert_runs_match(multi: dict, single: dict, gradient_scale: float = 1.0) -> None:
+    """Same losses and final state; every DDP-averaged gradient = gradient_scale × the single-process one."""
     torch.testing.assert_close(torch.tensor(multi["losses"]), torch.tensor(single["losses"]),
                                rtol=1e-5, atol=1e-6)
     for step, (g_multi, g_single) in enumerate(zip(multi["grads"], single["grads"], strict=True)):
         assert g_multi.keys() == g_single.keys(), f"step {step}: different parameters received gradients"
-        largest = max(g.abs().max().item() for g in g_single.values())
+        largest = max(g.abs().max().item() for g in g_single.values()) * gradient_scale
         for key in g_single:
             what = f"step {step} gradient of {key}"
-            assert_close_to_scale(g_multi[key], g_single[key], what, 1e-4 * largest)
+            assert_close_to_scale(g_multi[key], gradient_scale * g_single[key], what, 1e-4 * largest)
     for key, value in single["state"].items():
         if value.is_floating_point():
             assert_close_to_scale(multi["state"][key], value, f"final state {key}", 1e-5)
         else:
             assert torch.equal(multi["state"][key], value), f"final state {key}"
+
+
+@pytest.mark.parametrize("name", ["mocov2", "swav", "barlow_twins_exact", "dino"])
+def test_two_processes_match_one_process(name: str, distributed_results: dict[str, dict]) -> None:
+    _assert_runs_match(distributed_results[name], _common().run_steps(name))
+
+
+def test_barlow_twins_default_takes_the_official_gradient_one_over_the_world_size(
+        distributed_results: dict[str, dict]) -> None:
+    """barlowtwins main.py sums C with a raw all_reduce: DDP's averaged gradient is the single-process one
+    divided by W = 2, so SGD at lr over 2 processes makes the steps of one process at lr / 2."""
+    common = _common()
+    _assert_runs_match(distributed_results["barlow_twins"], common.run_steps("barlow_twins", lr=common.LR / 2),
+                       gradient_scale=0.5)
 
 
 def test_mocov2_shuffle_bn_encodes_keys_with_another_half_of_the_global_batch(

@@ -44,23 +44,23 @@ def test_knn_accuracy_by_hand() -> None:
     assert knn_accuracy(gallery, labels, queries, torch.tensor([1, 1, 1]), k=1) == pytest.approx(1 / 3)
 
 
-def _features(backbone_name: str, weights: str | Path, images: np.ndarray) -> torch.Tensor:
+def _features(backbone_name: str, weights: str | Path, images: np.ndarray, network: str = "auto") -> torch.Tensor:
     torch.manual_seed(0)  # the random-init baseline is the run's own initialisation (seed 0)
-    backbone = create_backbone(backbone_name, weights, img_size=SIZE).eval()
+    backbone = create_backbone(backbone_name, weights, img_size=SIZE, network=network).eval()  # type: ignore[arg-type]
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(backbone.mean).view(1, 3, 1, 1)) / torch.tensor(backbone.std).view(1, 3, 1, 1)
     with torch.no_grad():
         return torch.nn.functional.normalize(backbone(x), dim=1)
 
 
-def shifted_knn(backbone_name: str, weights: str | Path) -> float:
+def shifted_knn(backbone_name: str, weights: str | Path, network: str = "auto") -> float:
     images, labels = labelled_tiles(40, SIZE, seed=123)  # held out: the training folder uses seed 0
     gains = np.random.default_rng(5).uniform(0.85, 1.15, (len(images), 1, 1, 3))
     shifted = np.clip(images * gains, 0, 255).astype(np.uint8)
     y = torch.from_numpy(labels)
     gallery, queries = np.arange(len(y)) % 2 == 0, np.arange(len(y)) % 2 == 1
-    return knn_accuracy(_features(backbone_name, weights, images[gallery]), y[gallery],
-                        _features(backbone_name, weights, shifted[queries]), y[queries])
+    return knn_accuracy(_features(backbone_name, weights, images[gallery], network), y[gallery],
+                        _features(backbone_name, weights, shifted[queries], network), y[queries])
 
 
 @pytest.fixture(scope="module")
@@ -72,10 +72,15 @@ def _learns(method: str, steps: int, margin: float, folder: Path, out: Path) -> 
     spec = load_spec(SPECS / f"tiny_{method}.toml", [
         f'data.tiles=["{folder}"]', f"run.output_dir={out}", f"run.steps={steps}",
         f"augment.global_size={SIZE}",
-        "run.checkpoint_every=100000"])
+        "run.checkpoint_every=100000"])  # the end of the run still writes checkpoints/last.pt
     run_pretrain(spec)  # type: ignore[arg-type]
     name = spec.model.backbone  # type: ignore[attr-defined]
-    random_init, trained = shifted_knn(name, "random"), shifted_knn(name, out / "backbone.safetensors")
+    # What training changed is the student's (the optimiser's) network. DINO exports its EMA teacher, which
+    # lags the student by ~1 / (1 - momentum) steps and barely moves in 200 tiny steps (measured: random
+    # 0.725, teacher 0.733, student 0.775), so the student is read from the full checkpoint.
+    weights = out / ("checkpoints/last.pt" if method == "dino" else "backbone.safetensors")
+    random_init = shifted_knn(name, "random")
+    trained = shifted_knn(name, weights, "student" if method == "dino" else "auto")
     print(f"{method}: kNN under stain shift, random init {random_init:.3f} -> trained {trained:.3f}")
     assert trained >= random_init + margin, (method, random_init, trained)
 

@@ -79,7 +79,17 @@ def test_other_tiny_specs_run(method: str, options: dict[str, str], image_folder
         assert state["scaler"]["scale"] > 0  # the GradScaler's state is checkpointed
     if method == "dino":
         assert "center" in state["method"] and any(k.startswith("teacher") for k in state["method"])
-    assert create_backbone("vit_tiny" if method == "dino" else "resnet_tiny", out / "backbone.safetensors")
+    exported = create_backbone("vit_tiny" if method == "dino" else "resnet_tiny", out / "backbone.safetensors")
+    # the exported network is the one the method's official evaluation uses: DINO's EMA teacher, else the student
+    role = "teacher_backbone" if method == "dino" else "backbone"
+    other = "backbone" if method == "dino" else None
+    for key, value in exported.timm_model.state_dict().items():
+        assert torch.equal(value, state["method"][f"{role}.timm_model.{key}"]), key
+    if other is not None:
+        assert any(not torch.equal(v, state["method"][f"{other}.timm_model.{k}"])
+                   for k, v in exported.timm_model.state_dict().items()), "teacher and student coincide"
+    assert json.loads((out / "metrics.json").read_text())["exported_network"] == (
+        "teacher" if method == "dino" else "student")
 
 
 def test_nan_loss_stops_with_exit_1_and_keeps_the_last_good_checkpoint(

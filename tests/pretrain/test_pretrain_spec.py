@@ -54,10 +54,15 @@ def test_paper_grid_follows_the_paper(image_folder: Path) -> None:
     tiles = [f'data.tiles=["{image_folder}"]']
     dino8 = load_spec(SPECS / "dino_vit_small_patch8_pathology.toml", tiles)
     assert dino8.model.backbone == "vit_small_patch8_224" and dino8.method.name == "dino"
+    dino16 = load_spec(SPECS / "dino_vit_small_patch16_original.toml", tiles)
+    # dino main_dino.py --drop_path_rate 0.1 for ViT-S; the teacher (exported) never drops
+    assert dino8.model.drop_path_rate == dino16.model.drop_path_rate == pytest.approx(0.1)
+    assert dino8.method.export == dino16.method.export == "teacher"  # type: ignore[union-attr]
     bt = load_spec(SPECS / "barlow_twins_resnet50_pathology.toml", tiles)
     assert bt.model.backbone == "resnet50" and bt.optim.name == "lars"
     assert bt.method.lambd == pytest.approx(0.0051)  # type: ignore[union-attr]
     assert bt.optim.no_decay_lr_scale == pytest.approx(0.0048 / 0.2)
+    assert bt.model.drop_path_rate == 0.0
 
 
 @pytest.mark.parametrize(("override", "expected"), [
