@@ -57,13 +57,20 @@ def _load(spec: Path, overrides: tuple[str, ...], kind: str) -> Any:
 
 @click.group(cls=PathsslGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="pathssl")
-def cli() -> None:
+@click.option("--force", is_flag=True,
+              help="A run directory that holds a run of a different spec is moved aside (<dir>.replaced-<time>) "
+                   "and a new run starts, instead of being refused.")
+def cli(force: bool) -> None:
     """Self-supervised learning on pathology images: slides → tiles → pretrained backbones → benchmark tables.
 
     \b
     Start with:  pathssl demo            (the whole study on synthetic data, a few minutes on a CPU)
     Specs:       pathssl spec validate specs/**/*.toml
     """
+    if force:
+        from pathssl_cli.runs import FORCE_REPLACE
+
+        FORCE_REPLACE.set(True)
 
 
 # ----------------------------------------------------------------------------------------------------- spec

@@ -20,7 +20,7 @@ from pathssl_cli.console import info
 from pathssl_cli.distributed import resolve_device
 from pathssl_cli.evaluate.common import frozen_features, summarise, write_outputs
 from pathssl_cli.evaluate.metrics import classification_metrics
-from pathssl_cli.runs import open_run
+from pathssl_cli.runs import claim_run_dir, open_run
 from pathssl_cli.specs.evaluate import KnnSpec
 
 
@@ -60,6 +60,7 @@ def knn_scores(
 def run_knn(spec: KnnSpec) -> dict[str, Any]:
     """kNN of the evaluation split against the train split, for every k of `[knn]`; metrics.json reports the
     first k as the run's result and the others as variants."""
+    claim_run_dir(spec, spec.run.output_dir)
     with open_run(spec, spec.run.output_dir, seed=spec.run.seeds[0]) as run:
         fset = frozen_features(spec, need_val=False)
         num_classes = len(fset.splits["train"].classes)
