@@ -30,12 +30,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
 from pathssl_cli.errors import Problem
-from pathssl_cli.specs.core import BackboneName, InputPath, OutputPath, Section, SpecModel
+from pathssl_cli.specs.core import BackboneName, OutputPath, Section, SpecModel, _PathMarker
+
+GridPath = Annotated[Path, _PathMarker("output")]
+"""An input file resolved against the spec file like every path, but checked for existence by the grid check
+(`pathssl_cli.study.plan`) rather than first: a missing file is then reported with every other problem."""
 
 _SLUG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -94,11 +98,11 @@ class LabelsSection(Section):
         "subset; the paper's low-label regimes are 0.01 and 0.1).")
     seed: int = Field(default=0, description="Seed of the subsets: one fixed subset per fraction, as in the "
                                              "paper; the training seeds vary the runs.")
-    classification_spec: InputPath | None = Field(
+    classification_spec: GridPath | None = Field(
         default=None,
         description="A `subsample` spec with a [data] table: its [data] is replaced by each evaluation's [data] "
         "(same splits), its fractions by the study's. Needed when an evaluation uses a fraction below 1.")
-    segmentation_spec: InputPath | None = Field(
+    segmentation_spec: GridPath | None = Field(
         default=None,
         description="A `subsample` spec with an [images] table, for segmentation entries with a fraction "
         "below 1 (CoNSeP: images of data.train[0]).")
@@ -112,7 +116,7 @@ class LabelsSection(Section):
 class BackboneEntry(Section):
     name: str = Field(description="Row label in the tables and part of each run directory's name.")
     backbone: BackboneName = Field(description="Registry name (`pathssl backbones list`) or 'timm:<name>'.")
-    weights: Literal["random"] | InputPath = Field(
+    weights: Literal["random"] | GridPath = Field(
         default="random",
         description="'random', a local weights file, or a `pathssl pretrain` run directory (its "
         "backbone.safetensors is used). Never downloaded.")
@@ -127,7 +131,7 @@ class BackboneEntry(Section):
 
 
 class GridEntry(Section):
-    spec: InputPath = Field(description="The spec file applied to each backbone.")
+    spec: GridPath = Field(description="The spec file applied to each backbone.")
     name: str | None = Field(default=None,
                              description="Column label and part of the run directory name; unset = the spec "
                                          "file's stem.")

@@ -116,7 +116,10 @@ def build_plan(spec: StudySpec) -> Plan:
     problems = plan.problems
     for j, bb in enumerate(spec.backbones):
         weights = _weights(bb)
-        if weights != "random" and not Path(weights).is_file():
+        if bb.weights != "random" and not Path(bb.weights).exists():
+            problems.append(Problem(f"backbones[{j}].weights", f"file not found: {bb.weights}. Give a weights "
+                                    "file, a `pathssl pretrain` run directory or 'random'."))
+        elif weights != "random" and not Path(weights).is_file():
             problems.append(Problem(f"backbones[{j}].weights", f"{bb.weights} is a folder without "
                                     "backbone.safetensors: give a finished `pathssl pretrain` run directory or "
                                     "a weights file"))
@@ -179,6 +182,9 @@ def _fields(run: PlannedRun) -> tuple[Any, ...]:
 
 
 def _checked_kind(entry: GridEntry, kinds: tuple[str, ...], where: str, problems: list[Problem]) -> str | None:
+    if not Path(entry.spec).is_file():
+        problems.append(Problem(f"{where}.spec", f"file not found: {entry.spec}"))
+        return None
     try:
         kind = _read_kind(Path(entry.spec))
     except SpecError as exc:
@@ -228,6 +234,10 @@ def _subsample_run(spec: StudySpec, plan: Plan, entry: GridEntry, template: Any,
     sets = (f"{source[0]}={toml_value(source[1])}", f"subsample.fractions={toml_value(all_below)}",
             f"subsample.seed={labels.seed}", f"run.output_dir={toml_value(out)}")
     run = PlannedRun(len(plan.runs), f"subsets/{name}", "subsample", Path(base), sets, out, where)
+    if not Path(base).is_file():
+        field_name = "labels.segmentation_spec" if kind == "segment" else "labels.classification_spec"
+        plan.problems.append(Problem(field_name, f"file not found: {base}"))
+        return None
     try:
         run.load(check_inputs=True)  # the fractions that subsample would refuse for this source
     except SpecError as exc:
