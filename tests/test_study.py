@@ -207,3 +207,40 @@ def test_shipped_study_specs_are_valid(name: str) -> None:
 
     spec = load_spec(SPECS / "study" / f"{name}.toml", check_inputs=False)
     assert spec.kind == "study"
+
+
+def test_segmentation_grid_trains_evaluates_and_reports_pq(tmp_path: Path) -> None:
+    from pathssl_cli.synthetic_sets import write_consep_like
+
+    nuclei = write_consep_like(tmp_path / "nuclei", n_images=4, size=64, seed=0)
+    path = tmp_path / "seg.toml"
+    path.write_text(f"""
+kind = "study"
+[study]
+name = "seg"
+output_root = "out"
+seeds = [0]
+segmentation_set = ["data.train=['{nuclei}']", "data.test=['{nuclei}']", "train.phase2_epochs=0",
+                    "train.steps_per_epoch=1", "predict.chunk_size=64"]
+[labels]
+segmentation_spec = "{SPECS}/subsample/consep_low_label.toml"
+[[backbones]]
+name = "cnn"
+backbone = "resnet_tiny"
+[[segmentations]]
+spec = "{SPECS}/segment/tiny.toml"
+fractions = [0.5, 1.0]
+""")
+    code, output = study(str(path))
+    assert code == 0, output
+    out = tmp_path / "out"
+    subset = (out / "subsets" / "consep-nuclei" / "subset_50pct.csv").read_text()
+    assert sum(line.startswith("synthetic_") for line in subset.splitlines()) == 2  # half of the 4 images
+    spec = (out / "runs" / "tiny__cnn__50pct__seed0" / "spec.toml").read_text()
+    assert "subset_50pct.csv" in spec
+    for fraction in ("50pct", "all"):
+        run = out / "runs" / f"tiny__cnn__{fraction}__seed0"
+        assert json.loads((run / "eval" / "run.json").read_text())["status"] == "done"
+    rows = [line.split(",") for line in (out / "report.csv").read_text().splitlines()[1:]]
+    assert {(r[0], r[1], r[3]) for r in rows} >= {("segment", "pq", "tiny 50%"), ("segment", "pq", "tiny 100%")}
+    assert set(statuses(path).values()) == {"done"}
