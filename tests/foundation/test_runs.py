@@ -186,3 +186,25 @@ def test_finetune_unchanged_rerun_resumes_and_force_starts_over(finetune_run: di
     assert result.exit_code == 0, result.output
     assert "lr = 0.01" in (p["out"] / "spec.toml").read_text()
     assert len(list(tmp_path.glob("ft.replaced-*/metrics.json"))) == 1
+
+
+def test_segment_digest_leaves_out_moved_data_and_longer_schedules(tmp_path: Path) -> None:
+    """segment train's documented exclusions (formerly its own training_digest): data folders may move and the
+    epoch counts may grow, but the learning rate or the label subset make another run."""
+    from pathssl_cli.runs import spec_digest
+    from pathssl_cli.specs.segment import SegmentSpec
+
+    def digest(**changes: object) -> str:
+        spec = SegmentSpec.model_validate({"data": {"format": "generic", "train": [str(tmp_path / "a")]},
+                                           "run": {"output_dir": str(tmp_path / "run")}})
+        for dotted, value in changes.items():
+            section, _, name = dotted.partition("__")
+            setattr(getattr(spec, section), name, value)
+        return spec_digest(spec)
+
+    base = digest()
+    assert digest(data__train=[tmp_path / "moved"]) == base
+    assert digest(train__phase2_epochs=80, train__workers=0, run__resume=False) == base
+    assert digest(train__lr=1e-3) != base
+    assert digest(data__subset=tmp_path / "subset_10pct.csv") != base
+    assert digest(run__seed=1) != base
