@@ -316,6 +316,31 @@ def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     return found
 
 
+def _drop_new_defaults(old: dict[str, Any], new: dict[str, Any], model: Any) -> None:
+    """Forget fields of `new` that the stored spec lacks but that hold their default: a field added to pathssl
+    after the run was written does not make it another run, while a value the user set still does."""
+    from pydantic import BaseModel
+
+    for key in [k for k in new if k not in old or isinstance(new[k], dict)]:
+        field = type(model).model_fields.get(key) if isinstance(model, BaseModel) else None
+        if key in old and isinstance(old[key], dict):
+            _drop_new_defaults(old[key], new[key], getattr(model, key, None))
+        elif key not in old and field is not None and not field.is_required():
+            default = field.get_default(call_default_factory=True)
+            as_json = json.loads(json.dumps(default.model_dump(mode="json") if isinstance(default, BaseModel)
+                                            else default, default=_json_default))
+            if _without_none(as_json) == new[key]:
+                del new[key]
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
+
+
 @dataclass(frozen=True)
 class RunState:
     """What a run directory holds, compared with a spec.
@@ -342,10 +367,10 @@ def run_state(spec: SpecModel, output_dir: str | Path) -> RunState:
         stored = tomllib.loads(spec_path.read_text())
     except (OSError, ValueError) as exc:
         return RunState(path, "different", changes=(f"its run.json or spec.toml cannot be read ({exc})",))
-    current = spec_data(spec)
-    if digest_of(stored) != digest_of(current):
-        changes = tuple(_differences(digest_fields(stored), digest_fields(current)))
-        return RunState(path, "different", changes=changes or ("the spec digest",))
+    old, new = digest_fields(stored), digest_fields(spec_data(spec))
+    _drop_new_defaults(old, new, spec)
+    if old != new:
+        return RunState(path, "different", changes=tuple(_differences(old, new)) or ("the spec digest",))
     status = record.get("status")
     if status == "done":
         return RunState(path, "done")

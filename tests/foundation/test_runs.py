@@ -208,3 +208,20 @@ def test_segment_digest_leaves_out_moved_data_and_longer_schedules(tmp_path: Pat
     assert digest(train__lr=1e-3) != base
     assert digest(data__subset=tmp_path / "subset_10pct.csv") != base
     assert digest(run__seed=1) != base
+
+
+def test_a_field_added_later_at_its_default_keeps_old_runs_resumable(toy_spec, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A run written before pathssl grew a field (absent from its spec.toml) is still the same run while the new
+    field holds its default; setting it makes another run."""
+    from pathssl_cli.runs import run_state
+
+    out = tmp_path / "old"
+    with open_run(toy_spec, out):
+        pass
+    text = (out / "spec.toml").read_text()
+    assert "schedule = " in text
+    (out / "spec.toml").write_text("\n".join(line for line in text.splitlines() if not line.startswith("schedule")))
+    assert run_state(toy_spec, out).status == "done"
+    changed = toy_spec.model_copy(deep=True)
+    changed.optim.schedule = "step"
+    assert run_state(changed, out).status == "different"
