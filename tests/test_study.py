@@ -107,6 +107,7 @@ name = "knn"
     assert "Traceback" not in output and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # 8 runs then 1 again: ~7 s CPU, ~20 s on a loaded 2-core machine
 def test_runs_skip_when_done_resume_when_interrupted_and_report(data: Path, tmp_path: Path) -> None:
     path = write_study(tmp_path, data)
     code, output = study(str(path))
@@ -151,8 +152,11 @@ def test_a_failed_run_does_not_stop_the_grid_and_is_retried(data: Path, tmp_path
     assert code == 1, output
     assert "4 of 9 runs failed" in output
     failed = [line for line in output.splitlines() if line.startswith("  [")]
-    assert len(failed) == 4 and all("50pct" in line for line in failed)
-    assert all(s == "done" for n, s in statuses(path).items() if "50pct" not in n)
+    assert len(failed) == 4 and all("50pct" in line and "not in the train split" in line for line in failed)
+    found = statuses(path)
+    assert all(s == ("failed" if "50pct" in n else "done") for n, s in found.items() if n.startswith(("linear", "knn")))
+    record = json.loads((tmp_path / "out" / "runs" / "knn__cnn__50pct__seed1" / "run.json").read_text())
+    assert record["status"] == "failed" and "no_such_image.png" in record["error"]
     # The failures are recorded in their own run.json, and the next invocation retries them.
     subset.write_text(good)
     code, output = study(str(path))

@@ -7,6 +7,7 @@ forced. A kill -9 loses at most the run in progress: every run keeps its own `ru
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 
 from pathssl_cli.console import info
 from pathssl_cli.errors import PathsslError, Problem, SpecError, WorkFailed
-from pathssl_cli.runs import FORCE_REPLACE, atomic_write, run_state, write_json
+from pathssl_cli.runs import FORCE_REPLACE, atomic_write, open_run, run_state, write_json
 from pathssl_cli.study.plan import Plan, PlannedRun, build_plan
 
 #: Status words of the plan: done, failed, pending (nothing there yet), interrupted (run.json says running:
@@ -99,8 +100,14 @@ def _execute(run: PlannedRun) -> None:
 
 
 def _error_of(run: PlannedRun, exc: BaseException) -> str:
-    """The run.json error when the run got that far, else the exception's message."""
+    """The run.json error. A run refused before its command wrote anything (its inputs, checked when it is
+    due: a subset file that does not fit the data) gets a run.json saying so, so that the plan shows it failed."""
     status = run_status(run)
+    if status.word == "pending":
+        with contextlib.suppress(PathsslError, OSError):
+            with open_run(run.load(check_inputs=False), run.output_dir):
+                raise exc
+        status = run_status(run)
     if status.word == "failed" and status.error:
         return status.error
     return str(exc) if isinstance(exc, PathsslError) else f"{type(exc).__name__}: {exc}"
