@@ -95,6 +95,10 @@ spec = "{SPECS}/segment/tiny.toml"
 [[evaluations]]
 spec = "{SPECS}/evaluate/tiny_knn.toml"
 name = "knn"
+[[evaluations]]
+spec = "{SPECS}/evaluate/tiny_linear.toml"
+name = "preset"
+set = ["data.train_subset='{tmp_path / "study.toml"}'"]
 """
     path = write_study(tmp_path, data, weights=f'"{tmp_path / "absent.safetensors"}"', more=more)
     path.write_text(path.read_text().replace("fractions = [0.5, 1.0]", "fractions = [0.01, 1.0]"))
@@ -104,6 +108,7 @@ name = "knn"
     assert "evaluations[2].spec" in output and "kind 'segment'" in output and "[[segmentations]]" in output
     assert "evaluations/segmentations[3]" in output and "'knn' is also used" in output
     assert "labels.fractions" in output  # 1% of 4 images per class keeps none: subsample refuses it
+    assert "evaluations[4].spec" in output and "already restricts the training labels" in output
     assert "Traceback" not in output and not (tmp_path / "out").exists()
 
 

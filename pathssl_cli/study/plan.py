@@ -11,6 +11,7 @@ are `<entry>__<backbone>__<fraction>__seed<seed>` under `<output_root>/runs/`, s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shlex
@@ -147,6 +148,12 @@ def build_plan(spec: StudySpec) -> Plan:
             except SpecError as exc:
                 problems += [Problem(f"{where}.spec", str(p)) for p in exc.problems]
                 continue
+            preset = getattr(template.data, "subset" if kind == "segment" else "train_subset")
+            if preset is not None:  # its runs would be labelled with the study's fraction but use this subset
+                problems.append(Problem(f"{where}.spec", f"{entry.spec} already restricts the training labels "
+                                        f"({preset}); the study sets label fractions itself: use the spec "
+                                        "without a subset and list the fractions under [labels] or the entry"))
+                continue
             fractions = entry.fractions if entry.fractions is not None else spec.labels.fractions
             subset_index = _subsample_run(spec, plan, entry, template, kind, fractions, where, sources)
             for bb in spec.backbones:
@@ -170,15 +177,9 @@ def build_plan(spec: StudySpec) -> Plan:
                             needs = (subset_index,)
                         pending.append(PlannedRun(0, name, kind, Path(entry.spec), tuple(sets), out, where,
                                                   bb.name, entry.label, fraction, seed, needs))
-    for run in pending:
-        plan.runs.append(PlannedRun(len(plan.runs), *_fields(run)[1:]))
+    plan.runs += [dataclasses.replace(run, index=len(plan.runs) + i) for i, run in enumerate(pending)]
     _collisions(plan, problems)
     return plan
-
-
-def _fields(run: PlannedRun) -> tuple[Any, ...]:
-    return (run.index, run.name, run.kind, run.base, run.overrides, run.output_dir, run.where, run.backbone,
-            run.entry, run.fraction, run.seed, run.needs)
 
 
 def _checked_kind(entry: GridEntry, kinds: tuple[str, ...], where: str, problems: list[Problem]) -> str | None:
