@@ -87,30 +87,34 @@ def spec() -> None:
 def spec_validate(files: tuple[Path, ...], overrides: tuple[str, ...], no_input_check: bool) -> None:
     """Check spec files (a folder means every *.toml below it); exit 0 when all are valid, 2 otherwise.
 
-    Partial specs that exist only to be extended are named with a leading underscore (_base.toml) and are
-    skipped when a folder is given.
+    Partial specs that exist only to be extended are named with a leading underscore (_base.toml). Wherever
+    they are named (a folder, a shell glob, one by one) they are checked as partials: every key and value they
+    set, but not the required fields they leave to the specs that extend them, nor their input files.
 
     \b
     Example:  pathssl spec validate specs/
               pathssl spec validate --no-input-check specs/    (on a machine without the datasets)
     """
     from pathssl_cli.errors import SpecError
-    from pathssl_cli.specs import load_spec
+    from pathssl_cli.specs import is_partial, load_spec, validate_partial
 
     given = files
-    files = tuple(found for file in files for found in (
-        sorted(p for p in file.rglob("*.toml") if not p.name.startswith("_")) if file.is_dir() else [file]))
+    files = tuple(found for file in files for found in (sorted(file.rglob("*.toml")) if file.is_dir() else [file]))
     if not files:
         raise click.UsageError("no .toml spec files found in " + ", ".join(str(f) for f in given))
     failed = 0
     for file in files:
         try:
-            loaded = load_spec(file, overrides, check_inputs=not no_input_check)
+            if is_partial(file):
+                kind = validate_partial(file, overrides)
+                what = f"partial {kind} base" if kind else "partial base without a kind"
+            else:
+                what = getattr(load_spec(file, overrides, check_inputs=not no_input_check), "kind", "?")
         except SpecError as exc:
             failed += 1
             click.echo(f"invalid: {file}\n" + "\n".join(f"  {p}" for p in exc.problems), err=True)
         else:
-            click.echo(f"ok: {file} ({getattr(loaded, 'kind', '?')})")
+            click.echo(f"ok: {file} ({what})")
     if failed:
         click.echo(f"{failed} of {len(files)} specs invalid", err=True)
         sys.exit(2)
@@ -131,15 +135,18 @@ def spec_schema_command(kind: str) -> None:
 
 @spec.command("show")
 @spec_argument
-def spec_show(spec: Path, overrides: tuple[str, ...]) -> None:
+@click.option("--no-input-check", is_flag=True,
+              help="Resolve without checking that input files exist (a machine without the data).")
+def spec_show(spec: Path, overrides: tuple[str, ...], no_input_check: bool) -> None:
     """Print the resolved spec (after extends and --set), as each run saves it in spec.toml.
 
     \b
     Example:  pathssl spec show specs/pretrain/tiny_dino.toml --set optim.lr=0.001
+              pathssl spec show --no-input-check specs/evaluate/pcam_linear.toml
     """
     from pathssl_cli.specs import load_spec, spec_to_toml
 
-    click.echo(spec_to_toml(load_spec(spec, overrides)), nl=False)
+    click.echo(spec_to_toml(load_spec(spec, overrides, check_inputs=not no_input_check)), nl=False)
 
 
 # ------------------------------------------------------------------------------------------------ backbones
@@ -189,6 +196,31 @@ def tile(spec: Path, overrides: tuple[str, ...], num_shards: int | None, shard_i
     from pathssl_cli.tiling.tiler import run_tile
 
     run_tile(loaded, num_shards=num_shards, shard_index=shard_index)
+
+
+# ------------------------------------------------------------------------------------------------- slides
+@cli.group()
+def slides() -> None:
+    """Inspect whole-slide images before tiling them."""
+
+
+@slides.command("info")
+@click.argument("paths", nargs=-1, required=True)
+@click.option("--reader", type=click.Choice(["auto", "tiffslide", "openslide", "dicom"]), default="auto",
+              show_default=True, help="Slide library (auto: tiffslide, then OpenSlide, then DICOM).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per slide.")
+@click.option("--csv", "out_csv", type=click.Path(path_type=Path), default=None,
+              help="Write one CSV row per slide to this file ('-' for standard output).")
+def slides_info(paths: tuple[str, ...], reader: str, as_json: bool, out_csv: Path | None) -> None:
+    """Format, reader, levels, MPP and its source, objective, compression, associated images, size; exit 1 if
+    any slide is unreadable. Reads metadata only.
+
+    \b
+    Example:  pathssl slides info 'slides/**/*.svs' dicom_series/ --csv slides.csv
+    """
+    from pathssl_cli.slides.info import write_slides_info
+
+    write_slides_info(list(paths), reader=reader, as_json=as_json, out_csv=out_csv)
 
 
 # ----------------------------------------------------------------------------------------------- pretrain

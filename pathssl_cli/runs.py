@@ -150,6 +150,8 @@ class RunDir:
         self.path = path
         self.is_main = is_main
         self.metrics = MetricsLog(path / "metrics.jsonl", tensorboard=is_main)
+        # Facts learnt while running (e.g. which slide reader decoded the slides), merged into run.json at the end.
+        self.record: dict[str, Any] = {}
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -234,6 +236,7 @@ def open_run(spec: SpecModel, output_dir: str | Path, *, seed: int | None = None
         yield run
     except BaseException as exc:
         if is_main:
+            record.update(run.record)
             record.update(status="failed", ended=_now(),
                           error=str(exc) if isinstance(exc, PathsslError) else
                           "".join(traceback.format_exception_only(type(exc), exc)).strip())
@@ -242,6 +245,7 @@ def open_run(spec: SpecModel, output_dir: str | Path, *, seed: int | None = None
     finally:
         run.metrics.close()
     if is_main:
+        record.update(run.record)
         record.update(status="done", ended=_now())
         write_json(path / "run.json", record)
 

@@ -97,14 +97,24 @@ def layout_problems(data: DataSection, splits: Sequence[Split] = SPLITS,
     """Every layout problem of the given splits, for a spec's `check_inputs` (so they surface before work)."""
     problems: list[Problem] = []
     seen: set[str] = set()
+
+    def note(error: SpecError, field: str) -> None:
+        for problem in error.problems:
+            if str(problem) not in seen:  # a bad root fails every split the same way
+                seen.add(str(problem))
+                problems.append(Problem(problem.where or f"{where}.{field}", problem.message))
+
     for split in splits:
         try:
-            open_dataset(data, split)
+            dataset = DATASETS.get(data.dataset)(data, split)
         except SpecError as error:
-            for problem in error.problems:
-                if str(problem) not in seen:  # a bad root fails every split the same way
-                    seen.add(str(problem))
-                    problems.append(Problem(problem.where or f"{where}.root", problem.message))
+            note(error, "root")
+            continue
+        if split == "train" and data.train_subset is not None:
+            try:  # the subset file's own problems belong to its field, not to the dataset root
+                apply_subset(dataset, data)
+            except SpecError as error:
+                note(error, "train_subset")
     return problems
 
 

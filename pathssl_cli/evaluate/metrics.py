@@ -31,8 +31,8 @@ METRIC_NAMES = ("top1", "balanced_acc", "macro_f1", "auroc")
 def classification_metrics(scores: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict[str, float]:
     """Scalar metrics of one evaluation.
 
-    scores: (N, C) logits or probabilities (argmax gives the prediction; softmax is applied for AUROC, which
-    is monotone in the score difference); targets: (N,) int64 in [0, C).
+    scores: (N, C) logits or probabilities (argmax gives the prediction; AUROC ranks `binary_ranking_score`);
+    targets: (N,) int64 in [0, C).
     Returns top1, balanced_acc, macro_f1, and auroc when C == 2, all as fractions in [0, 1].
     """
     if scores.ndim != 2 or scores.shape[1] != num_classes:
@@ -46,11 +46,23 @@ def classification_metrics(scores: torch.Tensor, targets: torch.Tensor, num_clas
         "macro_f1": MulticlassF1Score(num_classes=num_classes, average="macro")(preds, targets).item(),
     }
     if num_classes == 2:
-        # softmax(s)[:, 1] = sigmoid(s1 - s0) is monotone in s1 - s0, so logits, probabilities and kNN votes
-        # all rank the samples the same way they would by their own positive score.
-        positive = scores.softmax(dim=1)[:, 1]
-        out["auroc"] = BinaryAUROC()(positive, targets).item()
+        out["auroc"] = BinaryAUROC()(binary_ranking_score(scores), targets).item()
     return out
+
+
+def binary_ranking_score(scores: torch.Tensor) -> torch.Tensor:
+    """(N, 2) logits or probabilities → (N,) float64 in [0, 1] that orders the samples as the positive class's
+    probability does, ties included: AUROC depends on nothing else.
+
+    The margin s1 - s0 orders logits as their softmax does (softmax(s)[:, 1] = sigmoid(s1 - s0)) and
+    probabilities as p1 (p1 - p0 = 2 p1 - 1). It is not passed through a sigmoid: in float32 every margin above
+    about 17 rounds to exactly 1, which tied the confident samples of a good probe and pulled AUROC towards
+    accuracy. Its dense rank keeps the order exactly and lies in [0, 1], where torchmetrics takes scores as
+    probabilities rather than applying its own sigmoid.
+    """
+    margin = scores[:, 1].double() - scores[:, 0].double()
+    _, rank = torch.unique(margin, return_inverse=True)
+    return rank.double() / max(int(rank.max().item()) if rank.numel() else 0, 1)
 
 
 def confusion_matrix(preds: torch.Tensor, targets: torch.Tensor, num_classes: int) -> np.ndarray:

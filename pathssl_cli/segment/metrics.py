@@ -24,9 +24,11 @@ pred empty, truth not  dice 0, dice2 and AJI raise, AJI+/DQ/SQ/PQ 0  all 0
 no overlapping pair    dice2 raises (0/0)                            dice2 0
 tp == 0                SQ = 0 / (0 + 1e-6) = 0                       SQ 0
 =====================  ============================================  ======================================
-SQ is ``sum(IoU) / tp`` exactly; the official ``/ (tp + 1e-6)`` differs by less than 1e-6 relative, and
-dropping it lets a perfect prediction score exactly 1. Non-contiguous ids are always remapped, so they never
-matter.
+One deliberate difference from the official arithmetic: SQ is ``sum(IoU) / tp``, where `get_fast_pq` divides by
+``tp + 1e-6``. Our SQ and PQ are therefore larger than the official ones by the factor ``(tp + 1e-6) / tp``: a
+relative difference of ``1e-6 / tp`` (absolute below 1e-6), and a perfect prediction scores 1 instead of
+``1 / (1 + 1e-6 / tp)``. DQ, Dice, Dice2, AJI and AJI+ are the official arithmetic. Non-contiguous ids are always
+remapped, so they never matter. The pairing and PQ live in `pq.py`, shared with `metrics_pannuke.py`.
 
 `detection_f1` is HoVer-Net's `run_nuclei_type_stat`: centroids are paired by Hungarian matching on Euclidean
 distance and pairs farther than `radius` dropped (`pair_coordinates`); counts are pooled over all images.
@@ -40,70 +42,11 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from pathssl_cli.segment.metrics_pannuke import binarize, pannuke_scores
+from pathssl_cli.segment.pq import nanmean, overlaps, panoptic_quality, pq_pairs, ratio, remap_label
+
 METRIC_KEYS: tuple[str, ...] = ("dice", "dice2", "aji", "aji_plus", "dq", "sq", "pq")
 _NAN = float("nan")
-
-
-def remap_label(inst: np.ndarray, by_size: bool = False) -> np.ndarray:
-    """Relabel instances to 1..N (0 stays background), keeping the order of the original ids.
-
-    With `by_size`, larger instances get smaller ids (ties keep the original id order, as the official stable
-    sort does). Returns a new int32 array; the input is not modified.
-    """
-    inst = np.asarray(inst)
-    if (
-        inst.size
-        and np.issubdtype(inst.dtype, np.integer)
-        and inst.min() >= 0
-        and inst.max() <= 4 * inst.size
-    ):
-        # Non-negative ids of moderate range: a lookup table is O(pixels), where np.unique sorts them all.
-        present = np.bincount(inst.ravel()) > 0
-        present[0] = False
-        if by_size:
-            sizes = np.bincount(inst.ravel())
-            order = np.flatnonzero(present)
-            order = order[np.argsort(-sizes[order], kind="stable")]
-        else:
-            order = np.flatnonzero(present)
-        lookup = np.zeros(len(present), dtype=np.int32)
-        lookup[order] = np.arange(1, len(order) + 1, dtype=np.int32)
-        return lookup[inst]
-    ids, inverse = np.unique(inst, return_inverse=True)
-    inverse = inverse.reshape(inst.shape)
-    is_instance = ids != 0
-    n_instances = int(is_instance.sum())
-    new_id = np.zeros(len(ids), dtype=np.int32)
-    if by_size and n_instances:
-        sizes = np.bincount(inverse.ravel(), minlength=len(ids))
-        order = np.flatnonzero(is_instance)
-        order = order[np.argsort(-sizes[order], kind="stable")]
-        new_id[order] = np.arange(1, n_instances + 1, dtype=np.int32)
-    else:
-        new_id[is_instance] = np.arange(1, n_instances + 1, dtype=np.int32)
-    return new_id[inverse]
-
-
-def _overlaps(true: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Intersections (T, P) and instance sizes of two maps already remapped to 1..N.
-
-    One `np.unique` over the joint labels of the overlapping pixels replaces the official per-instance mask
-    loop.
-    """
-    n_true, n_pred = int(true.max(initial=0)), int(pred.max(initial=0))
-    true_sizes = np.bincount(true.ravel(), minlength=n_true + 1)[1:].astype(np.float64)
-    pred_sizes = np.bincount(pred.ravel(), minlength=n_pred + 1)[1:].astype(np.float64)
-    both = (true > 0) & (pred > 0)
-    joint = (true[both].astype(np.int64) - 1) * max(n_pred, 1) + (pred[both].astype(np.int64) - 1)
-    pair_ids, pair_counts = np.unique(joint, return_counts=True)
-    inter = np.zeros((n_true, n_pred), dtype=np.float64)
-    if n_pred:
-        inter[pair_ids // n_pred, pair_ids % n_pred] = pair_counts
-    return inter, true_sizes, pred_sizes
-
-
-def _ratio(numerator: float, denominator: float, *, undefined: float = 0.0) -> float:
-    return float(numerator / denominator) if denominator > 0 else undefined
 
 
 def instance_stats(true: np.ndarray, pred: np.ndarray, match_iou: float = 0.5) -> dict[str, Any]:
@@ -119,7 +62,7 @@ def instance_stats(true: np.ndarray, pred: np.ndarray, match_iou: float = 0.5) -
     if true.shape != pred.shape:
         raise ValueError(f"true and pred shapes differ: {true.shape} vs {pred.shape}")
     true, pred = remap_label(true), remap_label(pred)
-    inter, true_sizes, pred_sizes = _overlaps(true, pred)
+    inter, true_sizes, pred_sizes = overlaps(true, pred)
     n_true, n_pred = len(true_sizes), len(pred_sizes)
     union = true_sizes[:, None] + pred_sizes[None, :] - inter
 
@@ -139,7 +82,7 @@ def instance_stats(true: np.ndarray, pred: np.ndarray, match_iou: float = 0.5) -
 
     # PQ (get_fast_pq), IoU without epsilon.
     iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    paired_iou = _pq_pairs(iou, match_iou)
+    paired_iou = pq_pairs(iou, match_iou)
     tp = len(paired_iou)
     fp, fn = n_pred - tp, n_true - tp
     iou_sum = float(paired_iou.sum())
@@ -161,13 +104,13 @@ def instance_stats(true: np.ndarray, pred: np.ndarray, match_iou: float = 0.5) -
     if n_true == 0 and n_pred == 0:
         stats.update(dict.fromkeys(METRIC_KEYS, _NAN))
         return stats
-    dq = _ratio(tp, tp + 0.5 * fp + 0.5 * fn)
-    sq = _ratio(iou_sum, tp)
+    dq = ratio(tp, tp + 0.5 * fp + 0.5 * fn)
+    sq = ratio(iou_sum, tp)
     stats.update(
-        dice=_ratio(2.0 * dice_inter, dice_total),
-        dice2=_ratio(2.0 * dice2_inter, dice2_total),
-        aji=_ratio(aji_inter, aji_union),
-        aji_plus=_ratio(ajip_inter, ajip_union),
+        dice=ratio(2.0 * dice_inter, dice_total),
+        dice2=ratio(2.0 * dice2_inter, dice2_total),
+        aji=ratio(aji_inter, aji_union),
+        aji_plus=ratio(ajip_inter, ajip_union),
         dq=dq,
         sq=sq,
         pq=dq * sq,
@@ -205,44 +148,6 @@ def _aji_totals(
     return overall_inter, overall_union
 
 
-def _pq_pairs(iou: np.ndarray, match_iou: float) -> np.ndarray:
-    """IoUs of the matched pairs: IoU > match_iou, unique (direct at >= 0.5, Hungarian below)."""
-    if iou.size == 0:
-        return np.zeros(0)
-    if match_iou >= 0.5:
-        # IoU > 0.5 implies each instance overlaps more than half of its partner, so at most one partner
-        # exists.
-        return iou[iou > match_iou]
-    rows, cols = linear_sum_assignment(-iou)
-    paired = iou[rows, cols]
-    return paired[paired > match_iou]
-
-
-def panoptic_quality(true: np.ndarray, pred: np.ndarray, match_iou: float = 0.5) -> dict[str, float]:
-    """DQ, SQ, PQ and counts of one pair of instance maps (`get_fast_pq`), without the AJI/Dice work.
-
-    Both empty gives NaN; otherwise 0/0 terms are 0, as in `instance_stats`.
-    """
-    true, pred = remap_label(true), remap_label(pred)
-    inter, true_sizes, pred_sizes = _overlaps(true, pred)
-    union = true_sizes[:, None] + pred_sizes[None, :] - inter
-    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    paired_iou = _pq_pairs(iou, match_iou)
-    tp = len(paired_iou)
-    fp, fn = len(pred_sizes) - tp, len(true_sizes) - tp
-    if tp + fp + fn == 0:
-        return {"dq": _NAN, "sq": _NAN, "pq": _NAN, "tp": 0, "fp": 0, "fn": 0}
-    dq = _ratio(tp, tp + 0.5 * fp + 0.5 * fn)
-    sq = _ratio(float(paired_iou.sum()), tp)
-    return {"dq": dq, "sq": sq, "pq": dq * sq, "tp": tp, "fp": fp, "fn": fn}
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    arr = np.asarray(values, dtype=np.float64)
-    arr = arr[~np.isnan(arr)]
-    return float(arr.mean()) if arr.size else _NAN
-
-
 def aggregate(per_image: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Dataset summary as `compute_stats.run_nuclei_inst_stat`: the mean of the per-image metrics.
 
@@ -250,7 +155,7 @@ def aggregate(per_image: Sequence[dict[str, Any]]) -> dict[str, Any]:
     have crashed on them); ``n_images`` and ``n_undefined`` say how many there were. ``pooled`` holds the same
     metrics computed from counts summed over all images (dataset-level DQ/SQ/PQ, AJI, Dice), for reference.
     """
-    out: dict[str, Any] = {key: _nanmean([s[key] for s in per_image]) for key in METRIC_KEYS}
+    out: dict[str, Any] = {key: nanmean([s[key] for s in per_image]) for key in METRIC_KEYS}
     out["n_images"] = len(per_image)
     out["n_undefined"] = sum(1 for s in per_image if np.isnan(s["pq"]))
     total = {
@@ -268,12 +173,12 @@ def aggregate(per_image: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "aji_plus_union",
         )
     }
-    dq = _ratio(total["tp"], total["tp"] + 0.5 * total["fp"] + 0.5 * total["fn"], undefined=_NAN)
-    sq = _ratio(total["iou_sum"], total["tp"], undefined=0.0 if total["fp"] + total["fn"] else _NAN)
+    dq = ratio(total["tp"], total["tp"] + 0.5 * total["fp"] + 0.5 * total["fn"], undefined=_NAN)
+    sq = ratio(total["iou_sum"], total["tp"], undefined=0.0 if total["fp"] + total["fn"] else _NAN)
     out["pooled"] = {
-        "dice": _ratio(2 * total["dice_inter"], total["dice_total"], undefined=_NAN),
-        "aji": _ratio(total["aji_inter"], total["aji_union"], undefined=_NAN),
-        "aji_plus": _ratio(total["aji_plus_inter"], total["aji_plus_union"], undefined=_NAN),
+        "dice": ratio(2 * total["dice_inter"], total["dice_total"], undefined=_NAN),
+        "aji": ratio(total["aji_inter"], total["aji_union"], undefined=_NAN),
+        "aji_plus": ratio(total["aji_plus_inter"], total["aji_plus_union"], undefined=_NAN),
         "dq": dq,
         "sq": sq,
         "pq": dq * sq,
@@ -350,14 +255,14 @@ def detection_f1(
 
     tp, fp, fn = len(p_true), len(u_pred), len(u_true)
     result: dict[str, Any] = {
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn, undefined=_NAN),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn, undefined=_NAN),
         "tp": tp,
         "fp": fp,
         "fn": fn,
     }
     if not with_types:
         return result
-    result["accuracy"] = _ratio(float((p_true == p_pred).sum()), tp, undefined=_NAN)
+    result["accuracy"] = ratio(float((p_true == p_pred).sum()), tp, undefined=_NAN)
     if type_ids is None:
         type_ids = sorted(
             set(np.concatenate([np.asarray(t).reshape(-1) for t in true_t]).astype(int).tolist())
@@ -370,13 +275,13 @@ def detection_f1(
         fp_t = float(((st != t) & (sp == t)).sum())
         fn_t = float(((st == t) & (sp != t)).sum())
         fp_d, fn_d = float((u_pred == t).sum()), float((u_true == t).sum())
-        per_type[str(t)] = _ratio(2 * tp_t, 2 * tp_t + 2 * fp_t + 2 * fn_t + fp_d + fn_d, undefined=_NAN)
+        per_type[str(t)] = ratio(2 * tp_t, 2 * tp_t + 2 * fp_t + 2 * fn_t + fp_d + fn_d, undefined=_NAN)
     result["per_type"] = per_type
     return result
 
 
-# Re-exported so that callers find every metric in one module; defined apart to keep files small.
-from pathssl_cli.segment.metrics_pannuke import binarize, pannuke_scores  # noqa: E402
+# segment/evaluate.py's name for it.
+_nanmean = nanmean
 
 __all__ = [
     "METRIC_KEYS",

@@ -32,6 +32,7 @@ from pathssl_cli.distributed import autocast, resolve_device
 from pathssl_cli.errors import PathsslError, SpecError, WorkFailed
 from pathssl_cli.runs import atomic_path, open_run
 from pathssl_cli.segment.readers import ImageReader, SlideReader, open_reader
+from pathssl_cli.slides.readers import slide_readers
 from pathssl_cli.specs.segment import SegmentSpec
 
 # QuPath-friendly colours by type id (0 = untyped); PanNuke order after background.
@@ -327,7 +328,8 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     found: list[Path] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern)) if any(ch in pattern for ch in "*?[") else [pattern]
-        found += [Path(m) for m in matches if Path(m).is_file()]
+        # A folder named outright is a DICOM-WSI series; folders a glob matches are not inputs.
+        found += [Path(m) for m in matches if Path(m).is_file() or (m == pattern and Path(m).is_dir())]
     return found
 
 
@@ -350,6 +352,7 @@ def run_segment_predict(spec: SegmentSpec) -> dict[str, Any]:
     out_dir = Path(spec.run.output_dir) / "predictions"
     results: list[dict[str, Any]] = []
     failed: list[str] = []
+    used_readers: list[str] = []
     with open_run(spec, Path(spec.run.output_dir) / "predict_run", seed=spec.run.seed) as run:
         for path in inputs:
             done = output_paths(out_dir, path.stem, p.map_format)
@@ -357,7 +360,9 @@ def run_segment_predict(spec: SegmentSpec) -> dict[str, Any]:
                 info(f"{path}: outputs exist, skipped (delete them to predict again)")
                 continue
             try:
-                reader = open_reader(path, p.region)
+                reader = open_reader(path, p.region, p.reader)
+                if isinstance(reader, SlideReader):
+                    used_readers.append(reader.reader)
                 outputs = segment_image(model, reader, out_dir, path.stem, chunk_size=p.chunk_size,
                                         chunk_margin=p.chunk_margin, batch_size=p.batch_size, device=device,
                                         precision=precision, map_format=p.map_format, overlay=p.overlay,
@@ -370,6 +375,7 @@ def run_segment_predict(spec: SegmentSpec) -> dict[str, Any]:
                             "json": str(outputs.instances), "geojson": str(outputs.geojson),
                             "overlay": str(outputs.overlay) if outputs.overlay else None})
             info(f"{path}: {outputs.count} nuclei -> {outputs.inst_map}")
+        run.record["slide_readers"] = slide_readers(p.reader, used_readers)
         summary = {"outputs": results, "instances": sum(r["instances"] for r in results), "failed": failed}
         run.write_json("predict_summary.json", summary)
         if failed:  # inside the run, so run.json records the failure

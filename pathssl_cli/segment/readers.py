@@ -1,5 +1,6 @@
-"""Readers for `segment predict`: an image file in memory, or a whole-slide region read through tiffslide on
-demand, behind one small interface (`height`, `width`, `read(top, left, h, w)` with reflect padding)."""
+"""Readers for `segment predict`: an image file in memory, or a whole-slide region read on demand through the
+one slide opener (`pathssl_cli.slides.open_slide`: tiffslide, OpenSlide or DICOM), behind one small interface
+(`height`, `width`, `read(top, left, h, w)` with reflect padding)."""
 
 from __future__ import annotations
 
@@ -27,15 +28,16 @@ class ImageReader:
 
 
 class SlideReader:
-    """Level-0 windows of a slide region through tiffslide; only the requested window is decoded."""
+    """Level-0 windows of a slide region through the slide's reader; only the requested window is decoded."""
 
-    def __init__(self, path: Path, region: tuple[int, int, int, int] | None) -> None:
-        import tiffslide
+    def __init__(self, path: Path, region: tuple[int, int, int, int] | None, reader: str = "auto") -> None:
+        from pathssl_cli.slides.readers import SlideError, open_slide
 
         try:
-            self.slide = tiffslide.TiffSlide(str(path))
-        except Exception as exc:  # tiffslide raises several types for unreadable files
-            raise WorkFailed(f"{path}: cannot open as a slide ({exc})") from None
+            self.slide = open_slide(path, reader)
+        except SlideError as exc:
+            raise WorkFailed(f"{path}: {exc.reason}" + (f" ({exc.fix})" if exc.fix else "")) from None
+        self.reader = f"{self.slide.reader_name} {self.slide.reader_version}"
         full_w, full_h = self.slide.dimensions
         x, y, w, h = region if region is not None else (0, 0, full_w, full_h)
         if x < 0 or y < 0 or w <= 0 or h <= 0 or x + w > full_w or y + h > full_h:
@@ -60,9 +62,13 @@ class SlideReader:
         )
 
 
-def open_reader(path: Path, region: tuple[int, int, int, int] | None) -> ImageReader | SlideReader:
+def open_reader(
+    path: Path, region: tuple[int, int, int, int] | None, slide_reader: str = "auto"
+) -> ImageReader | SlideReader:
     """PNG/JPEG and small flat TIFFs are read whole; slides and pyramidal or large TIFFs window by window."""
     suffix = path.suffix.lower()
+    if path.is_dir():  # a DICOM-WSI series folder
+        return SlideReader(path, region, slide_reader)
     if suffix in (".png", ".jpg", ".jpeg") or (
         suffix in IMAGE_SUFFIXES and path.stat().st_size < 64 * 2**20 and not _is_pyramid(path)
     ):
@@ -76,7 +82,7 @@ def open_reader(path: Path, region: tuple[int, int, int, int] | None) -> ImageRe
                 where=str(path),
             )
         return ImageReader(reader.image[y : y + h, x : x + w])
-    return SlideReader(path, region)
+    return SlideReader(path, region, slide_reader)
 
 
 def _is_pyramid(path: Path) -> bool:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from pathssl_cli.console import info, progress
 from pathssl_cli.distributed import DistInfo, autocast, cleanup_distributed, init_distributed
-from pathssl_cli.errors import SpecError, WorkFailed
+from pathssl_cli.errors import Problem, SpecError, WorkFailed
 from pathssl_cli.runs import claim_run_dir, load_checkpoint, open_run, save_checkpoint
 from pathssl_cli.segment.datasets import (
     AugmentConfig,
@@ -112,6 +112,25 @@ def open_split(spec: SegmentSpec, split: str) -> list[NucleiSource]:
     return sources
 
 
+def type_range_problems(sources: list[NucleiSource], num_types: int, where: str) -> list[Problem]:
+    """Sources whose type maps hold ids above `num_types`: the type branch has num_types + 1 outputs, so such
+    a label would crash the loss mid-training. Reads every labelled image once (seconds for CoNSeP)."""
+    problems = []
+    for source in sources:
+        largest, first = 0, ""
+        for index in range(len(source)):
+            types = source.load(index).type_map
+            top = int(types.max()) if types is not None and types.size else 0
+            if top > num_types:
+                largest, first = max(largest, top), first or source.names[index]
+        if largest:
+            root = getattr(source, "root", getattr(getattr(source, "source", None), "root", ""))
+            problems.append(Problem(where, f"{root}: type ids up to {largest} (first in image {first}), but "
+                                           f"data.num_types = {num_types}. Set data.num_types = {largest}, or "
+                                           "data.merge_consep_types = true for CoNSeP's 7 types."))
+    return problems
+
+
 def _patches(spec: SegmentSpec, split: str, train: bool) -> HoVerNetPatches:
     in_size, out_size = mode_sizes(spec.model.mode, spec.model.input_size)
     t = spec.train
@@ -135,6 +154,11 @@ def run_segment_train(spec: SegmentSpec) -> dict[str, Any]:
     """Train HoVer-Net as the spec says; returns {"loss": last epoch's mean loss, "model": path, ...}."""
     if not spec.data.train:
         raise SpecError("data.train is empty: give at least one training folder")
+    if spec.data.num_types > 0 and spec.data.format != "pannuke":  # PanNuke's types are 1..5 by construction
+        problems = [p for split in ("train", "val")
+                    for p in type_range_problems(open_split(spec, split), spec.data.num_types, f"data.{split}")]
+        if problems:
+            raise SpecError(problems)
     dist_info = init_distributed(spec.run.device)
     try:
         return _train(spec, dist_info)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+from pydantic import ValidationError
 
 from pathssl_cli.errors import Problem, SpecError
 from pathssl_cli.registry import closest
@@ -27,11 +28,12 @@ from pathssl_cli.specs.core import (
     apply_overrides,
     build_spec,
     load_with_extends,
+    validation_problems,
 )
 
 __all__ = [
     "SPEC_KINDS", "BackboneName", "InputPath", "OutputPath", "PathPattern", "Section", "SpecModel", "WeightsRef",
-    "load_spec", "spec_model", "spec_schema", "spec_to_toml",
+    "is_partial", "load_spec", "spec_model", "spec_schema", "spec_to_toml", "validate_partial",
 ]
 
 SPEC_KINDS: dict[str, str] = {
@@ -67,6 +69,49 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), kind: str | None 
     data, origins = load_with_extends(path)
     data = apply_overrides(data, overrides, origins)
     source = path.resolve()
+    found = _kind_of(data, source, kind)
+    try:
+        return build_spec(spec_model(found), data, origins, source=source, check_inputs=check_inputs)
+    except SpecError as exc:
+        if not is_partial(path):
+            raise
+        hint = Problem(str(source), "this file is a partial base (its name starts with '_'): run a spec that "
+                                    "extends it; `pathssl spec validate` checks the partial on its own.")
+        raise SpecError([*exc.problems, hint]) from None
+
+
+def is_partial(path: str | Path) -> bool:
+    """A partial base exists only to be extended; its file name starts with an underscore (_base.toml)."""
+    return Path(path).name.startswith("_")
+
+
+def validate_partial(path: str | Path, overrides: Sequence[str] = ()) -> str | None:
+    """Check a partial base as far as it can be checked on its own; return its kind (None if it sets none).
+
+    TOML syntax, the `extends` chain, the kind, and every key and value it sets are checked. Required fields
+    it leaves to the specs that extend it are not problems, and its input files are not checked: a path in
+    a base may be meant to be overridden. Raises `SpecError` listing every other problem.
+    """
+    path = Path(path)
+    data, origins = load_with_extends(path)
+    data = apply_overrides(data, overrides, origins)
+    source = path.resolve()
+    if "kind" not in data:
+        return None  # a shared fragment such as a [run] table: syntax and extends are all there is to check
+    model = spec_model(_kind_of(data, source, None))
+    try:
+        model.model_validate(data)
+    except ValidationError as exc:
+        problems = [problem for problem, error in zip(validation_problems(model, exc, origins, str(source)),
+                                                      exc.errors(include_url=False), strict=True)
+                    if error["type"] != "missing"]
+        if problems:
+            raise SpecError(problems) from None
+    return str(data["kind"])
+
+
+def _kind_of(data: dict[str, Any], source: Path, kind: str | None) -> str:
+    """The spec's kind, checked against the known kinds and against what the command needs (`kind`)."""
     found = data.get("kind")
     if found is None:
         expected = f" (kind = {kind!r} for this command)" if kind else ""
@@ -80,7 +125,7 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), kind: str | None 
     if kind is not None and found != kind:
         raise SpecError([Problem(f"{source}: kind", f"this command needs a spec of kind {kind!r}, but the file "
                                  f"has kind = {found!r}. Use the command for {found!r} specs or another file.")])
-    return build_spec(spec_model(found), data, origins, source=source, check_inputs=check_inputs)
+    return found
 
 
 def _without_none(value: Any) -> Any:

@@ -336,18 +336,75 @@ def resolve_paths(spec: BaseModel, origins: dict[str, Path], default_file: str,
     return problems
 
 
+def raw_input_problems(model: type[BaseModel], data: Any, origins: dict[str, Path], default_file: str,
+                       prefix: str = "") -> list[Problem]:
+    """Missing input files named in the raw (unvalidated) data, for a spec that failed validation.
+
+    Walks the model's fields beside the data, so that a spec missing a required section still has its missing
+    inputs reported in the same pass. Only string values are checked; values of the wrong type are the
+    validation errors' business. A union of sections (a method's options) is walked by its tag.
+    """
+    problems: list[Problem] = []
+    if not isinstance(data, dict):
+        return problems
+    for name, field in model.model_fields.items():
+        if name not in data:
+            continue
+        value, dotted = data[name], f"{prefix}{name}"
+        marker = next((m for m in field.metadata if isinstance(m, _PathMarker)), None) or _marker_of(
+            field.annotation)
+        if marker is not None and marker.kind == "input":
+            origin = origins.get(dotted)
+            base = origin.parent if origin is not None else Path.cwd()
+            where = f"{_file_for(dotted, origins, default_file)}: {dotted}"
+            items = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) \
+                else [value]
+            for item in items:
+                if isinstance(item, str):
+                    _resolve_one(item, base, marker, where, problems)
+        children = value if isinstance(value, list) else [value]
+        for child in children:
+            if not isinstance(child, dict):
+                continue
+            tags = {child.get(key) for key in ("name", "kind", "preset")}
+            members = [m for m in _models_in(field.annotation) if _tag_of(m) is None or _tag_of(m) in tags]
+            for member in members[:1]:
+                problems += raw_input_problems(member, child, origins, default_file, f"{dotted}.")
+    return problems
+
+
 # ------------------------------------------------------------------------------------------------- loading
 def build_spec(model: type[SpecModel], data: dict[str, Any], origins: dict[str, Path], *,
                source: Path | None, check_inputs: bool = True) -> SpecModel:
+    """Validate, resolve paths and check inputs, reporting every problem found in one `SpecError`."""
     default_file = str(source) if source is not None else "spec"
     try:
         spec = model.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(validation_problems(model, exc, origins, default_file)) from None
+        problems = validation_problems(model, exc, origins, default_file)
+        if check_inputs:
+            problems += [p for p in raw_input_problems(model, data, origins, default_file) if p not in problems]
+        raise SpecError(problems) from None
     problems = resolve_paths(spec, origins, default_file, check_exists=check_inputs)
-    if not problems and check_inputs:
-        problems = spec.check_inputs()
+    spec._source_file = source  # before the checks, so that their problems can name the file
+    if check_inputs:
+        problems += _input_checks(spec, problems)
     if problems:
         raise SpecError(problems)
-    spec._source_file = source
     return spec
+
+
+def _input_checks(spec: SpecModel, path_problems: list[Problem]) -> list[Problem]:
+    """`spec.check_inputs()`, also when some input files are missing, minus what those already report.
+
+    With a missing input a check may fail in ways it does not foresee; then the missing files, already
+    reported, are the cause, and the check's own findings are left for the next run.
+    """
+    if not path_problems:
+        return spec.check_inputs()
+    try:
+        found = spec.check_inputs()
+    except Exception:  # see the docstring: the missing inputs are reported instead
+        return []
+    reported = {p.where.rpartition(": ")[2] for p in path_problems}
+    return [p for p in found if p.where.rpartition(": ")[2] not in reported and p not in path_problems]

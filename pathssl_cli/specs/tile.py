@@ -49,6 +49,22 @@ class TileInput(Section):
         "a slide "
         "is an error naming it: guessing a resolution silently would tile at the wrong field of view.",
     )
+    reader: Literal["auto", "tiffslide", "openslide", "dicom"] = Field(
+        default="auto",
+        description="Slide library: 'auto' tries tiffslide, then OpenSlide (extra 'openslide': MIRAX, Leica, "
+        "Ventana, Hamamatsu VMS, Philips), then wsidicom (extra 'dicom': DICOM-WSI folders). The reader used "
+        "is recorded per slide, because readers may decode pixels slightly differently.",
+    )
+
+    @field_validator("reader")
+    @classmethod
+    def _reader_installed(cls, value: str) -> str:
+        from pathssl_cli.slides.readers import reader_problem
+
+        problem = reader_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class TileGrid(Section):
@@ -155,6 +171,17 @@ class TileSpec(SpecModel):
     run: TileRun = Field(default_factory=TileRun, description="Parallelism and failure policy.")
 
     def check_inputs(self) -> list[Problem]:
+        # A path without glob characters names one file: like model.weights, it must exist (a typo there
+        # would otherwise surface only as a failed slide in errors.csv after the run). Paths listed inside a
+        # CSV stay per-slide errors, so that one lost file does not stop a run over thousands.
+        missing = [
+            Problem(f"{self.source_file or 'spec'}: input.slides[{i}]",
+                    f"file not found: {item}. Fix the path, or use a glob pattern or a CSV list for slides "
+                    "that may be absent.")
+            for i, item in enumerate(self.input.slides) if not _GLOB.search(item) and not Path(item).exists()
+        ]
+        if missing:
+            return missing
         try:
             slides = resolve_slides(self)
         except (ValueError, OSError) as exc:
@@ -167,6 +194,9 @@ class TileSpec(SpecModel):
                 )
             ]
         return []
+
+
+_GLOB = re.compile(r"[*?\[]")  # what makes an input.slides entry a pattern rather than one file
 
 
 def _read_slide_csv(path: Path) -> list[tuple[Path, float | None]]:
@@ -191,8 +221,8 @@ def _read_slide_csv(path: Path) -> list[tuple[Path, float | None]]:
 def resolve_slides(spec: TileSpec) -> list[tuple[Path, float | None]]:
     """(slide path, per-slide mpp or None), sorted and de-duplicated, from paths, globs and CSV files.
 
-    Missing explicit paths are kept: they are reported per slide in errors.csv, not as a spec error,
-    so one lost file does not stop a run over thousands.
+    Missing paths listed in a CSV are kept: they are reported per slide in errors.csv, not as a spec error,
+    so one lost file does not stop a run over thousands (a missing path in the spec itself is a spec error).
     """
     found: dict[Path, float | None] = {}
     for item in spec.input.slides:

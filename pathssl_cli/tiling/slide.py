@@ -14,42 +14,21 @@ from typing import Any
 
 import numpy as np
 
+# Slides are opened in one place for every command (pathssl_cli.slides); re-exported for the tiler.
+from pathssl_cli.slides.readers import SlideError, metadata_mpp, open_slide
+
+__all__ = ["LevelChoice", "LevelReader", "SlideError", "choose_level", "open_slide", "slide_mpp", "standalone_jpeg"]
+
 # A level whose µm/px is within 2% of the target is used as is: scanners report e.g. 0.2527 for a
 # nominal 0.25 µm/px, and resampling by 1% costs time and blurs while changing nothing visible.
 MPP_TOLERANCE = 0.02
 
 
-class SlideError(Exception):
-    """A slide cannot be tiled: a one-line reason and, where known, how to fix it (for errors.csv)."""
-
-    def __init__(self, reason: str, fix: str = "") -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.fix = fix
-
-
-def open_slide(path: Path) -> Any:
-    """Open with tiffslide, turning every failure into a one-line `SlideError`."""
-    import tiffslide
-
-    if not path.exists():
-        raise SlideError(f"file not found: {path}", "fix the path or remove the slide from the input")
-    try:
-        slide = tiffslide.TiffSlide(path)
-        _ = slide.level_dimensions
-    except Exception as exc:  # tifffile raises many types for corrupt files
-        raise SlideError(
-            f"cannot open as a slide ({type(exc).__name__}: {exc})",
-            "check that the file is complete and a format tiffslide reads (SVS, TIFF, OME-TIFF, NDPI, ...)",
-        ) from None
-    return slide
-
-
 def slide_mpp(slide: Any, override: float | None, path: Path) -> tuple[float, str]:
     """(µm/px of level 0, where it came from); an override wins only where metadata lacks MPP."""
-    raw = slide.properties.get("tiffslide.mpp-x")
-    if raw is not None and float(raw) > 0:
-        return float(raw), "metadata"
+    mpp, _source = metadata_mpp(slide)
+    if mpp is not None:
+        return mpp, "metadata"
     if override is not None:
         return float(override), "override"
     raise SlideError(
@@ -102,6 +81,8 @@ def choose_level(
 
 def _level_page(slide: Any, level: int) -> Any | None:
     """The tifffile page holding `level` when it is a plain tiled RGB(A) page, else None."""
+    if not hasattr(slide, "ts_tifffile"):  # OpenSlide and DICOM slides read through their own library
+        return None
     try:
         series = slide.ts_tifffile.series[slide.properties.get("tiffslide.series-index", 0)]
         page = series.levels[level].keyframe
@@ -125,8 +106,9 @@ class LevelReader:
 
     Reads must come in non-decreasing row order (call `forget_above(y)` to drop tiles no longer
     needed); then every internal tile is decoded at most once. Uses tifffile's pages directly when
-    the level is a tiled page (any codec tifffile knows: JPEG, JPEG2000, LZW, ...) and the zarr
-    view of tiffslide otherwise (stripped pages and other layouts), with the same caching.
+    the level is a tiled page (any codec tifffile knows: JPEG, JPEG2000, LZW, ...), the zarr
+    view of tiffslide for its other layouts (stripped pages, ...), and the reader's own `read_level`
+    for OpenSlide and DICOM slides, with the same caching.
     """
 
     def __init__(self, slide: Any, level: int) -> None:
@@ -137,10 +119,14 @@ class LevelReader:
             self.tile_h, self.tile_w = self.page.tilelength, self.page.tilewidth
             self._fh = self.page.parent.filehandle
             self._array = None
-        else:
+        elif hasattr(slide, "zarr_group"):
             # Other layouts: 512 px virtual tiles read through tiffslide's zarr view.
             self._array = slide.zarr_group[str(level)]
             self.tile_h = self.tile_w = 512
+        else:
+            self._array = None
+            self._read_level = slide.read_level
+            self.tile_h = self.tile_w = int(getattr(slide, "tile_size", 512))
         self.tiles_across = math.ceil(self.width / self.tile_w)
         self._cache: dict[tuple[int, int], np.ndarray] = {}
         self.decoded = 0
@@ -176,6 +162,9 @@ class LevelReader:
             return np.asarray(tile).reshape(self.tile_h, self.tile_w, -1)[..., :3]
         y0, x0 = row * self.tile_h, col * self.tile_w
         try:
+            if self._array is None:
+                h, w = min(self.tile_h, self.height - y0), min(self.tile_w, self.width - x0)
+                return self._read_level(self.level, x0, y0, w, h)
             block = np.asarray(self._array[y0 : y0 + self.tile_h, x0 : x0 + self.tile_w])
         except Exception as exc:
             raise SlideError(f"level {self.level}: cannot read region at ({x0}, {y0}): {exc}") from None

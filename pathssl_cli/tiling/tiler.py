@@ -24,6 +24,7 @@ import numpy as np
 from pathssl_cli.console import info, progress
 from pathssl_cli.errors import SpecError, WorkFailed
 from pathssl_cli.runs import atomic_write, open_run
+from pathssl_cli.slides.readers import slide_readers
 from pathssl_cli.specs.tile import TileSpec, resolve_slides
 from pathssl_cli.tiling import store
 from pathssl_cli.tiling.slide import (
@@ -55,6 +56,7 @@ class TileSettings:
     tiles_per_shard: int
     qc: bool
     mpp_override: float | None
+    reader: str = "auto"  # slide library: auto | tiffslide | openslide | dicom
 
     def fingerprint(self) -> dict[str, Any]:
         """Settings that change the tiles; a store must not mix two of them."""
@@ -79,6 +81,7 @@ class SlideResult:
     seconds: float = 0.0
     copied: int = 0  # tiles whose compressed bytes were passed through unchanged
     notes: list[str] = field(default_factory=list)  # fields of view this slide cannot give, and why
+    reader: str = ""  # "<library> <version>" that decoded this slide
 
 
 def _encode(rgb: np.ndarray, quality: int) -> bytes:
@@ -225,7 +228,8 @@ def tile_slide(path: Path, csv_mpp: float | None, settings: TileSettings) -> Sli
     store.discard_incomplete(settings.store_dir, sid)
     writer = store.SlideShardWriter(settings.store_dir, sid, settings.tiles_per_shard)
     try:
-        slide = open_slide(path)
+        slide = open_slide(path, settings.reader)
+        result.reader = f"{slide.reader_name} {slide.reader_version}"
         base_mpp = csv_mpp if csv_mpp is not None else slide_mpp(slide, settings.mpp_override, path)[0]
         targets = _feasible_fields_of_view(slide, base_mpp, settings, result)
         mask = tissue_mask(slide, base_mpp)
@@ -341,17 +345,19 @@ def run_tile(
         tiles_per_shard=spec.output.tiles_per_shard,
         qc=spec.output.qc_thumbnails,
         mpp_override=spec.input.mpp_override,
+        reader=spec.input.reader,
     )
     store_dir.mkdir(parents=True, exist_ok=True)
     _check_store_settings(settings)
     suffix = f"-{index}-of-{parts}" if parts > 1 else ""
-    with open_run(spec, store_dir, world_size=parts, is_main=index == 0):
+    with open_run(spec, store_dir, world_size=parts, is_main=index == 0) as run:
         started = time.perf_counter()
         info(
             f"tiling {len(jobs)} slide(s) at {settings.mpps} µm/px into {store_dir}"
             + (f" (part {index + 1} of {parts})" if parts > 1 else "")
         )
         results = _run_jobs(jobs, settings, spec.run.workers)
+        run.record["slide_readers"] = slide_readers(spec.input.reader, [r.reader for r in results])
         seconds = time.perf_counter() - started
         total_tiles = store.write_manifest(store_dir)
         new_tiles = sum(sum(r.tiles.values()) for r in results if r.status == "done")

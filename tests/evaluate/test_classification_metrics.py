@@ -57,6 +57,18 @@ def test_binary_auroc_by_hand() -> None:
     assert got["top1"] == pytest.approx(0.5)
 
 
+def test_binary_auroc_does_not_tie_confident_logits() -> None:
+    # A float32 softmax rounds every margin s1 - s0 above ~17 to exactly 1: these six samples all tied and
+    # AUROC came out 0.5. By hand: positives 19, 21, 22, 23 against negatives 18, 20 win 7 of 8 pairs.
+    margins = torch.tensor([18.0, 19, 20, 21, 22, 23])
+    targets = torch.tensor([0, 1, 0, 1, 1, 1])
+    logits = torch.stack([torch.full((6,), -5.0), margins - 5.0], dim=1)
+    assert classification_metrics(logits, targets, 2)["auroc"] == pytest.approx(7 / 8)
+    # Ties stay ties (each tied pair counts one half): positives 1, 1 against negatives 1, 0 -> 3 of 4 pairs.
+    tied = torch.stack([torch.zeros(4), torch.tensor([1.0, 1.0, 1.0, 0.0])], dim=1)
+    assert classification_metrics(tied, torch.tensor([1, 1, 0, 0]), 2)["auroc"] == pytest.approx(0.75)
+
+
 def test_outputs_written(tmp_path: Path) -> None:
     cm = np.array([[3, 1], [0, 4]])
     rows = per_class_table(cm, ["neg", "pos"])

@@ -160,3 +160,81 @@ def test_validate_many_files_reports_each(tree: Path) -> None:
     result = CliRunner().invoke(cli, ["spec", "validate", str(good), str(bad)])
     assert result.exit_code == 2
     assert f"ok: {good}" in result.output and "1 of 2 specs invalid" in result.output
+
+
+# ------------------------------------------------------------------------------ every problem in one pass
+def _wheres(error: SpecError) -> set[str]:
+    return {p.where.rpartition(": ")[2] for p in error.problems}
+
+
+def test_missing_sections_and_missing_inputs_in_one_pass(tree: Path) -> None:
+    # Issue 11 item 13: the missing [run] section used to hide the missing data root and weights file.
+    spec = write(tree / "s.toml", 'kind = "knn"\n[data]\ndataset = "folder"\nroot = "nowhere"\n'
+                                  '[model]\nweights = "missing.safetensors"\n')
+    with pytest.raises(SpecError) as info:
+        load_spec(spec)
+    assert _wheres(info.value) == {"run", "data.root", "model.weights"}
+    by_where = {p.where.rpartition(": ")[2]: p for p in info.value.problems}
+    assert str(tree / "nowhere") in by_where["data.root"].message
+    assert by_where["data.root"].where.startswith(str(spec))
+    # Without input checks only the structure is reported.
+    with pytest.raises(SpecError) as info:
+        load_spec(spec, check_inputs=False)
+    assert _wheres(info.value) == {"run"}
+
+
+def test_missing_input_in_a_list_is_found_beside_a_bad_value(tree: Path) -> None:
+    spec = write(tree / "s.toml", GOOD + 'extra = ["data", "gone.txt"]\n[optim]\nlr = -1\n')
+    with pytest.raises(SpecError) as info:
+        load_spec(spec)
+    assert _wheres(info.value) == {"optim.lr", "data.extra"}
+    assert sum("gone.txt" in p.message for p in info.value.problems) == 1
+
+
+def test_a_missing_file_does_not_hide_the_input_checks(tree: Path) -> None:
+    # The data root exists but holds no split folders: the layout problem is reported beside the missing
+    # weights file, not after it is fixed.
+    (tree / "empty").mkdir()
+    spec = write(tree / "s.toml", 'kind = "knn"\n[data]\ndataset = "folder"\nroot = "empty"\n'
+                                  '[model]\nweights = "missing.safetensors"\n[run]\noutput_dir = "out"\n')
+    with pytest.raises(SpecError) as info:
+        load_spec(spec)
+    assert _wheres(info.value) == {"model.weights", "data.root"}
+
+
+# ------------------------------------------------------------------------------------------ partial bases
+def test_partial_base_named_explicitly_is_checked_as_a_partial(tree: Path) -> None:
+    # Issue 11 item 11: `pathssl spec validate specs/**/*.toml` names the _*.toml bases, which lack required
+    # sections by design; they were reported invalid.
+    base = write(tree / "_base.toml", 'kind = "toy"\n[optim]\nlr = 0.5\n[model]\nweights = "later.pth"\n')
+    child = write(tree / "child.toml", 'extends = "_base.toml"\n[data]\nroot = "data"\n[model]\nweights = "random"\n')
+    fragment = write(tree / "_run.toml", '[run]\nworld_size = 2\n')
+    result = CliRunner().invoke(cli, ["spec", "validate", str(base), str(child), str(fragment)])
+    assert result.exit_code == 0, result.output
+    assert f"ok: {base} (partial toy base)" in result.output and f"ok: {child} (toy)" in result.output
+    assert f"ok: {fragment} (partial base without a kind)" in result.output
+
+
+def test_partial_base_still_has_its_keys_and_values_checked(tree: Path) -> None:
+    write(tree / "specs" / "_base.toml", 'kind = "toy"\n[optim]\nlr = -1\nschedul = "step"\n')
+    write(tree / "specs" / "_typo.toml", 'kind = "tiy"\n')
+    for args in (["spec", "validate", str(tree / "specs")],
+                 ["spec", "validate", str(tree / "specs" / "_base.toml"), str(tree / "specs" / "_typo.toml")]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2
+        assert "optim.lr" in result.output and "'schedul'" in result.output and "'tiy'" in result.output
+        assert "required field" not in result.output and "2 of 2 specs invalid" in result.output
+
+
+def test_show_without_input_check_resolves_a_spec_whose_inputs_are_absent(tree: Path) -> None:
+    spec = write(tree / "s.toml", 'kind = "toy"\n[data]\nroot = "not_here"\n')
+    assert CliRunner().invoke(cli, ["spec", "show", str(spec)]).exit_code == 2
+    result = CliRunner().invoke(cli, ["spec", "show", "--no-input-check", str(spec)])
+    assert result.exit_code == 0, result.output
+    assert f'root = "{tree / "not_here"}"' in result.output
+
+
+def test_running_a_partial_base_says_what_it_is(tree: Path) -> None:
+    base = write(tree / "_base.toml", 'kind = "toy"\n[optim]\nlr = 0.5\n')
+    result = CliRunner().invoke(cli, ["spec", "show", str(base)])
+    assert result.exit_code == 2 and "data" in result.output and "partial base" in result.output

@@ -192,6 +192,20 @@ def _permute_ids(inst: np.ndarray, rng: np.random.Generator, spread: int) -> np.
     return np.vectorize(lambda v: lookup.get(v, 0))(inst)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_sq_differs_from_official_only_by_its_epsilon(seed: int) -> None:
+    # The docstrings state the one difference: SQ (hence PQ) / (tp) here, / (tp + 1e-6) officially.
+    true, pred = _random_pair(np.random.default_rng(seed))
+    ours, ref = instance_stats(true, pred), _official_like(true, pred)
+    tp = ours["tp"]
+    assert tp > 0
+    for key in ("sq", "pq"):
+        assert ours[key] == pytest.approx(ref[key] * (tp + 1e-6) / tp, rel=1e-12), key
+        assert 0 < ours[key] - ref[key] < 1e-6, key
+    for key in ("dq", "dice", "dice2", "aji", "aji_plus"):
+        assert ours[key] == pytest.approx(ref[key], rel=1e-12), key
+
+
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("match_iou", [0.5, 0.3, 0.7])
 def test_agrees_with_naive_official_reimplementation(seed: int, match_iou: float) -> None:

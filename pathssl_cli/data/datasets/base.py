@@ -50,6 +50,9 @@ class ClassificationDataset(torch.utils.data.Dataset, abc.ABC):
         # Position → row of the underlying storage; `select` narrows it without touching the storage.
         self._rows = np.arange(len(self.ids), dtype=np.int64)
         self.transform: Callable[[np.ndarray], torch.Tensor] | None = None
+        # The official training partition this split and its val split were carved from (`carve_val`), so
+        # that a protocol fitting nothing on val (kNN) can use all of it; None for an official split.
+        self.carved_from: ClassificationDataset | None = None
         if len(self.targets) != len(self.ids):
             raise ValueError(f"{len(self.targets)} targets for {len(self.ids)} ids")
 
@@ -261,7 +264,9 @@ def carve_val(pool: ClassificationDataset, split: Split, fraction: float, seed: 
         raise SpecError(f"{pool.name}: no class has two or more training items, so no validation split can "
                         f"be held out of the {len(pool)} training items. Add data, or give an explicit val "
                         "split.")
-    return pool.select(held if split == "val" else kept)
+    part = pool.select(held if split == "val" else kept)
+    part.carved_from = pool
+    return part
 
 
 def count_text(values: Sequence[str], limit: int = 5) -> str:
