@@ -57,13 +57,20 @@ def _load(spec: Path, overrides: tuple[str, ...], kind: str) -> Any:
 
 @click.group(cls=PathsslGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="pathssl")
-def cli() -> None:
+@click.option("--force", is_flag=True,
+              help="A run directory that holds a run of a different spec is moved aside (<dir>.replaced-<time>) "
+                   "and a new run starts, instead of being refused.")
+def cli(force: bool) -> None:
     """Self-supervised learning on pathology images: slides → tiles → pretrained backbones → benchmark tables.
 
     \b
     Start with:  pathssl demo            (the whole study on synthetic data, a few minutes on a CPU)
     Specs:       pathssl spec validate specs/**/*.toml
     """
+    if force:
+        from pathssl_cli.runs import FORCE_REPLACE
+
+        FORCE_REPLACE.set(True)
 
 
 # ----------------------------------------------------------------------------------------------------- spec
@@ -373,6 +380,35 @@ def segment_score(true_path: Path, pred_path: Path, fmt: str, as_json: bool, out
     from pathssl_cli.segment.score import run_score
 
     run_score(true_path, pred_path, fmt=fmt, as_json=as_json, out_csv=out_csv, match_iou=match_iou)
+
+
+# --------------------------------------------------------------------------------------------------- study
+@cli.command()
+@spec_argument
+@click.option("--dry-run", is_flag=True, help="Print every run, its command line and whether it is done, failed "
+                                              "or pending; run nothing.")
+@click.option("--index", type=click.IntRange(min=0), default=None,
+              help="Run run I alone (and the subsets it needs); default: $SLURM_ARRAY_TASK_ID when set.")
+@click.option("--emit-slurm", type=click.Path(path_type=Path), default=None,
+              help="Write a SLURM array job script with one task per run ([slurm] of the spec) and exit.")
+@click.option("--report-only", is_flag=True, help="Write the tables from whatever has finished; run nothing.")
+@click.option("--force", is_flag=True, help="Runs whose directory holds a run of a different spec are moved "
+                                            "aside and run again, instead of refused.")
+def study(spec: Path, overrides: tuple[str, ...], dry_run: bool, index: int | None, emit_slurm: Path | None,
+          report_only: bool, force: bool) -> None:
+    """Run a grid of evaluations and segmentations over backbones, label fractions and seeds, then the tables.
+
+    \b
+    Example:  pathssl study specs/study/tiny.toml --dry-run
+              pathssl study specs/study/paper_classification.toml --emit-slurm study.sbatch
+    """
+    loaded = _load(spec, overrides, "study")
+    from pathssl_cli.study import run_study
+
+    code = run_study(loaded, dry_run=dry_run, index=index, emit_slurm=emit_slurm, report_only=report_only,
+                     force=force, overrides=overrides)
+    if code:
+        sys.exit(code)
 
 
 # ------------------------------------------------------------------------------------------- report, demo

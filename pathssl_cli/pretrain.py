@@ -42,7 +42,7 @@ from pathssl_cli.distributed import (
 from pathssl_cli.errors import SpecError, WorkFailed
 from pathssl_cli.methods import create_method
 from pathssl_cli.optim import apply_schedules, build_optimizer, build_schedules
-from pathssl_cli.runs import RunDir, load_checkpoint, open_run, save_checkpoint
+from pathssl_cli.runs import RunDir, claim_run_dir, load_checkpoint, open_run, save_checkpoint
 from pathssl_cli.specs.pretrain import PretrainSpec, view_counts
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
@@ -81,6 +81,7 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
     local_batch = spec.data.batch_size // world
     out = Path(run_cfg.output_dir)
     checkpoint_path = out / CHECKPOINT
+    claim_run_dir(spec, out, is_main=dist_info.is_main)  # a different run there is refused (or moved aside)
     if checkpoint_path.exists() and not run_cfg.resume:
         raise SpecError(f"{out} already holds a run ({checkpoint_path}). Set run.resume = true to continue "
                         "it, or choose another run.output_dir.")

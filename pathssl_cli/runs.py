@@ -7,6 +7,7 @@ flushed and fsynced, then renamed (rename is atomic on POSIX file systems).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import datetime as dt
 import hashlib
 import importlib.metadata
@@ -18,15 +19,21 @@ import subprocess
 import sys
 import tempfile
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pathssl_cli import __version__
-from pathssl_cli.errors import PathsslError
+from pathssl_cli.errors import PathsslError, SpecError
 
 if TYPE_CHECKING:
     from pathssl_cli.specs.core import SpecModel
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
 
 
 @contextlib.contextmanager
@@ -211,6 +218,7 @@ def open_run(spec: SpecModel, output_dir: str | Path, *, seed: int | None = None
             "status": "running",
             "versions": _versions(),
             "spec_sha256": hashlib.sha256(resolved.encode()).hexdigest(),
+            "spec_digest": digest_of(tomllib.loads(resolved)),
             "spec_file": str(source) if source else None,
             "spec_file_sha256": hashlib.sha256(source.read_bytes()).hexdigest() if source and source.exists()
             else None,
@@ -240,3 +248,180 @@ def open_run(spec: SpecModel, output_dir: str | Path, *, seed: int | None = None
         record.update(run.record)
         record.update(status="done", ended=_now())
         write_json(path / "run.json", record)
+
+
+# ------------------------------------------------------------------------------------ the run-directory rule
+#: Spec fields that do not define what a run computes, by spec kind: where it is written, how fast it runs,
+#: how often it reports. Every other field is in the run's digest, so changing it makes a different run.
+#: Per-kind additions and why:
+#: - pretrain: run.steps / run.epochs / run.epoch_images are left to pretrain's exact-resume check, which
+#:   compares the whole plan (total steps, steps per pass, world size) and says which part changed.
+#: - segment: the data folders may move, and the epoch counts may grow (extending a finished run is a resume);
+#:   [predict] and model.checkpoint only matter to `segment eval|predict`, which write their own folders.
+DIGEST_EXCLUDED_COMMON: tuple[str, ...] = (
+    "run.output_dir", "run.resume", "run.device", "run.workers", "run.batch_size", "run.feature_cache",
+    "run.log_every", "run.checkpoint_every", "run.compile", "data.workers", "train.workers",
+)
+DIGEST_EXCLUDED: dict[str, tuple[str, ...]] = {
+    "pretrain": ("run.steps", "run.epochs", "run.epoch_images"),
+    "segment": ("data.train", "data.val", "data.test", "train.phase1_epochs", "train.phase2_epochs",
+                "predict", "model.checkpoint"),
+}
+
+#: Forcing, for the CLI's `pathssl --force COMMAND ...` and `pathssl study --force`: a run directory holding a
+#: different run is moved aside instead of refused. A context variable, so that a library caller's setting
+#: stays within the calls it wraps.
+FORCE_REPLACE: contextvars.ContextVar[bool] = contextvars.ContextVar("pathssl_force_replace", default=False)
+
+
+def _drop_keys(data: dict[str, Any], dotted: Iterable[str]) -> dict[str, Any]:
+    out = json.loads(json.dumps(data, default=_json_default))  # a deep copy with JSON's types
+    for key in dotted:
+        *parents, last = key.split(".")
+        table = out
+        for part in parents:
+            table = table.get(part) if isinstance(table, dict) else None
+        if isinstance(table, dict):
+            table.pop(last, None)
+    return out
+
+
+def digest_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved spec (as spec.toml holds it) that defines what the run computes."""
+    kind = str(data.get("kind"))
+    return _drop_keys(data, (*DIGEST_EXCLUDED_COMMON, *DIGEST_EXCLUDED.get(kind, ())))
+
+
+def digest_of(data: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(digest_fields(data), sort_keys=True).encode()).hexdigest()
+
+
+def spec_data(spec: SpecModel) -> dict[str, Any]:
+    """The spec as `spec.toml` stores it (TOML has no null: unset optional fields are absent)."""
+    from pathssl_cli.specs import spec_to_toml
+
+    return tomllib.loads(spec_to_toml(spec))
+
+
+def spec_digest(spec: SpecModel) -> str:
+    """sha256 of the fields that define the run (see DIGEST_EXCLUDED); recorded in run.json as spec_digest."""
+    return digest_of(spec_data(spec))
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    found = []
+    for key in sorted(set(old) | set(new)):
+        dotted = f"{prefix}{key}"
+        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += _differences(a, b, f"{dotted}.")
+        elif a != b:
+            found.append(f"{dotted}: {a!r} → {b!r}")
+    return found
+
+
+def _drop_new_defaults(old: dict[str, Any], new: dict[str, Any], model: Any) -> None:
+    """Forget fields of `new` that the stored spec lacks but that hold their default: a field added to pathssl
+    after the run was written does not make it another run, while a value the user set still does."""
+    from pydantic import BaseModel
+
+    for key in [k for k in new if k not in old or isinstance(new[k], dict)]:
+        field = type(model).model_fields.get(key) if isinstance(model, BaseModel) else None
+        if key in old and isinstance(old[key], dict):
+            _drop_new_defaults(old[key], new[key], getattr(model, key, None))
+        elif key not in old and field is not None and not field.is_required():
+            default = field.get_default(call_default_factory=True)
+            as_json = json.loads(json.dumps(default.model_dump(mode="json") if isinstance(default, BaseModel)
+                                            else default, default=_json_default))
+            if _without_none(as_json) == new[key]:
+                del new[key]
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What a run directory holds, compared with a spec.
+
+    status: 'new' (no run there), 'done' (finished, same digest), 'failed' (same digest, its run.json error),
+    'interrupted' (same digest, run.json still says running: killed, or running now elsewhere) or 'different'
+    (a run of another spec, or one whose spec.toml cannot be read; `changes` lists what differs).
+    """
+
+    path: Path
+    status: str
+    error: str | None = None
+    changes: tuple[str, ...] = ()
+
+
+def run_state(spec: SpecModel, output_dir: str | Path) -> RunState:
+    """Compare the run in `output_dir` (its run.json and spec.toml) with `spec`; reads only, never writes."""
+    path = Path(output_dir)
+    record_path, spec_path = path / "run.json", path / "spec.toml"
+    if not record_path.is_file():
+        return RunState(path, "new")
+    try:
+        record = json.loads(record_path.read_text())
+        stored = tomllib.loads(spec_path.read_text())
+    except (OSError, ValueError) as exc:
+        return RunState(path, "different", changes=(f"its run.json or spec.toml cannot be read ({exc})",))
+    old, new = digest_fields(stored), digest_fields(spec_data(spec))
+    _drop_new_defaults(old, new, spec)
+    if old != new:
+        return RunState(path, "different", changes=tuple(_differences(old, new)) or ("the spec digest",))
+    status = record.get("status")
+    if status == "done":
+        return RunState(path, "done")
+    if status == "failed":
+        return RunState(path, "failed", error=record.get("error"))
+    return RunState(path, "interrupted")
+
+
+def claim_run_dir(spec: SpecModel, output_dir: str | Path, *, force: bool | None = None,
+                  is_main: bool = True) -> RunState:
+    """The one rule every command that writes a run directory applies before touching it.
+
+    - no run there: start one;
+    - a run of the same spec (same digest): the command resumes it (or, if done, redoes or skips it);
+    - a run of a different spec: refused (SpecError, exit 2, nothing written), because resuming it would mix
+      two runs and report the old result as the new one; with `force` (default: FORCE_REPLACE) the old run is
+      moved aside to `<dir>.replaced-<UTC time>` and a new one starts.
+    Returns the state found (after a forced move: 'new'). Under torchrun every rank calls it; only the main
+    rank moves, and the ranks meet at a barrier so that none reads the old run after the move.
+    """
+    state = run_state(spec, output_dir)
+    if state.status != "different":
+        _barrier()
+        return state
+    if force if force is not None else FORCE_REPLACE.get():
+        if not is_main:
+            _barrier()
+            return RunState(state.path, "new")
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        aside = state.path.with_name(f"{state.path.name}.replaced-{stamp}")
+        os.replace(state.path, aside)
+        _fsync_dir(state.path.parent)
+        from pathssl_cli.console import warn
+
+        warn(f"{state.path} held a different run; moved it to {aside} and starting over")
+        _barrier()
+        return RunState(state.path, "new")
+    shown = "; ".join(state.changes[:8]) + (f"; and {len(state.changes) - 8} more" if len(state.changes) > 8
+                                            else "")
+    raise SpecError(
+        f"{state.path} holds a different {getattr(spec, 'kind', '')} run ({shown}). Resuming it would mix two "
+        "runs and report the old result. Choose another run.output_dir, or force a new run there with "
+        "`pathssl --force ...` (the old run is moved aside to <dir>.replaced-<time>).")
+
+
+def _barrier() -> None:
+    # Without importing torch: commands that never start a process group (tile, subsample) must not pay for it.
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.barrier()

@@ -70,4 +70,26 @@ scores = json.loads(text[text.index("{"):])
 assert abs(scores["mean"]["pq"] - 1.0) < 1e-9, scores["mean"]
 PY
 run 2 pathssl segment score --true "$work/nuclei" --pred "$work/labelled" --format generic
+# The tiny study (specs/study/tiny.toml: 16 runs + subsets), killed with SIGKILL mid-grid, then resumed: the runs
+# finished before the kill are skipped, the one in progress is taken up again, and the tables are written.
+study=(pathssl study specs/study/tiny.toml --set "study.output_root=$work/study"
+       --set "study.evaluation_set=['data.root=$work/labelled']")
+run 0 "${study[@]}" --dry-run
+says "17 runs: 17 pending"
+echo "-- ${study[*]} (killed with SIGKILL after its first finished run)"
+"${study[@]}" >"$log" 2>&1 &
+study_pid=$!
+for _ in $(seq 1 600); do
+  grep -q ': done in' "$log" && break
+  kill -0 "$study_pid" 2>/dev/null || break
+  sleep 0.5
+done
+kill -9 "$study_pid" 2>/dev/null || fail "the study ended before it could be killed"
+wait "$study_pid" 2>/dev/null || true
+run 0 "${study[@]}"
+says "done, skipped"
+need "$work/study/report.md" "$work/study/report.csv" "$work/study/report.png" "$work/study/plan.json"
+grep -q "mean ± std over seeds" "$work/study/report.md" || fail "report.md has no study table"
+run 0 "${study[@]}" --dry-run
+says "17 runs: 17 done"
 echo "smoke passed in $(( $(date +%s) - started )) s ($work)"

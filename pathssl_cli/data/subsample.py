@@ -40,7 +40,7 @@ import numpy as np
 from pathssl_cli import console
 from pathssl_cli.data.datasets.base import class_permutation, count_text, describe_missing
 from pathssl_cli.errors import Problem, SpecError
-from pathssl_cli.runs import atomic_write, open_run
+from pathssl_cli.runs import atomic_write, claim_run_dir, open_run
 
 if TYPE_CHECKING:
     from pathssl_cli.specs.subsample import SubsampleSpec
@@ -258,6 +258,7 @@ def _open(path: Path) -> io.TextIOWrapper:
 
 def run_subsample(spec: SubsampleSpec) -> dict[str, Any]:
     """Write a subset file per fraction into `spec.run.output_dir` plus `subsets.json`; return the latter."""
+    claim_run_dir(spec, spec.run.output_dir)
     items = load_items(spec)
     fractions = spec.subsample.fractions
     seed = spec.subsample.seed

@@ -33,7 +33,7 @@ from pathssl_cli.evaluate.metrics import classification_metrics
 from pathssl_cli.evaluate.probe import selection_metric
 from pathssl_cli.optim import Schedules as OptimSchedules
 from pathssl_cli.optim import apply_schedules, build_optimizer, cosine_schedule, is_bias_or_norm
-from pathssl_cli.runs import RunDir, load_checkpoint, open_run, save_checkpoint
+from pathssl_cli.runs import RunDir, claim_run_dir, load_checkpoint, open_run, save_checkpoint
 from pathssl_cli.specs.evaluate import FinetuneAugment, FinetuneSpec
 
 
@@ -231,6 +231,7 @@ def train_seed(
 def run_finetune(spec: FinetuneSpec) -> dict[str, Any]:
     dist = init_distributed(spec.run.device)
     try:
+        claim_run_dir(spec, spec.run.output_dir, is_main=dist.is_main)  # resumes only a run of this same spec
         splits, eval_split = open_splits(spec.data)
         num_classes = len(splits["train"].classes)
         targets = torch.as_tensor(splits["eval"].targets)

@@ -34,7 +34,7 @@ from pathssl_cli.errors import SpecError
 from pathssl_cli.evaluate.common import FeatureSet, frozen_features, summarise, write_outputs
 from pathssl_cli.evaluate.features import Features
 from pathssl_cli.evaluate.metrics import classification_metrics
-from pathssl_cli.runs import open_run
+from pathssl_cli.runs import claim_run_dir, open_run
 from pathssl_cli.specs.data import DataSection
 from pathssl_cli.specs.evaluate import KnnSpec
 
@@ -105,6 +105,7 @@ def val_is_carved(data: DataSection) -> bool:
 def run_knn(spec: KnnSpec) -> dict[str, Any]:
     """kNN of the evaluation split against the training partition (`knn_neighbours`), for every k of `[knn]`;
     metrics.json reports the first k as the run's result and the others as variants."""
+    claim_run_dir(spec, spec.run.output_dir)
     with open_run(spec, spec.run.output_dir, seed=spec.run.seeds[0]) as run:
         fset = frozen_features(spec, need_val=val_is_carved(spec.data))
         num_classes = len(fset.splits["train"].classes)

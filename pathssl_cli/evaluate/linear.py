@@ -60,7 +60,7 @@ from pathssl_cli.evaluate.common import frozen_features, write_outputs
 from pathssl_cli.evaluate.features import POOLED, FeatureRecipe
 from pathssl_cli.evaluate.metrics import classification_metrics
 from pathssl_cli.evaluate.probe import HeadConfig, ProbeSchedule, steps_for_epochs, train_probes
-from pathssl_cli.runs import open_run
+from pathssl_cli.runs import claim_run_dir, open_run
 from pathssl_cli.specs.evaluate import LinearFeatures, LinearOptim, LinearSpec
 
 if TYPE_CHECKING:
@@ -153,6 +153,7 @@ def plan_schedule(plan: LinearPlan, n_train: int) -> ProbeSchedule:
 
 def run_linear(spec: LinearSpec) -> dict[str, Any]:
     plan = resolve_plan(spec.optim)
+    claim_run_dir(spec, spec.run.output_dir)
     with open_run(spec, spec.run.output_dir, seed=spec.run.seeds[0]) as run:
         fset = frozen_features(spec, recipe=lambda b: resolve_recipe(spec.features, spec.optim.preset, b))
         classes = fset.splits["train"].classes

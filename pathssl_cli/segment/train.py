@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from pathssl_cli.console import info, progress
 from pathssl_cli.distributed import DistInfo, autocast, cleanup_distributed, init_distributed
 from pathssl_cli.errors import Problem, SpecError, WorkFailed
-from pathssl_cli.runs import load_checkpoint, open_run, save_checkpoint
+from pathssl_cli.runs import claim_run_dir, load_checkpoint, open_run, save_checkpoint
 from pathssl_cli.segment.datasets import (
     AugmentConfig,
     HoVerNetPatches,
@@ -166,18 +166,6 @@ def run_segment_train(spec: SegmentSpec) -> dict[str, Any]:
         cleanup_distributed()
 
 
-def training_digest(spec: SegmentSpec) -> str:
-    """Hash of what defines the trained model; a resumed run must match it. Data paths may move, and the
-    epoch counts may grow (extending a finished run is a resume) or the worker count change."""
-    import hashlib
-    import json
-
-    sections = spec.model_dump(mode="json", include={"model", "train"},
-                               exclude={"train": {"phase1_epochs", "phase2_epochs", "workers"}})
-    sections["data"] = spec.model_dump(mode="json", exclude={"data": {"train", "val", "test"}})["data"]
-    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()
-
-
 def _train(spec: SegmentSpec, dist_info: DistInfo) -> dict[str, Any]:
     device = dist_info.device
     torch.manual_seed(spec.run.seed + dist_info.rank)
@@ -191,13 +179,10 @@ def _train(spec: SegmentSpec, dist_info: DistInfo) -> dict[str, Any]:
 
     ckpt_path = out_dir / "checkpoints" / "last.pt"
     start_phase, start_epoch, global_step, resumed = 1, 0, 0, None
-    digest = training_digest(spec)
+    # The shared run-directory rule; run.resume = false starts over (a different run is moved aside).
+    claim_run_dir(spec, out_dir, force=True if not spec.run.resume else None, is_main=dist_info.is_main)
     if spec.run.resume and ckpt_path.exists():
         resumed = load_checkpoint(ckpt_path)
-        if resumed.get("spec_digest", digest) != digest:
-            raise SpecError(f"{out_dir} holds a run trained with a different [data], [model] or [train] section "
-                            f"({ckpt_path}); resuming it would mix two runs. Choose another run.output_dir, or "
-                            "set run.resume = false to start over there.")
         model.load_state_dict(resumed["model"], strict=True)
         start_phase, start_epoch, global_step = resumed["phase"], resumed["epoch"] + 1, resumed["step"]
         info(f"resuming from {ckpt_path}: phase {start_phase}, epoch {start_epoch}")
@@ -304,7 +289,6 @@ def _train(spec: SegmentSpec, dist_info: DistInfo) -> dict[str, Any]:
                             "epoch": epoch,
                             "step": global_step,
                             "hovernet": model_record(model),
-                            "spec_digest": digest,
                         },
                         ckpt_path,
                     )

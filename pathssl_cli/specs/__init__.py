@@ -44,6 +44,7 @@ SPEC_KINDS: dict[str, str] = {
     "knn": "pathssl_cli.specs.evaluate:KnnSpec",
     "subsample": "pathssl_cli.specs.subsample:SubsampleSpec",
     "segment": "pathssl_cli.specs.segment:SegmentSpec",
+    "study": "pathssl_cli.specs.study:StudySpec",
 }
 
 

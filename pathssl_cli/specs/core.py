@@ -292,9 +292,10 @@ def iter_path_fields(model: BaseModel, prefix: str = "") -> Iterator[tuple[BaseM
             yield model, name, dotted, marker
         children = value if isinstance(value, list | tuple) else list(value.values()) \
             if isinstance(value, dict) else [value]
-        for child in children:
+        for i, child in enumerate(children):
             if isinstance(child, BaseModel):
-                yield from iter_path_fields(child, f"{dotted}.")
+                # an array of tables ([[evaluations]]) names its element: "evaluations[0].spec"
+                yield from iter_path_fields(child, f"{dotted}[{i}]." if isinstance(value, list) else f"{dotted}.")
 
 
 def _resolve_one(item: Any, base: Path, marker: _PathMarker, where: str, problems: list[Problem]) -> Any:
@@ -316,7 +317,8 @@ def resolve_paths(spec: BaseModel, origins: dict[str, Path], default_file: str,
     """Make relative paths absolute (against the file that set them) and check that inputs exist."""
     problems: list[Problem] = []
     for owner, name, dotted, marker in list(iter_path_fields(spec)):
-        origin = origins.get(dotted)
+        # an element of an array of tables comes from the file that wrote the array
+        origin = origins.get(dotted) if "[" not in dotted else origins.get(dotted.partition("[")[0])
         # a value from a file is relative to that file; defaults and --set values to the working directory
         base = origin.parent if origin is not None else Path.cwd()
         where = f"{_file_for(dotted, origins, default_file)}: {dotted}"
