@@ -63,9 +63,30 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def cleanup_distributed() -> None:
+def cleanup_distributed(*, synchronise: bool = True) -> None:
+    """Tear down the process group; with `synchronise`, after a barrier.
+
+    Without the barrier a rank that finishes first can destroy its gloo/nccl group while a peer's last
+    collective is still in flight, which aborts the peer at exit ("terminate called without an active
+    exception", SIGABRT) under load even though its work succeeded. After a failure pass `synchronise=False`:
+    the other ranks may never reach the barrier.
+    """
     if dist.is_available() and dist.is_initialized():
+        if synchronise:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_session(device: str) -> Iterator[DistInfo]:
+    """`init_distributed` for the block; on leaving it, the group is torn down (synchronised only on success)."""
+    info = init_distributed(device)
+    try:
+        yield info
+    except BaseException:
+        cleanup_distributed(synchronise=False)
+        raise
+    cleanup_distributed()
 
 
 def barrier() -> None:

@@ -36,8 +36,7 @@ from pathssl_cli.distributed import (
     all_reduce_sum,
     autocast,
     barrier,
-    cleanup_distributed,
-    init_distributed,
+    distributed_session,
 )
 from pathssl_cli.errors import SpecError, WorkFailed
 from pathssl_cli.methods import create_method
@@ -53,11 +52,8 @@ STOP_HOOK = "PATHSSL_TEST_BLOCK_AT_STEP"
 
 def run_pretrain(spec: PretrainSpec) -> dict[str, Any]:
     """Pre-train `spec.model.backbone` with `spec.method`; returns the summary written to metrics.json."""
-    dist_info = init_distributed(spec.run.device)
-    try:
+    with distributed_session(spec.run.device) as dist_info:
         return _pretrain(spec, dist_info)
-    finally:
-        cleanup_distributed()
 
 
 def resolve_precision(choice: str, device: torch.device) -> str:

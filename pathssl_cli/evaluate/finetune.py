@@ -14,7 +14,6 @@ horizontal and vertical flips and 90° rotations (the dihedral group: tissue has
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from pathssl_cli.augment.stain import hed_jitter
 from pathssl_cli.backbones import Backbone
 from pathssl_cli.console import info, progress, warn
 from pathssl_cli.data.benchmarks import eval_transform
-from pathssl_cli.distributed import DistInfo, autocast, cleanup_distributed, init_distributed
+from pathssl_cli.distributed import DistInfo, autocast, distributed_session
 from pathssl_cli.evaluate.common import build_backbone, open_splits, write_outputs
 from pathssl_cli.evaluate.features import make_loader
 from pathssl_cli.evaluate.metrics import classification_metrics
@@ -229,8 +228,7 @@ def train_seed(
 
 
 def run_finetune(spec: FinetuneSpec) -> dict[str, Any]:
-    dist = init_distributed(spec.run.device)
-    try:
+    with distributed_session(spec.run.device) as dist:
         claim_run_dir(spec, spec.run.output_dir, is_main=dist.is_main)  # resumes only a run of this same spec
         splits, eval_split = open_splits(spec.data)
         num_classes = len(splits["train"].classes)
@@ -278,6 +276,3 @@ def run_finetune(spec: FinetuneSpec) -> dict[str, Any]:
                     settings=settings,
                 )
         return record
-    finally:
-        with contextlib.suppress(Exception):
-            cleanup_distributed()

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from pathssl_cli.console import info, progress
-from pathssl_cli.distributed import DistInfo, autocast, cleanup_distributed, init_distributed
+from pathssl_cli.distributed import DistInfo, autocast, distributed_session
 from pathssl_cli.errors import Problem, SpecError, WorkFailed
 from pathssl_cli.runs import claim_run_dir, load_checkpoint, open_run, save_checkpoint
 from pathssl_cli.segment.datasets import (
@@ -159,11 +159,8 @@ def run_segment_train(spec: SegmentSpec) -> dict[str, Any]:
                     for p in type_range_problems(open_split(spec, split), spec.data.num_types, f"data.{split}")]
         if problems:
             raise SpecError(problems)
-    dist_info = init_distributed(spec.run.device)
-    try:
+    with distributed_session(spec.run.device) as dist_info:
         return _train(spec, dist_info)
-    finally:
-        cleanup_distributed()
 
 
 def _train(spec: SegmentSpec, dist_info: DistInfo) -> dict[str, Any]:
