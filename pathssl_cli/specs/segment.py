@@ -83,6 +83,13 @@ class SegmentModel(Section):
         description="Multiplier of HoVer-Net's decoder channels; 1.0 is "
         "the paper's. Small values (0.25) keep CPU tests fast.",
     )
+    encoder_stem: Literal["full", "stride4"] = Field(
+        default="full",
+        description="'full' = HoVer-Net's encoder: registry ResNets run their stem conv at stride 1 with no "
+        "max-pool (weights load unchanged), giving decoder skips at strides 1, 2, 4, 8; ViTs add a light image "
+        "stem to their finest maps. 'stride4' = the backbone's own stem (skips at 4-32, about 3x cheaper on a "
+        "CPU, coarser boundaries). Default 'full': it is what HoVer-Net was published and evaluated with.",
+    )
     checkpoint: InputPath | None = Field(
         default=None,
         description="Trained HoVer-Net for eval/predict; None = "
