@@ -125,7 +125,8 @@ def _patches(spec: SegmentSpec, split: str, train: bool) -> HoVerNetPatches:
         out_size,
         train=train,
         typed=spec.data.num_types > 0,
-        augment=AugmentConfig(flips=t.flips, rotations=t.rotations, stain=t.stain),
+        augment=AugmentConfig(flips=t.flips, rotations=t.rotations, stain=t.stain,
+                              hovernet=t.augment == "hovernet"),
         seed=spec.run.seed,
     )
 

@@ -144,10 +144,17 @@ class SegmentTrain(Section):
         ge=1,
         description="Cap on steps per epoch (quick runs, CPU tests); None = one pass over the patches.",
     )
-    flips: bool = Field(
-        default=True, description="Random horizontal flips (with rotations: all 8 dihedral poses)."
+    augment: Literal["hovernet", "dihedral"] = Field(
+        default="hovernet",
+        description="'hovernet' = the official HoVer-Net augmentations (affine scale 0.8-1.2 per axis, "
+        "shear 5 deg, any rotation, 1 % translation, flips; blur, median blur or noise; hue, saturation, "
+        "brightness and contrast jitter; see pathssl_cli.augment.nuclei), the paper's recipe and the default. "
+        "'dihedral' = flips and 90-degree rotations only (the `flips`/`rotations` fields), cheaper and weaker.",
     )
-    rotations: bool = Field(default=True, description="Random 90-degree rotations.")
+    flips: bool = Field(
+        default=True, description="augment = 'dihedral': random horizontal flips (with rotations: all 8 poses)."
+    )
+    rotations: bool = Field(default=True, description="augment = 'dihedral': random 90-degree rotations.")
     stain: float = Field(
         default=0.05,
         ge=0,
