@@ -49,6 +49,12 @@ class SegmentData(Section):
         description="Nucleus types excluding background (PanNuke 5, merged CoNSeP 4). "
         "0 = no type (NC) branch, instance segmentation only.",
     )
+    mpp: float = Field(
+        default=0.25,
+        gt=0,
+        description="µm/px of the training images; slides are predicted at this scale unless predict.mpp "
+        "says otherwise. CoNSeP and PanNuke are 40x scans at 0.25 µm/px, hence the default.",
+    )
     merge_consep_types: bool = Field(
         default=False,
         description="Map CoNSeP's 7 types to HoVer-Net's 4 (3+4 -> epithelial, "
@@ -175,6 +181,24 @@ class SegmentPredict(Section):
         default=None,
         description="Slide region x, y, width, height in "
         "level-0 px; None = the whole image or slide level 0.",
+    )
+    mpp: float | None = Field(
+        default=None,
+        gt=0,
+        description="µm/px at which slides are segmented (read by `pathssl tile`'s level-selection and "
+        "resampling rules; outputs stay in level-0 coordinates). None = data.mpp, the training data's scale. "
+        "Image files (png/jpg/small tif) are taken to be at the model's scale already.",
+    )
+    mpp_override: float | None = Field(
+        default=None,
+        gt=0,
+        description="Level-0 µm/px for slides whose metadata has none (as `pathssl tile`'s "
+        "input.mpp_override); metadata wins where present. None = such slides fail with a clear error.",
+    )
+    tissue_only: bool = Field(
+        default=True,
+        description="Segment only chunks holding tissue by `pathssl tile`'s detector (glass is skipped and "
+        "costs nothing); false = every chunk of the region.",
     )
     chunk_size: int = Field(
         default=2048,
