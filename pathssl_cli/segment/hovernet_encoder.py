@@ -47,7 +47,8 @@ def full_resolution_stem(encoder: Backbone) -> None:
     """Make a timm ResNet run its stem at stride 1 without max-pool, in place (weights untouched)."""
     model = encoder.timm_model
     stem = model.conv1  # a conv, or a Sequential of convs for timm's deep stems
-    convs = [stem] if isinstance(stem, nn.Conv2d) else [m for m in stem.modules() if isinstance(m, nn.Conv2d)]
+    assert isinstance(stem, nn.Module)
+    convs = [m for m in stem.modules() if isinstance(m, nn.Conv2d)]
     for conv in convs:
         if conv.stride != (1, 1):
             conv.stride = (1, 1)

@@ -59,7 +59,7 @@ class PatchModel(Protocol):
 
 
 @torch.no_grad()
-def predict_window(model: PatchModel, reader: ImageReader | SlideReader, top: int, left: int,
+def predict_window(model: PatchModel, reader: ImageReader | SlideReader | MppSlideReader, top: int, left: int,
                    height: int, width: int, *, batch_size: int = 8, device: torch.device | str = "cpu",
                    precision: str = "fp32", trim: int = 0,
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -312,7 +312,8 @@ def _segment_chunk(model: PatchModel, reader: ImageReader | SlideReader | MppSli
     return next_id
 
 
-def _paint_background(canvas: np.ndarray, reader: ImageReader | SlideReader, c: Chunk, scale: float) -> None:
+def _paint_background(canvas: np.ndarray, reader: ImageReader | SlideReader | MppSlideReader, c: Chunk,
+                      scale: float) -> None:
     """Put the chunk's downscaled RGB under pixels no contour has coloured yet (contours stay on top)."""
     t, l_ = round(c.top * scale), round(c.left * scale)
     b, r = max(t + 1, round(c.bottom * scale)), max(l_ + 1, round(c.right * scale))
