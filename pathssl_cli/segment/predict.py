@@ -33,7 +33,7 @@ from pathssl_cli.distributed import autocast, resolve_device
 from pathssl_cli.errors import PathsslError, SpecError, WorkFailed
 from pathssl_cli.runs import atomic_path, open_run
 from pathssl_cli.segment.readers import ImageReader, SlideReader, open_reader
-from pathssl_cli.segment.slide_scale import ChunkTissue, MppSlideReader
+from pathssl_cli.segment.slide_scale import ChunkTissue, MppSlideReader, slide_metrics
 from pathssl_cli.specs.segment import SegmentSpec
 
 # QuPath-friendly colours by type id (0 = untyped); PanNuke order after background.
@@ -412,24 +412,10 @@ def run_segment_predict(spec: SegmentSpec) -> dict[str, Any]:
             info(f"{path}: {outputs.count} nuclei -> {outputs.inst_map}")
         summary = {"outputs": results, "instances": sum(r["instances"] for r in results), "failed": failed}
         run.write_json("predict_summary.json", summary)
-        run.write_json("metrics.json", _slide_metrics(results))
+        run.write_json("metrics.json", slide_metrics(results))
         if failed:  # inside the run, so run.json records the failure
             raise WorkFailed(f"{len(failed)} of {len(inputs)} inputs failed:\n" + "\n".join(failed))
     return summary
-
-
-def _slide_metrics(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per input and in total: tissue area (mm², slides), nuclei, nuclei per mm², seconds per mm²."""
-    keys = ("tissue_mm2", "nuclei", "nuclei_per_mm2", "seconds", "seconds_per_mm2", "chunks", "chunks_skipped",
-            "mpp", "base_mpp", "level")
-    per_input = {Path(r["input"]).name: {k: r[k] for k in keys if k in r} for r in results}
-    area = sum(r.get("tissue_mm2", 0.0) for r in results)
-    nuclei = sum(r["nuclei"] for r in results)
-    seconds = sum(r["seconds"] for r in results)
-    total: dict[str, Any] = {"nuclei": nuclei, "seconds": seconds}
-    if area > 0:
-        total.update(tissue_mm2=area, nuclei_per_mm2=nuclei / area, seconds_per_mm2=seconds / area)
-    return {"inputs": per_input, "total": total}
 
 
 def _type_names(spec: SegmentSpec, num_classes: int) -> list[str] | None:

@@ -108,3 +108,17 @@ class ChunkTissue:
         g = self.reader.geometry
         return self.mask.fraction(g.x0 + left * g.scale, g.y0 + top * g.scale, (right - left) * g.scale,
                                   (bottom - top) * g.scale) > 0
+
+
+def slide_metrics(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per input and in total: tissue area (mm², slides), nuclei, nuclei per mm², seconds per mm²."""
+    keys = ("tissue_mm2", "nuclei", "nuclei_per_mm2", "seconds", "seconds_per_mm2", "chunks", "chunks_skipped",
+            "mpp", "base_mpp", "level")
+    per_input = {Path(r["input"]).name: {k: r[k] for k in keys if k in r} for r in results}
+    area = sum(r.get("tissue_mm2", 0.0) for r in results)
+    nuclei = sum(r["nuclei"] for r in results)
+    seconds = sum(r["seconds"] for r in results)
+    total: dict[str, Any] = {"nuclei": nuclei, "seconds": seconds}
+    if area > 0:
+        total.update(tissue_mm2=area, nuclei_per_mm2=nuclei / area, seconds_per_mm2=seconds / area)
+    return {"inputs": per_input, "total": total}
