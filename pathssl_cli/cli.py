@@ -382,6 +382,24 @@ def segment_score(true_path: Path, pred_path: Path, fmt: str, as_json: bool, out
     run_score(true_path, pred_path, fmt=fmt, as_json=as_json, out_csv=out_csv, match_iou=match_iou)
 
 
+@segment.command("folds")
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a markdown table.")
+def segment_folds(run_dirs: tuple[Path, ...], as_json: bool) -> None:
+    """PanNuke three-fold protocol: each rotation's scores and their mean ± std (from each run's metrics.json).
+
+    \b
+    Example:  pathssl segment folds runs/segment/pannuke_resnet50_fold1 runs/segment/pannuke_resnet50_fold2 \\
+                runs/segment/pannuke_resnet50_fold3
+    """
+    import json
+
+    from pathssl_cli.segment.folds import fold_summary, format_summary
+
+    summary = fold_summary(list(run_dirs))
+    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+
+
 # --------------------------------------------------------------------------------------------------- study
 @cli.command()
 @spec_argument

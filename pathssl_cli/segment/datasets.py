@@ -302,6 +302,9 @@ class AugmentConfig:
     flips: bool = True
     rotations: bool = True
     stain: float = 0.0  # HED jitter σ (0 = off), see `pathssl_cli.augment.stain.hed_jitter_image`
+    # HoVer-Net's own augmentations (`pathssl_cli.augment.nuclei`): affine + flips on image and maps, then
+    # blur/noise and colour jitter; they replace `flips`/`rotations` (the affine rotation covers them).
+    hovernet: bool = False
 
 
 def _pad_to(array: np.ndarray, top: int, left: int, height: int, width: int, reflect: bool) -> np.ndarray:
@@ -372,7 +375,13 @@ class HoVerNetPatches(Dataset):
             top = int(np.clip(top + rng.integers(-jitter, jitter + 1), 0, max(h - self.output_size, 0)))
             left = int(np.clip(left + rng.integers(-jitter, jitter + 1), 0, max(w - self.output_size, 0)))
         margin = (self.input_size - self.output_size) // 2
-        args = (top - margin, left - margin, self.input_size, self.input_size)
+        cut = self.input_size
+        if self.train and self.augment.hovernet:
+            from pathssl_cli.augment.nuclei import context_size
+
+            cut = context_size(self.input_size)  # centred on the same window, cropped back by the affine
+        extra = (cut - self.input_size) // 2
+        args = (top - margin - extra, left - margin - extra, cut, cut)
         image = _pad_to(sample.image, *args, reflect=True)
         # Maps are mirrored with the image (HoVer-Net's mirror-padded patch extraction), so mirrored
         # nuclei keep their labels; a nucleus and its mirror form one piece, as the official targets see it.
@@ -396,6 +405,15 @@ class HoVerNetPatches(Dataset):
         self, image: np.ndarray, inst: np.ndarray, types: np.ndarray | None, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         # Geometric ops move maps with the image; HV targets are computed after, so they stay exact.
+        if self.augment.hovernet:
+            from pathssl_cli.augment import nuclei
+
+            image, maps = nuclei.geometric(image, [inst] + ([types] if types is not None else []),
+                                           self.input_size, rng)
+            image = nuclei.photometric(image, rng)
+            if self.augment.stain > 0:
+                image = hed_jitter_image(image, self.augment.stain, rng)
+            return image, maps[0], (maps[1].astype(np.uint8) if types is not None else None)
         arrays = [image, inst] + ([types] if types is not None else [])
         if self.augment.rotations:
             k = int(rng.integers(4))

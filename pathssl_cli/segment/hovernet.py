@@ -6,11 +6,11 @@ dense blocks (8 then 4 units of 32 channels, grouped 5x5 convs in `original`, 3x
 bottleneck, nearest-neighbour 2x upsampling, and the input/output sizes of each mode (270->80, 256->164).
 
 Differences, and why:
-- Encoder: any registry backbone through `forward_maps`, not HoVer-Net's own pre-activation ResNet-50 whose
-  stem keeps full resolution. Registry CNNs reach stride 4 at their first stage, so two more upsampling
-  stages (each with a 3x3 conv, adding the stride-2 stem map when the backbone exposes one) bring the decoder
-  back to full resolution. ViTs go through `MultiScaleAdapter` (deconvolution / pooling of the token grid to
-  strides 4-32, the "simple feature pyramid" of ViTDet, Li et al. 2022).
+- Encoder: any registry backbone through `forward_maps`, not HoVer-Net's own pre-activation ResNet-50. With
+  the default 'full' stem (`hovernet_encoder`) registry ResNets run their stem at stride 1 without max-pool,
+  as HoVer-Net's does, so the skips come at strides 1, 2, 4, 8 with HoVer-Net's channels; ViTs get a feature
+  pyramid plus a light image stem. The 'stride4' stem keeps the backbone's own (cheaper) stem and adds two
+  upsampling stages at the end of each branch.
 - Padding: convolutions are "same"-padded and the output is the centre crop of the mode's size. The original
   loses the border through valid convolutions; cropping gives each output pixel the same surrounding context
   without tying the sizes to one architecture. The input is reflect-padded to a multiple of 32 first.
@@ -28,21 +28,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pathssl_cli.backbones import Backbone
+from pathssl_cli.segment.hovernet_encoder import MultiScaleAdapter, channels, prepare_encoder
 
 # mode -> (input size, output size) in pixels, from the official configs.
 MODES: dict[str, tuple[int, int] | None] = {"original": (270, 80), "fast": (256, 164), "same": None}
-TARGET_STRIDES = (4, 8, 16, 32)
 
 
 def mode_sizes(mode: str, input_size: int) -> tuple[int, int]:
     """(input, output) sizes in px for a mode; `same` keeps `input_size` for both."""
     sizes = MODES[mode]
     return (input_size, input_size) if sizes is None else sizes
-
-
-def _channels(base: int, width: float) -> int:
-    # Multiples of 4 so that the grouped (split=4) dense-block convs stay valid at any width.
-    return max(4, round(base * width / 4) * 4)
 
 
 def _bn_relu(channels: int) -> nn.Sequential:
@@ -83,11 +78,18 @@ def _up2(x: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderBranch(nn.Module):
-    """One HoVer-Net decoder branch (u3, u2, u1, then up to full resolution, then u0 = BN-ReLU-1x1)."""
+    """One HoVer-Net decoder branch: u3, u2, u1 (each upsample 2x and add a skip), then u0 = BN-ReLU-1x1.
 
-    def __init__(self, out_ch: int, width: float, kernel: int, has_stride2: bool) -> None:
+    With the 'full' stem the skips are at strides 8 -> 4 -> 2 -> 1 as in HoVer-Net and u1 is already at full
+    resolution. With 'stride4' u1 ends at stride 4 and two more 2x stages (a 3x3 conv each, adding the stride-2
+    stem map when the backbone exposes one) bring it to full resolution.
+    """
+
+    def __init__(self, out_ch: int, width: float, kernel: int, skip_strides: tuple[int, ...],
+                 has_stride2: bool) -> None:
         super().__init__()
-        c = lambda base: _channels(base, width)  # noqa: E731
+        c = lambda base: channels(base, width)  # noqa: E731
+        self.skip_strides = skip_strides
         self.u3_conv = nn.Conv2d(c(1024), c(256), kernel, padding=kernel // 2, bias=False)
         self.u3_dense = DenseBlock(c(256), 8, c(128), c(32), kernel)
         self.u3_out = nn.Conv2d(self.u3_dense.out_channels, c(512), 1, bias=False)
@@ -95,85 +97,26 @@ class DecoderBranch(nn.Module):
         self.u2_dense = DenseBlock(c(128), 4, c(128), c(32), kernel)
         self.u2_out = nn.Conv2d(self.u2_dense.out_channels, c(256), 1, bias=False)
         self.u1_conv = nn.Conv2d(c(256), c(64), kernel, padding=kernel // 2, bias=False)
-        # Stride 4 -> 2 -> 1: not in HoVer-Net, whose encoder never leaves full resolution (see module doc).
+        # Stride 4 -> 2 -> 1 for the 'stride4' stem only: HoVer-Net's encoder never leaves full resolution.
         self.up_convs = nn.ModuleList(
             nn.Sequential(_bn_relu(c(64)), nn.Conv2d(c(64), c(64), 3, padding=1, bias=False))
-            for _ in range(2)
+            for _ in range(round(math.log2(skip_strides[0])))
         )
         self.has_stride2 = has_stride2
         self.u0 = nn.Sequential(_bn_relu(c(64)), nn.Conv2d(c(64), out_ch, 1, bias=True))
 
     def forward(self, feats: dict[int, torch.Tensor]) -> torch.Tensor:
-        x = self.u3_out(self.u3_dense(self.u3_conv(_up2(feats[32]) + feats[16])))
-        x = self.u2_out(self.u2_dense(self.u2_conv(_up2(x) + feats[8])))
-        x = self.u1_conv(_up2(x) + feats[4])
-        x = _up2(x)
-        if self.has_stride2:
-            x = x + feats[2]
-        x = _up2(self.up_convs[0](x))
-        x = self.up_convs[1](x)
+        s1, s2, s4, s8 = self.skip_strides
+        x = self.u3_out(self.u3_dense(self.u3_conv(_up2(feats[s8]) + feats[s4])))
+        x = self.u2_out(self.u2_dense(self.u2_conv(_up2(x) + feats[s2])))
+        x = self.u1_conv(_up2(x) + feats[s1])
+        if self.up_convs:  # 'stride4': x is at stride 4
+            x = _up2(x)
+            if self.has_stride2:
+                x = x + feats[2]
+            x = _up2(self.up_convs[0](x))
+            x = self.up_convs[1](x)
         return self.u0(x)
-
-
-def _resample(in_ch: int, out_ch: int, in_stride: int, out_stride: int) -> nn.Module:
-    """Deconvolve (upsample) or max-pool (downsample) a map between power-of-two strides, then project."""
-    layers: list[nn.Module] = []
-    ratio = in_stride / out_stride
-    ch = in_ch
-    if ratio > 1:
-        for _ in range(round(math.log2(ratio))):
-            layers += [
-                nn.ConvTranspose2d(ch, max(out_ch, ch // 2), 2, stride=2),
-                nn.BatchNorm2d(max(out_ch, ch // 2)),
-                nn.GELU(),
-            ]
-            ch = max(out_ch, ch // 2)
-    elif ratio < 1:
-        layers.append(nn.MaxPool2d(round(1 / ratio)))
-    layers.append(nn.Conv2d(ch, out_ch, 1, bias=False))
-    return nn.Sequential(*layers)
-
-
-class MultiScaleAdapter(nn.Module):
-    """Encoder maps -> {stride: map} at strides 2 (when present), 4, 8, 16 and 32 with decoder channels.
-
-    CNN maps with the right stride get a 1x1 projection (identity when channels already match, as with
-    ResNet-50 layer3 -> 1024). Backbones whose maps all share one stride (ViTs) get a simple feature pyramid:
-    evenly spaced maps, shallowest to the finest stride, deconvolved or pooled to the target stride.
-    """
-
-    def __init__(self, channels: list[int], strides: list[int], width: float) -> None:
-        super().__init__()
-        targets = {
-            4: _channels(256, width),
-            8: _channels(512, width),
-            16: _channels(1024, width),
-            32: _channels(1024, width),
-        }
-        single_stride = len(set(strides)) == 1
-        self.sources: dict[int, int] = {}
-        self.projections = nn.ModuleDict()
-        for order, stride in enumerate(TARGET_STRIDES):
-            if single_stride:
-                idx = round(order * (len(strides) - 1) / (len(TARGET_STRIDES) - 1))
-            else:
-                # The deepest map at the closest stride (log scale): exact for ResNets.
-                idx = min(range(len(strides)), key=lambda i: (abs(math.log2(strides[i] / stride)), -i))
-            self.sources[stride] = idx
-            if channels[idx] == targets[stride] and strides[idx] == stride and stride != 32:
-                self.projections[str(stride)] = nn.Identity()
-            else:
-                self.projections[str(stride)] = _resample(
-                    channels[idx], targets[stride], strides[idx], stride
-                )
-        self.has_stride2 = 2 in strides and not single_stride
-        if self.has_stride2:
-            idx = strides.index(2)
-            self.sources[2] = idx
-            self.projections["2"] = nn.Conv2d(channels[idx], _channels(64, width), 1, bias=False)
-
-    def forward(self, maps: list[torch.Tensor]) -> dict[int, torch.Tensor]:
-        return {stride: self.projections[str(stride)](maps[idx]) for stride, idx in self.sources.items()}
 
 
 @dataclass(frozen=True)
@@ -182,6 +125,7 @@ class HoVerNetConfig:
     input_size: int = 256  # only read in `same` mode
     num_types: int = 0  # 0 = no NC/TP branch; otherwise the number of classes including background 0
     decoder_width: float = 1.0
+    encoder_stem: str = "full"  # see hovernet_encoder: 'full' (HoVer-Net's) or 'stride4'
 
 
 class HoVerNet(nn.Module):
@@ -196,11 +140,12 @@ class HoVerNet(nn.Module):
         self.config = config
         self.input_size, self.output_size = mode_sizes(config.mode, config.input_size)
         self.padded_size = math.ceil(self.input_size / 32) * 32
+        prepare_encoder(encoder, config.encoder_stem)
         self.encoder = encoder
         self.register_buffer("mean", torch.tensor(encoder.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(encoder.std).view(1, 3, 1, 1), persistent=False)
         self.adapter = MultiScaleAdapter(
-            list(encoder.map_channels), list(encoder.map_strides), config.decoder_width
+            list(encoder.map_channels), list(encoder.map_strides), config.decoder_width, config.encoder_stem
         )
         kernel = 5 if config.mode == "original" else 3
         branches = {"np": 2, "hv": 2}
@@ -208,7 +153,9 @@ class HoVerNet(nn.Module):
             branches["tp"] = config.num_types
         self.decoder = nn.ModuleDict(
             {
-                name: DecoderBranch(ch, config.decoder_width, kernel, self.adapter.has_stride2)
+                name: DecoderBranch(
+                    ch, config.decoder_width, kernel, self.adapter.skip_strides, self.adapter.has_stride2
+                )
                 for name, ch in branches.items()
             }
         )
@@ -236,7 +183,7 @@ class HoVerNet(nn.Module):
             x = F.pad(x, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2), mode="reflect")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
             maps = self.encoder.forward_maps(x)
-        feats = self.adapter(maps)
+        feats = self.adapter(maps, x)
         start = pad // 2 + (self.input_size - self.output_size) // 2
         window = slice(start, start + self.output_size)
         return {name: branch(feats)[..., window, window] for name, branch in self.decoder.items()}
@@ -250,6 +197,7 @@ def build_hovernet(
     input_size: int = 256,
     num_types: int = 0,
     decoder_width: float = 1.0,
+    encoder_stem: str = "full",
 ) -> HoVerNet:
     """HoVer-Net on the registry backbone `backbone` (its weights: "random", a registry release or a file)."""
     from pathssl_cli.backbones import create_backbone
@@ -259,5 +207,6 @@ def build_hovernet(
     encoder = create_backbone(backbone, weights=weights, img_size=padded)
     return HoVerNet(
         encoder,
-        HoVerNetConfig(mode=mode, input_size=input_size, num_types=num_types, decoder_width=decoder_width),
+        HoVerNetConfig(mode=mode, input_size=input_size, num_types=num_types, decoder_width=decoder_width,
+                       encoder_stem=encoder_stem),
     )

@@ -17,9 +17,10 @@ from __future__ import annotations
 import glob
 import json
 import math
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -32,6 +33,7 @@ from pathssl_cli.distributed import autocast, resolve_device
 from pathssl_cli.errors import PathsslError, SpecError, WorkFailed
 from pathssl_cli.runs import atomic_path, open_run
 from pathssl_cli.segment.readers import ImageReader, SlideReader, open_reader
+from pathssl_cli.segment.slide_scale import ChunkTissue, MppSlideReader, slide_metrics
 from pathssl_cli.sharding import resolve_shard
 from pathssl_cli.slides.readers import slide_readers
 from pathssl_cli.specs.segment import SegmentSpec
@@ -59,7 +61,7 @@ class PatchModel(Protocol):
 
 
 @torch.no_grad()
-def predict_window(model: PatchModel, reader: ImageReader | SlideReader, top: int, left: int,
+def predict_window(model: PatchModel, reader: ImageReader | SlideReader | MppSlideReader, top: int, left: int,
                    height: int, width: int, *, batch_size: int = 8, device: torch.device | str = "cpu",
                    precision: str = "fp32", trim: int = 0,
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -145,6 +147,8 @@ class PredictOutputs:
     geojson: Path
     overlay: Path | None
     count: int
+    chunks: int = 0
+    skipped: int = 0  # chunks without tissue, not predicted
 
 
 def output_paths(out_dir: Path, name: str, map_format: str) -> tuple[Path, Path, Path, Path]:
@@ -173,12 +177,14 @@ class _JsonListWriter:
         self.fh.write(self.tail)
 
 
-def segment_image(model: PatchModel, reader: ImageReader | SlideReader, out_dir: Path, name: str, *,
+def segment_image(model: PatchModel, reader: ImageReader | SlideReader | MppSlideReader, out_dir: Path, name: str, *,
                   chunk_size: int = 2048, chunk_margin: int = 64, batch_size: int = 8,
                   device: torch.device | str = "cpu", precision: str = "fp32", map_format: str = "npy",
                   overlay: bool = True, overlay_max_px: int = 8192, type_names: list[str] | None = None,
                   postprocess: Callable[..., tuple[np.ndarray, dict[int, Any]]] | None = None,
-                  postprocess_kwargs: dict[str, Any] | None = None, trim: int = 0) -> PredictOutputs:
+                  postprocess_kwargs: dict[str, Any] | None = None, trim: int = 0,
+                  to_level0: tuple[float, float, float] = (1.0, 0.0, 0.0),
+                  has_tissue: Callable[[int, int, int, int], bool] | None = None) -> PredictOutputs:
     """Segment the nuclei of one image/region into `out_dir`: maps/<name>.{npy|tif} (int32 instance ids),
     instances/<name>.json (id, bbox, centroid x/y, contour, type, type_prob per nucleus),
     geojson/<name>.geojson (QuPath detections) and overlays/<name>.png (contours coloured by type).
@@ -186,6 +192,9 @@ def segment_image(model: PatchModel, reader: ImageReader | SlideReader, out_dir:
     `postprocess(np_prob, hv, type_prob, **postprocess_kwargs) -> (inst_map, {id: Instance})` defaults to
     HoVer-Net's watershed. Its per-window min-max normalisations make results depend slightly on the window,
     as in HoVer-Net's own tiled WSI inference; larger chunks mean fewer such seams.
+
+    `to_level0` = (scale, x0, y0) maps prediction px to the JSON/GeoJSON coordinates (slide level 0);
+    `has_tissue(top, left, bottom, right)` says whether a chunk core holds tissue: chunks without are skipped.
     """
     from pathssl_cli.segment.postproc import hovernet_postprocess
 
@@ -197,7 +206,7 @@ def segment_image(model: PatchModel, reader: ImageReader | SlideReader, out_dir:
     canvas = np.zeros((max(1, round(height * scale)), max(1, round(width * scale)), 3), np.uint8) if overlay \
         else None
     map_path, json_path, geojson_path, overlay_path = output_paths(out_dir, name, map_format)
-    paths = PredictOutputs(map_path, json_path, geojson_path, overlay_path if overlay else None, 0)
+    paths = PredictOutputs(map_path, json_path, geojson_path, overlay_path if overlay else None, 0, len(chunks))
     next_id = 1
     (out_dir / "maps").mkdir(parents=True, exist_ok=True)
     # The .npy is the map itself, or (for .tif) a hidden scratch file converted tile by tile at the end.
@@ -212,9 +221,16 @@ def segment_image(model: PatchModel, reader: ImageReader | SlideReader, out_dir:
         try:
             with progress(total=len(chunks), desc=name, unit="chunk") as bar:
                 for chunk in chunks:
+                    if has_tissue is not None and not has_tissue(chunk.top, chunk.left, chunk.bottom, chunk.right):
+                        paths.skipped += 1  # glass: nothing read, nothing predicted; white in the overlay
+                        if canvas is not None:
+                            canvas[round(chunk.top * scale):round(chunk.bottom * scale),
+                                   round(chunk.left * scale):round(chunk.right * scale)] = 255
+                        bar.update(1)
+                        continue
                     next_id = _segment_chunk(
                         model, reader, chunk, npy_tmp, next_id, records, features, canvas, scale, type_names,
-                        postprocess, postprocess_kwargs or {}, batch_size=batch_size, device=device,
+                        postprocess, postprocess_kwargs or {}, to_level0, batch_size=batch_size, device=device,
                         precision=precision, trim=trim)
                     bar.update(1)
             records.close()
@@ -232,10 +248,10 @@ def segment_image(model: PatchModel, reader: ImageReader | SlideReader, out_dir:
     return paths
 
 
-def _segment_chunk(model: PatchModel, reader: ImageReader | SlideReader, c: Chunk, npy_path: Path,
+def _segment_chunk(model: PatchModel, reader: ImageReader | SlideReader | MppSlideReader, c: Chunk, npy_path: Path,
                    next_id: int, records: _JsonListWriter, features: _JsonListWriter,
                    canvas: np.ndarray | None, scale: float, type_names: list[str] | None, postprocess: Any,
-                   pp_kwargs: dict[str, Any], **infer: Any) -> int:
+                   pp_kwargs: dict[str, Any], to_level0: tuple[float, float, float], **infer: Any) -> int:
     """Predict and post-process one chunk's window, keep the instances whose centroid lies in its core,
     give them global ids and append them to every output. Returns the next free id."""
     np_prob, hv, tp = predict_window(model, reader, c.win_top, c.win_left, c.win_bottom - c.win_top,
@@ -263,11 +279,16 @@ def _segment_chunk(model: PatchModel, reader: ImageReader | SlideReader, c: Chun
         inst_id = next_id
         r0, c0, r1, c1 = inst.bbox
         contour = inst.contour + np.array([c.win_left, c.win_top])
+        cx, cy = inst.centroid[0] + c.win_left, inst.centroid[1] + c.win_top
+        bbox = [r0 + c.win_top, c0 + c.win_left, r1 + c.win_top, c1 + c.win_left]
+        k, x0, y0 = to_level0
+        if (k, x0, y0) != (1.0, 0.0, 0.0):  # slide level-0 coordinates (GeoJSON opens on the original slide)
+            contour = contour * k + np.array([x0, y0])
+            cx, cy = cx * k + x0, cy * k + y0
+            bbox = [bbox[0] * k + y0, bbox[1] * k + x0, bbox[2] * k + y0, bbox[3] * k + x0]
         type_name = None if inst.type is None else (
             type_names[inst.type] if type_names and inst.type < len(type_names) else str(inst.type))
-        bbox = [r0 + c.win_top, c0 + c.win_left, r1 + c.win_top, c1 + c.win_left]
-        records.add({"id": inst_id, "bbox": bbox,
-                     "centroid": [inst.centroid[0] + c.win_left, inst.centroid[1] + c.win_top],
+        records.add({"id": inst_id, "bbox": bbox, "centroid": [cx, cy],
                      "contour": contour.tolist(), "type": inst.type, "type_name": type_name,
                      "type_prob": inst.type_prob})
         ring = contour.tolist() + contour[:1].tolist()
@@ -279,7 +300,8 @@ def _segment_chunk(model: PatchModel, reader: ImageReader | SlideReader, c: Chun
             features.add({"type": "Feature", "id": str(inst_id), "properties": properties,
                           "geometry": {"type": "Polygon", "coordinates": [ring]}})
         if canvas is not None:
-            pts = np.round(contour * scale).astype(np.int32).reshape(-1, 1, 2)
+            local_contour = inst.contour + np.array([c.win_left, c.win_top])
+            pts = np.round(local_contour * scale).astype(np.int32).reshape(-1, 1, 2)
             cv2.polylines(canvas, [pts], True, colour, 1)
         next_id += 1
     new = lookup[local]
@@ -292,7 +314,8 @@ def _segment_chunk(model: PatchModel, reader: ImageReader | SlideReader, c: Chun
     return next_id
 
 
-def _paint_background(canvas: np.ndarray, reader: ImageReader | SlideReader, c: Chunk, scale: float) -> None:
+def _paint_background(canvas: np.ndarray, reader: ImageReader | SlideReader | MppSlideReader, c: Chunk,
+                      scale: float) -> None:
     """Put the chunk's downscaled RGB under pixels no contour has coloured yet (contours stay on top)."""
     t, l_ = round(c.top * scale), round(c.left * scale)
     b, r = max(t + 1, round(c.bottom * scale)), max(l_ + 1, round(c.right * scale))
@@ -365,24 +388,41 @@ def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None,
                 info(f"{path}: outputs exist, skipped (delete them to predict again)")
                 continue
             try:
-                reader = open_reader(path, p.region, p.reader)
+                reader: ImageReader | SlideReader | MppSlideReader = open_reader(path, p.region, p.reader)
+                slide_kwargs: dict[str, Any] = {}
+                figures: dict[str, Any] = {}
                 if isinstance(reader, SlideReader):
                     used_readers.append(reader.reader)
+                    reader = MppSlideReader(reader.slide, path, p.region, p.mpp or spec.data.mpp, p.mpp_override)
+                    slide_kwargs["to_level0"] = reader.to_level0
+                    figures = asdict(reader.geometry)
+                    if p.tissue_only:
+                        tissue = ChunkTissue(reader)
+                        slide_kwargs["has_tissue"] = tissue.has_tissue
+                        figures["tissue_mm2"] = tissue.area_mm2()
+                started = time.perf_counter()
                 outputs = segment_image(model, reader, out_dir, path.stem, chunk_size=p.chunk_size,
                                         chunk_margin=p.chunk_margin, batch_size=p.batch_size, device=device,
                                         precision=precision, map_format=p.map_format, overlay=p.overlay,
                                         overlay_max_px=p.overlay_max_px, type_names=type_names,
-                                        trim=default_trim(model) if p.trim is None else p.trim)
+                                        trim=default_trim(model) if p.trim is None else p.trim, **slide_kwargs)
+                seconds = time.perf_counter() - started
             except (PathsslError, OSError, ValueError) as exc:  # one bad input must not stop the others
                 failed.append(f"{path}: {exc}")
                 continue
+            figures.update(nuclei=outputs.count, seconds=seconds, chunks=outputs.chunks,
+                           chunks_skipped=outputs.skipped)
+            if figures.get("tissue_mm2"):
+                figures["nuclei_per_mm2"] = outputs.count / figures["tissue_mm2"]
+                figures["seconds_per_mm2"] = seconds / figures["tissue_mm2"]
             results.append({"input": str(path), "instances": outputs.count, "inst_map": str(outputs.inst_map),
                             "json": str(outputs.instances), "geojson": str(outputs.geojson),
-                            "overlay": str(outputs.overlay) if outputs.overlay else None})
+                            "overlay": str(outputs.overlay) if outputs.overlay else None, **figures})
             info(f"{path}: {outputs.count} nuclei -> {outputs.inst_map}")
         run.record["slide_readers"] = slide_readers(p.reader, used_readers)
         summary = {"outputs": results, "instances": sum(r["instances"] for r in results), "failed": failed}
         run.write_json("predict_summary.json", summary)
+        run.write_json("metrics.json", slide_metrics(results))
         if failed:  # inside the run, so run.json records the failure
             raise WorkFailed(f"{len(failed)} of {len(inputs)} inputs failed:\n" + "\n".join(failed))
     return summary

@@ -42,7 +42,8 @@ def build_model(spec: SegmentSpec) -> HoVerNet:
         m.backbone, weights=m.weights, img_size=math.ceil(in_size / 32) * 32, normalization=m.normalization
     )
     config = HoVerNetConfig(
-        mode=m.mode, input_size=m.input_size, num_types=_num_classes(spec), decoder_width=m.decoder_width
+        mode=m.mode, input_size=m.input_size, num_types=_num_classes(spec), decoder_width=m.decoder_width,
+        encoder_stem=m.encoder_stem,
     )
     return HoVerNet(encoder, config)
 
@@ -61,6 +62,7 @@ def model_record(model: HoVerNet) -> dict[str, Any]:
         "input_size": c.input_size,
         "num_types": c.num_types,
         "decoder_width": c.decoder_width,
+        "encoder_stem": c.encoder_stem,
         "mean": list(model.encoder.mean),
         "std": list(model.encoder.std),
     }
@@ -87,6 +89,8 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> HoVerNet:
             input_size=record["input_size"],
             num_types=record["num_types"],
             decoder_width=record["decoder_width"],
+            # Files written before the stem choice existed were all trained with the stride-4 stem.
+            encoder_stem=record.get("encoder_stem", "stride4"),
         ),
     )
     model.load_state_dict(state["model"], strict=True)
@@ -140,7 +144,8 @@ def _patches(spec: SegmentSpec, split: str, train: bool) -> HoVerNetPatches:
         out_size,
         train=train,
         typed=spec.data.num_types > 0,
-        augment=AugmentConfig(flips=t.flips, rotations=t.rotations, stain=t.stain),
+        augment=AugmentConfig(flips=t.flips, rotations=t.rotations, stain=t.stain,
+                              hovernet=t.augment == "hovernet"),
         seed=spec.run.seed,
     )
 

@@ -49,6 +49,12 @@ class SegmentData(Section):
         description="Nucleus types excluding background (PanNuke 5, merged CoNSeP 4). "
         "0 = no type (NC) branch, instance segmentation only.",
     )
+    mpp: float = Field(
+        default=0.25,
+        gt=0,
+        description="µm/px of the training images; slides are predicted at this scale unless predict.mpp "
+        "says otherwise. CoNSeP and PanNuke are 40x scans at 0.25 µm/px, hence the default.",
+    )
     merge_consep_types: bool = Field(
         default=False,
         description="Map CoNSeP's 7 types to HoVer-Net's 4 (3+4 -> epithelial, "
@@ -82,6 +88,13 @@ class SegmentModel(Section):
         le=4,
         description="Multiplier of HoVer-Net's decoder channels; 1.0 is "
         "the paper's. Small values (0.25) keep CPU tests fast.",
+    )
+    encoder_stem: Literal["full", "stride4"] = Field(
+        default="full",
+        description="'full' = HoVer-Net's encoder: registry ResNets run their stem conv at stride 1 with no "
+        "max-pool (weights load unchanged), giving decoder skips at strides 1, 2, 4, 8; ViTs add a light image "
+        "stem to their finest maps. 'stride4' = the backbone's own stem (skips at 4-32, about 3x cheaper on a "
+        "CPU, coarser boundaries). Default 'full': it is what HoVer-Net was published and evaluated with.",
     )
     checkpoint: InputPath | None = Field(
         default=None,
@@ -137,10 +150,17 @@ class SegmentTrain(Section):
         ge=1,
         description="Cap on steps per epoch (quick runs, CPU tests); None = one pass over the patches.",
     )
-    flips: bool = Field(
-        default=True, description="Random horizontal flips (with rotations: all 8 dihedral poses)."
+    augment: Literal["hovernet", "dihedral"] = Field(
+        default="hovernet",
+        description="'hovernet' = the official HoVer-Net augmentations (affine scale 0.8-1.2 per axis, "
+        "shear 5 deg, any rotation, 1 % translation, flips; blur, median blur or noise; hue, saturation, "
+        "brightness and contrast jitter; see pathssl_cli.augment.nuclei), the paper's recipe and the default. "
+        "'dihedral' = flips and 90-degree rotations only (the `flips`/`rotations` fields), cheaper and weaker.",
     )
-    rotations: bool = Field(default=True, description="Random 90-degree rotations.")
+    flips: bool = Field(
+        default=True, description="augment = 'dihedral': random horizontal flips (with rotations: all 8 poses)."
+    )
+    rotations: bool = Field(default=True, description="augment = 'dihedral': random 90-degree rotations.")
     stain: float = Field(
         default=0.05,
         ge=0,
@@ -178,6 +198,24 @@ class SegmentPredict(Section):
         if problem:
             raise ValueError(problem)
         return value
+    mpp: float | None = Field(
+        default=None,
+        gt=0,
+        description="µm/px at which slides are segmented (read by `pathssl tile`'s level-selection and "
+        "resampling rules; outputs stay in level-0 coordinates). None = data.mpp, the training data's scale. "
+        "Image files (png/jpg/small tif) are taken to be at the model's scale already.",
+    )
+    mpp_override: float | None = Field(
+        default=None,
+        gt=0,
+        description="Level-0 µm/px for slides whose metadata has none (as `pathssl tile`'s "
+        "input.mpp_override); metadata wins where present. None = such slides fail with a clear error.",
+    )
+    tissue_only: bool = Field(
+        default=True,
+        description="Segment only chunks holding tissue by `pathssl tile`'s detector (glass is skipped and "
+        "costs nothing); false = every chunk of the region.",
+    )
     chunk_size: int = Field(
         default=2048,
         ge=64,

@@ -79,8 +79,82 @@ def test_vit_adapter_uses_shallow_to_deep_blocks() -> None:
     model = build_hovernet("vit_tiny", mode="same", input_size=64, decoder_width=0.125)
     n_maps = len(model.encoder.map_strides)
     sources = model.adapter.sources
-    assert [sources[s] for s in (4, 8, 16, 32)] == sorted(sources[s] for s in (4, 8, 16, 32))
-    assert sources[4] == 0 and sources[32] == n_maps - 1
+    strides = model.adapter.skip_strides
+    assert strides == (1, 2, 4, 8)
+    assert [sources[s] for s in strides] == sorted(sources[s] for s in strides)
+    assert sources[1] == 0 and sources[8] == n_maps - 1
+
+
+def test_vit_finest_maps_see_the_image_through_a_light_stem() -> None:
+    """With the 'full' stem, a ViT's stride-1 and stride-2 skips also come from convolutions on the image
+    (not from upsampled tokens alone): the light stem receives gradient from the output."""
+    model = build_hovernet("vit_tiny", mode="same", input_size=64, decoder_width=0.125)
+    stem = model.adapter.light_stem
+    assert stem is not None
+    sum(v.sum() for v in model(torch.rand(2, 3, 64, 64)).values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stem.parameters())
+    assert build_hovernet("vit_tiny", mode="same", input_size=64, decoder_width=0.125,
+                          encoder_stem="stride4").adapter.light_stem is None
+
+
+@pytest.mark.parametrize("backbone", ["resnet_tiny", "resnet18"])
+def test_full_stem_keeps_resolution_and_stride4_does_not(backbone: str) -> None:
+    full = build_hovernet(backbone, mode="same", input_size=64, decoder_width=0.125)
+    assert full.encoder.map_strides == [1, 2, 4, 8]
+    assert full.adapter.skip_strides == (1, 2, 4, 8)
+    assert all(len(branch.up_convs) == 0 for branch in full.decoder.values())
+    stride4 = build_hovernet(backbone, mode="same", input_size=64, decoder_width=0.125, encoder_stem="stride4")
+    assert stride4.encoder.map_strides == [4, 8, 16, 32]
+    assert all(len(branch.up_convs) == 2 for branch in stride4.decoder.values())
+
+
+def test_full_stem_resnet50_has_the_official_layer_shapes() -> None:
+    """Official HoVer-Net (net_desc.py): conv0 7x7 3->64 stride 1, no max-pool; d0..d3 = ResNet-50 stages at
+    strides 1, 2, 4, 8 with 256, 512, 1024, 2048 channels; conv_bot 1x1 2048 -> 1024; decoder u3 1024 -> 256
+    conv + 8 dense units (128 -> 32, 4 groups) + 1x1 512 -> 512; u2 512 -> 128 + 4 units + 1x1 256 -> 256;
+    u1 256 -> 64; u0 BN-ReLU-1x1 64 -> out. 'fast' mode: 256 px in, 164 out (shapes checked on the meta
+    device: no arithmetic is run)."""
+    model = build_hovernet("resnet50", mode="fast", num_types=6)  # PanNuke: 5 types + background
+    enc = model.encoder.timm_model
+    assert (enc.conv1.kernel_size, enc.conv1.stride, enc.conv1.out_channels) == ((7, 7), (1, 1), 64)
+    assert isinstance(enc.maxpool, torch.nn.Identity)
+    projections = model.adapter.projections
+    assert all(isinstance(projections[str(s)], torch.nn.Identity) for s in (1, 2, 4))
+    conv_bot = projections["8"][-1]
+    assert conv_bot.weight.shape == (1024, 2048, 1, 1)
+    branch = model.decoder["np"]
+    assert branch.u3_conv.weight.shape == (256, 1024, 3, 3)
+    assert len(branch.u3_dense.units) == 8 and branch.u3_dense.units[0][1].weight.shape == (128, 256, 1, 1)
+    assert branch.u3_dense.units[0][3].weight.shape == (32, 32, 3, 3)  # 128 in, 4 groups -> 32 per group
+    assert branch.u3_out.weight.shape == (512, 512, 1, 1)
+    assert branch.u2_conv.weight.shape == (128, 512, 3, 3)
+    assert len(branch.u2_dense.units) == 4 and branch.u2_out.weight.shape == (256, 256, 1, 1)
+    assert branch.u1_conv.weight.shape == (64, 256, 3, 3)
+    assert branch.u0[1].weight.shape == (2, 64, 1, 1) and model.decoder["tp"].u0[1].weight.shape == (6, 64, 1, 1)
+    model = model.to("meta").eval()
+    maps = model.encoder.forward_maps(torch.empty(1, 3, 256, 256, device="meta"))
+    assert [tuple(m.shape[1:]) for m in maps] == [(256, 256, 256), (512, 128, 128), (1024, 64, 64), (2048, 32, 32)]
+    out = model(torch.empty(1, 3, 256, 256, device="meta"))
+    assert out["np"].shape == (1, 2, 164, 164) and out["tp"].shape == (1, 6, 164, 164)
+    assert build_hovernet("resnet50", mode="original").decoder["hv"].u3_conv.kernel_size == (5, 5)
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "lunit"])
+def test_resnet50_weights_load_strictly_into_the_full_stem(tmp_path, layout: str) -> None:
+    """torchvision's ResNet-50 state dict (with fc) and Lunit's release layout (torchvision keys, no fc) load
+    strictly into the full-resolution encoder, shape for shape."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    state = torchvision.models.resnet50(weights=None).state_dict()
+    if layout == "lunit":
+        state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    path = tmp_path / "resnet50.pth"
+    torch.save({"state_dict": state}, path)
+    model = build_hovernet("resnet50", weights=str(path), mode="fast")
+    loaded = model.encoder.timm_model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if not k.startswith("fc."))
+    assert model.encoder.timm_model.conv1.stride == (1, 1)
+    assert model.encoder.map_strides == [1, 2, 4, 8]
 
 
 # ---------------------------------------------------------------------------------------------- losses
