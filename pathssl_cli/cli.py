@@ -6,53 +6,15 @@ Exit codes: 0 success; 1 the work ran but failed; 2 the spec or the arguments ar
 from __future__ import annotations
 
 import json
-import os
 import sys
-import traceback
 from pathlib import Path
-from typing import Any
 
 import click
 
 from pathssl_cli import __version__
-from pathssl_cli.errors import PathsslError
-
-SET_HELP = "Override a spec value, parsed as TOML: --set tiles.mpp=[0.25,0.5]. Repeatable."
-
-
-class PathsslGroup(click.Group):
-    """Turns pathssl's user-facing errors into a message and an exit code, never a traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except PathsslError as exc:
-            if os.environ.get("RANK", "0") == "0":
-                click.echo(f"error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            ctx.exit(130)
-        except Exception as exc:
-            if os.environ.get("PATHSSL_DEBUG"):
-                raise
-            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-            click.echo(f"error: unexpected failure: {detail}\n(set PATHSSL_DEBUG=1 to see the traceback; "
-                       "please report it with the spec you ran)", err=True)
-            ctx.exit(1)
-
-
-def spec_argument(func: Any) -> Any:
-    func = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)(func)
-    return click.argument("spec", type=click.Path(path_type=Path))(func)
-
-
-def _load(spec: Path, overrides: tuple[str, ...], kind: str) -> Any:
-    from pathssl_cli.specs import load_spec
-
-    return load_spec(spec, overrides, kind=kind)
+from pathssl_cli.cli_common import SET_HELP, PathsslGroup, load_command_spec, spec_argument
+from pathssl_cli.cli_segment import segment
+from pathssl_cli.cli_synthetic import synthetic
 
 
 @click.group(cls=PathsslGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -196,7 +158,7 @@ def tile(spec: Path, overrides: tuple[str, ...], num_shards: int | None, shard_i
     from pathssl_cli.sharding import resolve_shard
 
     resolve_shard(num_shards, shard_index)  # a bad split is exit 2 before the spec is even read
-    loaded = _load(spec, overrides, "tile")
+    loaded = load_command_spec(spec, overrides, "tile")
     from pathssl_cli.tiling.tiler import run_tile
 
     run_tile(loaded, num_shards=num_shards, shard_index=shard_index, consolidate=consolidate)
@@ -237,7 +199,7 @@ def pretrain(spec: Path, overrides: tuple[str, ...]) -> None:
     Example:  pathssl pretrain specs/pretrain/tiny_dino.toml --set data.tiles='["runs/tiles"]'
     Multi-GPU: torchrun --nproc-per-node 8 -m pathssl_cli pretrain specs/pretrain/dino_vits16_pathology.toml
     """
-    loaded = _load(spec, overrides, "pretrain")
+    loaded = load_command_spec(spec, overrides, "pretrain")
     from pathssl_cli.pretrain import run_pretrain
 
     run_pretrain(loaded)
@@ -257,7 +219,7 @@ def evaluate_linear(spec: Path, overrides: tuple[str, ...]) -> None:
     \b
     Example:  pathssl evaluate linear specs/evaluate/crc_linear.toml --set model.weights=runs/dino/backbone.safetensors
     """
-    loaded = _load(spec, overrides, "linear")
+    loaded = load_command_spec(spec, overrides, "linear")
     from pathssl_cli.evaluate.linear import run_linear
 
     run_linear(loaded)
@@ -271,7 +233,7 @@ def evaluate_finetune(spec: Path, overrides: tuple[str, ...]) -> None:
     \b
     Example:  pathssl evaluate finetune specs/evaluate/mhist_finetune.toml --set data.root=data/mhist
     """
-    loaded = _load(spec, overrides, "finetune")
+    loaded = load_command_spec(spec, overrides, "finetune")
     from pathssl_cli.evaluate.finetune import run_finetune
 
     run_finetune(loaded)
@@ -285,7 +247,7 @@ def evaluate_knn(spec: Path, overrides: tuple[str, ...]) -> None:
     \b
     Example:  pathssl evaluate knn specs/evaluate/pcam_knn.toml --set data.root=data/pcam
     """
-    loaded = _load(spec, overrides, "knn")
+    loaded = load_command_spec(spec, overrides, "knn")
     from pathssl_cli.evaluate.knn import run_knn
 
     run_knn(loaded)
@@ -299,105 +261,10 @@ def subsample(spec: Path, overrides: tuple[str, ...]) -> None:
     \b
     Example:  pathssl subsample specs/subsample/crc_low_label.toml --set data.root=data/crc
     """
-    loaded = _load(spec, overrides, "subsample")
+    loaded = load_command_spec(spec, overrides, "subsample")
     from pathssl_cli.data.subsample import run_subsample
 
     run_subsample(loaded)
-
-
-# ------------------------------------------------------------------------------------------------ segment
-@cli.group()
-def segment() -> None:
-    """HoVer-Net nuclei instance segmentation on the registry's backbones, and its metrics."""
-
-
-@segment.command("train")
-@spec_argument
-def segment_train(spec: Path, overrides: tuple[str, ...]) -> None:
-    """Train HoVer-Net: frozen encoder, then the whole network.
-
-    \b
-    Example:  pathssl segment train specs/segment/consep_resnet50.toml --set data.root=data/consep
-    """
-    loaded = _load(spec, overrides, "segment")
-    from pathssl_cli.segment.train import run_segment_train
-
-    run_segment_train(loaded)
-
-
-@segment.command("eval")
-@spec_argument
-def segment_eval(spec: Path, overrides: tuple[str, ...]) -> None:
-    """Predict the evaluation split, post-process, and score (PQ, AJI, Dice; mPQ/bPQ on PanNuke).
-
-    \b
-    Example:  pathssl segment eval specs/segment/pannuke_resnet50.toml
-    """
-    loaded = _load(spec, overrides, "segment")
-    from pathssl_cli.segment.evaluate import run_segment_eval
-
-    run_segment_eval(loaded)
-
-
-@segment.command("predict")
-@spec_argument
-@click.option("--num-shards", type=click.IntRange(min=1), default=None,
-              help="Split the inputs into N disjoint parts (else SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE).")
-@click.option("--shard-index", type=click.IntRange(min=0), default=None, help="Which part this process predicts.")
-def segment_predict(spec: Path, overrides: tuple[str, ...], num_shards: int | None, shard_index: int | None) -> None:
-    """Segment nuclei in images or whole-slide regions with overlapping tiles and bounded memory.
-
-    \b
-    Example:  pathssl segment predict specs/segment/tiny.toml --set predict.inputs='["slide.svs"]'
-    """
-    from pathssl_cli.sharding import resolve_shard
-
-    resolve_shard(num_shards, shard_index)  # a bad split is exit 2 before the spec is even read
-    loaded = _load(spec, overrides, "segment")
-    from pathssl_cli.segment.predict import run_segment_predict
-
-    run_segment_predict(loaded, num_shards=num_shards, shard_index=shard_index)
-
-
-@segment.command("score")
-@click.option("--true", "true_path", required=True, type=click.Path(path_type=Path),
-              help="Ground-truth instance maps: a file or a folder.")
-@click.option("--pred", "pred_path", required=True, type=click.Path(path_type=Path),
-              help="Predicted instance maps: a file or a folder, paired with --true by file name.")
-@click.option("--format", "fmt", type=click.Choice(["auto", "generic", "consep", "pannuke"]), default="auto",
-              show_default=True, help="Layout of the maps.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (per_image and mean) instead of a table.")
-@click.option("--csv", "out_csv", type=click.Path(path_type=Path), default=None, help="Write per-image CSV here.")
-@click.option("--match-iou", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=0.5,
-              show_default=True, help="IoU above which a prediction matches a true instance (PQ).")
-def segment_score(true_path: Path, pred_path: Path, fmt: str, as_json: bool, out_csv: Path | None,
-                  match_iou: float) -> None:
-    """Score instance maps from any tool with Dice, AJI, AJI+, DQ, SQ, PQ (and mPQ/bPQ for PanNuke).
-
-    \b
-    Example:  pathssl segment score --true data/consep/Labels --pred runs/seg/pred --json
-    """
-    from pathssl_cli.segment.score import run_score
-
-    run_score(true_path, pred_path, fmt=fmt, as_json=as_json, out_csv=out_csv, match_iou=match_iou)
-
-
-@segment.command("folds")
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a markdown table.")
-def segment_folds(run_dirs: tuple[Path, ...], as_json: bool) -> None:
-    """PanNuke three-fold protocol: each rotation's scores and their mean ± std (from each run's metrics.json).
-
-    \b
-    Example:  pathssl segment folds runs/segment/pannuke_resnet50_fold1 runs/segment/pannuke_resnet50_fold2 \\
-                runs/segment/pannuke_resnet50_fold3
-    """
-    import json
-
-    from pathssl_cli.segment.folds import fold_summary, format_summary
-
-    summary = fold_summary(list(run_dirs))
-    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
 
 
 # --------------------------------------------------------------------------------------------------- study
@@ -420,7 +287,7 @@ def study(spec: Path, overrides: tuple[str, ...], dry_run: bool, index: int | No
     Example:  pathssl study specs/study/tiny.toml --dry-run
               pathssl study specs/study/paper_classification.toml --emit-slurm study.sbatch
     """
-    loaded = _load(spec, overrides, "study")
+    loaded = load_command_spec(spec, overrides, "study")
     from pathssl_cli.study import run_study
 
     code = run_study(loaded, dry_run=dry_run, index=index, emit_slurm=emit_slurm, report_only=report_only,
@@ -463,61 +330,8 @@ def demo(out: Path, method: str) -> None:
     run_demo(out, method=method)
 
 
-# -------------------------------------------------------------------------------------------- synthetic
-@cli.group()
-def synthetic() -> None:
-    """Synthetic H&E-like data with known truth, in official layouts: for trying pathssl and for CI."""
-
-
-@synthetic.command("slides")
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--count", type=click.IntRange(1, 100), default=2, show_default=True)
-@click.option("--size", type=click.IntRange(512, 200_000), default=4096, show_default=True, help="Side in px.")
-@click.option("--mpp", type=click.FloatRange(0.05, 10), default=0.25, show_default=True, help="µm/px of level 0.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--corrupt", is_flag=True, help="Also write a truncated slide, to exercise error handling.")
-def synthetic_slides(out: Path, count: int, size: int, mpp: float, seed: int, corrupt: bool) -> None:
-    """Pyramidal tiled-JPEG TIFF slides with MPP metadata.
-
-    \b
-    Example:  pathssl synthetic slides data/slides --count 4 --size 8192
-    """
-    from pathssl_cli.synthetic_sets import write_slides
-
-    for path in write_slides(out, count=count, size=size, mpp=mpp, seed=seed, corrupt=corrupt):
-        click.echo(path)
-
-
-@synthetic.command("tiles")
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--per-class", type=click.IntRange(1, 100_000), default=20, show_default=True)
-@click.option("--size", type=click.IntRange(16, 1024), default=64, show_default=True, help="Tile side in px.")
-@click.option("--seed", type=int, default=0, show_default=True)
-def synthetic_tiles(out: Path, per_class: int, size: int, seed: int) -> None:
-    """Labelled tissue tiles as an ImageFolder (train/val/test/<class>/*.png).
-
-    \b
-    Example:  pathssl synthetic tiles data/tiles --per-class 50 --size 96
-    """
-    from pathssl_cli.synthetic import write_image_folder
-
-    click.echo(write_image_folder(out, per_class, size, seed))
-
-
-@synthetic.command("nuclei")
-@click.argument("out", type=click.Path(path_type=Path))
-@click.option("--count", type=click.IntRange(1, 100_000), default=8, show_default=True)
-@click.option("--size", type=click.IntRange(32, 2048), default=128, show_default=True, help="Image side in px.")
-@click.option("--seed", type=int, default=0, show_default=True)
-def synthetic_nuclei(out: Path, count: int, size: int, seed: int) -> None:
-    """Nuclei images with instance and type labels in CoNSeP's layout (Images/*.png, Labels/*.mat).
-
-    \b
-    Example:  pathssl synthetic nuclei data/nuclei --count 16 --size 256
-    """
-    from pathssl_cli.synthetic_sets import write_consep_like
-
-    click.echo(write_consep_like(out, n_images=count, size=size, seed=seed))
+cli.add_command(segment)
+cli.add_command(synthetic)
 
 
 def main() -> None:

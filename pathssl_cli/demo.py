@@ -208,9 +208,10 @@ def segment(state: DemoState, backbone: Path) -> dict[str, Any]:
         "model": {"backbone": BACKBONE, "weights": rel(state, backbone), "mode": "same", "input_size": 64,
                   "decoder_width": 0.25, "encoder_stem": "stride4"},
         # stride4 stem and dihedral poses: HoVer-Net's full-resolution stem and affine augmentation cost ~5x per
-        # CPU step, more than a two-minute demo on synthetic nuclei can spend (specs/segment/ keep the published ones).
-        "train": {"augment": "dihedral", "phase1_epochs": 3, "phase2_epochs": 6, "batch_size": 8, "phase2_batch_size": 8, "lr": 2e-3,
-                  "lr_step_epochs": 6, "steps_per_epoch": 15, "workers": 0},
+        # CPU step, more than a two-minute demo on synthetic nuclei can spend (specs/segment/ keep the published
+        # ones).
+        "train": {"augment": "dihedral", "phase1_epochs": 3, "phase2_epochs": 6, "batch_size": 8,
+                  "phase2_batch_size": 8, "lr": 2e-3, "lr_step_epochs": 6, "steps_per_epoch": 15, "workers": 0},
         "predict": {"inputs": [rel(state, nuclei / "test" / "Images" / "*.png")]},
         "run": {"output_dir": rel(state, run_dir)},
     })

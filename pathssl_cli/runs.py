@@ -325,6 +325,8 @@ def _drop_new_defaults(old: dict[str, Any], new: dict[str, Any], model: Any) -> 
     after the run was written does not make it another run, while a value the user set still does."""
     from pydantic import BaseModel
 
+    from pathssl_cli.specs import without_none
+
     for key in [k for k in new if k not in old or isinstance(new[k], dict)]:
         field = type(model).model_fields.get(key) if isinstance(model, BaseModel) else None
         if key in old and isinstance(old[key], dict):
@@ -333,16 +335,8 @@ def _drop_new_defaults(old: dict[str, Any], new: dict[str, Any], model: Any) -> 
             default = field.get_default(call_default_factory=True)
             as_json = json.loads(json.dumps(default.model_dump(mode="json") if isinstance(default, BaseModel)
                                             else default, default=_json_default))
-            if _without_none(as_json) == new[key]:
+            if without_none(as_json) == new[key]:
                 del new[key]
-
-
-def _without_none(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_none(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_none(v) for v in value]
-    return value
 
 
 @dataclass(frozen=True)

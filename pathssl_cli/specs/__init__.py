@@ -128,18 +128,18 @@ def _kind_of(data: dict[str, Any], source: Path, kind: str | None) -> str:
     return found
 
 
-def _without_none(value: Any) -> Any:
+def without_none(value: Any) -> Any:
     # TOML has no null: an unset optional field is simply absent from the resolved spec.
     if isinstance(value, dict):
-        return {k: _without_none(v) for k, v in value.items() if v is not None}
+        return {k: without_none(v) for k, v in value.items() if v is not None}
     if isinstance(value, list):
-        return [_without_none(v) for v in value]
+        return [without_none(v) for v in value]
     return value
 
 
 def spec_to_toml(spec: SpecModel) -> str:
     """The resolved spec as TOML text: what `pathssl spec show` prints and every run saves as spec.toml."""
-    data = _without_none(spec.model_dump(mode="json"))
+    data = without_none(spec.model_dump(mode="json"))
     ordered = {"kind": data.pop("kind")} if "kind" in data else {}
     ordered.update(data)
     return tomli_w.dumps(ordered)

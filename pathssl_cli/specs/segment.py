@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from pathssl_cli.errors import Problem
 from pathssl_cli.specs.core import (
@@ -17,6 +17,7 @@ from pathssl_cli.specs.core import (
     SpecModel,
     WeightsRef,
 )
+from pathssl_cli.specs.tile import SlideReaderName
 
 
 class SegmentData(Section):
@@ -183,21 +184,12 @@ class SegmentPredict(Section):
         description="Slide region x, y, width, height in "
         "level-0 px; None = the whole image or slide level 0.",
     )
-    reader: Literal["auto", "tiffslide", "openslide", "dicom"] = Field(
+    reader: SlideReaderName = Field(
         default="auto",
         description="Slide library for slide inputs: 'auto' tries tiffslide, then OpenSlide (extra "
         "'openslide'), then wsidicom (extra 'dicom'); recorded in run.json.",
     )
 
-    @field_validator("reader")
-    @classmethod
-    def _reader_installed(cls, value: str) -> str:
-        from pathssl_cli.slides.readers import reader_problem
-
-        problem = reader_problem(value)
-        if problem:
-            raise ValueError(problem)
-        return value
     mpp: float | None = Field(
         default=None,
         gt=0,

@@ -22,9 +22,9 @@ import csv
 import glob
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
 from pathssl_cli.errors import Problem
 from pathssl_cli.specs.core import OutputPath, PathPattern, Section, SpecModel
@@ -32,6 +32,19 @@ from pathssl_cli.specs.core import OutputPath, PathPattern, Section, SpecModel
 # Nominal objective magnification → µm/px, the convention of Aperio/Leica scanners (40x ≈ 0.25 µm/px).
 MAGNIFICATION_MPP: dict[str, float] = {"80x": 0.125, "40x": 0.25, "20x": 0.5, "10x": 1.0, "5x": 2.0}
 
+
+
+def _slide_reader_installed(value: str) -> str:
+    from pathssl_cli.slides.readers import reader_problem
+
+    problem = reader_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+#: A slide library choice, refused at validation when its extra is not installed (tile and segment predict).
+SlideReaderName = Annotated[Literal["auto", "tiffslide", "openslide", "dicom"], AfterValidator(_slide_reader_installed)]
 
 class TileInput(Section):
     slides: list[PathPattern] = Field(
@@ -49,22 +62,13 @@ class TileInput(Section):
         "a slide "
         "is an error naming it: guessing a resolution silently would tile at the wrong field of view.",
     )
-    reader: Literal["auto", "tiffslide", "openslide", "dicom"] = Field(
+    reader: SlideReaderName = Field(
         default="auto",
         description="Slide library: 'auto' tries tiffslide, then OpenSlide (extra 'openslide': MIRAX, Leica, "
         "Ventana, Hamamatsu VMS, Philips), then wsidicom (extra 'dicom': DICOM-WSI folders). The reader used "
         "is recorded per slide, because readers may decode pixels slightly differently.",
     )
 
-    @field_validator("reader")
-    @classmethod
-    def _reader_installed(cls, value: str) -> str:
-        from pathssl_cli.slides.readers import reader_problem
-
-        problem = reader_problem(value)
-        if problem:
-            raise ValueError(problem)
-        return value
 
 
 class TileGrid(Section):
