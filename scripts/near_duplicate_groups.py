@@ -65,12 +65,12 @@ def _inliers(a: tuple[np.ndarray, np.ndarray | None], b: tuple[np.ndarray, np.nd
 
 def copy_groups(images: list[np.ndarray], candidates: int = 15, min_inliers: int = 12) -> list[int]:
     """Group index per image: images joined by a chain of rotated/flipped copies share an index."""
-    sift = cv2.SIFT_create(nfeatures=400)
+    sift = cv2.SIFT_create(nfeatures=400)  # type: ignore[attr-defined]
     matcher = cv2.BFMatcher()
 
     def keypoints(gray: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         found, desc = sift.detectAndCompute(gray, None)
-        return np.float32([k.pt for k in found]).reshape(-1, 2), desc
+        return np.array([k.pt for k in found], dtype=np.float32).reshape(-1, 2), desc
 
     grays = [cv2.cvtColor(image, cv2.COLOR_RGB2GRAY) for image in images]
     plain = [keypoints(g) for g in grays]
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             images.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
         groups = copy_groups(images, args.candidates, args.min_inliers)
-        first = {}
+        first: dict[int, str] = {}
         for file, group in zip(files, groups, strict=True):
             first.setdefault(group, file.name)
         sizes = np.bincount(np.unique(groups, return_inverse=True)[1])
