@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pathssl_cli.console import progress
+from pathssl_cli.console import info, progress, progress_enabled
 
 
 @dataclass(frozen=True)
@@ -192,6 +192,7 @@ def _train_probes(
     history: list[EvalPoint] = []
 
     order = torch.empty(s_count, 0, dtype=torch.long)
+    lines, next_line = not progress_enabled(), max(1, schedule.steps // 10)
     with progress(total=schedule.steps, desc=desc, unit="step") as bar:
         for step in range(schedule.steps):
             if order.shape[1] < batch:
@@ -229,6 +230,11 @@ def _train_probes(
                 train_loss = -picked.clamp_min(1e-12).log().mean().item()  # this step's, mean over heads
                 history.append(EvalPoint(step + 1, train_loss, score[back.to(device)].tolist()))
                 bar.set_postfix(val_best=f"{best_val.max().item():.4f}")
+                if lines and (step + 1 >= next_line or last):
+                    # Off a terminal the bar is silent: a log line per tenth of the sweep shows it advancing.
+                    info(f"{desc}: step {step + 1}/{schedule.steps}, best val {schedule.select_by} "
+                         f"{best_val.max().item():.4f}, train loss {train_loss:.4f}")
+                    next_line = step + 1 + max(1, schedule.steps // 10)
             bar.update(1)
     back = back.to(device)
     return ProbeResult(

@@ -423,6 +423,44 @@ def test_stratified_holdout_counts_and_order_independence() -> None:
     assert {ids[o] for o in order[held_shuffled]} == {ids[h] for h in held}
 
 
+def test_grouped_holdout_keeps_groups_whole() -> None:
+    # 3 classes; items come in groups of 1-4 copies (as LC25000's rotated copies of one original).
+    rng = np.random.default_rng(1)
+    sizes = rng.integers(1, 5, size=90)
+    groups = [f"g{g}" for g, n in enumerate(sizes) for _ in range(n)]
+    targets = np.array([g % 3 for g, n in enumerate(sizes) for _ in range(n)])
+    ids = [f"item{i:03d}" for i in range(len(groups))]
+    kept, held = stratified_holdout(ids, targets, list("abc"), 0.3, seed=0, salt="test", groups=groups)
+    assert sorted([*kept, *held]) == list(range(len(ids)))
+    assert not {groups[i] for i in kept} & {groups[i] for i in held}  # no group on both sides
+    for label in range(3):
+        n = int((targets == label).sum())
+        n_held = int((targets[held] == label).sum())
+        assert 0.3 * n <= n_held < 0.3 * n + 4  # groups are taken until the target; the last one overshoots
+    # The same groups are held out whatever the listing order.
+    order = rng.permutation(len(ids))
+    _, held2 = stratified_holdout([ids[o] for o in order], targets[order], list("abc"), 0.3, 0, "test",
+                                  groups=[groups[o] for o in order])
+    assert {ids[o] for o in order[held2]} == {ids[h] for h in held}
+
+
+def test_csv_group_column_keeps_copies_on_one_side(tmp_path: Path) -> None:
+    # 24 images in 8 groups of 3 (a group shares its label); every split must hold whole groups.
+    for i in range(24):
+        write_image(tmp_path / "img" / f"{i}.png", (i // 3) % 2)
+    lines = [f"img/{i}.png,{'yes' if (i // 3) % 2 else 'no'},orig{i // 3}" for i in range(24)]
+    lines[0] = "img/0.png,no,"  # an empty group cell: the row is its own group
+    (tmp_path / "g.csv").write_text("path,label,group\n" + "\n".join(lines) + "\n")
+    data = section("csv", tmp_path / "g.csv", test_fraction=0.25, val_fraction=0.25)
+    parts = {s: open_dataset(data, s) for s in ("train", "val", "test")}
+    group_of = {f"img/{i}.png": ("img/0.png" if i == 0 else f"orig{i // 3}") for i in range(24)}
+    sides = {s: {group_of[item] for item in ds.ids} for s, ds in parts.items()}
+    assert not sides["train"] & sides["test"] and not sides["val"] & sides["test"]
+    assert not sides["train"] & sides["val"]
+    assert sorted(item for ds in parts.values() for item in ds.ids) == sorted(group_of)
+    assert all(ds.class_counts()["no"] > 0 and ds.class_counts()["yes"] > 0 for ds in parts.values())
+
+
 def test_eval_transform_resize_crop_and_normalise() -> None:
     # 40×80 image: left quarter red, middle half grey, right quarter blue. Resizing the shorter side to 20
     # gives 20×40, and the centre crop keeps exactly the grey middle half.

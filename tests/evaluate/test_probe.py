@@ -153,3 +153,14 @@ def test_thread_setting_is_restored() -> None:
         ProbeSchedule(optimizer="sgd", steps=2, batch_size=8),
     )
     assert torch.get_num_threads() == before
+
+
+def test_sweep_prints_progress_lines_off_a_terminal(capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATHSSL_PROGRESS", "0")  # no bar: a line per tenth of the sweep instead
+    x, y = torch.randn(40, 4), torch.arange(40) % 2
+    schedule = ProbeSchedule(optimizer="sgd", steps=50, batch_size=8, eval_every=1)
+    train_probes(x, y, x, y, 2, [HeadConfig(0.1, 0.0, 0)], schedule, desc="sweep")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("sweep: step")]
+    assert [line.split()[2] for line in lines] == [f"{s}/50," for s in range(5, 51, 5)]
+    assert all("best val top1" in line for line in lines)

@@ -37,7 +37,9 @@ class ClassificationDataset(torch.utils.data.Dataset, abc.ABC):
     ids (a path relative to the dataset root, or ``"idx:<row>"`` for array datasets) that subset files refer
     to. `transform` (set by the caller) maps the uint8 HxWx3 image to the tensor `__getitem__` returns;
     without one, `__getitem__` returns the CHW uint8 tensor. Subclasses implement `_load(row)` for their
-    own storage.
+    own storage. `groups` (optional, one per item) names what items share (a patient, a slide, the source
+    image of augmented copies): every hold-out keeps a group on one side, so near-copies never straddle
+    train and test.
     """
 
     def __init__(self, name: str, split: Split, classes: Sequence[str], targets: Sequence[int] | np.ndarray,
@@ -53,6 +55,7 @@ class ClassificationDataset(torch.utils.data.Dataset, abc.ABC):
         # The official training partition this split and its val split were carved from (`carve_val`), so
         # that a protocol fitting nothing on val (kNN) can use all of it; None for an official split.
         self.carved_from: ClassificationDataset | None = None
+        self.groups: list[str] | None = None
         if len(self.targets) != len(self.ids):
             raise ValueError(f"{len(self.targets)} targets for {len(self.ids)} ids")
 
@@ -80,6 +83,8 @@ class ClassificationDataset(torch.utils.data.Dataset, abc.ABC):
         view._rows = self._rows[positions]
         view.targets = self.targets[positions]
         view.ids = [self.ids[p] for p in positions]
+        if self.groups is not None:
+            view.groups = [self.groups[p] for p in positions]
         return view
 
     def class_counts(self) -> dict[str, int]:
@@ -237,14 +242,19 @@ def class_permutation(ids: Sequence[str], seed: int, class_name: str, salt: str)
 
 
 def stratified_holdout(ids: Sequence[str], targets: np.ndarray, classes: Sequence[str], fraction: float,
-                       seed: int, salt: str) -> tuple[np.ndarray, np.ndarray]:
+                       seed: int, salt: str, groups: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Split positions into (kept, held out), holding out `fraction` of every class.
 
     Per class with n items, round(fraction * n) items are held out, clipped to [1, n - 1] so that both sides
     keep every class that has at least two items (a class with one item stays on the kept side).
-    Both outputs are sorted positions.
+    With `groups` (one name per item), whole groups are held out: the groups of a class in a seeded order
+    until the class's target is reached (at least one group per class stays kept), so the counts are
+    approximate; a group whose items span classes goes by its first item's class. Both outputs are sorted
+    positions.
     """
     targets = np.asarray(targets)
+    if groups is not None:
+        return _grouped_holdout(ids, targets, classes, fraction, seed, salt, list(groups))
     kept: list[np.ndarray] = []
     held: list[np.ndarray] = []
     for index, name in enumerate(classes):
@@ -257,9 +267,33 @@ def stratified_holdout(ids: Sequence[str], targets: np.ndarray, classes: Sequenc
     return np.sort(np.concatenate(kept)), np.sort(np.concatenate(held))
 
 
+def _grouped_holdout(ids: Sequence[str], targets: np.ndarray, classes: Sequence[str], fraction: float,
+                     seed: int, salt: str, groups: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    if len(groups) != len(ids):
+        raise ValueError(f"{len(groups)} groups for {len(ids)} items")
+    members: dict[str, list[int]] = {}
+    for position, group in enumerate(groups):
+        members.setdefault(group, []).append(position)
+    held_mask = np.zeros(len(ids), dtype=bool)
+    for index, name in enumerate(classes):
+        names = [g for g, items in members.items() if targets[items[0]] == index]
+        n = sum(len(members[g]) for g in names)
+        if len(names) < 2:
+            continue  # one group: it stays on the kept side, as a class with one item does
+        target = max(int(np.floor(fraction * n + 0.5)), 1)
+        held = 0
+        for position in class_permutation(names, seed, name, salt)[:-1]:  # the last group always stays kept
+            if held >= target:
+                break
+            held_mask[members[names[int(position)]]] = True
+            held += len(members[names[int(position)]])
+    return np.flatnonzero(~held_mask), np.flatnonzero(held_mask)
+
+
 def carve_val(pool: ClassificationDataset, split: Split, fraction: float, seed: int) -> ClassificationDataset:
     """The `split` part ("train" = the rest, "val" = held out) of a seeded stratified val split of `pool`."""
-    kept, held = stratified_holdout(pool.ids, pool.targets, pool.classes, fraction, seed, salt="val")
+    kept, held = stratified_holdout(pool.ids, pool.targets, pool.classes, fraction, seed, salt="val",
+                                    groups=pool.groups)
     if split == "val" and len(held) == 0:
         raise SpecError(f"{pool.name}: no class has two or more training items, so no validation split can "
                         f"be held out of the {len(pool)} training items. Add data, or give an explicit val "

@@ -1,14 +1,19 @@
-"""Any dataset listed in a CSV file: one row per image, columns `path`, `label` and optionally `split`.
+"""Any dataset listed in a CSV file: one row per image, columns `path`, `label`, optionally `split` and `group`.
 
-    path,label,split
-    images/a.png,tumour,train
-    /data/b.tif,stroma,test
+    path,label,split,group
+    images/a.png,tumour,train,patient7
+    /data/b.tif,stroma,test,patient9
 
 `data.root` is the CSV file; relative paths are relative to its folder. Labels are class names (any text);
 classes are all labels in sorted order. `split` is train, val or test. Without a `split` column, the rows are
 split like BACH: a seeded class-stratified `data.test_fraction` for test, then `data.val_fraction` of the rest
 for val. With a split column but no val rows, val is a stratified `data.val_fraction` of the train rows. Item
 ids are the `path` cells as written.
+
+`group` (optional) names what rows share: a patient, a slide, or the source image of augmented copies
+(LC25000's tiles are rotated and flipped copies of fewer originals). Every hold-out made here (test, val)
+keeps each group whole on one side, so a copy of a training image is never scored as unseen; an empty cell
+makes the row its own group. An explicit `split` column is taken as written.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from pathssl_cli.errors import SpecError
 if TYPE_CHECKING:
     from pathssl_cli.specs.data import DataSection
 
-FIX = "The CSV needs a header row 'path,label' (and optionally ',split' with train/val/test)."
+FIX = ("The CSV needs a header row 'path,label' (and optionally ',split' with train/val/test and ',group' "
+       "naming the patient/slide/source image).")
 
 
 class CsvDataset(ImageFileDataset):
@@ -41,6 +47,8 @@ class CsvDataset(ImageFileDataset):
         files = [resolve(root, r["path"]) for r in rows]
         super().__init__("csv", split, root, classes, files, [classes.index(r["label"]) for r in rows])
         self.ids = [r["path"] for r in rows]
+        if rows and "group" in rows[0]:
+            self.groups = [r["group"] or f"path:{r['path']}" for r in rows]
 
 
 def resolve(folder: Path, cell: str) -> Path:
@@ -87,7 +95,7 @@ def open_csv(data: DataSection, split: Split) -> ClassificationDataset:
     if "split" not in rows[0]:
         pool = CsvDataset(split, table.parent, classes, rows)
         rest, test = stratified_holdout(pool.ids, pool.targets, classes, data.test_fraction, data.split_seed,
-                                        salt="csv-test")
+                                        salt="csv-test", groups=pool.groups)
         if split == "test":
             return pool.select(test)
         return carve_val(pool.select(rest), split, data.val_fraction, data.split_seed)
