@@ -81,8 +81,8 @@ def test_segment_predict_takes_its_slurm_part(tmp_path: Path, monkeypatch: pytes
 
     def fake_segment(model_, reader, out_dir, name, **kwargs):  # the split, not the network, is under test
         seen.append(name)
-        return SimpleNamespace(count=1, inst_map=out_dir / name, instances=out_dir / name, geojson=out_dir / name,
-                               overlay=None)
+        return predict.PredictOutputs(inst_map=out_dir / name, instances=out_dir / name, geojson=out_dir / name,
+                                      overlay=None, count=1)
 
     monkeypatch.setattr(train, "default_model_path", lambda spec: model)
     monkeypatch.setattr(train, "load_model", lambda path, device: SimpleNamespace(
