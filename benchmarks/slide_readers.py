@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "slides")]
 
-from dicom_writer import write_dicom_wsi  # noqa: E402
+from dicom_writer import decoded_frames, write_dicom_wsi  # noqa: E402
 
 from pathssl_cli.slides import open_slide  # noqa: E402
 from pathssl_cli.slides.info import slide_info  # noqa: E402
@@ -37,21 +37,6 @@ def whole(slide, level: int) -> np.ndarray:
 def diff(a: np.ndarray, b: np.ndarray) -> str:
     d = np.abs(a.astype(np.int16) - b.astype(np.int16))
     return f"max {d.max():3d}  mean {d.mean():.3f}  differing {100 * (d > 0).mean():.2f}%"
-
-
-def frames(path: Path) -> np.ndarray:
-    import imagecodecs
-    import pydicom
-    from pydicom.encaps import generate_frames
-
-    ds = pydicom.dcmread(path)
-    w, h, t = ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows, ds.Columns
-    cols = -(-w // t)
-    out = np.zeros((-(-h // t) * t, cols * t, 3), np.uint8)
-    for i, f in enumerate(generate_frames(ds.PixelData, number_of_frames=ds.NumberOfFrames)):
-        r, c = divmod(i, cols)
-        out[r * t : (r + 1) * t, c * t : (c + 1) * t] = imagecodecs.jpeg8_decode(f)
-    return out[:h, :w]
 
 
 def main() -> None:
@@ -74,7 +59,7 @@ def main() -> None:
         print("== DICOM-WSI converted from", samples[0].name)
         dcm, osl = open_slide(folder, "dicom"), open_slide(folder / "level0.dcm", "openslide")
         for level in (0, 1):
-            exact = frames(folder / f"level{level}.dcm")
+            exact = decoded_frames(folder / f"level{level}.dcm")
             print(f"level {level}: wsidicom vs frames {diff(whole(dcm, level), exact)}; "
                   f"openslide vs frames {diff(whole(osl, level), exact)}")
         print(f"level 0 vs the source pixels (the JPEG re-encode): {diff(whole(dcm, 0), source)}")

@@ -91,3 +91,18 @@ def write_dicom_wsi(rgb: np.ndarray, mpp: float | None, out_dir: Path, *, tile: 
         paths.append(path)
         image = cv2.resize(image, (max(width // 2, 1), max(height // 2, 1)), interpolation=cv2.INTER_AREA)
     return paths
+
+
+def decoded_frames(path: Path) -> np.ndarray:
+    """The level a DICOM file holds, decoded frame by frame with libjpeg-turbo: the exact reference."""
+    import pydicom
+    from pydicom.encaps import generate_frames
+
+    ds = pydicom.dcmread(path)
+    width, height, tile = ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows, ds.Columns
+    cols = -(-width // tile)
+    out = np.zeros((-(-height // tile) * tile, cols * tile, 3), np.uint8)
+    for i, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=ds.NumberOfFrames)):
+        row, col = divmod(i, cols)
+        out[row * tile : (row + 1) * tile, col * tile : (col + 1) * tile] = imagecodecs.jpeg8_decode(frame)
+    return out[:height, :width]

@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import imagecodecs
 import numpy as np
 import pytest
 
@@ -19,7 +18,7 @@ from pathssl_cli.tiling.slide import LevelReader, slide_mpp
 from pathssl_cli.tiling.tiler import run_tile
 
 sys.path.insert(0, str(Path(__file__).parent))
-from dicom_writer import write_dicom_wsi
+from dicom_writer import decoded_frames, write_dicom_wsi
 
 SAMPLES = ["CMU-1-Small-Region.svs", "CMU-1-Small-Region-pyramid.ome.tif"]
 
@@ -47,21 +46,6 @@ def dicom_dir(svs_crop: np.ndarray, tmp_path_factory: pytest.TempPathFactory) ->
     folder = tmp_path_factory.mktemp("dicom") / "slide"
     write_dicom_wsi(svs_crop, 0.499, folder, tile=256, levels=2)
     return folder
-
-
-def decoded_frames(path: Path) -> np.ndarray:
-    """The level a DICOM file holds, decoded frame by frame with libjpeg-turbo: the exact reference."""
-    import pydicom
-    from pydicom.encaps import generate_frames
-
-    ds = pydicom.dcmread(path)
-    width, height, tile = ds.TotalPixelMatrixColumns, ds.TotalPixelMatrixRows, ds.Columns
-    cols = -(-width // tile)
-    out = np.zeros((-(-height // tile) * tile, cols * tile, 3), np.uint8)
-    for i, frame in enumerate(generate_frames(ds.PixelData, number_of_frames=ds.NumberOfFrames)):
-        row, col = divmod(i, cols)
-        out[row * tile : (row + 1) * tile, col * tile : (col + 1) * tile] = imagecodecs.jpeg8_decode(frame)
-    return out[:height, :width]
 
 
 @pytest.mark.parametrize("name", SAMPLES)
