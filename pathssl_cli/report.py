@@ -196,6 +196,16 @@ def csv_text(table: dict[tuple[str, str, str], dict[str, Cell]], columns: list[s
     return buffer.getvalue()
 
 
+def _grouped_bars(ax: Any, series: dict[str, dict[str, Cell]], columns: list[str]) -> None:
+    """One bar per (series, column), side by side within a column: mean in %, std as the error bar."""
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(columns))
+    for i, (label, cells) in enumerate(series.items()):
+        means = [100 * cells[c].mean if c in cells else np.nan for c in columns]
+        stds = [100 * cells[c].std if c in cells else 0.0 for c in columns]
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=label)
+
+
 def bar_chart(
     table: dict[tuple[str, str, str], dict[str, Cell]], columns: list[str], metric: str, path: Path
 ) -> None:
@@ -204,17 +214,9 @@ def bar_chart(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted(table)
-    width = 0.8 / max(1, len(rows))
-    x = np.arange(len(columns))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(columns) + 2), 4.5))
-    for i, key in enumerate(rows):
-        means = [100 * table[key][c].mean if c in table[key] else np.nan for c in columns]
-        stds = [100 * table[key][c].std if c in table[key] else 0.0 for c in columns]
-        ax.bar(
-            x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=" + ".join(key)
-        )
-    ax.set_xticks(x, columns, rotation=30, ha="right")
+    _grouped_bars(ax, {" + ".join(key): table[key] for key in sorted(table)}, columns)
+    ax.set_xticks(np.arange(len(columns)), columns, rotation=30, ha="right")
     ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, loc="lower right")
@@ -316,14 +318,8 @@ def _study_chart(tables: dict[tuple[str, str], dict[str, dict[str, Cell]]], rows
                              squeeze=False)
     for ax, (protocol, (metric, table)) in zip(axes[:, 0], firsts.items(), strict=True):
         cols = [c for c in columns if any(c in table[r] for r in table)]
-        present = [r for r in rows if r in table]
-        width = 0.8 / max(1, len(present))
-        x = np.arange(len(cols))
-        for i, row in enumerate(present):
-            means = [100 * table[row][c].mean if c in table[row] else np.nan for c in cols]
-            stds = [100 * table[row][c].std if c in table[row] else 0.0 for c in cols]
-            ax.bar(x + (i - (len(present) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=row)
-        ax.set_xticks(x, cols, rotation=20, ha="right", fontsize=7)
+        _grouped_bars(ax, {r: table[r] for r in rows if r in table}, cols)
+        ax.set_xticks(np.arange(len(cols)), cols, rotation=20, ha="right", fontsize=7)
         ax.set_ylabel(f"{protocol}: {METRIC_LABELS.get(metric, metric)} (%)")
         ax.set_ylim(0, 100)
         ax.legend(fontsize=7, loc="lower right")
