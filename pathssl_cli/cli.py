@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from pathssl_cli import __version__
-from pathssl_cli.cli_common import SET_HELP, PathsslGroup, load_command_spec, spec_argument
+from pathssl_cli.cli_common import SET_HELP, PathsslGroup, limit_cpu_threads, load_command_spec, spec_argument
 from pathssl_cli.cli_segment import segment
 from pathssl_cli.cli_synthetic import synthetic
 
@@ -22,7 +22,10 @@ from pathssl_cli.cli_synthetic import synthetic
 @click.option("--force", is_flag=True,
               help="A run directory that holds a run of a different spec is moved aside (<dir>.replaced-<time>) "
                    "and a new run starts, instead of being refused.")
-def cli(force: bool) -> None:
+@click.option("--threads", type=click.IntRange(min=1), envvar="PATHSSL_THREADS", show_envvar=True,
+              help="CPU threads for torch and OpenCV in this process (default: one per core). Use 1 on a machine "
+                   "shared with other jobs: oversubscribed threads can make CPU training 10x slower.")
+def cli(force: bool, threads: int | None) -> None:
     """Self-supervised learning on pathology images: slides → tiles → pretrained backbones → benchmark tables.
 
     \b
@@ -33,6 +36,8 @@ def cli(force: bool) -> None:
         from pathssl_cli.runs import FORCE_REPLACE
 
         FORCE_REPLACE.set(True)
+    if threads is not None:
+        limit_cpu_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------------- spec
