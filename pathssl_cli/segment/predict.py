@@ -387,8 +387,10 @@ def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None,
             if all(f.exists() for f in done[:3]):
                 info(f"{path}: outputs exist, skipped (delete them to predict again)")
                 continue
+            opened: ImageReader | SlideReader | None = None
             try:
-                reader: ImageReader | SlideReader | MppSlideReader = open_reader(path, p.region, p.reader)
+                reader: ImageReader | SlideReader | MppSlideReader
+                opened = reader = open_reader(path, p.region, p.reader)
                 slide_kwargs: dict[str, Any] = {}
                 figures: dict[str, Any] = {}
                 if isinstance(reader, SlideReader):
@@ -410,6 +412,9 @@ def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None,
             except (PathsslError, OSError, ValueError) as exc:  # one bad input must not stop the others
                 failed.append(f"{path}: {exc}")
                 continue
+            finally:  # one job predicts many slides: file handles must not wait for the GC
+                if opened is not None:
+                    opened.close()
             figures.update(nuclei=outputs.count, seconds=seconds, chunks=outputs.chunks,
                            chunks_skipped=outputs.skipped)
             if figures.get("tissue_mm2"):

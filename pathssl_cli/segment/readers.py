@@ -23,6 +23,9 @@ class ImageReader:
     def open(cls, path: Path) -> ImageReader:
         return cls(read_image(path))
 
+    def close(self) -> None:
+        """Nothing to release: the image lives in memory (the same interface as `SlideReader.close`)."""
+
     def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
         return _pad_to(self.image, top, left, height, width, reflect=True)
 
@@ -46,6 +49,9 @@ class SlideReader:
                 where=str(path),
             )
         self.x0, self.y0, self.width, self.height = x, y, w, h
+
+    def close(self) -> None:
+        self.slide.close()
 
     def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
         t, l_ = max(top, 0), max(left, 0)

@@ -258,6 +258,7 @@ def _tile_locked(path: Path, csv_mpp: float | None, settings: TileSettings, sid:
     started = time.perf_counter()
     store.discard_incomplete(settings.store_dir, sid)
     writer = store.SlideShardWriter(settings.store_dir, sid, settings.tiles_per_shard)
+    slide = None
     try:
         slide = open_slide(path, settings.reader)
         result.reader = f"{slide.reader_name} {slide.reader_version}"
@@ -287,6 +288,9 @@ def _tile_locked(path: Path, csv_mpp: float | None, settings: TileSettings, sid:
     except Exception as exc:  # a worker must report, not die: one odd slide never stops the others
         writer.abort()
         result.status, result.error = "failed", f"{type(exc).__name__}: {exc}".splitlines()[0]
+    finally:
+        if slide is not None:  # a worker tiles thousands of slides: file handles must not wait for the GC
+            slide.close()
     result.seconds = time.perf_counter() - started
     return result
 

@@ -335,3 +335,34 @@ def test_cli_shard_arguments(tmp_path: Path, second_slide, slide_without_mpp) ->
     assert ok.exit_code == 0, ok.output
     summary = json.loads((tmp_path / "store" / "summary-1-of-2.json").read_text())
     assert summary["slides"] == 1 and summary["part"] == {"index": 1, "count": 2}
+
+
+def test_every_opened_slide_is_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, second_slide,
+                                      slide_without_mpp) -> None:
+    """A tiling worker goes through thousands of slides: each is closed when done, tiled or failed (the no-MPP
+    slide fails after it was opened), instead of holding its file handle until garbage collection."""
+    from pathssl_cli.tiling import tiler
+
+    real_open = tiler.open_slide
+    opened: list[str] = []
+    closed: list[str] = []
+
+    def recording_open(path: Path, reader: str = "auto") -> object:
+        slide = real_open(path, reader)
+        real_close = slide.close
+
+        def close() -> None:
+            closed.append(Path(path).name)
+            real_close()
+
+        slide.close = close
+        opened.append(Path(path).name)
+        return slide
+
+    monkeypatch.setattr(tiler, "open_slide", recording_open)
+    slides = [str(second_slide.path), str(slide_without_mpp.path)]
+    spec = load_spec(write_spec(tmp_path, slides, tmp_path / "store", run={"allow_failures": True}))
+    summary = run_tile(spec)
+    assert summary["done"] == 1 and summary["failed"] == 1
+    assert sorted(opened) == ["nompp.tif", "syn2.tif"]
+    assert sorted(closed) == sorted(opened)
