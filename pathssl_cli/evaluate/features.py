@@ -47,7 +47,8 @@ class FeatureRecipe:
     - "stages": the global average of every feature map of `Backbone.forward_maps` (the 4 ResNet stages, or a
       ViT's `vit_map_blocks`), concatenated: a linear probe on every depth at once. Early stages carry
       texture and colour statistics that the last stage of a small or briefly trained network has not yet
-      turned into class evidence (resnet_tiny: 32 + 48 + 192 + 96 = 368-d).
+      turned into class evidence (resnet_tiny: 32 + 48 + 192 + 96 = 368-d). Measured on the LC25000 hold-out
+      (specs/evaluate/cpu_real_linear.toml): no better than "pooled" there, for random and pre-trained weights.
     """
 
     kind: Literal["pooled", "vit_blocks", "stages"] = "pooled"
