@@ -30,7 +30,7 @@ from pathssl_cli.augment.stain import StainStats, fit_stain_stats
 from pathssl_cli.augment.views import BatchViews
 from pathssl_cli.backbones import create_backbone, export_backbone
 from pathssl_cli.console import info, progress
-from pathssl_cli.data.tiles import TileStream, sample_images
+from pathssl_cli.data.tiles import TileStream, first_tile_side, sample_images
 from pathssl_cli.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -228,9 +228,10 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------------- helpers
 def _open_stream(spec: PretrainSpec, rank: int, world: int, local_batch: int) -> TileStream:
-    """This rank's tile stream; tiles are kept at their stored side (the views crop and resize them)."""
+    """This rank's tile stream; every tile is brought to `data.tile_size` (unset: the first source's first
+    tile's side) before the views crop and resize it."""
     try:
-        tile_side = min(sample_images(spec.data.tiles, 1, spec.run.seed)[0].shape[:2])
+        tile_side = spec.data.tile_size or first_tile_side(spec.data.tiles)
         return TileStream(list(spec.data.tiles), image_size=int(tile_side),
                           mpp_weights={float(k): v for k, v in spec.data.mpp_weights.items()} or None,
                           seed=spec.run.seed, shuffle_buffer=spec.data.shuffle_buffer, rank=rank,

@@ -54,7 +54,7 @@ from pathssl_cli.data.tile_index import (
     release_freed_memory,
 )
 
-__all__ = ["IMAGE_SUFFIXES", "TileRef", "TileStream", "decode", "sample_images"]
+__all__ = ["IMAGE_SUFFIXES", "TileRef", "TileStream", "decode", "first_tile_side", "sample_images"]
 _SHUFFLE_CHUNK = 65536  # items per Python-list chunk of the shuffle buffer: fast loop, bounded extra memory
 
 
@@ -299,5 +299,20 @@ def sample_images(sources: Sequence[Path], n: int, seed: int) -> list[np.ndarray
     reader = TileReader(index)
     try:
         return [load_tile(index, int(i), reader) for i in chosen]
+    finally:
+        reader.close()
+
+
+def first_tile_side(sources: Sequence[Path]) -> int:
+    """The side (px, the shorter one) of the first tile of the first source in stored order.
+
+    Independent of any seed: `open_sources` orders tiles by source as given, then shard and offset, or path.
+    """
+    index = open_sources([Path(s) for s in sources])
+    if len(index) == 0:
+        raise ValueError(f"{sources[0]}: no tiles")
+    reader = TileReader(index)
+    try:
+        return int(min(load_tile(index, 0, reader).shape[:2]))
     finally:
         reader.close()

@@ -44,26 +44,36 @@ class FeatureRecipe:
       mean of the last block's normed patch tokens. DINO uses n = 4 without pooling for ViT-S, n = 1 with
       pooling for ViT-B. Its code interleaves CLS and mean entries ([c0, m0, c1, m1, ...]); here they are
       concatenated ([c..., m...]), the same features in another order, which a linear layer does not see.
+    - "stages": the global average of every feature map of `Backbone.forward_maps` (the 4 ResNet stages, or a
+      ViT's `vit_map_blocks`), concatenated: a linear probe on every depth at once. Early stages carry
+      texture and colour statistics that the last stage of a small or briefly trained network has not yet
+      turned into class evidence (resnet_tiny: 32 + 48 + 192 + 96 = 368-d). Measured on the LC25000 hold-out
+      (specs/evaluate/cpu_real_linear.toml): no better than "pooled" there, for random and pre-trained weights.
     """
 
-    kind: Literal["pooled", "vit_blocks"] = "pooled"
+    kind: Literal["pooled", "vit_blocks", "stages"] = "pooled"
     n_last_blocks: int = 1
     avgpool_patchtokens: bool = False
 
     def describe(self) -> str:
-        if self.kind == "pooled":
-            return json.dumps({"kind": "pooled"})
+        if self.kind in ("pooled", "stages"):
+            return json.dumps({"kind": self.kind})
         return json.dumps({"kind": self.kind, "n_last_blocks": self.n_last_blocks,
                            "avgpool_patchtokens": self.avgpool_patchtokens})
 
 
 POOLED = FeatureRecipe()
+STAGES = FeatureRecipe("stages")
 
 
 def recipe_features(backbone: torch.nn.Module, images: torch.Tensor, recipe: FeatureRecipe) -> torch.Tensor:
-    """Features (B, D') of `images` by `recipe`; D' = D for "pooled", D · (n + avgpool) for "vit_blocks"."""
+    """Features (B, D') of `images` by `recipe`; D' = D for "pooled", D · (n + avgpool) for "vit_blocks", the
+    sum of the maps' channels for "stages"."""
     if recipe.kind == "pooled":
         return backbone(images)
+    if recipe.kind == "stages":
+        maps: list[torch.Tensor] = backbone.forward_maps(images)  # type: ignore[operator]
+        return torch.cat([m.float().mean(dim=(2, 3)) for m in maps], dim=1)
     timm_model: Any = backbone.timm_model
     outputs = timm_model.forward_intermediates(images, indices=recipe.n_last_blocks, norm=True,
                                                return_prefix_tokens=True, output_fmt="NLC",

@@ -57,7 +57,7 @@ from pathssl_cli.console import info
 from pathssl_cli.distributed import resolve_device
 from pathssl_cli.errors import SpecError
 from pathssl_cli.evaluate.common import frozen_features, write_outputs
-from pathssl_cli.evaluate.features import POOLED, FeatureRecipe
+from pathssl_cli.evaluate.features import POOLED, STAGES, FeatureRecipe
 from pathssl_cli.evaluate.metrics import classification_metrics
 from pathssl_cli.evaluate.probe import HeadConfig, ProbeSchedule, steps_for_epochs, train_probes
 from pathssl_cli.runs import claim_run_dir, open_run
@@ -126,8 +126,11 @@ PRESET_RECIPES: dict[str, Literal["pooled", "dino"]] = {"paper": "dino", "eva": 
 
 def resolve_recipe(features: LinearFeatures, preset: str, backbone: Backbone) -> FeatureRecipe:
     """The recipe for `backbone`: 'dino' takes the last blocks' CLS tokens of a ViT and the average pool of a
-    CNN (dino eval_linear.py does the same for torchvision models); 'pooled' the backbone's pooled output."""
+    CNN (dino eval_linear.py does the same for torchvision models); 'pooled' the backbone's pooled output;
+    'stages' the average of every feature map (any family)."""
     choice = PRESET_RECIPES[preset] if features.recipe == "preset" else features.recipe
+    if choice == "stages":
+        return STAGES
     if choice == "pooled" or backbone.info.family != "vit":
         return POOLED
     depth = len(getattr(backbone.timm_model, "blocks", ()))

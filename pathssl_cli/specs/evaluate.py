@@ -133,12 +133,14 @@ class LinearOptim(Section):
 class LinearFeatures(Section):
     """The feature recipe: which outputs of the frozen backbone the linear head sees (part of the cache key)."""
 
-    recipe: Literal["preset", "pooled", "dino"] = Field(
+    recipe: Literal["preset", "pooled", "dino", "stages"] = Field(
         default="preset",
         description="'preset' = the optim.preset's protocol ('paper': 'dino', each family's official recipe; "
         "'eva': 'pooled'); 'pooled' = the backbone's pooled output (CNN global average pool, ViT final-norm "
         "CLS; eva); 'dino' = dino eval_linear.py: ViTs concatenate the CLS tokens of the last n_last_blocks "
-        "blocks (+ mean patch token), CNNs use the average pool as dino does for torchvision models.",
+        "blocks (+ mean patch token), CNNs use the average pool as dino does for torchvision models; 'stages' = "
+        "the global average of every stage's feature map (ResNet stages 1-4, a ViT's map blocks), concatenated: "
+        "early-stage texture and colour statistics for small CPU backbones (resnet_tiny: 368-d, not 96).",
     )
     n_last_blocks: int = Field(
         default=4, ge=1,

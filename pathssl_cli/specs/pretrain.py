@@ -36,6 +36,12 @@ class PretrainData(Section):
         default_factory=dict, description="Fields of view to mix, as {\"mpp\" = weight}, e.g. {\"0.25\" = 1, "
         "\"0.5\" = 1} (µm/px of the store's levels → relative sampling weight); empty = every level, in "
         "proportion to its tile count. Kang et al.'s multi-FoV technique.")
+    tile_size: int | None = Field(
+        None, ge=8, description="Side (px) every tile is resized to (bilinear, antialiased; a non-square tile "
+        "gives its central square first) before the views are cut from it. Set it when sources of different "
+        "sides are mixed (224 px LC25000/NCT tiles, 256 px CoNSeP tiles): each source is then rescaled by a "
+        "known factor. Unset = the side of the first tile of the first source in `tiles` (stored order, not "
+        "seeded), which keeps a single source at its own side.")
     shuffle_buffer: int = Field(
         10_000, ge=1, description="Tiles held in the streaming shuffle buffer (tiles); larger mixes better "
                                   "but costs memory (~150 kB per 224 px tile).")

@@ -12,7 +12,7 @@ import pathssl_cli.evaluate.features as features_module
 from pathssl_cli.backbones import create_backbone
 from pathssl_cli.errors import SpecError
 from pathssl_cli.evaluate.common import frozen_features
-from pathssl_cli.evaluate.features import POOLED, FeatureRecipe, recipe_features
+from pathssl_cli.evaluate.features import POOLED, STAGES, FeatureRecipe, recipe_features
 from pathssl_cli.evaluate.linear import resolve_recipe, run_linear
 from pathssl_cli.specs import load_spec
 from pathssl_cli.specs.evaluate import LinearFeatures
@@ -115,3 +115,19 @@ def test_teacher_and_student_of_one_checkpoint_are_two_cache_entries(tiny_folder
                               need_val=False)
     assert not student.features["train"].cache_hit
     assert not torch.allclose(student.features["train"].features, teacher.features["train"].features)
+
+
+def test_stages_recipe_concatenates_every_stages_average_pool() -> None:
+    """'stages': the global average of each ResNet stage, in order; the last one is the pooled output."""
+    torch.manual_seed(0)
+    cnn = create_backbone("resnet_tiny", img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ours = recipe_features(cnn, x, STAGES)
+        maps = cnn.forward_maps(x)
+        pooled = recipe_features(cnn, x, POOLED)
+    assert ours.shape == (2, sum(m.shape[1] for m in maps)) and len(maps) == 4
+    torch.testing.assert_close(ours, torch.cat([m.mean(dim=(2, 3)) for m in maps], dim=1))
+    torch.testing.assert_close(ours[:, -cnn.feature_dim:], pooled, rtol=1e-5, atol=1e-5)
+    assert resolve_recipe(LinearFeatures(recipe="stages"), "paper", cnn) == STAGES
+    assert STAGES.describe() != POOLED.describe()  # its own feature-cache entry
