@@ -1,7 +1,8 @@
 """torchrun environment → process group, and the collectives SSL losses need.
 
-Gathers that feed a loss must keep gradients (`torch.distributed.nn.all_gather`): a raw `all_gather` silently
-drops the gradient of the other ranks' samples, which changes the loss gradient (lightly found this the hard way).
+Gathers that feed a loss must keep gradients (`gather_with_grad`, `all_reduce_sum_with_grad`): a raw
+`all_gather` silently drops the gradient of the other ranks' samples, which changes the loss gradient (lightly
+found this the hard way).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import datetime as dt
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -102,13 +103,48 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient of the gathered tensor and keeps this rank's slice
+    (SimCLR's and solo-learn's GatherLayer). Only all_gather and all_reduce, which every backend has: torch's
+    `torch.distributed.nn` version (deprecated) emulates gloo's missing reduce-scatter with chains of scatters,
+    and 2-process gloo runs using it aborted at exit in 4 of 10 tries ("terminate called without an active
+    exception")."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[dist.get_rank()]
+
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """Sum over ranks; every rank's loss depends on every input, so the gradient is the sum over ranks too."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from every rank along dim 0, keeping the gradient path to every rank's input."""
     if not is_distributed():
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    gathered: torch.Tensor = _GatherWithGrad.apply(x.contiguous())
+    return gathered.flatten(0, 1)
 
 
 @torch.no_grad()
@@ -135,9 +171,8 @@ def all_reduce_sum_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Differentiable sum over ranks (e.g. Barlow Twins' cross-correlation summed over the global batch)."""
     if not is_distributed():
         return x
-    from torch.distributed.nn.functional import all_reduce
-
-    return all_reduce(x, op=dist.ReduceOp.SUM)
+    summed: torch.Tensor = _AllReduceSumWithGrad.apply(x)
+    return summed
 
 
 def autocast(device: torch.device | str, precision: Precision) -> contextlib.AbstractContextManager[None]:
