@@ -170,8 +170,23 @@ class SegmentTrain(Section):
         "od * U(1-σ, 1+σ) + U(-σ, σ), the offset in OD = -ln(I) (pathssl_cli.augment.stain.hed_jitter, the same "
         "op and units as evaluate's hed_sigma and pretrain's hed_jitter). 0.05 is Tellez's 'HED-light'; 0 = off.",
     )
+    target_context: int = Field(
+        default=0,
+        ge=0,
+        description="Px of label context per side around each training patch for the HV targets: a nucleus "
+        "cut by the patch border gets the HV map of its whole shape, as in HoVer-Net (targets computed on "
+        "the input, cropped to the smaller output). Matters in mode 'same', where input = output; 0 = none "
+        "(cut nuclei centred on their visible part). Needs augment = 'dihedral'.",
+    )
     loss: LossWeightsSection = Field(default_factory=LossWeightsSection, description="Loss term weights.")
     workers: int = Field(default=2, ge=0, description="DataLoader worker processes.")
+
+    @model_validator(mode="after")
+    def _context_needs_dihedral(self) -> SegmentTrain:
+        if self.target_context and self.augment == "hovernet":
+            raise ValueError("train.target_context needs augment = 'dihedral' (the affine warp crops the maps "
+                             "to the input size)")
+        return self
 
 
 class PostprocSection(Section):
