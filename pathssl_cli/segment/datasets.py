@@ -330,6 +330,12 @@ class HoVerNetPatches(Dataset):
 
     Item: {"image": (3, in, in) float [0, 1], "np": (out, out) int64, "hv": (2, out, out) float32,
     "tp": (out, out) int64 (when typed)}.
+
+    `target_context` (px, dihedral/no augmentation only): the label maps are read this much wider than the
+    input on every side and the HV targets computed there before the crop, so a nucleus cut by the patch
+    border gets the HV map of its whole shape, as HoVer-Net's own targets do (computed on the 270 px input,
+    cropped to the 80 px output). In mode 'same' (input = output) with 0, the default, a cut nucleus is
+    centred on its visible part, so two overlapping patches disagree about its centre.
     """
 
     def __init__(
@@ -342,7 +348,14 @@ class HoVerNetPatches(Dataset):
         augment: AugmentConfig = AugmentConfig(),
         typed: bool = False,
         seed: int = 0,
+        target_context: int = 0,
     ) -> None:
+        if target_context < 0:
+            raise ValueError(f"target_context must be >= 0, got {target_context}")
+        if target_context and augment.hovernet:
+            raise ValueError("target_context needs dihedral (or no) augmentation: the affine warp crops maps "
+                             "to the input size")
+        self.target_context = target_context
         self.sources = list(sources)
         self.input_size, self.output_size = input_size, output_size
         self.train, self.augment, self.typed, self.seed = train, augment, typed, seed
@@ -385,12 +398,14 @@ class HoVerNetPatches(Dataset):
         image = _pad_to(sample.image, *args, reflect=True)
         # Maps are mirrored with the image (HoVer-Net's mirror-padded patch extraction), so mirrored
         # nuclei keep their labels; a nucleus and its mirror form one piece, as the official targets see it.
-        inst = _pad_to(sample.inst_map, *args, reflect=True)
-        types = _pad_to(sample.type_map, *args, reflect=True) if sample.type_map is not None else None
+        ctx = self.target_context  # the maps' extra px per side; dihedral poses keep them centred
+        map_args = (args[0] - ctx, args[1] - ctx, cut + 2 * ctx, cut + 2 * ctx)
+        inst = _pad_to(sample.inst_map, *map_args, reflect=True)
+        types = _pad_to(sample.type_map, *map_args, reflect=True) if sample.type_map is not None else None
         if self.train:
             image, inst, types = self._augment(image, inst, types, rng)
         hv = hv_map(np.ascontiguousarray(inst))
-        window = slice(margin, margin + self.output_size)
+        window = slice(ctx + margin, ctx + margin + self.output_size)
         item = {
             "image": torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0),
             "np": torch.from_numpy((inst[window, window] > 0).astype(np.int64)),

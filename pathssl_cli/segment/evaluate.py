@@ -35,13 +35,13 @@ from pathssl_cli.specs.segment import SegmentSpec
 
 def segment_array(model: PatchModel, image: np.ndarray, *, batch_size: int = 8,
                   device: torch.device | str = "cpu", precision: str = "fp32", trim: int | None = None,
-                  ) -> tuple[np.ndarray, dict[int, Any]]:
+                  postproc: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[int, Any]]:
     """Instance map and instances of one in-memory RGB image (H, W, 3) uint8 (`trim`: see `predict_window`;
-    None = `default_trim`)."""
+    None = `default_trim`; `postproc`: keyword arguments of `hovernet_postprocess`, None = its defaults)."""
     trim = default_trim(model) if trim is None else trim
     np_prob, hv, tp = predict_window(model, ImageReader(image), 0, 0, image.shape[0], image.shape[1],
                                      batch_size=batch_size, device=device, precision=precision, trim=trim)
-    return hovernet_postprocess(np_prob, hv, tp)
+    return hovernet_postprocess(np_prob, hv, tp, **(postproc or {}))
 
 
 def _truth_points(inst: np.ndarray, types: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -92,7 +92,8 @@ def run_segment_eval(spec: SegmentSpec) -> dict[str, Any]:
                     sample = source.load(i)
                     inst, instances = segment_array(
                         model, sample.image, batch_size=spec.predict.batch_size, device=device,
-                        precision=precision, trim=spec.predict.trim)
+                        precision=precision, trim=spec.predict.trim,
+                        postproc=spec.predict.postproc.model_dump())
                     s = M.instance_stats(sample.inst_map, inst)
                     stats.append(s)
                     rows.append({"name": sample.name, **{k: s[k] for k in M.METRIC_KEYS}})
@@ -109,7 +110,8 @@ def run_segment_eval(spec: SegmentSpec) -> dict[str, Any]:
                     tissues = [source.tissue(i) or "unknown" for i in range(len(source))]
                     pannuke_rows += M.pannuke_scores(source.masks, pannuke_pred, tissues)["per_image"]
                     del pannuke_pred
-        result: dict[str, Any] = {"split": split, "model": str(model_path), "n_images": len(rows)}
+        result: dict[str, Any] = {"split": split, "model": str(model_path), "n_images": len(rows),
+                                  "postproc": spec.predict.postproc.model_dump()}
         summary = M.aggregate(stats)
         result["mean"] = {k: summary[k] for k in M.METRIC_KEYS}
         result["pooled"] = summary["pooled"]

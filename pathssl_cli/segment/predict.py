@@ -407,7 +407,8 @@ def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None,
                                         chunk_margin=p.chunk_margin, batch_size=p.batch_size, device=device,
                                         precision=precision, map_format=p.map_format, overlay=p.overlay,
                                         overlay_max_px=p.overlay_max_px, type_names=type_names,
-                                        trim=default_trim(model) if p.trim is None else p.trim, **slide_kwargs)
+                                        trim=default_trim(model) if p.trim is None else p.trim,
+                                        postprocess_kwargs=p.postproc.model_dump(), **slide_kwargs)
                 seconds = time.perf_counter() - started
             except (PathsslError, OSError, ValueError) as exc:  # one bad input must not stop the others
                 failed.append(f"{path}: {exc}")

@@ -147,6 +147,7 @@ def _patches(spec: SegmentSpec, split: str, train: bool) -> HoVerNetPatches:
         augment=AugmentConfig(flips=t.flips, rotations=t.rotations, stain=t.stain,
                               hovernet=t.augment == "hovernet"),
         seed=spec.run.seed,
+        target_context=t.target_context,
     )
 
 

@@ -170,8 +170,54 @@ class SegmentTrain(Section):
         "od * U(1-σ, 1+σ) + U(-σ, σ), the offset in OD = -ln(I) (pathssl_cli.augment.stain.hed_jitter, the same "
         "op and units as evaluate's hed_sigma and pretrain's hed_jitter). 0.05 is Tellez's 'HED-light'; 0 = off.",
     )
+    target_context: int = Field(
+        default=0,
+        ge=0,
+        description="Px of label context per side around each training patch for the HV targets: a nucleus "
+        "cut by the patch border gets the HV map of its whole shape, as in HoVer-Net (targets computed on "
+        "the input, cropped to the smaller output). Matters in mode 'same', where input = output; 0 = none "
+        "(cut nuclei centred on their visible part). Needs augment = 'dihedral'.",
+    )
     loss: LossWeightsSection = Field(default_factory=LossWeightsSection, description="Loss term weights.")
     workers: int = Field(default=2, ge=0, description="DataLoader worker processes.")
+
+    @model_validator(mode="after")
+    def _context_needs_dihedral(self) -> SegmentTrain:
+        if self.target_context and self.augment == "hovernet":
+            raise ValueError("train.target_context needs augment = 'dihedral' (the affine warp crops the maps "
+                             "to the input size)")
+        return self
+
+
+class PostprocSection(Section):
+    """HoVer-Net's marker-controlled watershed (pathssl_cli.segment.postproc). The defaults are the official
+    `__proc_np_hv` values, tuned on HoVer-Net's own fully trained 40x models: keep them unless validation
+    data (never the test set) says otherwise for a given model."""
+
+    np_thresh: float = Field(
+        default=0.5, gt=0, lt=1,
+        description="NP probability at or above which a pixel is nucleus (official 0.5: the argmax of two "
+        "classes).",
+    )
+    marker_thresh: float = Field(
+        default=0.4, gt=0, lt=1,
+        description="Normalised HV-gradient strength (0-1, min-max over the processed window) at or above "
+        "which a foreground pixel is a boundary, not a marker; lower splits more (official 0.4).",
+    )
+    sobel_ksize: int = Field(
+        default=21, ge=1, le=31,
+        description="Sobel kernel size in px (odd) for the HV gradients; official 21 at 40x (0.25 µm/px).",
+    )
+    min_size: int = Field(
+        default=10, ge=0,
+        description="Foreground blobs and markers under this many px are dropped (official 10 at 40x).",
+    )
+
+    @model_validator(mode="after")
+    def _odd_kernel(self) -> PostprocSection:
+        if self.sobel_ksize % 2 == 0:
+            raise ValueError(f"sobel_ksize must be odd (OpenCV Sobel), got {self.sobel_ksize}")
+        return self
 
 
 class SegmentPredict(Section):
@@ -234,6 +280,10 @@ class SegmentPredict(Section):
         "overlay_max_px per side to keep memory bounded).",
     )
     overlay_max_px: int = Field(default=8192, ge=256, description="Largest overlay side in px.")
+    postproc: PostprocSection = Field(
+        default_factory=PostprocSection,
+        description="Watershed post-processing, used by `segment predict` and `segment eval` alike.",
+    )
 
 
 class SegmentRun(Section):

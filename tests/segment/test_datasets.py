@@ -211,3 +211,62 @@ def test_pad_to_windows_partly_or_wholly_off_the_array() -> None:
     np.testing.assert_array_equal(window, [[8, 9, 8], [3, 4, 3], [8, 9, 8]])
     assert _pad_to(array, 6, 0, 2, 2, reflect=True).shape == (2, 2)  # wholly off: constant zeros
     assert not _pad_to(array, 6, 0, 2, 2, reflect=True).any()
+
+
+def test_target_context_gives_cut_nuclei_the_hv_of_their_whole_shape(shared_data: Path) -> None:
+    """Mode 'same' (input = output): with train.target_context the HV targets of a patch are those of the maps
+    around it, cropped, so a nucleus cut by the patch border keeps its whole-shape centre; without, the
+    targets are computed on the patch alone (the old behaviour, still the default)."""
+    source = ConsepFolder(shared_data / "nuclei" / "consep-tiles", merge_types=False)
+    sample = source.load(0)
+    plain = HoVerNetPatches([source], input_size=64, output_size=64, train=False, typed=True)
+    wide = HoVerNetPatches([source], input_size=64, output_size=64, train=False, typed=True, target_context=32)
+    item, item_wide = plain[5], wide[5]  # output window [64:128, 64:128]
+    np.testing.assert_allclose(item["hv"].numpy(), hv_map(sample.inst_map[64:128, 64:128]))
+    np.testing.assert_allclose(item_wide["hv"].numpy(), hv_map(sample.inst_map[32:160, 32:160])[:, 32:96, 32:96])
+    assert not np.allclose(item["hv"].numpy(), item_wide["hv"].numpy())  # the tile has nuclei across the border
+    for key in ("image", "np", "tp"):  # everything else is unchanged
+        np.testing.assert_array_equal(item[key].numpy(), item_wide[key].numpy())
+
+
+def test_target_context_keeps_maps_on_the_image_under_dihedral_poses() -> None:
+    class Painted(ConsepFolder):
+        def __init__(self) -> None:
+            self.names, self.num_types = ["p"], 0
+
+        def size(self, index: int) -> tuple[int, int]:
+            return 96, 96
+
+        def load(self, index: int):  # type: ignore[override]
+            from pathssl_cli.segment.datasets import NucleiSample
+
+            inst = np.zeros((96, 96), np.int32)
+            inst[5:15, 8:40] = 1  # asymmetric and crossing patch borders
+            inst[40:90, 60:70] = 2
+            image = np.where(inst[..., None] > 0, 0, 255).astype(np.uint8).repeat(3, -1)
+            return NucleiSample("p", image, inst, None)
+
+    patches = HoVerNetPatches([Painted()], 48, 48, train=True, augment=AugmentConfig(stain=0.0), target_context=16)
+    for epoch in range(8):
+        patches.set_epoch(epoch)
+        for index in range(len(patches)):
+            item = patches[index]
+            dark = item["image"].mean(0).numpy() < 0.5
+            np.testing.assert_array_equal(dark, item["np"].numpy() == 1)
+            assert ((item["hv"].numpy() != 0).any(0) <= dark).all()
+
+
+def test_target_context_rejects_hovernet_augmentation() -> None:
+    with pytest.raises(ValueError, match="dihedral"):
+        HoVerNetPatches([], 64, 64, train=True, augment=AugmentConfig(hovernet=True), target_context=8)
+
+
+def test_spec_target_context_needs_dihedral_augmentation() -> None:
+    from pydantic import ValidationError
+
+    from pathssl_cli.specs.segment import SegmentTrain
+
+    assert SegmentTrain().target_context == 0  # off by default: the old targets
+    assert SegmentTrain(augment="dihedral", target_context=32).target_context == 32
+    with pytest.raises(ValidationError, match="dihedral"):
+        SegmentTrain(augment="hovernet", target_context=32)
