@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from pathssl_cli.errors import SpecError, WorkFailed
-from pathssl_cli.segment.datasets import IMAGE_SUFFIXES, _pad_to, read_image
+from pathssl_cli.segment.datasets import IMAGE_SUFFIXES, read_image
+from pathssl_cli.segment.patches import pad_to
 
 
 class ImageReader:
@@ -27,7 +28,7 @@ class ImageReader:
         """Nothing to release: the image lives in memory (the same interface as `SlideReader.close`)."""
 
     def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
-        return _pad_to(self.image, top, left, height, width, reflect=True)
+        return pad_to(self.image, top, left, height, width, reflect=True)
 
 
 class SlideReader:
@@ -62,7 +63,7 @@ class SlideReader:
         crop = crop[..., :3]
         # Pad the way ImageReader does, relative to the region, so both readers give the same patches.
         return (
-            _pad_to(crop, top - t, left - l_, height, width, reflect=True)
+            pad_to(crop, top - t, left - l_, height, width, reflect=True)
             if (t, l_, b, r) != (top, left, top + height, left + width)
             else crop
         )

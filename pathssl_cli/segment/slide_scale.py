@@ -22,7 +22,7 @@ import numpy as np
 
 from pathssl_cli.console import info
 from pathssl_cli.errors import SpecError
-from pathssl_cli.segment.datasets import _pad_to
+from pathssl_cli.segment.patches import pad_to
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class MppSlideReader:
             crop = cv2.resize(crop, (r - l_, b - t), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
         if (t, l_, b, r) == (top, left, top + height, left + width):
             return crop
-        return _pad_to(crop, top - t, left - l_, height, width, reflect=True)
+        return pad_to(crop, top - t, left - l_, height, width, reflect=True)
 
 
 class ChunkTissue:

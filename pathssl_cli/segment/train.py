@@ -19,16 +19,10 @@ from pathssl_cli.console import info, progress
 from pathssl_cli.distributed import DistInfo, autocast, distributed_session
 from pathssl_cli.errors import Problem, SpecError, WorkFailed
 from pathssl_cli.runs import claim_run_dir, load_checkpoint, open_run, save_checkpoint
-from pathssl_cli.segment.datasets import (
-    AugmentConfig,
-    HoVerNetPatches,
-    NucleiSource,
-    Subset,
-    open_source,
-    read_subset_ids,
-)
+from pathssl_cli.segment.datasets import NucleiSource, Subset, open_source, read_subset_ids
 from pathssl_cli.segment.hovernet import HoVerNet, HoVerNetConfig, mode_sizes
 from pathssl_cli.segment.losses import LossWeights, hovernet_loss
+from pathssl_cli.segment.patches import AugmentConfig, HoVerNetPatches
 from pathssl_cli.specs.segment import SegmentSpec
 
 

@@ -244,7 +244,8 @@ def test_segmentation_jitter_equals_the_pretraining_and_finetuning_op_for_the_sa
 
 
 def test_glass_stays_near_glass_at_the_shipped_segmentation_strength() -> None:
-    from pathssl_cli.segment.datasets import AugmentConfig, HoVerNetPatches, NucleiSample, NucleiSource
+    from pathssl_cli.segment.datasets import NucleiSample, NucleiSource
+    from pathssl_cli.segment.patches import AugmentConfig, HoVerNetPatches
     from pathssl_cli.specs.segment import SegmentTrain
 
     glass = np.array([242, 237, 242], dtype=np.uint8)

@@ -12,10 +12,8 @@ from scipy.io import loadmat, savemat
 
 from pathssl_cli.errors import SpecError
 from pathssl_cli.segment.datasets import (
-    AugmentConfig,
     ConsepFolder,
     GenericFolder,
-    HoVerNetPatches,
     PanNukeFold,
     Subset,
     pannuke_mask_to_maps,
@@ -23,6 +21,7 @@ from pathssl_cli.segment.datasets import (
 )
 from pathssl_cli.segment.hovernet import build_hovernet
 from pathssl_cli.segment.losses import hovernet_loss
+from pathssl_cli.segment.patches import AugmentConfig, HoVerNetPatches
 from pathssl_cli.segment.targets import hv_map
 
 
@@ -202,15 +201,15 @@ def test_tiny_encoder_reduces_the_loss_on_real_tiles(shared_data: Path) -> None:
 
 
 def test_pad_to_windows_partly_or_wholly_off_the_array() -> None:
-    from pathssl_cli.segment.datasets import _pad_to
+    from pathssl_cli.segment.patches import pad_to
 
     array = np.arange(20).reshape(4, 5)
-    np.testing.assert_array_equal(_pad_to(array, 1, 1, 2, 3, reflect=True), array[1:3, 1:4])
+    np.testing.assert_array_equal(pad_to(array, 1, 1, 2, 3, reflect=True), array[1:3, 1:4])
     # Reflect about the edge without repeating it (numpy "reflect"): row -1 is row 1, column 5 is column 3.
-    window = _pad_to(array, -1, 3, 3, 3, reflect=True)
+    window = pad_to(array, -1, 3, 3, 3, reflect=True)
     np.testing.assert_array_equal(window, [[8, 9, 8], [3, 4, 3], [8, 9, 8]])
-    assert _pad_to(array, 6, 0, 2, 2, reflect=True).shape == (2, 2)  # wholly off: constant zeros
-    assert not _pad_to(array, 6, 0, 2, 2, reflect=True).any()
+    assert pad_to(array, 6, 0, 2, 2, reflect=True).shape == (2, 2)  # wholly off: constant zeros
+    assert not pad_to(array, 6, 0, 2, 2, reflect=True).any()
 
 
 def test_target_context_gives_cut_nuclei_the_hv_of_their_whole_shape(shared_data: Path) -> None:

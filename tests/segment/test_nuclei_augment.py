@@ -8,7 +8,8 @@ import torch
 from scipy.ndimage import binary_erosion
 
 from pathssl_cli.augment import nuclei
-from pathssl_cli.segment.datasets import AugmentConfig, HoVerNetPatches, NucleiSample, NucleiSource
+from pathssl_cli.segment.datasets import NucleiSample, NucleiSource
+from pathssl_cli.segment.patches import AugmentConfig, HoVerNetPatches
 from pathssl_cli.segment.targets import hv_map
 
 
