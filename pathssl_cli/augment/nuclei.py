@@ -75,7 +75,7 @@ def geometric(
         return x
 
     # One patch is far too small for intra-op threads: their start-up cost exceeds the work (as in
-    # segment.datasets.hed_jitter); DataLoader workers run one thread anyway.
+    # augment.stain.hed_jitter_image); DataLoader workers run one thread anyway.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

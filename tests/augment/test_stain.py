@@ -232,11 +232,11 @@ class _FixedDraws:
 def test_segmentation_jitter_equals_the_pretraining_and_finetuning_op_for_the_same_beta() -> None:
     """segment train once passed β in skimage's rgb2hed units (13.8x stronger); now every command runs
     `hed_jitter` with β in optical density."""
-    from pathssl_cli.segment import datasets
+    from pathssl_cli.segment import patches
 
     image = (_rgb(1, 16, seed=4)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     alpha, beta = np.array([[1.03, 0.97, 1.01]]), np.array([[0.04, -0.03, 0.05]])
-    assert datasets.hed_jitter_image is stain.hed_jitter_image  # no private copy in segment/
+    assert patches.hed_jitter_image is stain.hed_jitter_image  # no private copy in segment/
     segmented = stain.hed_jitter_image(image, 0.05, _FixedDraws(alpha, beta))  # type: ignore[arg-type]
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
     shared = stain.hed_jitter(x, torch.from_numpy(alpha), torch.from_numpy(beta))[0].permute(1, 2, 0).numpy()
