@@ -288,6 +288,15 @@ class TileStream(torch.utils.data.IterableDataset):
             reader.close()
 
 
+def _load_tiles(index: TileArrays, positions: np.ndarray) -> list[np.ndarray]:
+    """The tiles at `positions` of `index` (sorted positions read sequentially), uint8 H×W×3 RGB."""
+    reader = TileReader(index)
+    try:
+        return [load_tile(index, int(i), reader) for i in positions]
+    finally:
+        reader.close()
+
+
 def sample_images(sources: Sequence[Path], n: int, seed: int) -> list[np.ndarray]:
     """n tiles drawn uniformly without replacement over all sources (all when fewer), uint8 H×W×3 RGB.
 
@@ -295,12 +304,7 @@ def sample_images(sources: Sequence[Path], n: int, seed: int) -> list[np.ndarray
     """
     index = open_sources([Path(s) for s in sources])  # the same opened index the stream then uses
     rng = np.random.default_rng([seed, 0x5A11])
-    chosen = np.sort(rng.choice(len(index), size=min(n, len(index)), replace=False))  # sorted: sequential reads
-    reader = TileReader(index)
-    try:
-        return [load_tile(index, int(i), reader) for i in chosen]
-    finally:
-        reader.close()
+    return _load_tiles(index, np.sort(rng.choice(len(index), size=min(n, len(index)), replace=False)))
 
 
 def first_tile_side(sources: Sequence[Path]) -> int:
@@ -311,8 +315,4 @@ def first_tile_side(sources: Sequence[Path]) -> int:
     index = open_sources([Path(s) for s in sources])
     if len(index) == 0:
         raise ValueError(f"{sources[0]}: no tiles")
-    reader = TileReader(index)
-    try:
-        return int(min(load_tile(index, 0, reader).shape[:2]))
-    finally:
-        reader.close()
+    return int(min(_load_tiles(index, np.zeros(1, np.int64))[0].shape[:2]))
