@@ -70,7 +70,7 @@ def run_segment_eval(spec: SegmentSpec) -> dict[str, Any]:
         )
     device = resolve_device(spec.run.device)
     precision = spec.run.precision if device.type == "cuda" else "fp32"
-    model = load_model(model_path, device)
+    model = load_model(model_path, device, channels_last=spec.run.channels_last)
     typed = model.config.num_types > 0
     sources = open_split(spec, split)
     run_dir = Path(spec.run.output_dir) / "eval"

@@ -375,7 +375,7 @@ def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None,
                         "model.checkpoint")
     device = resolve_device(spec.run.device)
     precision = spec.run.precision if device.type == "cuda" else "fp32"
-    model = load_model(model_path, device)
+    model = load_model(model_path, device, channels_last=spec.run.channels_last)
     type_names = _type_names(spec, model.config.num_types)
     out_dir = Path(spec.run.output_dir) / "predictions"
     results: list[dict[str, Any]] = []

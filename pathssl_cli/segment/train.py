@@ -62,8 +62,9 @@ def model_record(model: HoVerNet) -> dict[str, Any]:
     }
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> HoVerNet:
-    """Rebuild a HoVer-Net saved by `segment train` (model.pt) and load its weights strictly."""
+def load_model(path: Path, device: torch.device | str = "cpu", *, channels_last: bool = False) -> HoVerNet:
+    """Rebuild a HoVer-Net saved by `segment train` (model.pt) and load its weights strictly, in NHWC layout
+    when `channels_last` (see `HoVerNet.use_channels_last`)."""
     from pathssl_cli.backbones import create_backbone
 
     state = load_checkpoint(path)
@@ -88,7 +89,7 @@ def load_model(path: Path, device: torch.device | str = "cpu") -> HoVerNet:
         ),
     )
     model.load_state_dict(state["model"], strict=True)
-    return model.to(device).eval()
+    return model.to(device).use_channels_last(channels_last).eval()
 
 
 def default_model_path(spec: SegmentSpec) -> Path:
@@ -142,6 +143,7 @@ def _patches(spec: SegmentSpec, split: str, train: bool) -> HoVerNetPatches:
                               hovernet=t.augment == "hovernet"),
         seed=spec.run.seed,
         target_context=t.target_context,
+        cache_mb=t.image_cache_mb,
     )
 
 
@@ -172,7 +174,7 @@ def _train(spec: SegmentSpec, dist_info: DistInfo) -> dict[str, Any]:
     precision = spec.run.precision if device.type == "cuda" else "fp32"
     train_set = _patches(spec, "train", train=True)
     val_set = _patches(spec, "val", train=False) if spec.data.val else None
-    model = build_model(spec).to(device)
+    model = build_model(spec).to(device).use_channels_last(spec.run.channels_last)
 
     ckpt_path = out_dir / "checkpoints" / "last.pt"
     start_phase, start_epoch, global_step, resumed = 1, 0, 0, None

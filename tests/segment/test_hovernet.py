@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -73,6 +74,32 @@ def test_frozen_encoder_gets_no_gradient() -> None:
     out = model(torch.rand(2, 3, 64, 64))
     sum(v.sum() for v in out.values()).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.parameters())
+
+
+@pytest.mark.parametrize(("backbone", "stem"), [("resnet_tiny", "stride4"), ("resnet_tiny", "full"),
+                                               ("vit_tiny", "stride4")])
+def test_channels_last_computes_the_same_outputs_and_gradients(backbone: str, stem: str) -> None:
+    torch.manual_seed(0)
+    nchw = build_hovernet(backbone, mode="same", input_size=64, num_types=3, decoder_width=0.125,
+                          encoder_stem=stem)
+    nhwc = copy.deepcopy(nchw).use_channels_last()
+    assert nhwc.decoder["np"].u0[1].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(2, 3, 64, 64)
+    outputs = [model(x) for model in (nchw, nhwc)]
+    # Float rounding differs between the layouts' kernels (~1e-5 of the outputs' range); a layout bug such
+    # as a view that mixes channels and pixels would differ by O(1).
+    for key in outputs[0]:
+        scale = float(outputs[0][key].detach().abs().max())
+        torch.testing.assert_close(outputs[1][key], outputs[0][key], rtol=0, atol=1e-4 * scale)
+    for model, out in zip((nchw, nhwc), outputs):
+        torch.stack([(v ** 2).mean() for v in out.values()]).sum().backward()
+    pairs = [(a.grad, b.grad) for a, b in zip(nchw.parameters(), nhwc.parameters())]
+    assert all((ga is None) == (gb is None) for ga, gb in pairs)
+    # Per element, rounding dominates gradients that are ~0 in exact arithmetic (a bias before BatchNorm),
+    # so compare the whole gradient vector.
+    flat_a = torch.cat([ga.flatten() for ga, _ in pairs if ga is not None])
+    flat_b = torch.cat([gb.contiguous().flatten() for ga, gb in pairs if ga is not None])
+    assert float((flat_b - flat_a).norm() / flat_a.norm()) < 1e-3
 
 
 def test_vit_adapter_uses_shallow_to_deep_blocks() -> None:
