@@ -27,8 +27,8 @@ from pathssl_cli.errors import SpecError
 from pathssl_cli.runs import atomic_path, atomic_write, open_run
 from pathssl_cli.segment import metrics as M
 from pathssl_cli.segment.datasets import PanNukeFold
+from pathssl_cli.segment.inference import PatchModel, default_trim, predict_window
 from pathssl_cli.segment.postproc import describe_instances, hovernet_postprocess
-from pathssl_cli.segment.predict import PatchModel, default_trim, predict_window
 from pathssl_cli.segment.readers import ImageReader
 from pathssl_cli.specs.segment import SegmentSpec
 

@@ -364,7 +364,7 @@ def test_resumed_training_equals_uninterrupted(tmp_path: Path, monkeypatch: pyte
 def test_trimmed_overlapping_tiles_stay_aligned(tissue: tuple[np.ndarray, np.ndarray]) -> None:
     """ThresholdModel's NP output depends on the pixel alone, so any trim must give the same NP map: a
     misplaced tile would show as a mismatch."""
-    from pathssl_cli.segment.predict import predict_window
+    from pathssl_cli.segment.inference import predict_window
 
     rgb, _ = tissue
     reader, model = _array_reader(rgb), ThresholdModel()
