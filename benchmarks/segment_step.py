@@ -2,6 +2,7 @@
 
 - the model step (forward, loss, backward, Adam) with weights and activations in NCHW (PyTorch's default)
   vs NHWC (`run.channels_last`, oneDNN's preferred layout);
+- inference (`segment eval` / `predict`: forward only, no gradients) in the same two layouts;
 - the data (one batch of augmented patches with HV targets) with the decoded-image cache off vs on
   (`train.image_cache_mb`).
 
@@ -58,6 +59,19 @@ def _model_step_ms(spec: SegmentSpec, batches: list[dict[str, torch.Tensor]], ch
     return 1000 * statistics.median(times)
 
 
+@torch.no_grad()
+def _inference_ms(spec: SegmentSpec, batches: list[dict[str, torch.Tensor]], channels_last: bool) -> float:
+    torch.manual_seed(0)
+    model = build_model(spec).use_channels_last(channels_last).eval()
+    times = []
+    for index, batch in enumerate(batches * 2):
+        start = time.perf_counter()
+        model(batch["image"])
+        if index >= 2:
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
 def _data_ms(spec: SegmentSpec, cache_mb: float, batches: int) -> float:
     dataset = _patches(spec, "train", train=True)
     dataset.cache.budget_bytes = int(cache_mb * 2**20)
@@ -87,10 +101,13 @@ def main() -> None:
         batch_size = spec.train.phase2_batch_size
         batches = [default_collate([dataset[(b * batch_size + i) % len(dataset)] for i in range(batch_size)])
                    for b in range(args.batches)]
-        rows: dict[str, list[float]] = {"NCHW": [], "NHWC": [], "data, no cache": [], "data, cache": []}
+        rows: dict[str, list[float]] = {"NCHW": [], "NHWC": [], "infer NCHW": [], "infer NHWC": [],
+                                        "data, no cache": [], "data, cache": []}
         for _ in range(args.repeats):
             rows["NCHW"].append(_model_step_ms(spec, batches, channels_last=False))
             rows["NHWC"].append(_model_step_ms(spec, batches, channels_last=True))
+            rows["infer NCHW"].append(_inference_ms(spec, batches, channels_last=False))
+            rows["infer NHWC"].append(_inference_ms(spec, batches, channels_last=True))
             rows["data, no cache"].append(_data_ms(spec, 0, args.batches))
             rows["data, cache"].append(_data_ms(spec, 256, args.batches))
     median = {name: statistics.median(values) for name, values in rows.items()}
@@ -99,6 +116,7 @@ def main() -> None:
     for name, value in median.items():
         print(f"  {name:16s} {value:7.1f} ms per batch")
     print(f"model step NHWC speed-up: {median['NCHW'] / median['NHWC']:.2f}x")
+    print(f"inference NHWC speed-up:  {median['infer NCHW'] / median['infer NHWC']:.2f}x")
     print(f"data cache speed-up:      {median['data, no cache'] / median['data, cache']:.2f}x")
     before = median["NCHW"] + median["data, no cache"]
     after = median["NHWC"] + median["data, cache"]

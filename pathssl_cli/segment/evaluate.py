@@ -27,7 +27,7 @@ from pathssl_cli.errors import SpecError
 from pathssl_cli.runs import atomic_path, atomic_write, open_run
 from pathssl_cli.segment import metrics as M
 from pathssl_cli.segment.datasets import PanNukeFold
-from pathssl_cli.segment.inference import PatchModel, default_trim, predict_window
+from pathssl_cli.segment.inference import Augmentation, PatchModel, default_trim, predict_window
 from pathssl_cli.segment.postproc import describe_instances, hovernet_postprocess
 from pathssl_cli.segment.readers import ImageReader
 from pathssl_cli.specs.segment import SegmentSpec
@@ -35,12 +35,14 @@ from pathssl_cli.specs.segment import SegmentSpec
 
 def segment_array(model: PatchModel, image: np.ndarray, *, batch_size: int = 8,
                   device: torch.device | str = "cpu", precision: str = "fp32", trim: int | None = None,
-                  postproc: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[int, Any]]:
+                  postproc: dict[str, Any] | None = None, tta: Augmentation = "none",
+                  ) -> tuple[np.ndarray, dict[int, Any]]:
     """Instance map and instances of one in-memory RGB image (H, W, 3) uint8 (`trim`: see `predict_window`;
     None = `default_trim`; `postproc`: keyword arguments of `hovernet_postprocess`, None = its defaults)."""
     trim = default_trim(model) if trim is None else trim
     np_prob, hv, tp = predict_window(model, ImageReader(image), 0, 0, image.shape[0], image.shape[1],
-                                     batch_size=batch_size, device=device, precision=precision, trim=trim)
+                                     batch_size=batch_size, device=device, precision=precision, trim=trim,
+                                     tta=tta)
     return hovernet_postprocess(np_prob, hv, tp, **(postproc or {}))
 
 
@@ -92,7 +94,7 @@ def run_segment_eval(spec: SegmentSpec) -> dict[str, Any]:
                     sample = source.load(i)
                     inst, instances = segment_array(
                         model, sample.image, batch_size=spec.predict.batch_size, device=device,
-                        precision=precision, trim=spec.predict.trim,
+                        precision=precision, trim=spec.predict.trim, tta=spec.predict.tta,
                         postproc=spec.predict.postproc.model_dump())
                     s = M.instance_stats(sample.inst_map, inst)
                     stats.append(s)
@@ -111,7 +113,7 @@ def run_segment_eval(spec: SegmentSpec) -> dict[str, Any]:
                     pannuke_rows += M.pannuke_scores(source.masks, pannuke_pred, tissues)["per_image"]
                     del pannuke_pred
         result: dict[str, Any] = {"split": split, "model": str(model_path), "n_images": len(rows),
-                                  "postproc": spec.predict.postproc.model_dump()}
+                                  "postproc": spec.predict.postproc.model_dump(), "tta": spec.predict.tta}
         summary = M.aggregate(stats)
         result["mean"] = {k: summary[k] for k in M.METRIC_KEYS}
         result["pooled"] = summary["pooled"]

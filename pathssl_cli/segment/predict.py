@@ -1,12 +1,12 @@
 """`pathssl segment predict`: HoVer-Net on image files and whole-slide regions with bounded memory.
 
-The network runs on HoVer-Net's tile grid (`pathssl_cli.segment.inference`). Post-processing runs per *chunk*: a block of `chunk_size` output pixels plus a `chunk_margin`
-of context on each side (both multiples of the tile step, so the chunk's network outputs equal those of a
-whole-image pass). An instance belongs to the chunk whose core holds its centroid, so each nucleus is written
-once, whole, even across chunk borders; where two owners' pixels meet, the first written keeps them, and an
-instance left with under half its pixels (the same nucleus seen from the other side) is dropped. Memory is
-bounded by the chunk size: the instance map is a memory-mapped .npy reopened per chunk, and the JSON/GeoJSON
-are streamed.
+The network runs on HoVer-Net's tile grid (`pathssl_cli.segment.inference`). Post-processing runs per *chunk*:
+a block of `chunk_size` output pixels plus a `chunk_margin` of context on each side (both multiples of the
+tile step, so the chunk's network outputs equal those of a whole-image pass). An instance belongs to the chunk
+whose core holds its centroid, so each nucleus is written once, whole, even across chunk borders; where two
+owners' pixels meet, the first written keeps them, and an instance left with under half its pixels (the same
+nucleus seen from the other side) is dropped. Memory is bounded by the chunk size: the instance map is a
+memory-mapped .npy reopened per chunk, and the JSON/GeoJSON are streamed.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathssl_cli.console import info, progress
 from pathssl_cli.distributed import resolve_device
 from pathssl_cli.errors import PathsslError, SpecError, WorkFailed
 from pathssl_cli.runs import atomic_path, open_run
-from pathssl_cli.segment.inference import PatchModel, default_trim, predict_window, tile_step
+from pathssl_cli.segment.inference import Augmentation, PatchModel, default_trim, predict_window, tile_step
 from pathssl_cli.segment.readers import ImageReader, SlideReader, open_reader
 from pathssl_cli.segment.slide_scale import ChunkTissue, MppSlideReader, slide_metrics
 from pathssl_cli.sharding import resolve_shard
@@ -116,7 +116,7 @@ def segment_image(model: PatchModel, reader: ImageReader | SlideReader | MppSlid
                   device: torch.device | str = "cpu", precision: str = "fp32", map_format: str = "npy",
                   overlay: bool = True, overlay_max_px: int = 8192, type_names: list[str] | None = None,
                   postprocess: Callable[..., tuple[np.ndarray, dict[int, Any]]] | None = None,
-                  postprocess_kwargs: dict[str, Any] | None = None, trim: int = 0,
+                  postprocess_kwargs: dict[str, Any] | None = None, trim: int = 0, tta: Augmentation = "none",
                   to_level0: tuple[float, float, float] = (1.0, 0.0, 0.0),
                   has_tissue: Callable[[int, int, int, int], bool] | None = None) -> PredictOutputs:
     """Segment the nuclei of one image/region into `out_dir`: maps/<name>.{npy|tif} (int32 instance ids),
@@ -165,7 +165,7 @@ def segment_image(model: PatchModel, reader: ImageReader | SlideReader | MppSlid
                     next_id = _segment_chunk(
                         model, reader, chunk, npy_tmp, next_id, records, features, canvas, scale, type_names,
                         postprocess, postprocess_kwargs or {}, to_level0, batch_size=batch_size, device=device,
-                        precision=precision, trim=trim)
+                        precision=precision, trim=trim, tta=tta)
                     bar.update(1)
             records.close()
             features.close()
@@ -341,7 +341,7 @@ def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None,
                                         chunk_margin=p.chunk_margin, batch_size=p.batch_size, device=device,
                                         precision=precision, map_format=p.map_format, overlay=p.overlay,
                                         overlay_max_px=p.overlay_max_px, type_names=type_names,
-                                        trim=default_trim(model) if p.trim is None else p.trim,
+                                        trim=default_trim(model) if p.trim is None else p.trim, tta=p.tta,
                                         postprocess_kwargs=p.postproc.model_dump(), **slide_kwargs)
                 seconds = time.perf_counter() - started
             except (PathsslError, OSError, ValueError) as exc:  # one bad input must not stop the others

@@ -279,6 +279,11 @@ class SegmentPredict(Section):
         default=None, ge=0, description="Output px dropped per patch side, patches overlapping to match. "
         "None = 1/8 of the output for mode 'same' (which has no context of its own; its tile borders would "
         "show as seams) and 0 for 'original'/'fast', whose outputs are already the centre of their input.")
+    tta: Literal["none", "flips", "dihedral"] = Field(
+        default="none", description="Test-time augmentation: the network's outputs averaged over 'flips' (4 "
+        "poses: mirrors and the half turn) or 'dihedral' (all 8 flips and quarter turns), HV maps transformed "
+        "as vectors; costs 4x or 8x the network time. 'none' = one pass, as HoVer-Net's published inference. "
+        "Used by `segment eval` and `segment predict` alike.")
     map_format: Literal["npy", "tif"] = Field(
         default="npy", description="Instance map file: .npy (memory-mapped) or tiled .tif (int32)."
     )
