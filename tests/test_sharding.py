@@ -85,7 +85,7 @@ def test_segment_predict_takes_its_slurm_part(tmp_path: Path, monkeypatch: pytes
                                       overlay=None, count=1)
 
     monkeypatch.setattr(train, "default_model_path", lambda spec: model)
-    monkeypatch.setattr(train, "load_model", lambda path, device: SimpleNamespace(
+    monkeypatch.setattr(train, "load_model", lambda path, device, **_: SimpleNamespace(
         config=SimpleNamespace(num_types=0), input_size=64, output_size=64))
     monkeypatch.setattr(predict, "open_reader", lambda path, *args, **kwargs: None)
     monkeypatch.setattr(predict, "segment_image", fake_segment)

@@ -29,7 +29,7 @@ def test_segment_predict_on_the_real_svs(shared_data: Path, tmp_path: Path, monk
 
     slide = shared_data / "wsi" / "CMU-1-Small-Region.svs"
     (tmp_path / "model.pt").write_bytes(b"")  # predict checks that the model exists; the loader is replaced
-    monkeypatch.setattr(train, "load_model", lambda path, device: StandInModel())
+    monkeypatch.setattr(train, "load_model", lambda path, device, **_: StandInModel())
     closed: list[str] = []
     real_close = readers.SlideReader.close
     monkeypatch.setattr(readers.SlideReader, "close", lambda self: (closed.append("svs"), real_close(self))[1])
