@@ -27,15 +27,15 @@ from pathssl_cli.errors import SpecError
 from pathssl_cli.runs import atomic_path, atomic_write, open_run
 from pathssl_cli.segment import metrics as M
 from pathssl_cli.segment.datasets import PanNukeFold
-from pathssl_cli.segment.inference import Augmentation, PatchModel, default_trim, predict_window
+from pathssl_cli.segment.inference import PatchModel, default_trim, predict_window
 from pathssl_cli.segment.postproc import describe_instances, hovernet_postprocess
 from pathssl_cli.segment.readers import ImageReader
-from pathssl_cli.specs.segment import SegmentSpec
+from pathssl_cli.specs.segment import SegmentSpec, TTAChoice
 
 
 def segment_array(model: PatchModel, image: np.ndarray, *, batch_size: int = 8,
                   device: torch.device | str = "cpu", precision: str = "fp32", trim: int | None = None,
-                  postproc: dict[str, Any] | None = None, tta: Augmentation = "none",
+                  postproc: dict[str, Any] | None = None, tta: TTAChoice = "none",
                   ) -> tuple[np.ndarray, dict[int, Any]]:
     """Instance map and instances of one in-memory RGB image (H, W, 3) uint8 (`trim`: see `predict_window`;
     None = `default_trim`; `postproc`: keyword arguments of `hovernet_postprocess`, None = its defaults)."""

@@ -9,7 +9,7 @@ reader.
 from __future__ import annotations
 
 import math
-from typing import Literal, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -18,11 +18,11 @@ from pathssl_cli.distributed import autocast
 from pathssl_cli.errors import SpecError
 from pathssl_cli.segment.readers import ImageReader, SlideReader
 from pathssl_cli.segment.slide_scale import MppSlideReader
+from pathssl_cli.specs.segment import TTAChoice
 
-Augmentation = Literal["none", "flips", "dihedral"]
 #: Test-time poses as (quarter turns, mirror first): 'flips' = identity, left-right and up-down mirror, and
 #: both (a half turn); 'dihedral' = all 8 symmetries of the square.
-POSES: dict[str, tuple[tuple[int, bool], ...]] = {
+POSES: dict[TTAChoice, tuple[tuple[int, bool], ...]] = {
     "none": ((0, False),),
     "flips": ((0, False), (0, True), (2, False), (2, True)),
     "dihedral": tuple((k, m) for k in range(4) for m in (False, True)),
@@ -41,7 +41,7 @@ class PatchModel(Protocol):
 @torch.no_grad()
 def predict_window(model: PatchModel, reader: ImageReader | SlideReader | MppSlideReader, top: int, left: int,
                    height: int, width: int, *, batch_size: int = 8, device: torch.device | str = "cpu",
-                   precision: str = "fp32", trim: int = 0, tta: Augmentation = "none",
+                   precision: str = "fp32", trim: int = 0, tta: TTAChoice = "none",
                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Network outputs for the window [top, top+height) x [left, left+width) of `reader`.
 
@@ -80,7 +80,7 @@ def predict_window(model: PatchModel, reader: ImageReader | SlideReader | MppSli
     return np_out[crop], hv_out[(slice(None), *crop)], tp_crop
 
 
-def pose_averaged_outputs(model: PatchModel, x: torch.Tensor, tta: Augmentation = "none",
+def pose_averaged_outputs(model: PatchModel, x: torch.Tensor, tta: TTAChoice = "none",
                           device: torch.device | str = "cpu", precision: str = "fp32") -> dict[str, torch.Tensor]:
     """The network's outputs for images x (B, 3, in, in), averaged over the test-time poses of `tta`.
 

@@ -68,18 +68,24 @@ class DecodedImageCache:
             self._samples.move_to_end(key)
             return self._samples[key]
         sample = sources[source].load(index)
-        arrays = [a for a in (sample.image, sample.inst_map, sample.type_map) if a is not None]
-        size = sum(a.nbytes for a in arrays)
-        if size > self.budget_bytes:
+        if _arrays_nbytes(sample) > self.budget_bytes:
             return sample
-        for array in arrays:
+        for array in _arrays(sample):
             array.flags.writeable = False
         self._samples[key] = sample
-        self.bytes += size
+        self.bytes += _arrays_nbytes(sample)
         while self.bytes > self.budget_bytes:
             _, old = self._samples.popitem(last=False)
-            self.bytes -= sum(a.nbytes for a in (old.image, old.inst_map, old.type_map) if a is not None)
+            self.bytes -= _arrays_nbytes(old)
         return sample
+
+
+def _arrays(sample: NucleiSample) -> list[np.ndarray]:
+    return [a for a in (sample.image, sample.inst_map, sample.type_map) if a is not None]
+
+
+def _arrays_nbytes(sample: NucleiSample) -> int:
+    return sum(a.nbytes for a in _arrays(sample))
 
 
 class HoVerNetPatches(Dataset):

@@ -29,12 +29,12 @@ from pathssl_cli.console import info, progress
 from pathssl_cli.distributed import resolve_device
 from pathssl_cli.errors import PathsslError, SpecError, WorkFailed
 from pathssl_cli.runs import atomic_path, open_run
-from pathssl_cli.segment.inference import Augmentation, PatchModel, default_trim, predict_window, tile_step
+from pathssl_cli.segment.inference import PatchModel, default_trim, predict_window, tile_step
 from pathssl_cli.segment.readers import ImageReader, SlideReader, open_reader
 from pathssl_cli.segment.slide_scale import ChunkTissue, MppSlideReader, slide_metrics
 from pathssl_cli.sharding import resolve_shard
 from pathssl_cli.slides.readers import slide_readers
-from pathssl_cli.specs.segment import SegmentSpec
+from pathssl_cli.specs.segment import SegmentSpec, TTAChoice
 
 # QuPath-friendly colours by type id (0 = untyped); PanNuke order after background.
 TYPE_COLOURS = [
@@ -116,7 +116,7 @@ def segment_image(model: PatchModel, reader: ImageReader | SlideReader | MppSlid
                   device: torch.device | str = "cpu", precision: str = "fp32", map_format: str = "npy",
                   overlay: bool = True, overlay_max_px: int = 8192, type_names: list[str] | None = None,
                   postprocess: Callable[..., tuple[np.ndarray, dict[int, Any]]] | None = None,
-                  postprocess_kwargs: dict[str, Any] | None = None, trim: int = 0, tta: Augmentation = "none",
+                  postprocess_kwargs: dict[str, Any] | None = None, trim: int = 0, tta: TTAChoice = "none",
                   to_level0: tuple[float, float, float] = (1.0, 0.0, 0.0),
                   has_tissue: Callable[[int, int, int, int], bool] | None = None) -> PredictOutputs:
     """Segment the nuclei of one image/region into `out_dir`: maps/<name>.{npy|tif} (int32 instance ids),

@@ -19,6 +19,9 @@ from pathssl_cli.specs.core import (
 )
 from pathssl_cli.specs.tile import SlideReaderName
 
+#: Test-time augmentation of `segment eval`/`predict`; the poses of each are `segment.inference.POSES`.
+TTAChoice = Literal["none", "flips", "dihedral"]
+
 
 class SegmentData(Section):
     format: Literal["pannuke", "consep", "generic"] = Field(
@@ -279,7 +282,7 @@ class SegmentPredict(Section):
         default=None, ge=0, description="Output px dropped per patch side, patches overlapping to match. "
         "None = 1/8 of the output for mode 'same' (which has no context of its own; its tile borders would "
         "show as seams) and 0 for 'original'/'fast', whose outputs are already the centre of their input.")
-    tta: Literal["none", "flips", "dihedral"] = Field(
+    tta: TTAChoice = Field(
         default="none", description="Test-time augmentation: the network's outputs averaged over 'flips' (4 "
         "poses: mirrors and the half turn) or 'dihedral' (all 8 flips and quarter turns), HV maps transformed "
         "as vectors; costs 4x or 8x the network time. 'none' = one pass, as HoVer-Net's published inference. "

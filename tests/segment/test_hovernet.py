@@ -91,9 +91,9 @@ def test_channels_last_computes_the_same_outputs_and_gradients(backbone: str, st
     for key in outputs[0]:
         scale = float(outputs[0][key].detach().abs().max())
         torch.testing.assert_close(outputs[1][key], outputs[0][key], rtol=0, atol=1e-4 * scale)
-    for model, out in zip((nchw, nhwc), outputs):
+    for out in outputs:
         torch.stack([(v ** 2).mean() for v in out.values()]).sum().backward()
-    pairs = [(a.grad, b.grad) for a, b in zip(nchw.parameters(), nhwc.parameters())]
+    pairs = [(a.grad, b.grad) for a, b in zip(nchw.parameters(), nhwc.parameters(), strict=True)]
     assert all((ga is None) == (gb is None) for ga, gb in pairs)
     # Per element, rounding dominates gradients that are ~0 in exact arithmetic (a bias before BatchNorm),
     # so compare the whole gradient vector.

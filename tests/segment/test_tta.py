@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from pathssl_cli.segment.metrics import instance_stats
 from pathssl_cli.segment.postproc import hovernet_postprocess
 from pathssl_cli.segment.readers import ImageReader
 from pathssl_cli.segment.targets import hv_map
+from pathssl_cli.specs.segment import TTAChoice
 
 
 class VectorFieldModel:
@@ -39,6 +42,7 @@ def test_each_pose_is_undone_exactly(pose: tuple[int, bool], monkeypatch: pytest
 
 
 def test_pose_sets() -> None:
+    assert set(POSES) == set(get_args(TTAChoice))  # every spec choice has its poses
     assert POSES["none"] == ((0, False),)
     assert len(set(POSES["flips"])) == 4 and len(set(POSES["dihedral"])) == 8
     # 'flips' = identity, left-right mirror, half turn, and half turn of the mirror (= up-down mirror).
