@@ -57,17 +57,19 @@ class DecodedImageCache:
     is workers x budget. Cached arrays are read-only: an in-place edit downstream fails loudly instead of
     corrupting every later patch of that image."""
 
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, sources: Sequence[NucleiSource], budget_bytes: int) -> None:
+        self.sources = sources
         self.budget_bytes = budget_bytes
         self.bytes = 0
         self._samples: OrderedDict[tuple[int, int], NucleiSample] = OrderedDict()
 
-    def get(self, sources: Sequence[NucleiSource], source: int, index: int) -> NucleiSample:
+    def get(self, source: int, index: int) -> NucleiSample:
+        """Image `index` of `sources[source]`, decoded at most once while it stays in the budget."""
         key = (source, index)
         if key in self._samples:
             self._samples.move_to_end(key)
             return self._samples[key]
-        sample = sources[source].load(index)
+        sample = self.sources[source].load(index)
         if _arrays_nbytes(sample) > self.budget_bytes:
             return sample
         for array in _arrays(sample):
@@ -127,7 +129,6 @@ class HoVerNetPatches(Dataset):
         self.input_size, self.output_size = input_size, output_size
         self.train, self.augment, self.typed, self.seed = train, augment, typed, seed
         self.epoch = 0
-        self.cache = DecodedImageCache(int(cache_mb * 2**20))
         self.items: list[tuple[int, int, int, int]] = []  # (source, image, top, left) of the output window
         for s, source in enumerate(self.sources):
             for i in range(len(source)):
@@ -136,6 +137,7 @@ class HoVerNetPatches(Dataset):
                     for left in range(0, max(w - output_size, 0) + output_size, output_size):
                         if top < h and left < w:
                             self.items.append((s, i, top, left))
+        self.cache = DecodedImageCache(self.sources, int(cache_mb * 2**20))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -147,7 +149,7 @@ class HoVerNetPatches(Dataset):
         from pathssl_cli.segment.targets import hv_map
 
         s, i, top, left = self.items[index]
-        sample = self.cache.get(self.sources, s, i)
+        sample = self.cache.get(s, i)
         rng = np.random.default_rng((self.seed, self.epoch, index))
         if self.train:
             jitter = self.output_size // 2

@@ -63,29 +63,29 @@ def test_cached_patches_equal_decoded_ones_across_epochs(context: int) -> None:
 def test_cache_stays_within_its_budget_and_evicts_the_least_recently_used() -> None:
     source = CountingSource(count=4)
     per_image = _sample_bytes(source)
-    cache = DecodedImageCache(budget_bytes=2 * per_image)
+    cache = DecodedImageCache([source], budget_bytes=2 * per_image)
     for index in (0, 1, 0, 2):  # 0 was used after 1, so 1 is the one to go when 2 arrives
-        cache.get([source], 0, index)
+        cache.get(0, index)
         assert cache.bytes <= cache.budget_bytes
     assert source.loads == 3
-    cache.get([source], 0, 0)
+    cache.get(0, 0)
     assert source.loads == 3  # still cached
-    cache.get([source], 0, 1)
+    cache.get(0, 1)
     assert source.loads == 4  # evicted earlier, decoded again
     assert cache.bytes == 2 * per_image
 
 
 def test_an_image_larger_than_the_budget_is_not_cached() -> None:
     source = CountingSource(count=1)
-    cache = DecodedImageCache(budget_bytes=_sample_bytes(source) - 1)
-    cache.get([source], 0, 0)
-    cache.get([source], 0, 0)
+    cache = DecodedImageCache([source], budget_bytes=_sample_bytes(source) - 1)
+    cache.get(0, 0)
+    cache.get(0, 0)
     assert source.loads == 2 and cache.bytes == 0
 
 
 def test_cached_arrays_are_read_only_so_an_in_place_edit_fails_loudly() -> None:
     source = CountingSource(count=1)
-    sample = DecodedImageCache(budget_bytes=2**20).get([source], 0, 0)
+    sample = DecodedImageCache([source], budget_bytes=2**20).get(0, 0)
     with pytest.raises(ValueError, match="read-only"):
         sample.image[0, 0, 0] = 0
     with pytest.raises(ValueError, match="read-only"):
