@@ -50,9 +50,10 @@ from pathssl_cli.augment.views import BatchViews  # noqa: E402
 from pathssl_cli.backbones import create_backbone  # noqa: E402
 from pathssl_cli.data.tiles import sample_images  # noqa: E402
 from pathssl_cli.distributed import autocast  # noqa: E402
+from pathssl_cli.fileio import write_json  # noqa: E402
 from pathssl_cli.methods import create_method  # noqa: E402
 from pathssl_cli.optim import apply_schedules, build_optimizer, build_schedules  # noqa: E402
-from pathssl_cli.runs import save_checkpoint, write_json  # noqa: E402
+from pathssl_cli.runs import save_checkpoint  # noqa: E402
 from pathssl_cli.specs import load_spec  # noqa: E402
 from pathssl_cli.specs.pretrain import view_counts  # noqa: E402
 

@@ -292,7 +292,7 @@ def export_backbone(backbone: Backbone, path: str | Path) -> Path:
     """
     from safetensors.torch import save_file
 
-    from pathssl_cli.runs import atomic_path
+    from pathssl_cli.fileio import atomic_path
 
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.timm_model.state_dict().items()}

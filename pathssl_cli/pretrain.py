@@ -356,7 +356,7 @@ def _truncate_metrics(run: RunDir, start_step: int) -> None:
 def write_json_lines(path: Path, records: list[dict[str, Any]]) -> None:
     import json
 
-    from pathssl_cli.runs import atomic_write
+    from pathssl_cli.fileio import atomic_write
 
     atomic_write(path, "".join(json.dumps(r) + "\n" for r in records))
 
@@ -373,7 +373,7 @@ def _plot_losses(run: RunDir, path: Path, title: str) -> None:
     ax.set(xlabel="step", ylabel="loss", title=f"{title} pre-training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    from pathssl_cli.runs import atomic_path
+    from pathssl_cli.fileio import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)

@@ -21,7 +21,7 @@ import numpy as np
 
 from pathssl_cli.console import info, warn
 from pathssl_cli.errors import Problem, SpecError
-from pathssl_cli.runs import atomic_path, atomic_write
+from pathssl_cli.fileio import atomic_path, atomic_write
 
 METRIC_LABELS = {
     "top1": "top-1 accuracy",

@@ -1,7 +1,5 @@
-"""Run directories, atomic writes, checkpoints and the metrics log.
-
-A partial output must never look complete: everything is written under a temporary name in the same directory,
-flushed and fsynced, then renamed (rename is atomic on POSIX file systems).
+"""Run directories, checkpoints and the metrics log, and the rule that decides whether a run directory holds
+the run a spec asks for. Writes go through `pathssl_cli.fileio` (atomic, umask-honouring).
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ import platform
 import socket
 import subprocess
 import sys
-import tempfile
 import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -26,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pathssl_cli import __version__
 from pathssl_cli.errors import PathsslError, SpecError
+from pathssl_cli.fileio import atomic_path, atomic_write, fsync_dir, json_default, write_json
 
 if TYPE_CHECKING:
     from pathssl_cli.specs.core import SpecModel
@@ -34,53 +32,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it is fsynced and renamed onto `path`, else removed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every file system allows opening a directory.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "item"):  # numpy and torch scalars
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -127,7 +78,7 @@ class MetricsLog:
     def log(self, step: int, **values: float) -> None:
         record = {"step": step, "time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **values}
         with self.path.open("a") as fh:
-            fh.write(json.dumps(record, default=_json_default) + "\n")
+            fh.write(json.dumps(record, default=json_default) + "\n")
         if self._tensorboard:
             self._open_writer()
         if self._writer is not None:
@@ -275,7 +226,7 @@ FORCE_REPLACE: contextvars.ContextVar[bool] = contextvars.ContextVar("pathssl_fo
 
 
 def _drop_keys(data: dict[str, Any], dotted: Iterable[str]) -> dict[str, Any]:
-    out = json.loads(json.dumps(data, default=_json_default))  # a deep copy with JSON's types
+    out = json.loads(json.dumps(data, default=json_default))  # a deep copy with JSON's types
     for key in dotted:
         *parents, last = key.split(".")
         table = out
@@ -334,7 +285,7 @@ def _drop_new_defaults(old: dict[str, Any], new: dict[str, Any], model: Any) -> 
         elif key not in old and field is not None and not field.is_required():
             default = field.get_default(call_default_factory=True)
             as_json = json.loads(json.dumps(default.model_dump(mode="json") if isinstance(default, BaseModel)
-                                            else default, default=_json_default))
+                                            else default, default=json_default))
             if without_none(as_json) == new[key]:
                 del new[key]
 
@@ -400,7 +351,7 @@ def claim_run_dir(spec: SpecModel, output_dir: str | Path, *, force: bool | None
         stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         aside = state.path.with_name(f"{state.path.name}.replaced-{stamp}")
         os.replace(state.path, aside)
-        _fsync_dir(state.path.parent)
+        fsync_dir(state.path.parent)
         from pathssl_cli.console import warn
 
         warn(f"{state.path} held a different run; moved it to {aside} and starting over")

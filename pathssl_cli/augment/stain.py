@@ -234,7 +234,7 @@ class StainStats:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: Path | str) -> None:
-        from pathssl_cli.runs import atomic_write
+        from pathssl_cli.fileio import atomic_write
 
         atomic_write(Path(path), json.dumps(self.to_dict(), indent=2))
 

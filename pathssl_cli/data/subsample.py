@@ -40,7 +40,8 @@ import numpy as np
 from pathssl_cli import console
 from pathssl_cli.data.datasets.base import class_permutation, count_text, describe_missing
 from pathssl_cli.errors import Problem, SpecError
-from pathssl_cli.runs import atomic_write, claim_run_dir, open_run
+from pathssl_cli.fileio import atomic_write
+from pathssl_cli.runs import claim_run_dir, open_run
 
 if TYPE_CHECKING:
     from pathssl_cli.specs.subsample import SubsampleSpec

@@ -16,11 +16,9 @@ Torch-free, so it also serves tools that only inspect a store.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pathssl_cli.errors import WorkFailed
+from pathssl_cli.fileio import exclusive_lock, temporary_folder
 from pathssl_cli.tiling.index import StoreError, index_source, is_store, read_locations
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -75,19 +74,16 @@ def _cache_root(store: Path) -> Path:
 
 @contextlib.contextmanager
 def _build_lock(root: Path) -> Iterator[None]:
-    """An exclusive flock on the cache folder (released by the kernel if the holder dies); none if unwritable."""
+    """An exclusive lock on the cache folder (flock, or an owner-named lock file where the file system has no
+    flock); none if the folder is unwritable."""
     try:
         root.mkdir(parents=True, exist_ok=True)
-        handle = open(root / ".build.lock", "a+b")
+        (root / ".build.lock").touch()
     except OSError:
         yield
         return
-    with handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    with exclusive_lock(root / ".build.lock"):
+        yield
 
 
 def _build(store: Path) -> tuple[dict[str, np.ndarray], dict]:
@@ -107,7 +103,7 @@ def _build(store: Path) -> tuple[dict[str, np.ndarray], dict]:
 def _write_cache(folder: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
     """Into a temporary folder renamed into place: concurrent ranks may race, the first rename wins."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder.parent))
+    tmp = temporary_folder(folder.parent)
     try:
         for name, array in arrays.items():
             with open(tmp / f"{name}.npy", "wb") as fh:

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from pathssl_cli.console import info, progress
 from pathssl_cli.distributed import autocast
-from pathssl_cli.runs import atomic_write, load_checkpoint, save_checkpoint
+from pathssl_cli.fileio import atomic_write
+from pathssl_cli.runs import load_checkpoint, save_checkpoint
 
 CACHE_VERSION = 2  # 2: the key holds the feature recipe
 

@@ -23,7 +23,7 @@ from torchmetrics.classification import (
     MulticlassF1Score,
 )
 
-from pathssl_cli.runs import atomic_path, atomic_write
+from pathssl_cli.fileio import atomic_path, atomic_write
 
 METRIC_NAMES = ("top1", "balanced_acc", "macro_f1", "auroc")
 

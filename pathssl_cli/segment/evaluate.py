@@ -24,7 +24,8 @@ import torch
 from pathssl_cli.console import info, track
 from pathssl_cli.distributed import resolve_device
 from pathssl_cli.errors import SpecError
-from pathssl_cli.runs import atomic_path, atomic_write, open_run
+from pathssl_cli.fileio import atomic_path, atomic_write
+from pathssl_cli.runs import open_run
 from pathssl_cli.segment import metrics as M
 from pathssl_cli.segment.datasets import PanNukeFold
 from pathssl_cli.segment.inference import PatchModel, default_trim, predict_window

@@ -28,7 +28,8 @@ import torch
 from pathssl_cli.console import info, progress
 from pathssl_cli.distributed import resolve_device
 from pathssl_cli.errors import PathsslError, SpecError, WorkFailed
-from pathssl_cli.runs import atomic_path, open_run
+from pathssl_cli.fileio import atomic_path
+from pathssl_cli.runs import open_run
 from pathssl_cli.segment.inference import PatchModel, default_trim, predict_window, tile_step
 from pathssl_cli.segment.readers import ImageReader, SlideReader, open_reader
 from pathssl_cli.segment.slide_scale import ChunkTissue, MppSlideReader, slide_metrics

@@ -287,7 +287,7 @@ def run_score(
     )
     result = {"format": fmt, "match_iou": match_iou, **result}
     if out_csv is not None:
-        from pathssl_cli.runs import atomic_write
+        from pathssl_cli.fileio import atomic_write
 
         atomic_write(out_csv, per_image_csv(result))
     print(json.dumps(_json_safe(result), indent=2) if as_json else format_table(result))

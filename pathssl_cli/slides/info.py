@@ -201,7 +201,7 @@ def write_slides_info(items: list[str], *, reader: str, as_json: bool, out_csv: 
     import click
 
     from pathssl_cli.errors import WorkFailed
-    from pathssl_cli.runs import atomic_write
+    from pathssl_cli.fileio import atomic_write
 
     if out_csv is not None and str(out_csv) == "-":
         text, rows = run_slides_info(items, reader=reader, fmt="csv")

@@ -18,7 +18,8 @@ from typing import Any
 
 from pathssl_cli.console import info
 from pathssl_cli.errors import PathsslError, Problem, SpecError, WorkFailed
-from pathssl_cli.runs import FORCE_REPLACE, atomic_write, open_run, run_state, write_json
+from pathssl_cli.fileio import atomic_write, write_json
+from pathssl_cli.runs import FORCE_REPLACE, open_run, run_state
 from pathssl_cli.study.plan import Plan, PlannedRun, build_plan
 
 #: Status words of the plan: done, failed, pending (nothing there yet), interrupted (run.json says running:

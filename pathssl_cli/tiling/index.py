@@ -29,7 +29,7 @@ import pyarrow.dataset as pa_ds
 import pyarrow.parquet as pq
 
 from pathssl_cli.errors import SpecError
-from pathssl_cli.runs import atomic_path
+from pathssl_cli.fileio import atomic_path
 
 TILE_SCHEMA = pa.schema([
     pa.field("key", pa.string(), nullable=False),  # <slide_id>_<mpp in nm>nm_<x>_<y>: the tar member stem

@@ -18,7 +18,6 @@ tasks with overlapping slide lists) from tiling the same slide at once.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -30,6 +29,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pathssl_cli.fileio import exclusive_lock
 from pathssl_cli.tiling import index
 
 _BLOCK = 512
@@ -106,21 +106,12 @@ def part_tile_counts(store_dir: Path, slide: str) -> dict[str, int]:
 def slide_lock(store_dir: Path, slide: str) -> Iterator[bool]:
     """Yields True when this process holds `slide` exclusively, False when another process is tiling it.
 
-    An advisory `flock`, released by the kernel when its holder dies (kill -9 included): two array tasks given
-    the same slide never write its shards at the same time, and a lock never outlives its process.
+    An advisory `flock` (or, where the file system has none, an owner-named lock file reclaimed when its
+    owner is gone; `pathssl_cli.fileio.exclusive_lock`): two array tasks given the same slide never write its
+    shards at the same time, and a lock never outlives its process.
     """
-    folder = store_dir / "locks"
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"{slide}.lock", "a+b") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    with exclusive_lock(store_dir / "locks" / f"{slide}.lock", blocking=False) as held:
+        yield held
 
 
 def discard_incomplete(store_dir: Path, slide: str) -> None:

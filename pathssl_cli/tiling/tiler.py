@@ -24,7 +24,8 @@ import tiffslide
 
 from pathssl_cli.console import info, progress
 from pathssl_cli.errors import SpecError, WorkFailed
-from pathssl_cli.runs import atomic_write, open_run
+from pathssl_cli.fileio import atomic_write
+from pathssl_cli.runs import open_run
 from pathssl_cli.sharding import resolve_shard
 from pathssl_cli.slides.readers import slide_readers
 from pathssl_cli.specs.tile import TileSpec, resolve_slides

@@ -11,8 +11,9 @@ import torch
 
 from pathssl_cli import specs as specs_module
 from pathssl_cli.errors import PathsslError, SpecError, WorkFailed
+from pathssl_cli.fileio import atomic_path, atomic_write
 from pathssl_cli.registry import Registry
-from pathssl_cli.runs import MetricsLog, atomic_path, atomic_write, load_checkpoint, open_run, save_checkpoint
+from pathssl_cli.runs import MetricsLog, load_checkpoint, open_run, save_checkpoint
 from pathssl_cli.specs import load_spec
 
 
