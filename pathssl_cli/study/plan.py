@@ -97,7 +97,7 @@ def _weights(entry: Any) -> Path | str:
 
 
 def _read_kind(path: Path) -> str | None:
-    from pathssl_cli.specs.core import load_with_extends
+    from pathssl_cli.specs.toml_files import load_with_extends
 
     kind = load_with_extends(path)[0].get("kind")
     return kind if isinstance(kind, str) else None
