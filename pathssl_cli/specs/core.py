@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, PrivateAttr
 
 from pathssl_cli.errors import Problem
 
+
 @dataclass(frozen=True)
 class PathMarker:
     """Marks a path field for resolution: `input` must exist, `output` is written, `pattern` is a glob."""
