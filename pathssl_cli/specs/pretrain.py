@@ -123,8 +123,9 @@ class PretrainAugment(Section):
 
 
 class PretrainOptim(Section):
-    name: Literal["lars", "sgd", "adamw"] = Field(
-        "lars", description="LARS (Barlow Twins, SwAV), SGD (MoCo v2) or AdamW (DINO).")
+    name: Literal["lars", "larc", "sgd", "adamw"] = Field(
+        "lars", description="LARS (Barlow Twins), LARC = SGD wrapped in apex's LARC (SwAV), SGD (MoCo v2) or "
+                            "AdamW (DINO).")
     lr: float = Field(
         0.2, gt=0, description="Peak lr for 256 images per step; multiplied by batch_size / 256 when "
                                "scale_lr (the linear scaling rule all four official repos use).")
@@ -145,8 +146,8 @@ class PretrainOptim(Section):
         None, ge=0, description="Weight decay at the end of a cosine schedule (DINO: 0.4); unset = constant.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD/LARS momentum; 0.9 in every official recipe.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas; torch defaults, as DINO.")
-    lars_eta: float = Field(0.001, gt=0, description="LARS trust coefficient; 0.001 in Barlow Twins and "
-                                                     "SwAV.")
+    lars_eta: float = Field(0.001, gt=0, description="LARS / LARC trust coefficient; 0.001 in Barlow Twins "
+                                                     "and SwAV.")
     no_decay_lr_scale: float = Field(
         1.0, gt=0, description="lr multiplier of biases and norms: Barlow Twins trains them at 0.0048 / 0.2 "
                                "= 0.024 of the weights' lr; 1 elsewhere.")
