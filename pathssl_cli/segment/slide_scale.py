@@ -13,11 +13,11 @@ instance map is on the prediction grid, and JSON/GeoJSON geometry is mapped back
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from pathssl_cli.console import info
@@ -33,17 +33,30 @@ class SlideScale:
     level: int  # pyramid level read
     downsample: float  # of that level relative to level 0
     scale: float  # level-0 px per prediction px
-    x0: int  # region origin in level-0 px
-    y0: int
+    x0: float  # level-0 position of the grid's origin: a level pixel's corner, level px x downsample
+    y0: float
+
+
+# Tiles decoded for one window stay cached for the next (neighbouring windows overlap) up to this many bytes.
+CACHE_BYTES = 64 * 2**20
 
 
 class MppSlideReader:
     """A level-0 region of an open slide, read on a grid of `mpp` µm/px; `read(top, left, h, w)` in grid px
-    with reflect padding at the region border, like the other segment readers."""
+    with reflect padding at the region border, like the other segment readers.
+
+    The grid lives on the chosen level's own pixels (read through `tiling.slide.LevelReader`, as `pathssl tile`
+    reads, never through a level-0 `read_region`): its origin is the level pixel nearest the region's corner
+    (`slides.readers.level_pixel`) and grid pixel (i, j) covers the level box [origin + j p, origin + (j+1) p)
+    horizontally (p = level px per grid px), so grid px g is at level-0 x0 + g * scale exactly. Read as is when p
+    is 1; else each grid pixel is computed from its exact fractional box (area mean when shrinking, bilinear at
+    its centre when enlarging), so neighbouring windows join without seams.
+    """
 
     def __init__(self, slide: Any, path: Path, region: tuple[int, int, int, int] | None, mpp: float,
                  mpp_override: float | None) -> None:
-        from pathssl_cli.tiling.slide import SlideError, choose_level, slide_mpp
+        from pathssl_cli.slides.readers import level_pixel
+        from pathssl_cli.tiling.slide import LevelReader, SlideError, choose_level, slide_mpp
 
         self.slide = slide
         try:
@@ -62,32 +75,87 @@ class MppSlideReader:
             level, downsample, grid_mpp = 0, downsamples[0], mpp
             info(f"{path.name}: level 0 is {base_mpp:.4g} µm/px, coarser than predict.mpp {mpp}: enlarging "
                  f"{base_mpp / mpp:.2f}x (bilinear)")
+        self.level = LevelReader(slide, level)
+        self.per_level_px = grid_mpp / (base_mpp * downsample)  # level px per grid px; 1 = read as is
+        self.origin = (level_pixel(x, downsample), level_pixel(y, downsample))  # in level px
         scale = grid_mpp / base_mpp
-        self.geometry = SlideScale(base_mpp, source, grid_mpp, level, downsample, scale, x, y)
+        self.geometry = SlideScale(base_mpp, source, grid_mpp, level, downsample, scale,
+                                   self.origin[0] * downsample, self.origin[1] * downsample)
         self.region_level0 = (x, y, w, h)
         self.width, self.height = max(1, round(w / scale)), max(1, round(h / scale))
 
     @property
     def to_level0(self) -> tuple[float, float, float]:
         g = self.geometry
-        return g.scale, float(g.x0), float(g.y0)
+        return g.scale, g.x0, g.y0
 
     def read(self, top: int, left: int, height: int, width: int) -> np.ndarray:
-        g = self.geometry
         t, l_ = max(top, 0), max(left, 0)
         b, r = min(top + height, self.height), min(left + width, self.width)
         if b <= t or r <= l_:
             return np.zeros((height, width, 3), np.uint8)
-        per_level_px = g.scale / g.downsample  # level px per grid px
-        size = (max(1, round((r - l_) * per_level_px)), max(1, round((b - t) * per_level_px)))
-        crop = np.asarray(self.slide.read_region((round(g.x0 + l_ * g.scale), round(g.y0 + t * g.scale)),
-                                                 g.level, size, as_array=True))[..., :3]
-        if crop.shape[:2] != (b - t, r - l_):
-            shrink = crop.shape[0] > b - t
-            crop = cv2.resize(crop, (r - l_, b - t), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        ox, oy = self.origin
+        step = self.per_level_px
+        if step == 1.0:
+            crop = self.level.read(ox + l_, oy + t, r - l_, b - t)
+        else:
+            crop = _resample(self.level, ox + l_ * step, oy + t * step, step, b - t, r - l_)
+        self.level.bound_cache(CACHE_BYTES)
         if (t, l_, b, r) == (top, left, top + height, left + width):
             return crop
         return pad_to(crop, top - t, left - l_, height, width, reflect=True)
+
+
+def _resample(level: Any, ax: float, ay: float, step: float, rows: int, cols: int) -> np.ndarray:
+    """(rows, cols, 3) uint8 grid pixels whose boxes on `level` start at (ax, ay) level px and are `step` level px
+    wide: the area mean of each box when shrinking (step > 1, OpenCV's INTER_AREA on fractional boxes), the
+    bilinear sample at each box centre when enlarging. Only the level pixels these need are read."""
+    shrink = step > 1
+    spans = []
+    for start, count, size in ((ax, cols, level.width), (ay, rows, level.height)):
+        end = start + count * step
+        if shrink:
+            lo, hi = math.floor(start), math.ceil(end)
+        else:  # the two neighbours of every centre, inside the level (edge pixels repeat there)
+            lo = min(max(math.floor(start + 0.5 * step - 0.5), 0), size - 1)
+            hi = max(min(math.floor(end - 0.5 * step - 0.5) + 2, size), lo + 1)
+        spans.append((lo, hi))
+    (x_lo, x_hi), (y_lo, y_hi) = spans
+    block = level.read(x_lo, y_lo, x_hi - x_lo, y_hi - y_lo).astype(np.float64)
+    along = _area_along if shrink else _bilinear_along
+    block = along(block, 1, ax - x_lo, step, cols)
+    block = along(block, 0, ay - y_lo, step, rows)
+    return np.clip(np.rint(block), 0, 255).astype(np.uint8)
+
+
+def _area_along(block: np.ndarray, axis: int, start: float, step: float, count: int) -> np.ndarray:
+    """Mean of `block` along `axis` over [start + j step, start + (j+1) step), pixel k covering [k, k+1): the
+    difference of the running integral (piecewise linear between pixel edges) at the box's two ends."""
+    n = block.shape[axis]
+    integral = np.cumsum(block, axis=axis)
+    integral = np.concatenate([np.zeros_like(np.take(integral, [0], axis=axis)), integral], axis=axis)
+    edges = start + step * np.arange(count + 1)
+    k = np.clip(np.floor(edges).astype(np.int64), 0, n - 1)
+    frac = _along(edges - k, axis, block.ndim)
+    at_edges = np.take(integral, k, axis=axis) + frac * np.take(block, k, axis=axis)
+    return np.diff(at_edges, axis=axis) / step
+
+
+def _bilinear_along(block: np.ndarray, axis: int, start: float, step: float, count: int) -> np.ndarray:
+    """Linear interpolation of `block` along `axis` at the centres start + (j + 0.5) step (pixel k's centre is at
+    k + 0.5), clamped to the block's edge pixels."""
+    n = block.shape[axis]
+    centres = np.clip(start + (np.arange(count) + 0.5) * step - 0.5, 0, n - 1)
+    k = np.minimum(np.floor(centres).astype(np.int64), max(n - 2, 0))
+    frac = _along(centres - k, axis, block.ndim)
+    upper = np.take(block, np.minimum(k + 1, n - 1), axis=axis)
+    return np.take(block, k, axis=axis) * (1 - frac) + upper * frac
+
+
+def _along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
+    shape = [1] * ndim
+    shape[axis] = len(values)
+    return values.reshape(shape)
 
 
 class ChunkTissue:

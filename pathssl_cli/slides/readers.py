@@ -8,9 +8,14 @@ Three readers, each the library that knows its formats best:
 Whatever the reader, the returned object answers the tiffslide/OpenSlide calls the rest of pathssl
 uses: `dimensions`, `level_count`, `level_dimensions`, `level_downsamples`, `properties`,
 `associated_images`, `read_region(location, level, size, as_array=...)` and `close()`, plus
-`reader_name`, `reader_version` (recorded in run.json and the tile store, because readers decode
-differently) and `read_level(level, x, y, width, height)`: RGB uint8 in that level's own pixels.
-A tiffslide slide is returned as the `TiffSlide` itself, so the fast tifffile paths keep working.
+`reader_name` and `reader_version` (recorded in run.json and the tile store, because readers decode
+differently). A tiffslide slide is returned as the `TiffSlide` itself, so the fast tifffile paths keep working;
+the OpenSlide and DICOM adapters add `read_level(level, x, y, width, height)`.
+
+Pixels above level 0 are read in that level's own coordinates (`tiling.slide.LevelReader`, for every reader and
+command), never through a level-0 `read_region`: tiffslide maps a level-0 location back with
+`int(loc / downsample)`, which at a real downsample (2.0003, not 2) lands one level pixel short. Level pixel x
+starts at level-0 x * downsample; a level-0 coordinate goes to the level by `level_pixel` (nearest).
 Nothing here imports torch.
 """
 
@@ -49,6 +54,12 @@ class SlideError(Exception):
 
 class MissingExtra(SlideError):
     """The reader's library is not installed."""
+
+
+def level_pixel(level0: float, downsample: float) -> int:
+    """The level pixel whose corner lies nearest to level-0 coordinate `level0`: the one rule by which every
+    reader and command goes from level 0 to a pyramid level (the way back is exact: x * downsample)."""
+    return round(level0 / downsample)
 
 
 def _version(dist: str) -> str:
@@ -110,7 +121,7 @@ class _Adapter(ABC):
                     as_array: bool = False) -> Any:
         """Like OpenSlide: `location` in level-0 pixels, `size` in pixels of `level`; RGB."""
         ds = self.level_downsamples[level]
-        rgb = self.read_level(level, round(location[0] / ds), round(location[1] / ds), size[0], size[1])
+        rgb = self.read_level(level, level_pixel(location[0], ds), level_pixel(location[1], ds), size[0], size[1])
         if as_array:
             return rgb
         from PIL import Image

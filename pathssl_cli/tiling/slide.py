@@ -183,6 +183,12 @@ class LevelReader:
         for key in [k for k in self._cache if k[0] < first_row]:
             del self._cache[key]
 
+    def bound_cache(self, max_bytes: int) -> None:
+        """For reads in no particular order (segment predict's windows): drop every cached tile once they
+        hold more than `max_bytes`, so memory stays bounded while neighbouring reads still share tiles."""
+        if sum(tile.nbytes for tile in self._cache.values()) > max_bytes:
+            self._cache.clear()
+
     def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         """RGB uint8 region at this level; pixels outside the level are white."""
         inside = x >= 0 and y >= 0 and x + width <= self.width and y + height <= self.height
