@@ -292,17 +292,17 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return found
 
 
-def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None,
-                        shard_index: int | None = None) -> dict[str, Any]:
-    """Segment every `predict.inputs` file (this process's part of them, see `pathssl_cli.sharding`); returns
-    {"outputs": [...], "instances": total}."""
+def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None, shard_index: int | None = None,
+                        split_array: bool = False) -> dict[str, Any]:
+    """Segment every `predict.inputs` file (this process's part of them, see `pathssl_cli.sharding`; torchrun
+    ranks take disjoint parts, each on its own GPU); returns {"outputs": [...], "instances": total}."""
     from pathssl_cli.segment.train import default_model_path, load_model
 
     p = spec.predict
     inputs = expand_inputs(p.inputs)
     if not inputs:
         raise SpecError(f"predict.inputs {p.inputs} matches no file; give image or slide paths or globs")
-    part = resolve_shard(num_shards, shard_index)
+    part = resolve_shard(num_shards, shard_index, array=split_array)
     inputs = part.take(inputs)
     model_path = default_model_path(spec)
     if not model_path.exists():
@@ -317,6 +317,10 @@ def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None,
     failed: list[str] = []
     used_readers: list[str] = []
     with open_run(spec, Path(spec.run.output_dir) / f"predict_run{part.suffix}", seed=spec.run.seed) as run:
+        run.record["shard"] = part.record()
+        if part.count > 1 or "array_ignored" in part.origin:
+            info(f"part {part.index + 1} of {part.count} ({part.source}): {len(inputs)} input(s)"
+                 if part.count > 1 else part.origin["array_ignored"])
         for path in inputs:
             done = output_paths(out_dir, path.stem, p.map_format)
             if all(f.exists() for f in done[:3]):
