@@ -147,26 +147,30 @@ def backbones_list(as_json: bool) -> None:
 @cli.command()
 @spec_argument
 @click.option("--num-shards", type=click.IntRange(min=1), default=None,
-              help="Split the slide list into N disjoint parts (one per machine or array job). Without it a SLURM "
-                   "job array (SLURM_ARRAY_TASK_ID/COUNT) or torchrun's RANK/WORLD_SIZE splits it.")
+              help="Split the slide list into N disjoint parts (one per machine); torchrun's ranks split each part.")
 @click.option("--shard-index", type=click.IntRange(min=0), default=None, help="Which part this process tiles.")
+@click.option("--split-array", is_flag=True,
+              help="Take this SLURM array task's part of the slides (SLURM_ARRAY_TASK_ID/COUNT). Without it an "
+                   "array task tiles every slide (an array over specs).")
 @click.option("--consolidate", is_flag=True,
               help="Afterwards write manifest.parquet + manifest.csv from all parts (once, after all array tasks).")
 def tile(spec: Path, overrides: tuple[str, ...], num_shards: int | None, shard_index: int | None,
-         consolidate: bool) -> None:
+         split_array: bool, consolidate: bool) -> None:
     """Tile whole-slide images at one or more fields of view (µm/px) into WebDataset shards + a Parquet index.
 
     \b
     Example:  pathssl tile specs/tile/tcga_two_fov.toml --set input.slides='["slides/*.svs"]'
-    SLURM:    sbatch --array=0-99 --wrap "pathssl tile spec.toml"   then once:  pathssl tile spec.toml --consolidate
+    SLURM:    sbatch --array=0-99 --wrap "pathssl tile spec.toml --split-array"
+              then once:  pathssl tile spec.toml --consolidate
     """
     from pathssl_cli.sharding import resolve_shard
 
-    resolve_shard(num_shards, shard_index)  # a bad split is exit 2 before the spec is even read
+    resolve_shard(num_shards, shard_index, array=split_array)  # a bad split is exit 2 before the spec is read
     loaded = load_command_spec(spec, overrides, "tile")
     from pathssl_cli.tiling.tiler import run_tile
 
-    run_tile(loaded, num_shards=num_shards, shard_index=shard_index, consolidate=consolidate)
+    run_tile(loaded, num_shards=num_shards, shard_index=shard_index, consolidate=consolidate,
+             split_array=split_array)
 
 
 # ------------------------------------------------------------------------------------------------- slides

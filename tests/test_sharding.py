@@ -187,3 +187,31 @@ def test_every_rank_gets_its_own_gpu(tmp_path: Path, monkeypatch: pytest.MonkeyP
                       "run.device='auto'"], check_inputs=False)
     predict.run_segment_predict(spec)
     assert devices == [torch.device("cuda:1")]
+
+
+def test_tile_splits_by_the_array_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same rule for `pathssl tile`: an array task tiles every slide unless --split-array, and run.json and
+    the part's summary say which part it took and why."""
+    import pathssl_cli.tiling.tiler as tiler
+    from pathssl_cli.specs import load_spec
+
+    slides = []
+    for i in range(3):
+        slides.append(tmp_path / f"s{i}.tif")
+        slides[-1].write_bytes(b"")
+    jobs: list[list] = []
+    monkeypatch.setattr(tiler, "_run_jobs", lambda todo, settings, workers: (jobs.append(todo), [])[1])
+    spec = tmp_path / "tile.toml"
+    spec.write_text(f'kind = "tile"\n[input]\nslides = {[str(s) for s in slides]}\n'
+                    f'[output]\ndir = "{tmp_path / "store"}"\n')
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
+    result = CliRunner().invoke(cli, ["tile", str(spec)])
+    assert result.exit_code == 0, result.output
+    assert len(jobs[-1]) == 3 and "--split-array not given" in result.output
+    run = json.loads((tmp_path / "store" / "run.json").read_text())
+    assert run["shard"]["count"] == 1 and "array_ignored" in run["shard"]
+    tiler.run_tile(load_spec(spec, (), kind="tile"), split_array=True)
+    assert [Path(p).name for p, _mpp in jobs[-1]] == ["s1.tif"]
+    part = json.loads((tmp_path / "store" / "summary-1-of-3.json").read_text())["part"]
+    assert part == {"index": 1, "count": 3, "source": "SLURM array", "array_task": {"id": 1, "part": 1, "parts": 3}}

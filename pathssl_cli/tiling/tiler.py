@@ -87,15 +87,17 @@ def _errors_csv(results: list[SlideResult]) -> str:
 
 
 def run_tile(
-    spec: TileSpec, *, num_shards: int | None = None, shard_index: int | None = None, consolidate: bool = False
+    spec: TileSpec, *, num_shards: int | None = None, shard_index: int | None = None, consolidate: bool = False,
+    split_array: bool = False,
 ) -> dict[str, Any]:
-    """Tile the spec's slides (this process's part of them, see `pathssl_cli.sharding`) into the store.
+    """Tile the spec's slides (this process's part of them, see `pathssl_cli.sharding`; `split_array`: the SLURM
+    array task's part) into the store.
 
     `consolidate`: afterwards write manifest.parquet and its CSV export from all parts; only for a process
     that covers the whole slide list (run it once after the array tasks: it skips every complete slide).
     Returns the summary.
     """
-    part = resolve_shard(num_shards, shard_index)
+    part = resolve_shard(num_shards, shard_index, array=split_array)
     if consolidate and part.count > 1:
         raise SpecError(
             f"--consolidate reads every part of the store, so it runs once, after all {part.count} parts "
@@ -128,6 +130,9 @@ def run_tile(
             f"tiling {len(jobs)} slide(s) at {settings.mpps} µm/px into {store_dir}"
             + (f" (part {index_ + 1} of {parts}, from {part.source})" if parts > 1 else "")
         )
+        if "array_ignored" in part.origin:
+            info(part.origin["array_ignored"])
+        run.record["shard"] = part.record()
         results = _run_jobs(jobs, settings, spec.run.workers)
         run.record["slide_readers"] = slide_readers(spec.input.reader, [r.reader for r in results])
         seconds = time.perf_counter() - started
@@ -153,7 +158,7 @@ def run_tile(
             "tiles_by_mpp": by_fov,
             "seconds": round(seconds, 3),
             "tiles_per_s": round(new_tiles / seconds, 1) if seconds > 0 else None,
-            "part": {"index": index_, "count": parts},
+            "part": part.record(),
             "per_slide": [asdict(r) for r in results],
         }
         atomic_write(store_dir / f"errors{suffix}.csv", _errors_csv(results))

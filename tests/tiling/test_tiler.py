@@ -334,7 +334,7 @@ def test_cli_shard_arguments(tmp_path: Path, second_slide, slide_without_mpp) ->
     ok = CliRunner().invoke(cli, ["tile", str(spec), "--num-shards", "2", "--shard-index", "1"])
     assert ok.exit_code == 0, ok.output
     summary = json.loads((tmp_path / "store" / "summary-1-of-2.json").read_text())
-    assert summary["slides"] == 1 and summary["part"] == {"index": 1, "count": 2}
+    assert summary["slides"] == 1 and summary["part"] == {"index": 1, "count": 2, "source": "arguments"}
 
 
 def test_every_opened_slide_is_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, second_slide,
