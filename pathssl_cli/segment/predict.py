@@ -31,6 +31,7 @@ from pathssl_cli.errors import PathsslError, SpecError, WorkFailed
 from pathssl_cli.fileio import atomic_path
 from pathssl_cli.runs import open_run
 from pathssl_cli.segment.inference import PatchModel, default_trim, predict_window, tile_step
+from pathssl_cli.segment.predict_names import check_sources, claim_name, unique_inputs
 from pathssl_cli.segment.readers import ImageReader, SlideReader, open_reader
 from pathssl_cli.segment.slide_scale import ChunkTissue, MppSlideReader, slide_metrics
 from pathssl_cli.sharding import resolve_shard
@@ -303,7 +304,9 @@ def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None, sha
     if not inputs:
         raise SpecError(f"predict.inputs {p.inputs} matches no file; give image or slide paths or globs")
     part = resolve_shard(num_shards, shard_index, array=split_array)
-    inputs = part.take(inputs)
+    inputs = part.take(unique_inputs(inputs))  # the whole list is checked, alike in every array task
+    out_dir = Path(spec.run.output_dir) / "predictions"
+    check_sources(out_dir, [(path, path.stem) for path in inputs])
     model_path = default_model_path(spec)
     if not model_path.exists():
         raise SpecError(f"no trained model at {model_path}: run `pathssl segment train` first or set "
@@ -312,7 +315,6 @@ def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None, sha
     precision = spec.run.precision if device.type == "cuda" else "fp32"
     model = load_model(model_path, device, channels_last=spec.run.channels_last)
     type_names = _type_names(spec, model.config.num_types)
-    out_dir = Path(spec.run.output_dir) / "predictions"
     results: list[dict[str, Any]] = []
     failed: list[str] = []
     used_readers: list[str] = []
@@ -327,6 +329,7 @@ def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None, sha
                 info(f"{path}: outputs exist, skipped (delete them to predict again)")
                 continue
             opened: ImageReader | SlideReader | None = None
+            claim_name(out_dir, path.stem, path)
             try:
                 reader: ImageReader | SlideReader | MppSlideReader
                 opened = reader = open_reader(path, p.region, p.reader)
