@@ -186,7 +186,11 @@ def slides() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per slide.")
 @click.option("--csv", "out_csv", type=click.Path(path_type=Path), default=None,
               help="Write one CSV row per slide to this file ('-' for standard output).")
-def slides_info(paths: tuple[str, ...], reader: str, as_json: bool, out_csv: Path | None) -> None:
+@click.option("--mpp-override", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Level-0 µm/px to use over the metadata's (as tile's input.mpp_override and predict's "
+                   "predict.mpp_override); the metadata's value is still shown.")
+def slides_info(paths: tuple[str, ...], reader: str, as_json: bool, out_csv: Path | None,
+                mpp_override: float | None) -> None:
     """Format, reader, levels, MPP and its source, objective, compression, associated images, size; exit 1 if
     any slide is unreadable. Reads metadata only.
 
@@ -195,7 +199,7 @@ def slides_info(paths: tuple[str, ...], reader: str, as_json: bool, out_csv: Pat
     """
     from pathssl_cli.slides.info import write_slides_info
 
-    write_slides_info(list(paths), reader=reader, as_json=as_json, out_csv=out_csv)
+    write_slides_info(list(paths), reader=reader, as_json=as_json, out_csv=out_csv, mpp_override=mpp_override)
 
 
 # ----------------------------------------------------------------------------------------------- pretrain

@@ -3,8 +3,9 @@
 A slide region is read at `predict.mpp` (default: the training data's, 0.25 µm/px for CoNSeP and PanNuke) by
 the rules `pathssl tile` uses (`tiling.slide.choose_level`): the coarsest pyramid level at least as fine as
 the target, shrunk with area interpolation, or read as is within the tile tolerance. Unlike tiling, a target
-finer than level 0 (a 20x slide for a 40x model) is allowed: level 0 is enlarged bilinearly, which is how
-HoVer-Net is applied to 20x slides, and the run says so. A slide without MPP gets tiling's error and fix.
+finer than level 0 (a 20x slide for a 40x model) is allowed up to `MAX_ENLARGE` (2.5x): level 0 is enlarged
+bilinearly, which is how HoVer-Net is applied to 20x slides, and the run says so. The slide's MPP follows the one
+rule (`slides.readers.slide_mpp`: predict.mpp_override wins over metadata); a slide without MPP gets its error.
 
 The tissue mask is `pathssl tile`'s detector (`tiling.tissue.tissue_mask`); chunks whose core holds no tissue
 are skipped (their instance-map pixels stay 0), so glass costs nothing. Outputs keep level-0 coordinates: the
@@ -37,6 +38,9 @@ class SlideScale:
     y0: float
 
 
+# Enlarging level 0 further than this is refused: HoVer-Net is applied to 20x slides by a 2x enlargement, while a
+# larger factor invents detail and, from a wrong MPP (1000 µm/px), plans a grid of petabytes.
+MAX_ENLARGE = 2.5
 # Tiles decoded for one window stay cached for the next (neighbouring windows overlap) up to this many bytes.
 CACHE_BYTES = 64 * 2**20
 
@@ -55,8 +59,8 @@ class MppSlideReader:
 
     def __init__(self, slide: Any, path: Path, region: tuple[int, int, int, int] | None, mpp: float,
                  mpp_override: float | None) -> None:
-        from pathssl_cli.slides.readers import level_pixel
-        from pathssl_cli.tiling.slide import LevelReader, SlideError, choose_level, slide_mpp
+        from pathssl_cli.slides.readers import level_pixel, slide_mpp
+        from pathssl_cli.tiling.slide import LevelReader, SlideError, choose_level
 
         self.slide = slide
         try:
@@ -73,8 +77,16 @@ class MppSlideReader:
             grid_mpp = mpp if choice.resample else choice.level_mpp  # within tolerance: read as is
         except SlideError:
             level, downsample, grid_mpp = 0, downsamples[0], mpp
+            factor = base_mpp / mpp
+            if factor > MAX_ENLARGE:
+                raise SpecError(
+                    f"level 0 is {base_mpp:.4g} µm/px (from {source}) and predict.mpp {mpp} would enlarge it "
+                    f"{factor:.2f}x ({round(w * factor)} x {round(h * factor)} px), beyond the {MAX_ENLARGE}x a "
+                    "model can sensibly be applied at (a 20x slide for a 40x model is 2x): if the slide's MPP is "
+                    "wrong, set predict.mpp_override to its level-0 µm/px; else choose a coarser predict.mpp",
+                    where=str(path)) from None
             info(f"{path.name}: level 0 is {base_mpp:.4g} µm/px, coarser than predict.mpp {mpp}: enlarging "
-                 f"{base_mpp / mpp:.2f}x (bilinear)")
+                 f"{factor:.2f}x (bilinear)")
         self.level = LevelReader(slide, level)
         self.per_level_px = grid_mpp / (base_mpp * downsample)  # level px per grid px; 1 = read as is
         self.origin = (level_pixel(x, downsample), level_pixel(y, downsample))  # in level px

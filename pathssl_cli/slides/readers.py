@@ -338,6 +338,23 @@ def metadata_mpp(slide: Any) -> tuple[float | None, str]:
     return None, "missing"
 
 
+def slide_mpp(slide: Any, override: float | None, path: Path) -> tuple[float, str]:
+    """(µm/px of level 0, where it came from): the one MPP rule of tile, segment predict and slides info.
+
+    An explicit override wins ("override"): metadata can be wrong (libvips writes 1 px/mm, i.e. 1000 µm/px, when
+    it was given no resolution). Else the slide's metadata ("metadata"); neither is a SlideError.
+    """
+    if override is not None:
+        return float(override), "override"
+    mpp, _source = metadata_mpp(slide)
+    if mpp is not None:
+        return mpp, "metadata"
+    raise SlideError(
+        f"{path.name} has no MPP (µm/px) in its metadata",
+        "set input.mpp_override, or give the slide's µm/px in an `mpp` column of a slide CSV",
+    )
+
+
 def slide_readers(requested: str, used: list[str]) -> dict[str, Any]:
     """For run.json: the reader asked for and how many slides each "<library> <version>" decoded."""
     counts: dict[str, int] = {}
