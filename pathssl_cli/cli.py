@@ -154,8 +154,10 @@ def backbones_list(as_json: bool) -> None:
                    "array task tiles every slide (an array over specs).")
 @click.option("--consolidate", is_flag=True,
               help="Afterwards write manifest.parquet + manifest.csv from all parts (once, after all array tasks).")
+@click.option("--force-reader", is_flag=True,
+              help="Continue a store tiled with another input.reader (its slides keep theirs): mixes readers.")
 def tile(spec: Path, overrides: tuple[str, ...], num_shards: int | None, shard_index: int | None,
-         split_array: bool, consolidate: bool) -> None:
+         split_array: bool, consolidate: bool, force_reader: bool) -> None:
     """Tile whole-slide images at one or more fields of view (µm/px) into WebDataset shards + a Parquet index.
 
     \b
@@ -170,7 +172,7 @@ def tile(spec: Path, overrides: tuple[str, ...], num_shards: int | None, shard_i
     from pathssl_cli.tiling.tiler import run_tile
 
     run_tile(loaded, num_shards=num_shards, shard_index=shard_index, consolidate=consolidate,
-             split_array=split_array)
+             split_array=split_array, force_reader=force_reader)
 
 
 # ------------------------------------------------------------------------------------------------- slides

@@ -58,6 +58,10 @@ class TileSettings:
             "max_white": self.max_white,
             "max_black": self.max_black,
             "jpeg_quality": self.jpeg_quality,
+            # Readers decode differently and may even pick other levels of one file (OpenSlide sees one level
+            # of the OME pyramid where tiffslide sees three); the override now replaces every slide's MPP.
+            "reader": self.reader,
+            "mpp_override": self.mpp_override,
         }
 
 
