@@ -133,41 +133,43 @@ def _resample(level: Any, ax: float, ay: float, step: float, rows: int, cols: in
             hi = max(min(math.floor(end - 0.5 * step - 0.5) + 2, size), lo + 1)
         spans.append((lo, hi))
     (x_lo, x_hi), (y_lo, y_hi) = spans
-    block = level.read(x_lo, y_lo, x_hi - x_lo, y_hi - y_lo).astype(np.float64)
-    along = _area_along if shrink else _bilinear_along
-    block = along(block, 1, ax - x_lo, step, cols)
-    block = along(block, 0, ay - y_lo, step, rows)
-    return np.clip(np.rint(block), 0, 255).astype(np.uint8)
+    block = level.read(x_lo, y_lo, x_hi - x_lo, y_hi - y_lo).astype(np.float32)
+    along = _area_rows if shrink else _bilinear_rows
+    # Separable, each pass along the first axis of a 2-D view, where gathering rows is a contiguous copy.
+    height, width = block.shape[:2]
+    out = along(block.reshape(height, width * 3), ay - y_lo, step, rows).reshape(rows, width, 3)
+    out = np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(width, rows * 3)
+    out = along(out, ax - x_lo, step, cols).reshape(cols, rows, 3).transpose(1, 0, 2)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _area_along(block: np.ndarray, axis: int, start: float, step: float, count: int) -> np.ndarray:
-    """Mean of `block` along `axis` over [start + j step, start + (j+1) step), pixel k covering [k, k+1): the
-    difference of the running integral (piecewise linear between pixel edges) at the box's two ends."""
-    n = block.shape[axis]
-    integral = np.cumsum(block, axis=axis)
-    integral = np.concatenate([np.zeros_like(np.take(integral, [0], axis=axis)), integral], axis=axis)
-    edges = start + step * np.arange(count + 1)
-    k = np.clip(np.floor(edges).astype(np.int64), 0, n - 1)
-    frac = _along(edges - k, axis, block.ndim)
-    at_edges = np.take(integral, k, axis=axis) + frac * np.take(block, k, axis=axis)
-    return np.diff(at_edges, axis=axis) / step
+def _area_rows(block: np.ndarray, start: float, step: float, count: int) -> np.ndarray:
+    """Means of the rows of `block` over [start + j step, start + (j+1) step), row k covering [k, k+1) and
+    weighted by its overlap with the box: a few taps per output row (step < 2 between pyramid levels)."""
+    n = block.shape[0]
+    lo = start + step * np.arange(count)
+    hi = lo + step
+    first = np.floor(lo).astype(np.int64)
+    out = np.zeros((count, block.shape[1]), np.float32)
+    for tap in range(math.ceil(step) + 1):
+        k = first + tap
+        overlap = np.minimum(k + 1, hi) - np.maximum(k, lo)
+        if not (overlap > 0).any():
+            break
+        weight = (np.clip(overlap, 0, None) / step).astype(np.float32)[:, None]
+        out += weight * block[np.minimum(k, n - 1)]
+    return out
 
 
-def _bilinear_along(block: np.ndarray, axis: int, start: float, step: float, count: int) -> np.ndarray:
-    """Linear interpolation of `block` along `axis` at the centres start + (j + 0.5) step (pixel k's centre is at
-    k + 0.5), clamped to the block's edge pixels."""
-    n = block.shape[axis]
+def _bilinear_rows(block: np.ndarray, start: float, step: float, count: int) -> np.ndarray:
+    """Rows of `block` interpolated linearly at the centres start + (j + 0.5) step (row k's centre is at k + 0.5),
+    clamped to the block's edge rows."""
+    n = block.shape[0]
     centres = np.clip(start + (np.arange(count) + 0.5) * step - 0.5, 0, n - 1)
     k = np.minimum(np.floor(centres).astype(np.int64), max(n - 2, 0))
-    frac = _along(centres - k, axis, block.ndim)
-    upper = np.take(block, np.minimum(k + 1, n - 1), axis=axis)
-    return np.take(block, k, axis=axis) * (1 - frac) + upper * frac
-
-
-def _along(values: np.ndarray, axis: int, ndim: int) -> np.ndarray:
-    shape = [1] * ndim
-    shape[axis] = len(values)
-    return values.reshape(shape)
+    frac = (centres - k).astype(np.float32)[:, None]
+    lower, upper = block[k], block[np.minimum(k + 1, n - 1)]
+    return lower + frac * (upper - lower)
 
 
 class ChunkTissue:
