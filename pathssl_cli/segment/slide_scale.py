@@ -88,7 +88,8 @@ class MppSlideReader:
             info(f"{path.name}: level 0 is {base_mpp:.4g} µm/px, coarser than predict.mpp {mpp}: enlarging "
                  f"{factor:.2f}x (bilinear)")
         self.level = LevelReader(slide, level)
-        self.per_level_px = grid_mpp / (base_mpp * downsample)  # level px per grid px; 1 = read as is
+        per_level = grid_mpp / (base_mpp * downsample)  # level px per grid px; 1 = read as is
+        self.per_level_px = 1.0 if abs(per_level - 1) < 1e-9 else per_level
         self.origin = (level_pixel(x, downsample), level_pixel(y, downsample))  # in level px
         scale = grid_mpp / base_mpp
         self.geometry = SlideScale(base_mpp, source, grid_mpp, level, downsample, scale,
