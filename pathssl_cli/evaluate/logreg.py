@@ -22,12 +22,14 @@ fixed C = D·K/100 (D feature dimensions, K classes) instead of a sweep; `probe.
 choice, though UNI's torch objective penalises ‖W‖ rather than ½‖W‖².
 
 The solver is scikit-learn's (scipy's Fortran L-BFGS-B on its multinomial loss) rather than torch.optim.LBFGS
-on the same objective: on a CPU it reached the same optimum 4-5× faster per fit at 2,000 × 512 features
+on the same objective: on a CPU it reached the same optimum 3-5× faster per fit at 2,000 × 512 features
 (benchmarks/linear_lbfgs.py), and it is the library the protocol was defined with (CLIP; DINOv2's cuML
 mirrors its API). Fits run on the CPU whatever `run.device` says, with BLAS on one thread, as the minibatch
-probe's loop is: at this size threads cost more than they save (27× slower with the default threads on the
-shared 2-core machine, same benchmark). A GPU solver (cuML, as DINOv2) would pay off only for training sets
-of ~10⁵ items.
+probe's loop is: at this size threads cost more than they save (20× slower with the default threads on the
+shared 2-core machine, same benchmark). The whole sweep on standardised features cost 1.4× the paper preset's
+minibatch sweep there; on raw features, whose scales spread over decades, 16× (31 of 45 fits ran to
+max_iter): `features.normalize` conditions the problem. A GPU solver (cuML, as DINOv2 uses) would pay off
+only for training sets of ~10⁵ items.
 
 L-BFGS from zero on the full batch is deterministic: every seed would give the same model, so one sweep
 serves all of them.
