@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -246,8 +247,14 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=48, help="CoNSeP tiles (256 px) per repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--noise", type=float, default=0.05, help="noise added to the ideal NP/HV maps")
-    parser.add_argument("--tiatoolbox-python", help="python of a venv with tiatoolbox (its torch pin clashes)")
-    parser.add_argument("--hovernet-python", help="python of a venv with the hover-net package (official code)")
+    parser.add_argument(
+        "--tiatoolbox-python", default=os.environ.get("PATHSSL_TIATOOLBOX_PYTHON"),
+        help="python of a venv with tiatoolbox (its torch pin clashes)"
+    )
+    parser.add_argument(
+        "--hovernet-python", default=os.environ.get("PATHSSL_HOVERNET_PYTHON"),
+        help="python of a venv with the hover-net package (official code)"
+    )
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     settle_threads()

@@ -24,6 +24,7 @@ share of the tiles' pixels that are reference tissue.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import tempfile
 import uuid
@@ -229,8 +230,14 @@ def main() -> None:
     parser.add_argument("--min-tissue", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--parallel", type=int, default=2, help="workers for each tool's parallel setting; 0: skip")
-    parser.add_argument("--tiatoolbox-python", help="python of a venv with tiatoolbox (its torch pin clashes)")
-    parser.add_argument("--histolab-python", help="python of a venv with histolab (its numpy/scipy pins clash)")
+    parser.add_argument(
+        "--tiatoolbox-python", default=os.environ.get("PATHSSL_TIATOOLBOX_PYTHON"),
+        help="python of a venv with tiatoolbox (its torch pin clashes)"
+    )
+    parser.add_argument(
+        "--histolab-python", default=os.environ.get("PATHSSL_HISTOLAB_PYTHON"),
+        help="python of a venv with histolab (its numpy/scipy pins clash)"
+    )
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--reference-png", type=Path, default=None, help="write the reference overlay here")
     args = parser.parse_args()

@@ -56,8 +56,9 @@ def tiles(batch: int) -> Any:
 def pathssl_views(method: str, preset: str, batch: int) -> dict[str, int]:
     import torch
 
+    from pathssl_cli.augment.recipes import recipe_for
     from pathssl_cli.augment.stain import fit_stain_stats
-    from pathssl_cli.augment.views import BatchViews, recipe_for
+    from pathssl_cli.augment.views import BatchViews
 
     key = ("pathssl", method, preset, batch)
     if key not in _CACHE:
@@ -68,7 +69,7 @@ def pathssl_views(method: str, preset: str, batch: int) -> dict[str, int]:
         _CACHE[key] = (BatchViews(recipe, MEAN, STD, stain=stats), tensor, torch.Generator().manual_seed(0))
     views, tensor, generator = _CACHE[key]
     out = views(tensor, generator)
-    return {"images": batch, "views": len(out)}
+    return {"images": batch, "views": len(out), "sizes": [int(v.shape[-1]) for v in out]}
 
 
 def torchvision_views(method: str, preset: str, batch: int) -> dict[str, int]:
@@ -76,7 +77,7 @@ def torchvision_views(method: str, preset: str, batch: int) -> dict[str, int]:
     import numpy as np
     from PIL import Image
 
-    from pathssl_cli.augment.views import recipe_for
+    from pathssl_cli.augment.recipes import recipe_for
 
     key = ("torchvision", method, preset, batch)
     if key not in _CACHE:
@@ -86,12 +87,10 @@ def torchvision_views(method: str, preset: str, batch: int) -> dict[str, int]:
         stain = bench.ReferenceRandStain(images, recipe.stain.p, np.random.default_rng(0)) if recipe.stain.p else None
         _CACHE[key] = (bench.per_image_pipelines(recipe, stain), [Image.fromarray(im) for im in images])
     pipelines, pil = _CACHE[key]
-    n = 0
+    sizes = []
     for image in pil:
-        for view in pipelines:
-            view(image)
-            n += 1
-    return {"images": batch, "views": n // batch}
+        sizes = [int(view(image).shape[-1]) for view in pipelines]
+    return {"images": batch, "views": len(sizes), "sizes": sizes}
 
 
 class KorniaRandStain:
@@ -149,7 +148,7 @@ def kornia_views(method: str, preset: str, batch: int) -> dict[str, int]:
     """The recipe as kornia.augmentation modules on the float batch, one pipeline per view."""
     import torch
 
-    from pathssl_cli.augment.views import recipe_for
+    from pathssl_cli.augment.recipes import recipe_for
 
     key = ("kornia", method, preset, batch)
     if key not in _CACHE:
@@ -171,7 +170,7 @@ def kornia_views(method: str, preset: str, batch: int) -> dict[str, int]:
         if stain is not None:
             view = stain(view)
         out.append(tail(view))
-    return {"images": batch, "views": len(out)}
+    return {"images": batch, "views": len(out), "sizes": [int(v.shape[-1]) for v in out]}
 
 
 def main() -> None:
