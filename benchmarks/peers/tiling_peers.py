@@ -196,19 +196,19 @@ def score(reference: np.ndarray, boxes: list[list[int]]) -> dict[str, float]:
 
 def write_reference_png(path: str, reference: np.ndarray, target: Path, boxes: list[list[int]] | None = None
                         ) -> None:
-    """Thumbnail (1/4) with the reference tissue outlined in blue and, if given, tiles in green: for checking."""
+    """Thumbnail (1/4) beside the same with the reference tissue tinted blue and, if given, tiles outlined in
+    green: for checking the reference by eye."""
     import cv2
     import tiffslide
 
     with tiffslide.TiffSlide(path) as slide:
         thumb = np.asarray(slide.get_thumbnail((slide.dimensions[0] // 4, slide.dimensions[1] // 4)).convert("RGB"))
-    small = cv2.resize(reference.astype(np.uint8), (thumb.shape[1], thumb.shape[0]), interpolation=cv2.INTER_NEAREST)
-    image = np.ascontiguousarray(thumb[..., ::-1])
-    contours, _ = cv2.findContours(small, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
-    cv2.drawContours(image, contours, -1, (255, 0, 0), 1)
+    size = (thumb.shape[1], thumb.shape[0])
+    share = cv2.resize(reference.astype(np.float32), size, interpolation=cv2.INTER_AREA)[..., None]
+    tinted = (thumb * (1 - 0.6 * share) + np.array([0, 0, 255]) * 0.6 * share).astype(np.uint8)
     for x, y, extent in boxes or []:
-        cv2.rectangle(image, (x // 4, y // 4), ((x + extent) // 4 - 1, (y + extent) // 4 - 1), (0, 160, 0), 1)
-    cv2.imwrite(str(target), image)
+        cv2.rectangle(tinted, (x // 4, y // 4), ((x + extent) // 4 - 1, (y + extent) // 4 - 1), (0, 160, 0), 1)
+    cv2.imwrite(str(target), np.concatenate([thumb, tinted], axis=1)[..., ::-1])
 
 
 def main() -> None:
@@ -268,8 +268,6 @@ def main() -> None:
     common = {"slides": slides, "mpp": args.mpp, "size": args.tile, "min_tissue": args.min_tissue,
               "out_root": str(workdir)}
     references = {s: reference_tissue(s) for s in slides}
-    if args.reference_png:
-        write_reference_png(slides[0], references[slides[0]], args.reference_png)
     settings = [(1, contenders)]
     if args.parallel > 1:
         settings.append((args.parallel, contenders))
@@ -278,6 +276,8 @@ def main() -> None:
         live = [c for c in group if series[c.label].result is not None]
         ours = series["pathssl"]
         ours.result = pathssl_boxes(ours.result["store"], args.mpp, args.tile)
+        if args.reference_png and workers == 1:
+            write_reference_png(slides[0], references[slides[0]], args.reference_png, ours.result[slides[0]])
         n_ours = sum(len(v) for v in ours.result.values())
         rows = []
         for c in live:
