@@ -224,7 +224,7 @@ def main() -> None:
     )
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--slides", nargs="+", default=None, help="default: the SVS in ../shared/data/wsi")
+    parser.add_argument("--slides", nargs="+", default=None, help="default: the two slides in ../shared/data/wsi")
     parser.add_argument("--mpp", type=float, default=0.5)
     parser.add_argument("--tile", type=int, default=224)
     parser.add_argument("--min-tissue", type=float, default=0.5)
@@ -242,7 +242,7 @@ def main() -> None:
     parser.add_argument("--reference-png", type=Path, default=None, help="write the reference overlay here")
     args = parser.parse_args()
     settle_threads()
-    slides = args.slides or [str(SHARED_WSI / "CMU-1-Small-Region.svs")]
+    slides = args.slides or [str(p) for p in sorted(SHARED_WSI.glob("CMU-1-Small-Region*"))]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="pathssl_peers_tiling_"))
     workdir.mkdir(parents=True, exist_ok=True)
 

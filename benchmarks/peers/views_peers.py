@@ -189,7 +189,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--methods", default="dino,swav,mocov2,barlow_twins")
-    parser.add_argument("--presets", default="pathology,original")
+    parser.add_argument("--presets", default="pathology", help="pathology (the paper's) and/or original")
     args = parser.parse_args()
     import torch
 
@@ -204,7 +204,9 @@ def main() -> None:
         print(line)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread; batch {args.batch} tiles of 224 px; "
           f"median of {args.repeats} interleaved repeats")
-    rows = []
+    header = ["method", "preset", "views/image"] + [f"{c.label} img/s (wall / CPU)" for c in contenders]
+    header += [f"pathssl / {c.label} (wall / CPU, range)" for c in contenders[1:]]
+    print_table(header, [])  # rows follow as they are measured
     for method in args.methods.split(","):
         for preset in args.presets.split(","):
             series = interleave(contenders, args.repeats, method=method, preset=preset, batch=args.batch)
@@ -217,11 +219,8 @@ def main() -> None:
                 wall = paired_ratio(ours, series[c.label], 1, 1)
                 cpu = paired_ratio(ours, series[c.label], 1, 1, clock="cpu")
                 row.append(f"{wall[0]:.2f}x / {cpu[0]:.2f}x ({min(wall[1], cpu[1]):.2f}-{max(wall[2], cpu[2]):.2f})")
-            rows.append(row)
-            print(f"  {method}/{preset} done; {load_average()}", flush=True)
-    header = ["method", "preset", "views/image"] + [f"{c.label} img/s (wall / CPU)" for c in contenders]
-    header += [f"pathssl / {c.label} (wall / CPU, range)" for c in contenders[1:]]
-    print_table(header, rows)
+            print("| " + " | ".join(row) + " |", flush=True)
+    print(load_average() + " (after)")
 
 
 if __name__ == "__main__":
