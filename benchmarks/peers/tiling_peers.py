@@ -11,7 +11,8 @@ Each tool is asked for what a user would write: 0.5 µm/px (TIAToolbox `resoluti
 on a grid with no overlap, a tile kept when at least half of it is tissue by the tool's own mask (pathssl
 `min_tissue`, TIAToolbox `min_mask_ratio`, LazySlide `background_fraction = 1 - 0.5`, histolab
 `tissue_percent`). Peers are timed delivering tiles as pixels in memory (TIAToolbox, LazySlide) or writing them
-the way they do (histolab, JPEG via PIL); pathssl is timed writing JPEG shards and its index, so it does more.
+the way they do (histolab: RGBA PNG files via PIL, its default); pathssl is timed writing JPEG shards and its
+index (and QC thumbnails, its default), so it does more.
 
 Tile counts differ by each tool's tissue rule, so every tool's tiles are scored against one reference: tissue =
 pixels with an optical density of at least 0.15 in some channel (OD = -log10(I / 255), I the 8-bit level-0
@@ -143,7 +144,8 @@ def lazyslide_tile(slides: list[str], mpp: float, size: int, min_tissue: float, 
 def histolab_tile(slides: list[str], mpp: float, size: int, min_tissue: float, workers: int, out_root: str
                   ) -> dict[str, Any] | None:
     """histolab: `GridTiler(check_tissue=True, tissue_percent=...)` over `TissueMask()` (all tissue, not its
-    default biggest-tissue box), tiles saved as JPEG. Level 0 (it tiles levels, not µm/px). No parallel option."""
+    default biggest-tissue box), tiles saved as its default PNG (its tiles are RGBA, which
+    PIL cannot write as JPEG). Level 0 (it tiles levels, not µm/px). No parallel option."""
     if workers > 1:
         return None
     from histolab.masks import TissueMask
@@ -155,10 +157,10 @@ def histolab_tile(slides: list[str], mpp: float, size: int, min_tissue: float, w
         folder = _fresh(out_root)
         slide = Slide(path, processed_path=str(folder))
         tiler = GridTiler(tile_size=(size, size), level=0, check_tissue=True, tissue_percent=100 * min_tissue,
-                          pixel_overlap=0, prefix="", suffix=".jpg")
+                          pixel_overlap=0, prefix="", suffix=".png")
         tiler.extract(slide, extraction_mask=TissueMask())
         found = []
-        for name in (p.name for p in folder.rglob("*.jpg")):
+        for name in (p.name for p in folder.rglob("*.png")):
             x0, y0, x1, _y1 = map(int, re.findall(r"(\d+)-(\d+)-(\d+)-(\d+)", name)[0])
             found.append([x0, y0, x1 - x0])
         tiles[path] = sorted(found, key=lambda t: (t[1], t[0]))
