@@ -35,7 +35,8 @@ def cli(force: bool, threads: int | None) -> None:
     if force:
         from pathssl_cli.runs import FORCE_REPLACE
 
-        FORCE_REPLACE.set(True)
+        token = FORCE_REPLACE.set(True)  # for this invocation only (a library caller may invoke the CLI twice)
+        click.get_current_context().call_on_close(lambda: FORCE_REPLACE.reset(token))
     if threads is not None:
         limit_cpu_threads(threads)
 

@@ -316,7 +316,8 @@ def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None,
     results: list[dict[str, Any]] = []
     failed: list[str] = []
     used_readers: list[str] = []
-    with open_run(spec, Path(spec.run.output_dir) / f"predict_run{part.suffix}", seed=spec.run.seed) as run:
+    with open_run(spec, Path(spec.run.output_dir) / f"predict_run{part.suffix}", command="segment predict",
+                  seed=spec.run.seed) as run:
         for path in inputs:
             done = output_paths(out_dir, path.stem, p.map_format)
             if all(f.exists() for f in done[:3]):
