@@ -77,7 +77,13 @@ def spec_validate(files: tuple[Path, ...], overrides: tuple[str, ...], no_input_
                 kind = validate_partial(file, overrides)
                 what = f"partial {kind} base" if kind else "partial base without a kind"
             else:
-                what = getattr(load_spec(file, overrides, check_inputs=not no_input_check), "kind", "?")
+                loaded = load_spec(file, overrides, check_inputs=not no_input_check)
+                what = getattr(loaded, "kind", "?")
+                if what == "study" and not no_input_check:  # the grid is checked by the planner
+                    from pathssl_cli.study import plan_problems
+
+                    if problems := plan_problems(loaded):  # type: ignore[arg-type]
+                        raise SpecError(problems)
         except SpecError as exc:
             failed += 1
             click.echo(f"invalid: {file}\n" + "\n".join(f"  {p}" for p in exc.problems), err=True)
