@@ -149,7 +149,9 @@ INPUTS: dict[str, Inputs] = {
     "linear": _CLASSIFICATION,
     "knn": _CLASSIFICATION,
     "finetune": _CLASSIFICATION,
-    "subsample": Inputs(data=("data.root", "images.root")),
+    "subsample": Inputs(data=("data.root", "images.root"),
+                        ignored={"data.train_subset": "subsets are drawn from the whole train split, never from "
+                                                      "another subset (data.subsets)"}),
     "segment train": Inputs(
         content=("model.weights", "data.subset"), data=("data.train",),
         ignored={"data.val": "scored for the loss curve only; the model does not depend on it",

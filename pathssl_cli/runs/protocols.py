@@ -24,6 +24,9 @@ HISTORY: dict[str, dict[int, str]] = {
         2: "ac9c567: DINO exports its EMA teacher (was the student); RandStainNA std_hyper defaults to -0.3; "
            "initial weights from a DINO checkpoint take its teacher",
         3: "85d55ad: Barlow Twins under DDP uses the official raw all_reduce gradient by default",
+        4: "c55a39d: the 'pathology' preset's RandStainNA draws templates from a Gaussian mixture (was one Gaussian)",
+        5: "808d81b: weight decay and LARS/LARC follow each method's official code (SwAV: LARC over every "
+           "parameter; MoCo v2 and SwAV decay biases and norms)",
     },
     "linear": {
         1: "4c50b7a: pooled features; a DINO checkpoints/last.pt was evaluated through its student",

@@ -227,3 +227,45 @@ def test_training_resumes_by_its_narrower_rule_but_not_onto_replaced_weights(inp
     export_backbone(create_backbone("resnet_tiny", img_size=32), weights)
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and "model.weights" in result.output and "--force" in result.output, result.output
+
+
+def _input_fields(model: type, prefix: str = "") -> list[str]:
+    """Dotted names of every input-path field of a spec model class, nested sections included."""
+    from pydantic import BaseModel
+
+    from pathssl_cli.specs.core import PathMarker
+    from pathssl_cli.specs.paths import _marker_of
+
+    def models(annotation: Any) -> list[type]:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return [annotation]
+        return [m for arg in getattr(annotation, "__args__", ()) for m in models(arg)]
+
+    found = []
+    for name, info in model.model_fields.items():  # type: ignore[attr-defined]
+        marker = next((m for m in info.metadata if isinstance(m, PathMarker)), None) or _marker_of(info.annotation)
+        if marker is not None and marker.kind == "input":
+            found.append(prefix + name)
+        for child in models(info.annotation):
+            found += _input_fields(child, f"{prefix}{name}.")
+    return found
+
+
+@pytest.mark.parametrize(("kind", "commands"), [
+    ("pretrain", ["pretrain"]), ("linear", ["linear"]), ("knn", ["knn"]), ("finetune", ["finetune"]),
+    ("subsample", ["subsample"]), ("segment", ["segment train", "segment eval", "segment predict"])])
+def test_every_input_field_is_fingerprinted_or_said_not_to_matter(kind: str, commands: list[str]) -> None:
+    """A new input field is a new way for a result to go stale: each command must fingerprint it or say why
+    its result does not depend on it (runs.fingerprints.INPUTS)."""
+    from pathssl_cli.runs.fingerprints import INPUTS
+    from pathssl_cli.runs.protocols import protocol_version
+    from pathssl_cli.specs import spec_model
+
+    fields = _input_fields(spec_model(kind))
+    assert fields
+    for command in commands:
+        inputs = INPUTS[command]
+        declared = {*inputs.content, *inputs.data, *inputs.ignored}
+        assert set(fields) <= declared, (command, set(fields) - declared)
+        assert declared <= set(fields), (command, declared - set(fields))  # no stale names either
+        assert protocol_version(command) is not None
