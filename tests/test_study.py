@@ -216,6 +216,8 @@ def test_weights_replaced_at_the_same_path_rerun_the_runs_that_used_them(data: P
     export_backbone(create_backbone("resnet_tiny", img_size=32), weights)
     found = statuses(path)
     assert found["linear__cnn__all__seed0"] == "stale"
+    code, output = study(str(path), "--report-only")  # the stale result is not reported as the study's
+    assert code == 1 and "linear__cnn__all__seed0: left out of the report, stale (model.weights" in output
     code, output = study(str(path), "--index", "3")  # the study's own run: rerun without --force
     assert code == 0, output
     assert "linear__cnn__all__seed0: rerunning" in output and "model.weights" in output

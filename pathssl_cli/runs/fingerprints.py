@@ -23,11 +23,9 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pathssl_cli.runs.protocols import protocol_version, why_version
-
-Kind = Literal["content", "data"]
 
 #: Where `segment train` writes the trained model that `segment eval` and `predict` read by default.
 SEGMENT_MODEL_FILE = "model.pt"
@@ -102,8 +100,8 @@ def listing_digest(folder: str | Path) -> str:
     return f"listing:{total:064x}:{count}"
 
 
-def path_fingerprint(path: Path, kind: Kind) -> str:
-    """A file: `sha256:<hex>`; a data folder: its listing; `missing` when nothing is there."""
+def path_fingerprint(path: Path) -> str:
+    """A file: `sha256:<hex>`; a folder: its listing (never its files' bytes); `missing` when nothing is there."""
     try:
         if path.is_dir():
             return listing_digest(path)
@@ -132,8 +130,9 @@ def _segment_eval_value(spec: Any, name: str) -> Any:
 
 @dataclass(frozen=True)
 class Inputs:
-    """The inputs of one command's result: files by content, data folders by listing, and the input-path
-    fields of its spec kind that do not change its result (`ignored`: field -> why)."""
+    """The inputs of one command's result (`content`: files such as weights and subset lists; `data`: data
+    folders, or a data file), and the input-path fields of its spec kind that do not change its result
+    (`ignored`: field -> why). Either way a file is fingerprinted by its bytes and a folder by its listing."""
 
     content: tuple[str, ...] = ()
     data: tuple[str, ...] = ()
@@ -180,11 +179,10 @@ def input_fingerprints(spec: Any, command: str) -> dict[str, Any] | None:
         return None
     found: dict[str, Any] = {"protocol": version}
     inputs = INPUTS.get(command, Inputs())
-    for kind, names in (("content", inputs.content), ("data", inputs.data)):
-        for name in names:
-            paths = list(_paths(inputs.value(spec, name)))
-            if paths:
-                found[name] = " + ".join(path_fingerprint(p, kind) for p in paths)  # type: ignore[arg-type]
+    for name in (*inputs.content, *inputs.data):
+        paths = list(_paths(inputs.value(spec, name)))
+        if paths:
+            found[name] = " + ".join(path_fingerprint(p) for p in paths)
     return found
 
 

@@ -28,7 +28,12 @@ def _column(run: PlannedRun, variant: str | None = None) -> str:
 
 def run_results(run: PlannedRun) -> list[Result]:
     """The results of one finished run; [] for one not done (unfinished, failed, stale or of another spec)."""
-    if run.kind == "subsample" or run_status(run).word != "done" or run.backbone is None:
+    if run.kind == "subsample" or run.backbone is None:
+        return []
+    status = run_status(run)
+    if status.word in ("stale", "changed"):  # its metrics.json is there, but not the result of this study
+        warn(f"{run.name}: left out of the report, {status.word} ({'; '.join(status.changes[:2])}); rerun the study")
+    if status.word != "done":
         return []
     path = run.output_dir / "metrics.json"
     try:
