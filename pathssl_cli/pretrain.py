@@ -233,6 +233,18 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
 def _open_stream(spec: PretrainSpec, rank: int, world: int, local_batch: int) -> TileStream:
     """This rank's tile stream; every tile is brought to `data.tile_size` (unset: the first source's first
     tile's side) before the views crop and resize it."""
+    if spec.data.mpp_weights:
+        from pathssl_cli.tiling.index import is_store
+
+        # A folder's tiles carry no µm/px, so no weighted field of view would ever select them: refuse rather
+        # than train on the stores alone while the spec lists the folder.
+        folders = [str(source) for source in spec.data.tiles if not is_store(Path(source))]
+        if folders:
+            raise SpecError(
+                f"data.mpp_weights samples tiles by field of view, but the image folder(s) {', '.join(folders)} "
+                "in data.tiles have no µm/px, so none of their tiles would be drawn. Remove data.mpp_weights "
+                "(every tile is then drawn in proportion), drop the folder(s) from data.tiles, or tile their "
+                "slides with `pathssl tile` to get a store with fields of view")
     try:
         tile_side = spec.data.tile_size or first_tile_side(spec.data.tiles)
         return TileStream(list(spec.data.tiles), image_size=int(tile_side),

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, PrivateAttr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from pathssl_cli.errors import Problem
+from pathssl_cli.normalization import Normalization
 
 
 @dataclass(frozen=True)
@@ -66,3 +67,23 @@ class SpecModel(Section):
     def check_inputs(self) -> list[Problem]:
         """Checks that need resolved paths (globs that match nothing, CSV columns, ...); run before any work."""
         return []
+
+
+class ExplicitNormalization(Section):
+    """Input statistics given by hand, for weights whose release states them (e.g. a timm model card)."""
+
+    mean: tuple[float, float, float] = Field(
+        description="Per-channel mean (R, G, B) of inputs scaled to [0, 1]; e.g. [0.5, 0.5, 0.5] for timm's "
+        "vit_small_patch16_224.augreg release.")
+    std: tuple[float, float, float] = Field(
+        description="Per-channel standard deviation (R, G, B) of inputs scaled to [0, 1]; must be positive.")
+
+    @model_validator(mode="after")
+    def _positive_std(self) -> ExplicitNormalization:
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive per channel, got {list(self.std)}")
+        return self
+
+
+NormalizationSpec = Union[Normalization, ExplicitNormalization]  # noqa: UP007 - kept as one named alias
+"""model.normalization: 'auto' | 'imagenet' | 'lunit_tcga' | 'timm', or {mean = [r, g, b], std = [r, g, b]}."""

@@ -11,6 +11,7 @@ from pathssl_cli.errors import Problem
 from pathssl_cli.specs.core import (
     BackboneName,
     InputPath,
+    NormalizationSpec,
     OutputPath,
     PathPattern,
     Section,
@@ -75,10 +76,11 @@ class SegmentModel(Section):
         description="Encoder weights: 'random' or a local file (e.g. a "
         "`pathssl pretrain` export); never downloaded.",
     )
-    normalization: Literal["auto", "imagenet", "lunit_tcga"] = Field(
+    normalization: NormalizationSpec = Field(
         default="auto",
-        description="Input normalisation stats: 'auto' takes those stored with a pathssl export, else "
-        "ImageNet's; 'lunit_tcga' for Lunit's released weights, which carry none.",
+        description="Input normalisation stats: 'auto' takes those stored with a pathssl export (or a timm "
+        "release's config.json), else ImageNet's; 'lunit_tcga' for Lunit's released weights, which carry none; "
+        "'timm' for the architecture's default timm release; or {mean = [...], std = [...]}.",
     )
     mode: Literal["original", "fast", "same"] = Field(
         default="fast",
@@ -257,8 +259,9 @@ class SegmentPredict(Section):
     mpp_override: float | None = Field(
         default=None,
         gt=0,
-        description="Level-0 µm/px for slides whose metadata has none (as `pathssl tile`'s "
-        "input.mpp_override); metadata wins where present. None = such slides fail with a clear error.",
+        description="Level-0 µm/px of every slide, winning over its metadata's MPP (as `pathssl tile`'s "
+        "input.mpp_override; recorded as the MPP's source). None = the metadata's MPP; a slide without one "
+        "fails with a clear error.",
     )
     tissue_only: bool = Field(
         default=True,

@@ -34,7 +34,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from pathssl_cli.specs.core import BackboneName, OutputPath, PathMarker, Section, SpecModel
+from pathssl_cli.specs.core import BackboneName, NormalizationSpec, OutputPath, PathMarker, Section, SpecModel
 
 GridPath = Annotated[Path, PathMarker("output")]
 """An input file resolved against the spec file like every path, but checked for existence by the grid check
@@ -119,9 +119,9 @@ class BackboneEntry(Section):
         default="random",
         description="'random', a local weights file, or a `pathssl pretrain` run directory (its "
         "backbone.safetensors is used). Never downloaded.")
-    normalization: Literal["auto", "imagenet", "lunit_tcga"] | None = Field(
-        default=None, description="Overrides model.normalization of every spec (Lunit's release: 'lunit_tcga'); "
-                                  "unset keeps each spec's own.")
+    normalization: NormalizationSpec | None = Field(
+        default=None, description="Overrides model.normalization of every spec (Lunit's release: 'lunit_tcga'; "
+                                  "timm's ImageNet ViT-S/16: 'timm'); unset keeps each spec's own.")
 
     @field_validator("name")
     @classmethod

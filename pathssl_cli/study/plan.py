@@ -76,6 +76,8 @@ def toml_value(value: Any) -> str:
     """A value as TOML text for `--set` (strings in JSON's escapes, which TOML basic strings share)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if hasattr(value, "model_dump"):  # a spec table, e.g. model.normalization = {mean = [...], std = [...]}
+        return toml_value(value.model_dump(mode="json"))
     if isinstance(value, str | Path):
         return json.dumps(str(value))
     if isinstance(value, dict):

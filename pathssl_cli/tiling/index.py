@@ -1,7 +1,7 @@
 """The tile store's index: one Parquet schema that `pathssl tile` writes and every reader reads.
 
     store/parts/<slide_id>.parquet    one row per tile of one slide; its presence marks the slide complete
-    store/slides/<slide_id>.parquet   one row per slide: path, MPP, size, the reader that opened it
+    store/slides/<slide_id>.parquet   one row per slide: path, MPP and its source, size, the reader that opened it
     store/manifest.parquet            every part in one file: written only on request (`pathssl tile --consolidate`)
     store/manifest.csv                the same as CSV, an export for spreadsheets; never read back
 
@@ -57,6 +57,7 @@ SLIDE_SCHEMA = pa.schema([
     pa.field("reader_version", pa.string()),
     pa.field("tiles", pa.int64()),
     pa.field("tiled_at", pa.string()),  # UTC, ISO 8601
+    pa.field("mpp_source", pa.string()),  # metadata | override | csv; empty in stores written before it existed
 ])
 TILE_COLUMNS = tuple(TILE_SCHEMA.names)
 CONSOLIDATED = "manifest.parquet"
