@@ -138,13 +138,24 @@ class Inputs:
     data: tuple[str, ...] = ()
     ignored: dict[str, str] = field(default_factory=dict)
     value: Callable[[Any, str], Any] = _dotted
+    beside: Callable[[Any], dict[str, Path]] | None = None  # files read because of a field, not named by one
 
 
-_CLASSIFICATION = Inputs(content=("model.weights", "data.train_subset"), data=("data.root",))
+def _release_config(spec: Any) -> dict[str, Path]:
+    """A timm release's config.json beside the weights file: model.normalization = 'auto' takes its mean/std
+    (backbones.resolve_normalization), so adding, editing or removing it changes the result."""
+    weights = spec.model.weights
+    if str(weights) == "random" or str(getattr(spec.model, "normalization", "auto")) != "auto":
+        return {}
+    return {"model.weights config.json": Path(weights).parent / "config.json"}
+
+
+_CLASSIFICATION = Inputs(content=("model.weights", "data.train_subset"), data=("data.root",), beside=_release_config)
 _TRAINED_MODEL = "in the trained model's sha256 (model.checkpoint)"
 
 INPUTS: dict[str, Inputs] = {
-    "pretrain": Inputs(content=("model.weights", "augment.stain_statistics"), data=("data.tiles",)),
+    "pretrain": Inputs(content=("model.weights", "augment.stain_statistics"), data=("data.tiles",),
+                       beside=_release_config),
     "linear": _CLASSIFICATION,
     "knn": _CLASSIFICATION,
     "finetune": _CLASSIFICATION,
@@ -152,7 +163,7 @@ INPUTS: dict[str, Inputs] = {
                         ignored={"data.train_subset": "subsets are drawn from the whole train split, never from "
                                                       "another subset (data.subsets)"}),
     "segment train": Inputs(
-        content=("model.weights", "data.subset"), data=("data.train",),
+        content=("model.weights", "data.subset"), data=("data.train",), beside=_release_config,
         ignored={"data.val": "scored for the loss curve only; the model does not depend on it",
                  "data.test": "read by segment eval", "model.checkpoint": "read by segment eval and predict"}),
     "segment eval": Inputs(
@@ -183,6 +194,8 @@ def input_fingerprints(spec: Any, command: str) -> dict[str, Any] | None:
         paths = list(_paths(inputs.value(spec, name)))
         if paths:
             found[name] = " + ".join(path_fingerprint(p) for p in paths)
+    for name, path in (inputs.beside(spec) if inputs.beside else {}).items():
+        found[name] = path_fingerprint(path)
     return found
 
 

@@ -95,6 +95,22 @@ def test_an_image_added_to_the_data_folder_makes_the_run_stale(inputs: dict[str,
     assert state.status == "stale" and any(c.startswith("data.root") for c in state.changes), state
 
 
+def test_a_release_config_beside_the_weights_is_an_input(inputs: dict[str, Path], tmp_path: Path) -> None:
+    """model.normalization = 'auto' reads a timm release's config.json beside the weights: adding one changes
+    the inputs' statistics, so the run is stale."""
+    import shutil
+
+    p = dict(inputs, weights=tmp_path / "w" / "model.safetensors")
+    p["weights"].parent.mkdir()
+    shutil.copy(inputs["weights"], p["weights"])
+    spec = linear_spec(p, tmp_path / "run")
+    finished_run(spec, tmp_path / "run")
+    config = {"pretrained_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}
+    (p["weights"].parent / "config.json").write_text(json.dumps(config))
+    state = run_state(spec, tmp_path / "run")
+    assert state.status == "stale" and any("config.json" in c for c in state.changes), state
+
+
 def test_a_run_json_without_fingerprints_is_an_old_run(inputs: dict[str, Path], tmp_path: Path) -> None:
     """A run recorded before pathssl fingerprinted its inputs (or versioned its protocols) cannot be checked: a
     ViT linear run from before [features] existed computed pooled CLS features that the preset no longer means."""
