@@ -35,7 +35,8 @@ def cli(force: bool, threads: int | None) -> None:
     if force:
         from pathssl_cli.runs import FORCE_REPLACE
 
-        FORCE_REPLACE.set(True)
+        token = FORCE_REPLACE.set(True)  # for this invocation only (a library caller may invoke the CLI twice)
+        click.get_current_context().call_on_close(lambda: FORCE_REPLACE.reset(token))
     if threads is not None:
         limit_cpu_threads(threads)
 
@@ -76,7 +77,13 @@ def spec_validate(files: tuple[Path, ...], overrides: tuple[str, ...], no_input_
                 kind = validate_partial(file, overrides)
                 what = f"partial {kind} base" if kind else "partial base without a kind"
             else:
-                what = getattr(load_spec(file, overrides, check_inputs=not no_input_check), "kind", "?")
+                loaded = load_spec(file, overrides, check_inputs=not no_input_check)
+                what = getattr(loaded, "kind", "?")
+                if what == "study" and not no_input_check:  # the grid is checked by the planner
+                    from pathssl_cli.study import plan_problems
+
+                    if problems := plan_problems(loaded):  # type: ignore[arg-type]
+                        raise SpecError(problems)
         except SpecError as exc:
             failed += 1
             click.echo(f"invalid: {file}\n" + "\n".join(f"  {p}" for p in exc.problems), err=True)

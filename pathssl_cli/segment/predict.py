@@ -318,7 +318,8 @@ def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None, sha
     results: list[dict[str, Any]] = []
     failed: list[str] = []
     used_readers: list[str] = []
-    with open_run(spec, Path(spec.run.output_dir) / f"predict_run{part.suffix}", seed=spec.run.seed) as run:
+    with open_run(spec, Path(spec.run.output_dir) / f"predict_run{part.suffix}", command="segment predict",
+                  seed=spec.run.seed) as run:
         run.record["shard"] = part.record()
         if part.count > 1 or "array_ignored" in part.origin:
             info(f"part {part.index + 1} of {part.count} ({part.source}): {len(inputs)} input(s)"
