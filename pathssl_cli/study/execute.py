@@ -130,7 +130,7 @@ def run_plan(plan: Plan, indices: list[int], *, force: bool) -> list[tuple[Plann
                 continue
             verb = {"failed": "retrying", "interrupted": "resuming", "changed": "replacing"}.get(status.word,
                                                                                                    "running")
-            if status.word == "stale":
+            if status.word == "stale" or (status.word == "changed" and status.stale):  # "changed" only when forced
                 verb = _set_aside(run, status)
             info(f"[{index}] {run.name}: {verb} ...")
             started = time.monotonic()
@@ -155,7 +155,8 @@ def run_plan(plan: Plan, indices: list[int], *, force: bool) -> list[tuple[Plann
 def _set_aside(run: PlannedRun, status: Status) -> str:
     """Move a stale run's directories aside (the study made them, so it replaces them as --force would)."""
     moved = [f"{path} → {move_aside(path).name}" for path in status.stale if path.exists()]
-    return (f"rerunning, its inputs changed ({'; '.join(status.changes[:3])}); moved aside: {', '.join(moved)}")
+    why = "its inputs changed" if status.word == "stale" else "forced"
+    return f"rerunning, {why} ({'; '.join(status.changes[:3])}); moved aside: {', '.join(moved)}"
 
 
 def _write_plan_record(plan: Plan, outcome: dict[str, dict[str, Any]]) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -115,16 +114,18 @@ def _csv_row(protocol: str, metric: str, row: str, column: str, c: StudyCell, re
 
 
 def _provenance_lines(plan: Plan) -> list[str]:
+    """What made each row's backbones: its pre-training (spec, overrides, seeds, run folders) or weights."""
     lines = ["## Backbones", "", "| backbone | architecture | weights | seeds (replicates) |", "|---|---|---|---|"]
-    notes = []
     for item in provenance(plan):
         seeds = ", ".join(str(s) for s in item["seeds"])
-        lines.append(f"| {item['backbone']} | {item['architecture']} | {item['weights']} | {seeds} |")
+        weights = item["weights"]
         if "spec" in item:
-            sets = " ".join(f"--set {shlex.quote(s)}" for s in item["set"]) or "(no overrides)"
-            notes.append(f"- {item['backbone']}: `pathssl pretrain {item['spec']} {sets}` with run.seed = s, in "
-                         f"`{item['runs']}` (paths relative to the study spec)")
-    return [*lines, "", *notes, ""] if notes else [*lines, ""]
+            sets = ", ".join(f"`{s}`" for s in item["set"]) or "no overrides"
+            weights = (f"pre-trained by `{item['spec']}` with {sets} and run.seed = s, in `{item['runs']}` "
+                       f"(`pathssl study --dry-run` prints each command)")
+        cells = [item["backbone"], item["architecture"], weights, seeds]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return [*lines, "", "Paths are relative to the study spec's folder.", ""]
 
 
 def _chart(tables: Tables, rows: list[str], columns: list[str], path: Path) -> None:

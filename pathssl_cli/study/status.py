@@ -36,7 +36,7 @@ class Status:
     word: str
     error: str | None = None
     changes: tuple[str, ...] = ()
-    stale: tuple[Path, ...] = ()  # the run directories to move aside before rerunning
+    stale: tuple[Path, ...] = ()  # the run directories to move aside before rerunning (stale, or forced)
 
 
 def run_dirs(run: PlannedRun) -> list[tuple[Path, str]]:
@@ -58,8 +58,8 @@ def run_status(run: PlannedRun) -> Status:
             return Status("changed", changes=state.changes)
     if run.kind == "pretrain" and states[0].status != "new":
         lengths = _length_changes(spec, run.output_dir / "spec.toml")
-        if lengths:
-            return Status("changed", changes=lengths)
+        if lengths:  # pretrain itself sees the same digest and would try to resume: the study moves it aside
+            return Status("changed", changes=lengths, stale=(run.output_dir,))
     stale = [state for state in states if state.status == "stale"]
     if stale:
         return Status("stale", changes=tuple(c for s in stale for c in s.changes), stale=tuple(s.path for s in stale))
