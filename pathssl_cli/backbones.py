@@ -346,9 +346,32 @@ def export_backbone(backbone: Backbone, path: str | Path) -> Path:
     metadata = {"format": "pt", "pathssl_format": json.dumps(EXPORT_FORMAT), "backbone": json.dumps(backbone.name),
                 "timm_name": json.dumps(backbone.info.timm_name), "img_size": json.dumps(backbone.img_size),
                 "mean": json.dumps(list(backbone.mean)), "std": json.dumps(list(backbone.std))}
+    if _holds_export(path, tensors, metadata):
+        return path  # safetensors orders metadata at random: rewriting would change the sha256, not the weights
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return path
+
+
+def _holds_export(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
+    """Whether `path` already holds exactly these tensors and metadata. A resumed pre-training that re-exports
+    the same weights then leaves the file (and so its fingerprint) as it was, instead of making every
+    evaluation of it stale for a reordered header."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as stored:
+            if stored.metadata() != metadata or set(stored.keys()) != set(tensors):
+                return False
+            for key, tensor in tensors.items():
+                old = stored.get_tensor(key)
+                if old.dtype != tensor.dtype or not torch.equal(old, tensor):
+                    return False
+    except Exception:  # unreadable or another format: replace it
+        return False
+    return True
 
 
 def describe_backbones() -> list[dict[str, Any]]:

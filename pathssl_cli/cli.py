@@ -295,15 +295,21 @@ def subsample(spec: Path, overrides: tuple[str, ...]) -> None:
 @click.option("--dry-run", is_flag=True, help="Print every run, its command line and whether it is done, failed "
                                               "or pending; run nothing.")
 @click.option("--index", type=click.IntRange(min=0), default=None,
-              help="Run run I alone (and the subsets it needs); default: $SLURM_ARRAY_TASK_ID when set.")
+              help="Run run I alone (and the pre-training and subsets it needs); default: $SLURM_ARRAY_TASK_ID "
+                   "when set.")
+@click.option("--stage", type=click.Choice(["pretrain", "evaluate"]), default=None,
+              help="Only the runs of this stage: 'pretrain' (the [[pretrains]] runs, first) or 'evaluate' (the "
+                   "rest; a run whose pre-training is not done fails without starting).")
 @click.option("--emit-slurm", type=click.Path(path_type=Path), default=None,
-              help="Write a SLURM array job script with one task per run ([slurm] of the spec) and exit.")
+              help="Write a SLURM array job script with one task per run ([slurm] of the spec) and exit; with "
+                   "[[pretrains]], a second script for the pre-training array, submitted first.")
 @click.option("--report-only", is_flag=True, help="Write the tables from whatever has finished; run nothing.")
 @click.option("--force", is_flag=True, help="Runs whose directory holds a run of a different spec are moved "
                                             "aside and run again, instead of refused.")
-def study(spec: Path, overrides: tuple[str, ...], dry_run: bool, index: int | None, emit_slurm: Path | None,
-          report_only: bool, force: bool) -> None:
-    """Run a grid of evaluations and segmentations over backbones, label fractions and seeds, then the tables.
+def study(spec: Path, overrides: tuple[str, ...], dry_run: bool, index: int | None, stage: str | None,
+          emit_slurm: Path | None, report_only: bool, force: bool) -> None:
+    """Pre-train, then run a grid of evaluations and segmentations over backbones, label fractions, seeds and
+    folds, then the tables (mean ± std, 95% intervals, paired differences against [tables] reference).
 
     \b
     Example:  pathssl study specs/study/tiny.toml --dry-run
@@ -313,7 +319,7 @@ def study(spec: Path, overrides: tuple[str, ...], dry_run: bool, index: int | No
     from pathssl_cli.study import run_study
 
     code = run_study(loaded, dry_run=dry_run, index=index, emit_slurm=emit_slurm, report_only=report_only,
-                     force=force, overrides=overrides)
+                     force=force, overrides=overrides, stage=stage)
     if code:
         sys.exit(code)
 

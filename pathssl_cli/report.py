@@ -199,7 +199,7 @@ def csv_text(table: dict[tuple[str, str, str], dict[str, Cell]], columns: list[s
     return buffer.getvalue()
 
 
-def _grouped_bars(ax: Any, series: dict[str, dict[str, Cell]], columns: list[str]) -> None:
+def grouped_bars(ax: Any, series: dict[str, dict[str, Cell]], columns: list[str]) -> None:
     """One bar per (series, column), side by side within a column: mean in %, std as the error bar."""
     width = 0.8 / max(1, len(series))
     x = np.arange(len(columns))
@@ -218,7 +218,7 @@ def bar_chart(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(columns) + 2), 4.5))
-    _grouped_bars(ax, {" + ".join(key): table[key] for key in sorted(table)}, columns)
+    grouped_bars(ax, {" + ".join(key): table[key] for key in sorted(table)}, columns)
     ax.set_xticks(np.arange(len(columns)), columns, rotation=30, ha="right")
     ax.set_ylabel(f"{METRIC_LABELS.get(metric, metric)} (%)")
     ax.set_ylim(0, 100)
@@ -247,86 +247,3 @@ def run_report(run_dirs: list[Path], out: Path | None, metric: str = "top1") -> 
         f"{out.with_suffix('.png')}"
     )
     return out
-
-
-# ------------------------------------------------------------------------- study tables (`pathssl study`)
-@dataclass(frozen=True)
-class Result:
-    """One seed's value of one metric, from one run of a study (values are fractions in [0, 1])."""
-
-    protocol: str  # linear | finetune | knn | segment
-    metric: str
-    row: str  # the backbone's name in the study
-    column: str  # the grid entry, with its label fraction and variant
-    value: float
-
-
-def pool(results: list[Result]) -> dict[tuple[str, str], dict[str, dict[str, Cell]]]:
-    """(protocol, metric) → row → column → mean ± sample std (ddof = 1; 0 for one seed) over the seeds."""
-    values: dict[tuple[str, str], dict[str, dict[str, list[float]]]] = {}
-    for r in results:
-        values.setdefault((r.protocol, r.metric), {}).setdefault(r.row, {}).setdefault(r.column, []).append(r.value)
-    out: dict[tuple[str, str], dict[str, dict[str, Cell]]] = {}
-    for key, rows in values.items():
-        for row, columns in rows.items():
-            for column, vals in columns.items():
-                array = np.asarray(vals, dtype=np.float64)
-                std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
-                out.setdefault(key, {}).setdefault(row, {})[column] = Cell(float(array.mean()), std, len(vals),
-                                                                           Path())
-    return out
-
-
-def write_study_tables(results: list[Result], out: Path, title: str, rows: list[str],
-                       columns: list[str]) -> Path:
-    """report.md (one table per protocol and metric, mean ± std (n seeds) in %), report.csv (one line per
-    cell) and report.png (one panel per protocol, its first metric) under `out`; `rows` and `columns` give
-    the order (the study's)."""
-    tables = pool(results)
-    lines = [f"# {title}", ""]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["protocol", "metric", "backbone", "column", "mean", "std", "n"])
-    for (protocol, metric), table in tables.items():
-        cols = [c for c in columns if any(c in table[r] for r in table)]
-        lines += [f"## {protocol}: {METRIC_LABELS.get(metric, metric)} (%), mean ± std over seeds (n)", "",
-                  "| backbone | " + " | ".join(cols) + " |", "|---|" + "|".join([":---:"] * len(cols)) + "|"]
-        for row in (r for r in rows if r in table):
-            cells = [f"{100 * c.mean:.2f} ± {100 * c.std:.2f} ({c.n})" if (c := table[row].get(col)) else "—"
-                     for col in cols]
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
-            for col in cols:
-                if (c := table[row].get(col)) is not None:
-                    writer.writerow([protocol, metric, row, col, f"{100 * c.mean:.4f}", f"{100 * c.std:.4f}", c.n])
-        lines.append("")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "report.md", "\n".join(lines))
-    atomic_write(out / "report.csv", buffer.getvalue())
-    _study_chart(tables, rows, columns, out / "report.png")
-    info(f"report: {len(tables)} tables → {out / 'report.md'}, report.csv, report.png")
-    return out / "report.md"
-
-
-def _study_chart(tables: dict[tuple[str, str], dict[str, dict[str, Cell]]], rows: list[str], columns: list[str],
-                 path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    firsts: dict[str, tuple[str, dict[str, dict[str, Cell]]]] = {}
-    for (protocol, metric), table in tables.items():
-        firsts.setdefault(protocol, (metric, table))
-    fig, axes = plt.subplots(len(firsts), 1, figsize=(max(6.0, 1.2 * len(columns) + 2), 3.6 * len(firsts)),
-                             squeeze=False)
-    for ax, (protocol, (metric, table)) in zip(axes[:, 0], firsts.items(), strict=True):
-        cols = [c for c in columns if any(c in table[r] for r in table)]
-        _grouped_bars(ax, {r: table[r] for r in rows if r in table}, cols)
-        ax.set_xticks(np.arange(len(cols)), cols, rotation=20, ha="right", fontsize=7)
-        ax.set_ylabel(f"{protocol}: {METRIC_LABELS.get(metric, metric)} (%)")
-        ax.set_ylim(0, 100)
-        ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)

@@ -30,12 +30,13 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 from scipy import stats as scipy_stats
 
 BootstrapMetric = Literal["top1", "balanced_acc"]
+Key = TypeVar("Key", bound=Hashable)  # a seed, or a (seed, fold): whatever names a replicate
 
 #: Resampled positions held at once (replicates per block × test items): ~100 MB of working arrays whatever
 #: `replicates` and the test set's size.
@@ -69,10 +70,13 @@ class Interval:
     def format(self, scale: float = 100.0, digits: int = 1, signed: bool = False) -> str:
         """"+1.3 [−0.4, +3.0]" with `signed` (differences), "83.5 [81.0, 86.0]" without; × scale."""
         sign = "+" if signed else ""
-        head = f"{scale * self.estimate:{sign}.{digits}f}"
+
+        def shown(value: float) -> str:  # rounded first: a difference of -1e-17 is "+0.0", not "-0.0"
+            return f"{round(scale * value, digits) + 0.0:{sign}.{digits}f}"
+
         if math.isnan(self.low):
-            return f"{head} [no interval: n = {self.n}]"
-        return f"{head} [{scale * self.low:{sign}.{digits}f}, {scale * self.high:{sign}.{digits}f}]"
+            return f"{shown(self.estimate)} [no interval: n = {self.n}]"
+        return f"{shown(self.estimate)} [{shown(self.low)}, {shown(self.high)}]"
 
 
 def mean_std(values: Sequence[float]) -> Spread:
@@ -93,7 +97,7 @@ def t_interval(values: Sequence[float], confidence: float = 0.95, method: str = 
     return Interval(mean, mean - half, mean + half, n, method, confidence)
 
 
-def paired_differences(a: Mapping[Hashable, float], b: Mapping[Hashable, float]) -> np.ndarray:
+def paired_differences(a: Mapping[Key, float], b: Mapping[Key, float]) -> np.ndarray:
     """Per-seed differences a[s] − b[s], in sorted seed order; both rows must have exactly the same seeds."""
     if set(a) != set(b):
         only_a, only_b = sorted(map(str, set(a) - set(b))), sorted(map(str, set(b) - set(a)))
@@ -103,7 +107,7 @@ def paired_differences(a: Mapping[Hashable, float], b: Mapping[Hashable, float])
     return np.asarray([a[s] - b[s] for s in seeds], dtype=np.float64)
 
 
-def paired_t_interval(a: Mapping[Hashable, float], b: Mapping[Hashable, float],
+def paired_t_interval(a: Mapping[Key, float], b: Mapping[Key, float],
                       confidence: float = 0.95) -> Interval:
     """t-interval of the mean per-seed difference a − b between two rows sharing seeds and test sets."""
     return t_interval(list(paired_differences(a, b)), confidence, method="paired t over seeds")

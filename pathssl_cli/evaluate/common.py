@@ -18,13 +18,13 @@ Values are fractions in [0, 1]; std is the sample standard deviation over seeds 
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from pathssl_cli.console import warn
@@ -47,6 +47,7 @@ from pathssl_cli.evaluate.metrics import (
     write_per_class_csv,
 )
 from pathssl_cli.runs import RunDir
+from pathssl_cli.stats import mean_std
 
 if TYPE_CHECKING:
     from pathssl_cli.backbones import Backbone
@@ -173,15 +174,17 @@ def pretrain_method(weights: str | Path) -> str | None:
 
 
 def summarise(per_seed: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
-    """mean, sample std (ddof=1; 0 for one seed) and per-seed values of every metric present."""
+    """mean, sample std (ddof=1; 0 for one seed; `pathssl_cli.stats.mean_std`) and per-seed values of every
+    metric present; NaN mean and std when a seed's value is not finite (a metric undefined on that split)."""
     out: dict[str, dict[str, Any]] = {}
     for name in METRIC_NAMES:
-        values = [row[name] for row in per_seed if name in row]
+        values = [float(row[name]) for row in per_seed if name in row]
         if not values:
             continue
-        array = np.asarray(values, dtype=np.float64)
-        std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
-        out[name] = {"mean": float(array.mean()), "std": std, "values": [float(v) for v in values]}
+        finite = all(math.isfinite(v) for v in values)
+        spread = mean_std(values) if finite else None
+        out[name] = {"mean": spread.mean if spread else math.nan, "std": spread.std if spread else math.nan,
+                     "values": values}
     return out
 
 

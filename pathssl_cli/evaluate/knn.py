@@ -135,6 +135,7 @@ def run_knn(spec: KnnSpec) -> dict[str, Any]:
             "extraction_seconds": round(fset.extraction_seconds, 3),
             "feature_dim": int(train.features.shape[1]),
             "neighbours": neighbours,
+            "deterministic": True,  # no seed changes the vote given the weights: seeds are not replicates
         }
         record = write_outputs(
             run,

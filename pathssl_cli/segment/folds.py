@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pathssl_cli.errors import SpecError
+from pathssl_cli.stats import mean_std
 
 # (label, path in metrics.json); PanNuke's own mPQ/bPQ first.
 FOLD_METRICS = (("mPQ", ("mpq",)), ("bPQ", ("bpq",)), ("PQ", ("mean", "pq")), ("AJI", ("mean", "aji")),
@@ -43,9 +44,9 @@ def fold_summary(run_dirs: list[Path]) -> dict[str, Any]:
     for label, _ in FOLD_METRICS:
         values = [f[label] for f in folds.values() if label in f and not math.isnan(f[label])]
         if values:
-            mean[label] = sum(values) / len(values)
-            std[label] = (math.sqrt(sum((v - mean[label]) ** 2 for v in values) / (len(values) - 1))
-                          if len(values) > 1 else math.nan)
+            spread = mean_std(values)
+            mean[label] = spread.mean
+            std[label] = spread.std if spread.n > 1 else math.nan  # one fold says nothing of the spread
     return {"folds": folds, "mean": mean, "std": std}
 
 

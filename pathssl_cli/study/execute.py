@@ -25,9 +25,16 @@ from pathssl_cli.study.status import STATUS_WORDS, Status, run_status
 
 
 # ----------------------------------------------------------------------------------------------- dry run
-def print_plan(plan: Plan) -> dict[str, int]:
+def print_plan(plan: Plan, stage: str | None = None) -> dict[str, int]:
     counts = dict.fromkeys(STATUS_WORDS, 0)
-    for run in plan.runs:
+    shown = [run for run in plan.runs if stage in (None, run.stage)]
+    staged = bool(plan.stage("pretrain"))
+    previous: str | None = None
+    for run in shown:
+        if staged and run.stage != previous:  # pre-training first: its own SLURM array (--stage)
+            first, last = _stage_range(plan, run.stage)
+            print(f"# stage {run.stage}: runs {first}-{last} (--stage {run.stage})")
+            previous = run.stage
         status = run_status(run)
         counts[status.word] += 1
         needs = f"  (needs {', '.join(str(i) for i in run.needs)})" if run.needs else ""
@@ -38,14 +45,24 @@ def print_plan(plan: Plan) -> dict[str, int]:
             print(f"      error: {status.error}")
         if status.changes:
             print(f"      {status.word}: {'; '.join(status.changes[:5])}")
-    print(f"{len(plan.runs)} runs: " + ", ".join(f"{n} {w}" for w, n in counts.items() if n))
+    print(f"{len(shown)} runs: " + ", ".join(f"{n} {w}" for w, n in counts.items() if n))
     return counts
+
+
+def _stage_range(plan: Plan, stage: str) -> tuple[int, int]:
+    """First and last index of a stage (the pre-training runs come first, so each stage is contiguous)."""
+    indices = [run.index for run in plan.stage(stage)]
+    return indices[0], indices[-1]
 
 
 # ------------------------------------------------------------------------------------------------- running
 def _execute(run: PlannedRun) -> None:
     spec = run.load(check_inputs=True)
-    if run.kind == "subsample":
+    if run.kind == "pretrain":
+        from pathssl_cli.pretrain import run_pretrain
+
+        run_pretrain(spec)
+    elif run.kind == "subsample":
         from pathssl_cli.data.subsample import run_subsample
 
         run_subsample(spec)
@@ -99,8 +116,13 @@ def run_plan(plan: Plan, indices: list[int], *, force: bool) -> list[tuple[Plann
                 outcome[run.name] = {"status": "done"}
                 continue
             blocked = [i for i in run.needs if i in failed]
-            if blocked:
-                error = f"not started: it needs {plan.runs[blocked[0]].name}, which failed"
+            absent = [(i, word) for i in run.needs if i not in indices
+                      and (word := run_status(plan.runs[i]).word) != "done"]
+            if blocked or absent:
+                error = (f"not started: it needs {plan.runs[blocked[0]].name}, which failed" if blocked else
+                         f"not started: it needs {plan.runs[absent[0][0]].name}, which is {absent[0][1]}; run "
+                         f"the {plan.runs[absent[0][0]].stage} stage first (--stage "
+                         f"{plan.runs[absent[0][0]].stage})")
                 failures.append((run, error))
                 failed.add(index)
                 outcome[run.name] = {"status": "failed", "error": error}
@@ -108,7 +130,7 @@ def run_plan(plan: Plan, indices: list[int], *, force: bool) -> list[tuple[Plann
                 continue
             verb = {"failed": "retrying", "interrupted": "resuming", "changed": "replacing"}.get(status.word,
                                                                                                    "running")
-            if status.word == "stale":
+            if status.word == "stale" or (status.word == "changed" and status.stale):  # "changed" only when forced
                 verb = _set_aside(run, status)
             info(f"[{index}] {run.name}: {verb} ...")
             started = time.monotonic()
@@ -133,7 +155,8 @@ def run_plan(plan: Plan, indices: list[int], *, force: bool) -> list[tuple[Plann
 def _set_aside(run: PlannedRun, status: Status) -> str:
     """Move a stale run's directories aside (the study made them, so it replaces them as --force would)."""
     moved = [f"{path} → {move_aside(path).name}" for path in status.stale if path.exists()]
-    return (f"rerunning, its inputs changed ({'; '.join(status.changes[:3])}); moved aside: {', '.join(moved)}")
+    why = "its inputs changed" if status.word == "stale" else "forced"
+    return f"rerunning, {why} ({'; '.join(status.changes[:3])}); moved aside: {', '.join(moved)}"
 
 
 def _write_plan_record(plan: Plan, outcome: dict[str, dict[str, Any]]) -> None:
@@ -141,15 +164,16 @@ def _write_plan_record(plan: Plan, outcome: dict[str, dict[str, Any]]) -> None:
     record = {
         "study": plan.spec.study.name,
         "spec_file": str(plan.spec.source_file) if plan.spec.source_file else None,
-        "runs": [{"index": r.index, "name": r.name, "kind": r.kind, "output_dir": str(r.output_dir),
-                  "commands": r.command_lines(), "needs": list(r.needs),
+        "runs": [{"index": r.index, "name": r.name, "kind": r.kind, "stage": r.stage, "output_dir": str(r.output_dir),
+                  "seed": r.seed, "fold": r.fold, "commands": r.command_lines(), "needs": list(r.needs),
                   **outcome.get(r.name, {})} for r in plan.runs],
     }
     write_json(plan.root / "plan.json", record)
 
 
 def with_needs(plan: Plan, index: int) -> list[int]:
-    """Run `index` and, first, the runs it needs (subsets) that are not done: one array task stands alone."""
+    """Run `index` and, first, the runs it needs (pre-training, subsets): one array task stands alone (done ones
+    are skipped when run)."""
     order: list[int] = []
     for need in plan.runs[index].needs:
         order += [i for i in with_needs(plan, need) if i not in order]
@@ -157,12 +181,17 @@ def with_needs(plan: Plan, index: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------------- SLURM
-def slurm_script(plan: Plan, spec_file: Path, overrides: tuple[str, ...], force: bool) -> str:
+def slurm_script(plan: Plan, spec_file: Path, overrides: tuple[str, ...], force: bool,
+                 stage: str | None = None) -> str:
+    """One array job over the runs of `stage` (None: every run), one run per task, tasks numbered by run index."""
     s = plan.spec.slurm
     log_dir = plan.root / "slurm"
-    lines = ["#!/bin/bash", f"#SBATCH --job-name=pathssl-{plan.spec.study.name}",
-             f"#SBATCH --array=0-{len(plan.runs) - 1}", f"#SBATCH --cpus-per-task={s.cpus}",
-             f"#SBATCH --time={s.time}", f"#SBATCH --output={log_dir}/%x-%A_%a.log"]
+    first, last = _stage_range(plan, stage) if stage else (0, len(plan.runs) - 1)
+    limit = s.pretrain_time or s.time if stage == "pretrain" else s.time
+    suffix = f"-{stage}" if stage else ""
+    lines = ["#!/bin/bash", f"#SBATCH --job-name=pathssl-{plan.spec.study.name}{suffix}",
+             f"#SBATCH --array={first}-{last}", f"#SBATCH --cpus-per-task={s.cpus}",
+             f"#SBATCH --time={limit}", f"#SBATCH --output={log_dir}/%x-%A_%a.log"]
     if s.gpus:
         lines.append(f"#SBATCH --gres=gpu:{s.gpus}")
     if s.mem:
@@ -171,41 +200,75 @@ def slurm_script(plan: Plan, spec_file: Path, overrides: tuple[str, ...], force:
         lines.append(f"#SBATCH --partition={s.partition}")
     sets = "".join(f" --set {shlex.quote(o)}" for o in overrides)
     study = f"pathssl study {shlex.quote(str(spec_file.resolve()))}{sets}"
-    lines += [
-        f"# {len(plan.runs)} runs, one per array task; a task first makes the subsets its run needs.",
-        "# When the array has ended, gather the tables:",
-        f"#   sbatch --dependency=afterany:<array job id> --wrap '{study} --report-only'",
-        "set -euo pipefail", *s.setup, f"cd {shlex.quote(str(Path.cwd()))}",
-        f'{study}{" --force" if force else ""} --index "$SLURM_ARRAY_TASK_ID"', ""]
+    if stage == "pretrain":
+        about = [f"# {last - first + 1} pre-training runs, one per array task (stage pretrain; each resumes from "
+                 "its checkpoint when resubmitted)."]
+    else:
+        about = [f"# {last - first + 1} runs, one per array task; a task first makes the subsets its run needs.",
+                 "# When the array has ended, gather the tables:",
+                 f"#   sbatch --dependency=afterany:<array job id> --wrap '{study} --report-only'"]
+        if stage:
+            about[0] += " Submit it after the pre-training array (the other script's header says how)."
+    lines += [*about, "set -euo pipefail", *s.setup, f"cd {shlex.quote(str(Path.cwd()))}",
+              f'{study}{" --force" if force else ""}{f" --stage {stage}" if stage else ""} '
+              '--index "$SLURM_ARRAY_TASK_ID"', ""]
     return "\n".join(lines)
+
+
+def emit_slurm_scripts(plan: Plan, target: Path, spec_file: Path, overrides: tuple[str, ...], force: bool) -> str:
+    """Write the SLURM script(s); returns how to submit them. A study that pre-trains gets two array jobs: the
+    pre-training runs (`<name>.pretrain<suffix>`) and, once they have all ended, the rest (`target`). The second
+    depends on the first with afterany, not afterok: a failed or timed-out pre-training then fails only the
+    evaluations of its backbone, fast ("needs ..., which is failed"), and the others still run."""
+    (plan.root / "slurm").mkdir(parents=True, exist_ok=True)
+    if not plan.stage("pretrain"):
+        atomic_write(target, slurm_script(plan, spec_file, overrides, force))
+        return f"wrote {target}: {len(plan.runs)} array tasks. Submit it with: sbatch {target}"
+    pretrain = target.with_name(f"{target.stem}.pretrain{target.suffix or '.sbatch'}")
+    submit = (f"jid=$(sbatch --parsable {shlex.quote(str(pretrain))}) && "
+              f"sbatch --dependency=afterany:$jid {shlex.quote(str(target))}")
+    header = f"# Submit both stages, pre-training first:\n#   {submit}\n"
+    atomic_write(pretrain, slurm_script(plan, spec_file, overrides, force, "pretrain").replace(
+        "set -euo pipefail", header + "set -euo pipefail", 1))
+    atomic_write(target, slurm_script(plan, spec_file, overrides, force, "evaluate"))
+    counts = f"{len(plan.stage('pretrain'))} pre-training and {len(plan.stage('evaluate'))} other array tasks"
+    return f"wrote {pretrain} and {target}: {counts}. Submit them with: {submit}"
 
 
 # ------------------------------------------------------------------------------------------------ command
 def run_study(spec: Any, *, dry_run: bool = False, index: int | None = None, emit_slurm: Path | None = None,
-              report_only: bool = False, force: bool = False, overrides: tuple[str, ...] = ()) -> int:
-    """`pathssl study`; returns the exit code (1 when a run failed)."""
+              report_only: bool = False, force: bool = False, overrides: tuple[str, ...] = (),
+              stage: str | None = None) -> int:
+    """`pathssl study`; returns the exit code (1 when a run failed). `stage` ('pretrain' or 'evaluate') limits
+    the runs to that stage: a run of the evaluate stage whose pre-training is not done fails without starting."""
     from pathssl_cli.study.tables import write_study_report
 
     plan = build_plan(spec)
     if plan.problems:  # load_spec already checked; a spec built in Python is checked here
         raise SpecError(plan.problems)
+    if stage is not None and stage not in ("pretrain", "evaluate"):
+        raise SpecError(f"--stage {stage!r}: use 'pretrain' or 'evaluate'")
     if index is None and os.environ.get("SLURM_ARRAY_TASK_ID") and not (dry_run or report_only or emit_slurm):
         index = _env_index(os.environ["SLURM_ARRAY_TASK_ID"])
     if index is not None and not 0 <= index < len(plan.runs):
         raise SpecError(f"--index {index}: the study has runs 0 to {len(plan.runs) - 1}")
+    if index is not None and stage is not None and plan.runs[index].stage != stage:
+        first, last = _stage_range(plan, stage) if plan.stage(stage) else (None, None)
+        raise SpecError(f"--index {index} is {plan.runs[index].name}, a run of the {plan.runs[index].stage} stage, "
+                        f"not of --stage {stage} (its runs: {first}-{last})")
     if emit_slurm is not None:
-        atomic_write(emit_slurm, slurm_script(plan, Path(spec.source_file or "study.toml"), overrides, force))
-        (plan.root / "slurm").mkdir(parents=True, exist_ok=True)
-        info(f"wrote {emit_slurm}: {len(plan.runs)} array tasks. Submit it with: sbatch {emit_slurm}")
+        info(emit_slurm_scripts(plan, emit_slurm, Path(spec.source_file or "study.toml"), overrides, force))
         return 0
     if dry_run:
-        print_plan(plan)
+        print_plan(plan, stage)
         return 0
     if report_only:
         if write_study_report(plan) is None:
             raise WorkFailed(f"no run of the study has finished yet under {plan.root}; nothing to report")
         return 0
     indices = with_needs(plan, index) if index is not None else list(range(len(plan.runs)))
+    if stage is not None:  # the other stage's runs are not this invocation's to run
+        indices = [i for i in indices if plan.runs[i].stage == stage]
     if not force:
         changed = [(plan.runs[i], st) for i in indices if (st := run_status(plan.runs[i])).word == "changed"]
         if changed:
@@ -215,7 +278,7 @@ def run_study(spec: Any, *, dry_run: bool = False, index: int | None = None, emi
     plan.root.mkdir(parents=True, exist_ok=True)
     write_json(plan.root / "study.json", {"spec": spec.model_dump(mode="json")})
     failures = run_plan(plan, indices, force=force)
-    if index is None:
+    if index is None and stage != "pretrain":
         write_study_report(plan)
     if failures:
         print(f"{len(failures)} of {len(indices)} runs failed:", file=sys.stderr)

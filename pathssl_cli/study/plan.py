@@ -3,10 +3,17 @@
 Every run is a spec file plus `--set` overrides, exactly what a user would type; it is loaded with the same
 `load_spec` as the CLI, so a run of the study and the printed command line are the same run.
 
-Order: the subsample runs (one per data source that a fraction below 1 needs), then per evaluation entry,
-backbone, fraction and seed the evaluation runs, then the segmentation runs the same way. Run directory names
-are `<entry>__<backbone>__<fraction>__seed<seed>` under `<output_root>/runs/`, subsets under
+Order: the pre-training runs (the "pretrain" stage: per [[pretrains]] entry and seed, under
+`<output_root>/pretrain/<name>__seed<seed>/`), then the subsample runs (one per data source that a fraction below 1
+needs), then per evaluation entry, backbone, fraction, seed and fold the evaluation runs, then the segmentation
+runs the same way (the "evaluate" stage). Run directory names are `<entry>__<backbone>__<fraction>__seed<seed>`
+under `<output_root>/runs/` (`...__fold<k>__seed<seed>` when the study loops over folds), subsets under
 `<output_root>/subsets/<source>/`.
+
+Seeds, which are the tables' replicates: a row of pre-trained backbones is evaluated seed by seed, pre-training
+seed s with evaluation seed s (one replicate = one seed of the whole pipeline); any other row with each of
+study.seeds, which also draw a random init. An evaluation that is deterministic given the weights (kNN, the
+L-BFGS probe) of a fixed weights file runs once, with the first seed: other seeds would repeat it exactly.
 """
 
 from __future__ import annotations
@@ -24,13 +31,17 @@ from pathssl_cli.specs.study import GridEntry, StudySpec
 
 EVALUATION_KINDS = ("linear", "finetune", "knn")
 SEGMENT_SOURCES = ("consep", "pannuke")
+#: The study list each spec kind belongs in, for messages.
+LISTS = {**dict.fromkeys(EVALUATION_KINDS, "[[evaluations]]"), "segment": "[[segmentations]]",
+         "pretrain": "[[pretrains]]"}
+BACKBONE_FILE = "backbone.safetensors"  # what `pathssl pretrain` exports into its run directory
 
 
 @dataclass(frozen=True)
 class PlannedRun:
     index: int
     name: str
-    kind: str  # spec kind: subsample | linear | finetune | knn | segment
+    kind: str  # spec kind: pretrain | subsample | linear | finetune | knn | segment
     base: Path  # the spec file; `overrides` complete it
     overrides: tuple[str, ...]
     output_dir: Path
@@ -38,16 +49,23 @@ class PlannedRun:
     backbone: str | None = None  # row label
     entry: str | None = None  # column label
     fraction: float = 1.0
-    seed: int | None = None
+    seed: int | None = None  # the replicate: pre-training seed, or evaluation seed
     needs: tuple[int, ...] = ()
+    fold: int | None = None  # the test fold when the study loops over folds
+    deterministic: bool = False  # an evaluation that no seed changes given the weights (kNN, L-BFGS)
+
+    @property
+    def stage(self) -> str:
+        """'pretrain' (runs first, its own SLURM array) or 'evaluate' (everything that uses backbones)."""
+        return "pretrain" if self.kind == "pretrain" else "evaluate"
 
     @property
     def commands(self) -> list[tuple[str, ...]]:
         """The pathssl sub-commands this run is made of, in order."""
         if self.kind == "segment":
             return [("segment", "train"), ("segment", "eval")]
-        if self.kind == "subsample":
-            return [("subsample",)]
+        if self.kind in ("subsample", "pretrain"):
+            return [(self.kind,)]
         return [("evaluate", self.kind)]
 
     def command_lines(self) -> list[str]:
@@ -65,6 +83,10 @@ class Plan:
     spec: StudySpec
     runs: list[PlannedRun] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    architectures: dict[str, str] = field(default_factory=dict)  # row -> backbone registry name
+
+    def stage(self, name: str) -> list[PlannedRun]:
+        return [run for run in self.runs if run.stage == name]
 
     @property
     def root(self) -> Path:
@@ -92,9 +114,9 @@ def fraction_label(fraction: float) -> str:
 
 
 def _weights(entry: Any) -> Path | str:
-    weights = entry.weights
+    weights = entry.weights if entry.weights is not None else "random"
     if weights != "random" and Path(weights).is_dir():
-        return Path(weights) / "backbone.safetensors"
+        return Path(weights) / BACKBONE_FILE
     return weights  # type: ignore[no-any-return]
 
 
@@ -114,18 +136,11 @@ def build_plan(spec: StudySpec) -> Plan:
     """Every run of the grid, with the problems found on the way (kinds, sources, fractions, collisions)."""
     plan = Plan(spec)
     s = spec.study
-    root = Path(s.output_root)
-    runs_dir = root / "runs"
+    runs_dir = Path(s.output_root) / "runs"
     problems = plan.problems
+    pretrained = _pretrain_runs(spec, plan)
     for j, bb in enumerate(spec.backbones):
-        weights = _weights(bb)
-        if bb.weights != "random" and not Path(bb.weights).exists():
-            problems.append(Problem(f"backbones[{j}].weights", f"file not found: {bb.weights}. Give a weights "
-                                    "file, a `pathssl pretrain` run directory or 'random'."))
-        elif weights != "random" and not Path(weights).is_file():
-            problems.append(Problem(f"backbones[{j}].weights", f"{bb.weights} is a folder without "
-                                    "backbone.safetensors: give a finished `pathssl pretrain` run directory or "
-                                    "a weights file"))
+        _check_backbone(plan, j, bb, pretrained)
     _unique([bb.name for bb in spec.backbones], "backbones", "name", problems)
     _unique([e.label for e in spec.evaluations] + [e.label for e in spec.segmentations],
             "evaluations/segmentations", "name (default: the spec file's stem)", problems)
@@ -141,7 +156,7 @@ def build_plan(spec: StudySpec) -> Plan:
     ):
         for i, entry in enumerate(entries):
             where = f"{group}[{i}]"
-            kind = _checked_kind(entry, kinds, where, problems)
+            kind = _checked_kind(entry.spec, kinds, where, problems)
             if kind is None:
                 continue
             base_sets = (*common, *entry.set)
@@ -157,46 +172,137 @@ def build_plan(spec: StudySpec) -> Plan:
                                         "without a subset and list the fractions under [labels] or the entry"))
                 continue
             fractions = entry.fractions if entry.fractions is not None else spec.labels.fractions
+            folds = _folds(spec, template, kind, base_sets, fractions, where, problems)
             subset_index = _subsample_run(spec, plan, entry, template, kind, fractions, where, sources)
+            deterministic = kind == "knn" or (kind == "linear" and template.probe.kind == "lbfgs")
             for bb in spec.backbones:
+                weights_of = pretrained.get(bb.pretrain or "", {})
                 for fraction in fractions:
-                    for seed in s.seeds:
-                        name = f"{entry.label}__{bb.name}__{fraction_label(fraction)}__seed{seed}"
-                        out = runs_dir / name
-                        sets = [*base_sets, f"model.backbone={toml_value(bb.backbone)}",
-                                f"model.weights={toml_value(_weights(bb))}"]
-                        if bb.normalization is not None:
-                            sets.append(f"model.normalization={toml_value(bb.normalization)}")
-                        sets.append(f"run.seed={seed}" if kind == "segment" else f"run.seeds=[{seed}]")
-                        sets.append(f"run.output_dir={toml_value(out)}")
-                        needs: tuple[int, ...] = ()
-                        if fraction < 1 and subset_index is not None:
-                            from pathssl_cli.data.subsets import subset_file_name
+                    for seed in _replicate_seeds(spec, bb, deterministic and kind != "segment"):
+                        for fold in folds:
+                            at_fold = "" if fold is None else f"__fold{fold}"
+                            name = f"{entry.label}__{bb.name}__{fraction_label(fraction)}{at_fold}__seed{seed}"
+                            out = runs_dir / name
+                            weights, needs = _weights(bb), tuple[int, ...]()
+                            if bb.pretrain is not None and seed in weights_of:
+                                needs = (weights_of[seed],)
+                                weights = plan.runs[needs[0]].output_dir / BACKBONE_FILE
+                            sets = [*base_sets, f"model.backbone={toml_value(plan.architectures.get(bb.name))}",
+                                    f"model.weights={toml_value(weights)}"]
+                            if bb.normalization is not None:
+                                sets.append(f"model.normalization={toml_value(bb.normalization)}")
+                            if fold is not None:
+                                sets += [f"data.folds={s.folds}", f"data.fold={fold}"]
+                            sets.append(f"run.seed={seed}" if kind == "segment" else f"run.seeds=[{seed}]")
+                            sets.append(f"run.output_dir={toml_value(out)}")
+                            if fraction < 1 and subset_index is not None:
+                                from pathssl_cli.data.subsets import subset_file_name
 
-                            subsets = plan.runs[subset_index].output_dir
-                            key = "data.subset" if kind == "segment" else "data.train_subset"
-                            sets.append(f"{key}={toml_value(subsets / subset_file_name(fraction))}")
-                            needs = (subset_index,)
-                        pending.append(PlannedRun(0, name, kind, Path(entry.spec), tuple(sets), out, where,
-                                                  bb.name, entry.label, fraction, seed, needs))
+                                subsets = plan.runs[subset_index].output_dir
+                                key = "data.subset" if kind == "segment" else "data.train_subset"
+                                sets.append(f"{key}={toml_value(subsets / subset_file_name(fraction))}")
+                                needs = (*needs, subset_index)
+                            pending.append(PlannedRun(0, name, kind, Path(entry.spec), tuple(sets), out, where,
+                                                      bb.name, entry.label, fraction, seed, needs, fold,
+                                                      deterministic))
     plan.runs += [dataclasses.replace(run, index=len(plan.runs) + i) for i, run in enumerate(pending)]
     _collisions(plan, problems)
     return plan
 
 
-def _checked_kind(entry: GridEntry, kinds: tuple[str, ...], where: str, problems: list[Problem]) -> str | None:
-    if not Path(entry.spec).is_file():
-        problems.append(Problem(f"{where}.spec", f"file not found: {entry.spec}"))
+def _pretrain_runs(spec: StudySpec, plan: Plan) -> dict[str, dict[int, int]]:
+    """The pre-training runs, first in the plan: entry name -> seed -> run index. Each entry's backbone is
+    read from its spec (structure only: its tile stores may be made later, and are checked when it runs)."""
+    found: dict[str, dict[int, int]] = {}
+    for i, entry in enumerate(spec.pretrains):
+        where = f"pretrains[{i}]"
+        if _checked_kind(entry.spec, ("pretrain",), where, plan.problems) is None:
+            continue
+        sets = (*spec.study.pretrain_set, *entry.set)
+        try:
+            template = PlannedRun(0, "", "pretrain", Path(entry.spec), sets, Path(), where).load(False)
+        except SpecError as exc:
+            plan.problems += [Problem(f"{where}.spec", str(p)) for p in exc.problems]
+            continue
+        for bb in spec.backbones:
+            if bb.pretrain == entry.name:
+                plan.architectures[bb.name] = template.model.backbone
+        runs = found.setdefault(entry.name, {})
+        for seed in entry.seeds or spec.study.seeds:
+            out = Path(spec.study.output_root) / "pretrain" / f"{entry.name}__seed{seed}"
+            # run.resume: a run killed mid-way continues from its checkpoint (a fresh directory starts anew)
+            run_sets = (*sets, f"run.seed={seed}", f"run.output_dir={toml_value(out)}", "run.resume=true")
+            runs[seed] = len(plan.runs)
+            plan.runs.append(PlannedRun(len(plan.runs), f"pretrain/{entry.name}__seed{seed}", "pretrain",
+                                        Path(entry.spec), run_sets, out, where, seed=seed))
+    return found
+
+
+def _check_backbone(plan: Plan, j: int, bb: Any, pretrained: dict[str, dict[int, int]]) -> None:
+    where = f"backbones[{j}]"
+    if bb.pretrain is not None:
+        made = plan.architectures.get(bb.name)
+        if made is not None and bb.backbone is not None and bb.backbone != made:
+            plan.problems.append(Problem(f"{where}.backbone", f"{bb.backbone!r}, but pretrains {bb.pretrain!r} "
+                                         f"pre-trains {made!r}; remove `backbone` (it is taken from the pretrain "
+                                         "spec) or make them agree"))
+        return
+    plan.architectures[bb.name] = bb.backbone
+    weights = _weights(bb)
+    if weights != "random" and not Path(bb.weights).exists():
+        plan.problems.append(Problem(f"{where}.weights", f"file not found: {bb.weights}. Give a weights file, a "
+                                     "`pathssl pretrain` run directory, 'random', or `pretrain = <name>` of a "
+                                     "[[pretrains]] entry."))
+    elif weights != "random" and not Path(weights).is_file():
+        plan.problems.append(Problem(f"{where}.weights", f"{bb.weights} is a folder without {BACKBONE_FILE}: give "
+                                     "a finished `pathssl pretrain` run directory or a weights file"))
+
+
+def _replicate_seeds(spec: StudySpec, bb: Any, deterministic: bool) -> list[int]:
+    """The seeds a row is evaluated with (see the module docstring)."""
+    seeds = spec.seeds_of(bb)
+    fixed = bb.pretrain is None and _weights(bb) != "random"
+    return seeds[:1] if fixed and deterministic else seeds
+
+
+def _folds(spec: StudySpec, template: Any, kind: str, base_sets: tuple[str, ...], fractions: list[float],
+           where: str, problems: list[Problem]) -> list[int | None]:
+    """The folds an entry runs over: 0..K-1 for a csv dataset when study.folds = K, else [None]."""
+    k = spec.study.folds
+    if k is None or kind == "segment" or template.data.dataset != "csv":
+        return [None]
+    if template.data.folds is not None:
+        problems.append(Problem(f"{where}.spec", f"sets data.folds = {template.data.folds}, but the study loops "
+                                "over folds itself (study.folds): remove data.folds and data.fold from the spec "
+                                "or the entry's `set`"))
+        return [None]
+    below = [f for f in fractions if f < 1]
+    if below:
+        problems.append(Problem(f"{where}.fractions", f"label fractions {below} with study.folds: the subsets "
+                                "would be drawn from one training split, but each fold has its own. Use "
+                                "fractions = [1.0] with folds"))
+        return [None]
+    try:  # what the data section says about folds (test_fraction set beside them, ...), once for all runs
+        PlannedRun(0, "", kind, Path(template.source_file), (*base_sets, f"data.folds={k}", "data.fold=0"),
+                   Path(), where).load(False)
+    except SpecError as exc:
+        problems += [Problem(f"{where}.spec (with study.folds = {k})", str(p)) for p in exc.problems]
+        return [None]
+    return list(range(k))
+
+
+def _checked_kind(spec_file: Path, kinds: tuple[str, ...], where: str, problems: list[Problem]) -> str | None:
+    if not Path(spec_file).is_file():
+        problems.append(Problem(f"{where}.spec", f"file not found: {spec_file}"))
         return None
     try:
-        kind = _read_kind(Path(entry.spec))
+        kind = _read_kind(Path(spec_file))
     except SpecError as exc:
         problems += [Problem(f"{where}.spec", str(p)) for p in exc.problems]
         return None
     if kind not in kinds:
-        other = "[[segmentations]]" if kind == "segment" else "[[evaluations]]"
-        hint = f" ({kind!r} specs go under {other})" if kind in (*EVALUATION_KINDS, "segment") else ""
-        problems.append(Problem(f"{where}.spec", f"{entry.spec} is a spec of kind {kind!r}; this list takes "
+        hint = f" ({kind!r} specs go under {LISTS[kind]})" if kind in LISTS else ""
+        problems.append(Problem(f"{where}.spec", f"{spec_file} is a spec of kind {kind!r}; this list takes "
                                 f"{' | '.join(kinds)} specs{hint}"))
         return None
     return kind

@@ -5,18 +5,30 @@ Its words: done; failed; pending (nothing there yet); interrupted (run.json says
 in another task); changed (its directory holds a run of another spec: refused unless --force); stale (the same
 spec made from inputs that changed since, or recorded before pathssl fingerprinted inputs: the study reruns it,
 moving the old run aside, since the study made it).
+
+A pre-training run's length (run.steps, run.epochs, run.epoch_images) is left out of pretrain's digest, so that
+pretrain's own exact-resume check can name the change; for the study it decides the backbone, so a run of
+another length is 'changed' (refused unless --force), never 'done'.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pathssl_cli.errors import SpecError
 from pathssl_cli.runs import run_state
 from pathssl_cli.study.plan import PlannedRun
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
 STATUS_WORDS = ("done", "failed", "pending", "interrupted", "changed", "stale")
+PRETRAIN_LENGTH = ("steps", "epochs", "epoch_images")  # of [run]
 
 
 @dataclass(frozen=True)
@@ -24,7 +36,7 @@ class Status:
     word: str
     error: str | None = None
     changes: tuple[str, ...] = ()
-    stale: tuple[Path, ...] = ()  # the run directories to move aside before rerunning
+    stale: tuple[Path, ...] = ()  # the run directories to move aside before rerunning (stale, or forced)
 
 
 def run_dirs(run: PlannedRun) -> list[tuple[Path, str]]:
@@ -44,6 +56,10 @@ def run_status(run: PlannedRun) -> Status:
     for state in states:
         if state.status == "different":
             return Status("changed", changes=state.changes)
+    if run.kind == "pretrain" and states[0].status != "new":
+        lengths = _length_changes(spec, run.output_dir / "spec.toml")
+        if lengths:  # pretrain itself sees the same digest and would try to resume: the study moves it aside
+            return Status("changed", changes=lengths, stale=(run.output_dir,))
     stale = [state for state in states if state.status == "stale"]
     if stale:
         return Status("stale", changes=tuple(c for s in stale for c in s.changes), stale=tuple(s.path for s in stale))
@@ -56,3 +72,16 @@ def run_status(run: PlannedRun) -> Status:
     if "interrupted" in words:
         return Status("interrupted")
     return Status("pending")
+
+
+def _length_changes(spec: Any, stored_file: Path) -> tuple[str, ...]:
+    """The pre-training length fields that differ between the stored spec.toml and `spec`."""
+    try:
+        stored = tomllib.loads(stored_file.read_text()).get("run", {})
+    except (OSError, ValueError) as exc:
+        return (f"its spec.toml cannot be read ({exc})",)
+    def shown(value: Any) -> str:
+        return "(unset)" if value is None else repr(value)
+
+    return tuple(f"run.{name}: {shown(stored.get(name))} → {shown(value)} (another length is another backbone)"
+                 for name in PRETRAIN_LENGTH if stored.get(name) != (value := getattr(spec.run, name)))
