@@ -241,7 +241,7 @@ def run_study(spec: Any, *, dry_run: bool = False, index: int | None = None, emi
               stage: str | None = None) -> int:
     """`pathssl study`; returns the exit code (1 when a run failed). `stage` ('pretrain' or 'evaluate') limits
     the runs to that stage: a run of the evaluate stage whose pre-training is not done fails without starting."""
-    from pathssl_cli.study.tables import write_study_report
+    from pathssl_cli.study.report_files import write_study_report
 
     plan = build_plan(spec)
     if plan.problems:  # load_spec already checked; a spec built in Python is checked here

@@ -15,9 +15,9 @@ from pathssl_cli.console import info
 from pathssl_cli.fileio import atomic_path, atomic_write
 from pathssl_cli.report import METRIC_LABELS, Cell, grouped_bars
 from pathssl_cli.stats import Interval
-from pathssl_cli.study.plan import Plan
+from pathssl_cli.study.plan import Plan, _weights
 from pathssl_cli.study.tables import Cell as StudyCell
-from pathssl_cli.study.tables import Tables, provenance
+from pathssl_cli.study.tables import Tables, provenance, run_results, summarise
 
 CSV_HEADER = ["protocol", "metric", "backbone", "column", "mean", "std", "n", "ci_low", "ci_high", "confidence",
               "folds", "replicates", "reference", "difference", "difference_low", "difference_high",
@@ -153,3 +153,23 @@ def _chart(tables: Tables, rows: list[str], columns: list[str], path: Path) -> N
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def write_study_report(plan: Plan) -> Path | None:
+    """report.md/.csv/.png under the study's output root from what has finished; None when nothing has."""
+    planned_folds: dict[tuple[str | None, str | None, float], set[int | None]] = {}
+    for run in plan.runs:
+        planned_folds.setdefault((run.backbone, run.entry, run.fraction), set()).add(run.fold)
+    results = [r for run in plan.runs
+               for r in run_results(run, len(planned_folds.get((run.backbone, run.entry, run.fraction), {None})))]
+    if not results:
+        return None
+    spec = plan.spec
+    constant_rows = {bb.name for bb in spec.backbones if bb.pretrain is None and _weights(bb) != "random"}
+    tables = summarise(results, spec.tables.reference, constant_rows, spec.tables.confidence)
+    rows = [bb.name for bb in spec.backbones]
+    columns: list[str] = []
+    for result in results:  # plan order: entries, then fractions as listed
+        if result.column not in columns:
+            columns.append(result.column)
+    return write_tables(plan, tables, rows, columns)

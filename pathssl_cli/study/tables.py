@@ -181,29 +181,6 @@ def _with_difference(cell: Cell, base: Cell, confidence: float, notes: list[str]
                 difference)
 
 
-def write_study_report(plan: Plan) -> Path | None:
-    """report.md/.csv/.png under the study's output root from what has finished; None when nothing has."""
-    from pathssl_cli.study.plan import _weights
-    from pathssl_cli.study.report_files import write_tables
-
-    planned_folds: dict[tuple[str | None, str | None, float], set[int | None]] = {}
-    for run in plan.runs:
-        planned_folds.setdefault((run.backbone, run.entry, run.fraction), set()).add(run.fold)
-    results = [r for run in plan.runs
-               for r in run_results(run, len(planned_folds.get((run.backbone, run.entry, run.fraction), {None})))]
-    if not results:
-        return None
-    spec = plan.spec
-    constant_rows = {bb.name for bb in spec.backbones if bb.pretrain is None and _weights(bb) != "random"}
-    tables = summarise(results, spec.tables.reference, constant_rows, spec.tables.confidence)
-    rows = [bb.name for bb in spec.backbones]
-    columns: list[str] = []
-    for result in results:  # plan order: entries, then fractions as listed
-        if result.column not in columns:
-            columns.append(result.column)
-    return write_tables(plan, tables, rows, columns)
-
-
 def provenance(plan: Plan) -> list[dict[str, Any]]:
     """Per row: what made its backbones (the pretrain spec, its overrides and seeds, or the weights)."""
     import os
