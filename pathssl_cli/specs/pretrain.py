@@ -13,8 +13,8 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from pathssl_cli.augment.recipes import ViewRecipe, recipe_for
 from pathssl_cli.augment.stain import ColorSpace, Distribution
-from pathssl_cli.augment.views import ViewRecipe, recipe_for
 from pathssl_cli.backbones import Network
 from pathssl_cli.errors import Problem
 from pathssl_cli.methods import MethodOptionsUnion

@@ -35,9 +35,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from pathssl_cli.errors import Problem
-from pathssl_cli.specs.core import BackboneName, OutputPath, Section, SpecModel, _PathMarker
+from pathssl_cli.specs.core import BackboneName, OutputPath, PathMarker, Section, SpecModel
 
-GridPath = Annotated[Path, _PathMarker("output")]
+GridPath = Annotated[Path, PathMarker("output")]
 """An input file resolved against the spec file like every path, but checked for existence by the grid check
 (`pathssl_cli.study.plan`) rather than first: a missing file is then reported with every other problem."""
 
