@@ -13,8 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from pathssl_cli.augment.recipes import ViewRecipe, recipe_for
-from pathssl_cli.augment.stain import ColorSpace, Distribution
+from pathssl_cli.augment.recipes import StainOptions, ViewRecipe, recipe_for
 from pathssl_cli.backbones import Network
 from pathssl_cli.errors import Problem
 from pathssl_cli.methods import MethodOptionsUnion
@@ -117,10 +116,10 @@ class PretrainAugment(Section):
         fields.update(self.overrides)
         return recipe_for(method, self.preset, **fields)
 
-    def stain_space(self, method: str) -> tuple[ColorSpace, Distribution] | None:
-        """(space, distribution) when the recipe applies RandStainNA, else None."""
+    def stain_options(self, method: str) -> StainOptions | None:
+        """The recipe's RandStainNA options (space, distribution, components) when it applies RandStainNA."""
         recipe = self.recipe(method, 2, 0)
-        return (recipe.stain.space, recipe.stain.distribution) if recipe.stain.p > 0 else None
+        return recipe.stain if recipe.stain.p > 0 else None
 
 
 class PretrainOptim(Section):

@@ -282,3 +282,48 @@ def test_randstainna_std_hyper_defaults_to_the_reference_usage() -> None:
     default = stain.rand_stain(x, stats, torch.Generator().manual_seed(0))
     torch.testing.assert_close(default, stain.rand_stain(x, stats, torch.Generator().manual_seed(0), -0.3))
     assert not torch.allclose(default, stain.rand_stain(x, stats, torch.Generator().manual_seed(0), 0.0))
+
+
+def test_pathology_preset_is_randstainna_gmm_for_every_method() -> None:
+    """Kang et al.'s stain technique is RandStainNA with a Gaussian mixture; the preset drew from one Gaussian."""
+    from pathssl_cli.augment.recipes import METHODS, recipe_for
+
+    for method in METHODS:
+        pathology = recipe_for(method, "pathology").stain
+        assert (pathology.p, pathology.space, pathology.distribution) == (0.8, "lab", "gmm"), method
+        assert recipe_for(method, "original").stain.p == 0.0
+        overridden = recipe_for(method, "pathology", stain={"distribution": "normal"}).stain
+        assert overridden.distribution == "normal" and overridden.p == 0.8
+
+
+def test_gmm_templates_follow_the_mixture_moments() -> None:
+    """Sampled templates have the mixture's mean and covariance (worked out from the parameters in numpy:
+    E = Σ w μ, Cov = Σ w (Σ_k + μ_k μ_kᵀ) − E Eᵀ), including its correlations between channels."""
+    weights = np.array([0.2, 0.5, 0.3])
+    means = np.array([[60.0, 15, -10, 12, 4, 3], [70, 10, -5, 10, 5, 4], [80, 5, 0, 8, 6, 5]])
+    rng = np.random.default_rng(0)
+    covs = []
+    for _ in range(3):
+        a = rng.normal(0, 0.6, (6, 6))
+        covs.append(a @ a.T + 0.05 * np.eye(6))
+    covs = np.stack(covs)
+    stats = StainStats("lab", "gmm", {"weights": weights.tolist(), "means": means.tolist(),
+                                      "covariances": covs.tolist()})
+    target_mean, target_std = stats.sample(400_000, torch.Generator().manual_seed(1))
+    samples = torch.cat([target_mean, target_std], dim=1).numpy()
+    expected_mean = (weights[:, None] * means).sum(0)
+    second = sum(w * (c + np.outer(m, m)) for w, m, c in zip(weights, means, covs, strict=True))
+    expected_cov = second - np.outer(expected_mean, expected_mean)
+    np.testing.assert_allclose(samples.mean(0), expected_mean, atol=0.05)
+    np.testing.assert_allclose(np.cov(samples, rowvar=False), expected_cov, atol=0.6)
+
+
+def test_gmm_fit_recovers_separated_staining_batches() -> None:
+    """Two staining batches with distinct LAB statistics: a 2-component fit puts one component on each."""
+    pale = _he_like(30, seed=3, noise=(3, 6))
+    dark = [np.clip(t.astype(np.int16) - 60, 0, 255).astype(np.uint8) for t in _he_like(30, seed=4, noise=(3, 6))]
+    stats = fit_stain_stats(pale + dark, "lab", "gmm", gmm_components=2, seed=0)
+    lightness = sorted(m[0] for m in stats.params["means"])
+    reference = stain.image_statistics(pale + dark, "lab")
+    np.testing.assert_allclose(lightness, sorted([reference[30:, 0].mean(), reference[:30, 0].mean()]), atol=0.5)
+    np.testing.assert_allclose(sorted(stats.params["weights"]), [0.5, 0.5], atol=1e-6)
