@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from _dinov2_reference import koleo_np, sinkhorn_np, softmax_np
 
 from pathssl_cli.methods.dinov2 import (
     dino_cls_loss,
@@ -25,11 +26,6 @@ RTOL = 2e-6  # a few float32 ulps: float32 arithmetic against the exact (float64
 
 def f32(x: np.ndarray) -> torch.Tensor:
     return torch.tensor(x, dtype=torch.float32)
-
-
-def softmax_np(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def rounded(x: np.ndarray) -> np.ndarray:
@@ -92,20 +88,6 @@ def test_softmax_centring_and_centre_over_two_steps(patches: bool) -> None:
 
 
 # ------------------------------------------------------------------------------------------- Sinkhorn-Knopp
-def sinkhorn_np(logits: np.ndarray, tau: float, iterations: int, n: float) -> np.ndarray:
-    """dinov2's Sinkhorn-Knopp in one process, element by element: Q = exp(t/τ)ᵀ (K × B) / its sum; rows to
-    1/K, columns to 1/n; finally × n."""
-    q = np.exp(logits / tau).T
-    k, b = q.shape
-    q = q / q.sum()
-    for _ in range(iterations):
-        for i in range(k):
-            q[i, :] = q[i, :] / q[i, :].sum() / k
-        for j in range(b):
-            q[:, j] = q[:, j] / q[:, j].sum() / n
-    return (q * n).T
-
-
 @pytest.mark.parametrize("iterations", [1, 3])
 def test_sinkhorn_knopp_matches_loops(iterations: int) -> None:
     rng = np.random.default_rng(2)
@@ -161,27 +143,6 @@ def test_ibot_patch_loss_is_the_mean_over_crops_of_each_crops_mean_patch_loss() 
 
 
 # ------------------------------------------------------------------------------------------------- KoLeo
-def koleo_np(x: np.ndarray, eps: float = 1e-8) -> tuple[float, np.ndarray]:
-    """KoLeo and its gradient in float64: u = x / max(‖x‖, eps); nn(i) = argmin_{j≠i} ‖u_i − u_j‖; d_i =
-    ‖u_i − u_nn(i) + 1e-8·1‖; L = −mean log(d_i + eps). ∂L/∂u_i gets −g_i from its own term and +g_i on its
-    neighbour, g_i = (u_i − u_nn + 1e-8) / (d_i (d_i + eps) B); through the norm, ∂u/∂x = (I − u uᵀ) / ‖x‖."""
-    b, dim = x.shape
-    norms = np.maximum(np.linalg.norm(x, axis=1), eps)
-    u = x / norms[:, None]
-    loss, grad_u = 0.0, np.zeros_like(u)
-    for i in range(b):
-        others = [j for j in range(b) if j != i]
-        nn_i = min(others, key=lambda j: (np.linalg.norm(u[i] - u[j]), j))
-        diff = u[i] - u[nn_i] + 1e-8
-        d = math.sqrt(float((diff**2).sum()))
-        loss -= math.log(d + eps) / b
-        g = diff / (d * (d + eps) * b)
-        grad_u[i] -= g
-        grad_u[nn_i] += g
-    grad_x = np.stack([(np.eye(dim) - np.outer(u[i], u[i])) @ grad_u[i] / norms[i] for i in range(b)])
-    return loss, grad_x
-
-
 def test_koleo_matches_a_float64_rederivation_with_gradient() -> None:
     x = rounded(np.random.default_rng(5).normal(size=(7, 4)))
     expected, grad = koleo_np(x)
