@@ -298,8 +298,8 @@ class DINOv2(SSLMethod):
             total = total + options.dino.loss_weight * parts["dino_local_crops_loss"]
             total = total + options.dino.loss_weight * parts["dino_global_crops_loss"]
             if options.dino.koleo_loss_weight > 0:
-                parts["koleo_loss"] = options.dino.koleo_loss_weight * sum(
-                    koleo_loss(crop) for crop in s_cls.chunk(2))  # not across the two crops of an image
+                crop_a, crop_b = s_cls.chunk(2)  # not across the two crops of an image
+                parts["koleo_loss"] = options.dino.koleo_loss_weight * (koleo_loss(crop_a) + koleo_loss(crop_b))
                 total = total + parts["koleo_loss"]
         if do_ibot:
             parts["ibot_loss"] = ibot_patch_loss(s_masked_out, t_masked_probs, masks_weight, 2 * batch,
@@ -317,15 +317,18 @@ class DINOv2(SSLMethod):
 
     def _logs(self, parts: dict[str, Tensor], t_cls_probs: Tensor, masks: Tensor, teacher_temp: float,
               step: int) -> dict[str, float]:
-        """Loss parts (dinov2's loss_dict, koleo and ibot halved for display as it does), the teacher's mean
-        entropy in nats (log K when uniform, 0 when one-hot: collapse shows as either end) and the masked
-        share. One host transfer (a CPU-GPU sync point)."""
-        entropy = -(t_cls_probs * torch.log(t_cls_probs.clamp(min=1e-30))).sum(-1).mean()
+        """Loss parts (dinov2's loss_dict, koleo and ibot halved for display as it does), the teacher's
+        targets' mean entropy and the entropy of their batch mean in nats (DINO's collapse diagnostics: both near
+        log K = collapse to uniform, both near 0 = to one prototype; healthy is a low mean entropy with a high
+        batch entropy), and the masked share. One host transfer (a CPU-GPU sync point)."""
+        def entropy(p: Tensor) -> Tensor:
+            return -(p * torch.log(p.clamp(min=1e-30))).sum(-1)
+
         values = torch.stack([parts["dino_local_crops_loss"], parts["dino_global_crops_loss"],
-                              parts["koleo_loss"] / 2, parts["ibot_loss"] / 2, entropy,
-                              masks.float().mean()]).detach().tolist()
+                              parts["koleo_loss"] / 2, parts["ibot_loss"] / 2, entropy(t_cls_probs).mean(),
+                              entropy(t_cls_probs.mean(0)), masks.float().mean()]).detach().tolist()
         names = ["dino_local_crops_loss", "dino_global_crops_loss", "koleo_loss", "ibot_loss",
-                 "teacher_entropy", "masked_share"]
+                 "teacher_entropy", "teacher_batch_entropy", "masked_share"]
         logs = dict(zip(names, values, strict=True))
         logs.update(teacher_temp=teacher_temp, teacher_momentum=at_step(self.teacher_momentum, step))
         return logs

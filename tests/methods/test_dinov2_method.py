@@ -129,7 +129,7 @@ def test_two_steps_equal_the_float64_objective(centering: str) -> None:
         np.testing.assert_allclose(method.dino_center.numpy(), center, rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(method.ibot_center.numpy(), patch_center, rtol=1e-5, atol=1e-7)
         assert logs["masked_share"] == pytest.approx(masks.float().mean().item())
-        assert 0 < logs["teacher_entropy"] <= math.log(24) + 1e-6
+        assert 0 < logs["teacher_entropy"] <= logs["teacher_batch_entropy"] <= math.log(24) + 1e-6  # concavity
         # step 1 differs by its crops, masks, teacher temperature and (centring) both centres; the student is
         # not moved: one plain SGD step collapses this LayerScale ViT's CLS tokens to one direction, where
         # KoLeo's log of float32 distances of ~1e-7 is all rounding
