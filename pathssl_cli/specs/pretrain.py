@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from pathssl_cli.augment.recipes import StainOptions, ViewRecipe, recipe_for
-from pathssl_cli.backbones import Network
+from pathssl_cli.backbones import Network, backbone_info
 from pathssl_cli.errors import Problem
 from pathssl_cli.methods import MethodOptionsUnion
 from pathssl_cli.specs.core import BackboneName, InputPath, OutputPath, Section, SpecModel, WeightsRef
@@ -222,6 +222,9 @@ class PretrainSpec(SpecModel):
             raise ValueError(f"augment: {_first_line(exc)}") from None
         if self.optim.weight_decay_end is not None and self.optim.weight_decay_end < 0:
             raise ValueError("optim.weight_decay_end must be >= 0")
+        if self.method.name == "dinov2" and backbone_info(self.model.backbone).family != "vit":
+            raise ValueError(f"model.backbone = {self.model.backbone!r} is not a ViT: dinov2 masks patch tokens; "
+                             "use a ViT such as vit_small_patch16_dinov2 or vit_tiny_reg4")
         return self
 
     def check_inputs(self) -> list[Problem]:

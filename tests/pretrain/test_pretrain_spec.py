@@ -84,6 +84,8 @@ def test_dinov2_specs_follow_the_official_config(image_folder: Path) -> None:
     assert base.model.backbone == "vit_base_patch14_reg4_dinov2" and base.augment.local_size == 98
     assert base.run.epochs * base.run.epoch_images // base.data.batch_size == 125_000  # UNI: 125k iterations
     assert base.optim.peak_lr(3072) * base.optim.final_lr_fraction == pytest.approx(1e-6, rel=1e-3)
+    with pytest.raises(SpecError, match="not a ViT: dinov2 masks patch tokens"):
+        load_spec(SPECS / "tiny_dinov2.toml", [*tiles, "model.backbone=resnet_tiny"])
 
 
 @pytest.mark.parametrize(("override", "expected"), [
