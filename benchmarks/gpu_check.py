@@ -5,7 +5,8 @@
 On a GPU (paper shapes):
 - a real tile store: `run_tile` on a synthetic slide (40x and 20x tiles of 224 px), then the tiles are read back
   through `data.tiles.sample_images`, the reader pretraining uses;
-- per method at its paper backbone (MoCo v2, SwAV, Barlow Twins on ResNet-50; DINO on ViT-S/16), input 224,
+- per method at its paper backbone (MoCo v2, SwAV, Barlow Twins on ResNet-50; DINO and DINOv2 on ViT-S/16),
+  input 224,
   batch 128 (halved until it fits): img/s of a training step in fp32 and bf16, the share of the step spent making
   the views (the batched augmentation, RandStainNA fitted on the store), and peak GPU memory;
 - `run.compile`: `run_pretrain` with run.compile = true against false on the same spec (works? img/s?);
@@ -59,7 +60,8 @@ from pathssl_cli.specs.pretrain import view_counts  # noqa: E402
 
 SPECS = ROOT / "specs"
 PAPER = {"mocov2": "mocov2_resnet50_pathology", "swav": "swav_resnet50_pathology",
-         "barlow_twins": "barlow_twins_resnet50_pathology", "dino": "dino_vit_small_patch16_pathology"}
+         "barlow_twins": "barlow_twins_resnet50_pathology", "dino": "dino_vit_small_patch16_pathology",
+         "dinov2": "dinov2_vit_small_patch16_pathology"}
 
 # Shapes per mode: `gpu` is the paper's (224 px views, batch 128); `cpu` is small enough for CI (< 1 min).
 SHAPES: dict[str, dict[str, Any]] = {

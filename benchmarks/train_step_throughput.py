@@ -5,7 +5,7 @@ method's hooks and the optimiser step; the data stream is left out (a fixed uint
 the training step's own cost. bf16 is timed in the same run as fp32 (the baseline), so their ratio
 is meaningful on a shared machine.
 
-    python benchmarks/train_step_throughput.py [--methods mocov2 dino] [--steps 10] [--threads 2] [--json]
+    python benchmarks/train_step_throughput.py [--methods mocov2 dino dinov2] [--steps 10] [--threads 2] [--json]
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def time_steps(spec: PretrainSpec, precision: str, steps: int, warmup: int) -> l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=["mocov2", "swav", "barlow_twins", "dino"])
+    parser.add_argument("--methods", nargs="+", default=["mocov2", "swav", "barlow_twins", "dino", "dinov2"])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, caches)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

@@ -52,6 +52,28 @@ BACKBONES.add("vit_tiny_patch16_224", BackboneInfo("vit_tiny_patch16_224", "vit"
 BACKBONES.add("resnet_tiny", BackboneInfo("test_resnet", "cnn", 64, "0.4M-parameter ResNet for CPU tests"))
 BACKBONES.add("vit_tiny", BackboneInfo("test_vit", "vit", 64, "0.3M-parameter ViT with 8 px patches for CPU tests",
                                        timm_kwargs={"patch_size": 8}, vit_map_blocks=(1, 2, 3, 5)))
+# DINOv2's ViTs (facebookresearch/dinov2 `models/vision_transformer.py`): LayerScale 1e-5 (`student.layerscale`),
+# and with registers (Darcet et al. 2024, `num_register_tokens: 4`) timm's reg4 layout: CLS and registers are
+# prepended after the patches' position embedding (`no_embed_class`), registers never masked nor pooled.
+_DINOV2 = {"init_values": 1e-5}
+_REG4 = {"reg_tokens": 4, "no_embed_class": True}
+BACKBONES.add("vit_small_patch16_dinov2", BackboneInfo(
+    "vit_small_patch16_224", "vit", 224, "ViT-S/16 with DINOv2's LayerScale (dinov2 vit_small, patch 16)",
+    timm_kwargs=_DINOV2, vit_map_blocks=(2, 5, 8, 11)))
+BACKBONES.add("vit_small_patch16_reg4_dinov2", BackboneInfo(
+    "vit_small_patch16_224", "vit", 224, "ViT-S/16 with LayerScale and 4 registers (DINOv2)",
+    timm_kwargs={**_DINOV2, **_REG4}, vit_map_blocks=(2, 5, 8, 11)))
+BACKBONES.add("vit_small_patch14_reg4_dinov2", BackboneInfo(
+    "vit_small_patch14_reg4_dinov2", "vit", 224, "ViT-S/14 with 4 registers (dinov2 vits14_reg4)",
+    vit_map_blocks=(2, 5, 8, 11)))
+BACKBONES.add("vit_base_patch14_reg4_dinov2", BackboneInfo(
+    "vit_base_patch14_reg4_dinov2", "vit", 224, "ViT-B/14 with 4 registers (dinov2 vitb14_reg4)",
+    vit_map_blocks=(2, 5, 8, 11)))
+# No LayerScale here: at 1e-5 a 6-block ViT's blocks stay near the identity for the few hundred steps a CPU
+# run makes (its DINOv2 run on real tiles learned nothing over random init; without it, specs/pretrain/tiny_dinov2)
+BACKBONES.add("vit_tiny_reg4", BackboneInfo(
+    "test_vit", "vit", 64, "vit_tiny with 4 registers, for DINOv2 on CPU",
+    timm_kwargs={"patch_size": 8, **_REG4}, vit_map_blocks=(1, 2, 3, 5)))
 
 
 def is_known_backbone(name: str) -> bool:
@@ -99,6 +121,26 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.timm_model(x)
+
+    def forward_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None,
+                       mask_token: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CLS token (B, D), patch tokens (B, N, D)) of a ViT after its final norm, register tokens left out
+        (dinov2 `x_norm_clstoken`, `x_norm_patchtokens`). With `masks` (B, N) bool and `mask_token` (1, D),
+        masked patch embeddings are replaced by the mask token before the position embedding is added and the
+        CLS and register tokens are prepended (dinov2 `prepare_tokens_with_masks`), so those are never
+        masked. The CLS token equals `forward(x)` of a token-pooled ViT."""
+        model: Any = self.timm_model
+        if self.info.family != "vit" or not hasattr(model, "_pos_embed"):
+            raise ValueError(f"{self.name} is not a ViT: patch tokens need a timm VisionTransformer")
+        tokens = model.patch_embed(x)  # (B, h, w, D) with dynamic_img_size, else (B, N, D)
+        if masks is not None:
+            if mask_token is None:
+                raise ValueError("masks given without a mask_token")
+            where = masks.reshape(tokens.shape[:-1]).unsqueeze(-1)
+            tokens = torch.where(where, mask_token.to(tokens.dtype), tokens)
+        tokens = model.norm_pre(model.patch_drop(model._pos_embed(tokens)))
+        tokens = model.norm(model.blocks(tokens))
+        return tokens[:, 0], tokens[:, model.num_prefix_tokens:]
 
     def forward_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         indices: int | list[int] = list(self.info.vit_map_blocks) if self.info.vit_map_blocks else 4
@@ -334,8 +376,9 @@ def load_backbone_state(model: nn.Module, state: dict[str, torch.Tensor], source
 def export_backbone(backbone: Backbone, path: str | Path) -> Path:
     """Write the backbone alone as safetensors with timm keys and its normalisation as metadata.
 
-    Loads with `create_backbone(name, weights=path)` and with
-    `timm.create_model(timm_name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=path))`.
+    Loads with `create_backbone(name, weights=path)` and with `timm.create_model(timm_name, pretrained=True,
+    num_classes=0, pretrained_cfg_overlay=dict(file=path), **timm_kwargs)` (both names are in the metadata;
+    timm_kwargs carries e.g. registers and LayerScale of a registry variant).
     """
     from safetensors.torch import save_file
 
@@ -345,6 +388,7 @@ def export_backbone(backbone: Backbone, path: str | Path) -> Path:
     tensors = {k: v.detach().cpu().contiguous() for k, v in backbone.timm_model.state_dict().items()}
     metadata = {"format": "pt", "pathssl_format": json.dumps(EXPORT_FORMAT), "backbone": json.dumps(backbone.name),
                 "timm_name": json.dumps(backbone.info.timm_name), "img_size": json.dumps(backbone.img_size),
+                "timm_kwargs": json.dumps(backbone.info.timm_kwargs),
                 "mean": json.dumps(list(backbone.mean)), "std": json.dumps(list(backbone.std))}
     if _holds_export(path, tensors, metadata):
         return path  # safetensors orders metadata at random: rewriting would change the sha256, not the weights

@@ -12,6 +12,8 @@ Every parameter group carries two extra keys besides what torch expects:
 LARS and LARC additionally read `lars_exclude` (no trust-ratio adaptation, Barlow Twins'
 `lars_adaptation_filter`). Which parameters land in which group is the method's rule
 (`SSLMethod.exclude_bias_and_norm`).
+A group may also carry `frozen_until_step`: its lr is 0 before that step (DINOv2's `last_layer_lr_schedule`,
+zero during `freeze_last_layer_epochs`; the parameters still count in gradient clipping and AdamW's moments).
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def apply_schedules(optimizer: torch.optim.Optimizer, schedules: Schedules, step
     lr = float(schedules.lr[index])
     weight_decay = float(schedules.weight_decay[index])
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        frozen = step < group.get("frozen_until_step", 0)
+        group["lr"] = 0.0 if frozen else lr * group.get("lr_scale", 1.0)
         group["weight_decay"] = weight_decay if group.get("weight_decay_applies", True) else 0.0
     return lr
 
@@ -214,7 +217,8 @@ def build_optimizer(name: str, groups: Sequence[dict[str, Any]], *, momentum: fl
         applies = bool(group.get("weight_decay_applies", True))
         lr_scale = float(group.get("lr_scale", 1.0)) * (1.0 if applies else no_decay_lr_scale)
         torch_groups.append({"params": params, "weight_decay_applies": applies, "lr_scale": lr_scale,
-                             "lars_exclude": bool(group.get("lars_exclude", not applies))})
+                             "lars_exclude": bool(group.get("lars_exclude", not applies)),
+                             "frozen_until_step": int(group.get("frozen_until_step", 0))})
     if not torch_groups:
         raise ValueError("the method has no trainable parameters")
     if name == "lars":
@@ -239,3 +243,40 @@ def build_schedules(*, peak_lr: float, total_steps: int, warmup_steps: int = 0,
                          peak_lr * warmup_start_fraction)
     end = weight_decay if weight_decay_end is None else weight_decay_end
     return Schedules(lr=lr, weight_decay=cosine_schedule(weight_decay, end, total_steps))
+
+
+def vit_layer_id(name: str, n_blocks: int) -> int:
+    """The layer of a ViT parameter for layer-wise lr decay (dinov2 `utils/param_groups.py`
+    `get_vit_lr_decay_rate` on a backbone): 0 for the embeddings (position, patch, CLS and mask tokens),
+    i + 1 for block i, n_blocks + 1 for everything else (the final norm, register tokens)."""
+    if any(key in name for key in ("pos_embed", "patch_embed", "mask_token", "cls_token")):
+        return 0
+    if "blocks." in name and "residual." not in name:
+        return int(name[name.find("blocks."):].split(".")[1]) + 1
+    return n_blocks + 1
+
+
+def layerwise_param_groups(named_params: Iterable[tuple[str, nn.Parameter]], *, n_blocks: int, decay: float,
+                           patch_embed_lr_mult: float = 1.0, frozen_until_step: int = 0) -> list[dict[str, Any]]:
+    """Parameter groups of one module as dinov2 `get_params_groups_with_decay` + `fuse_params_groups` make them.
+
+    Per parameter: lr × decay^(n_blocks + 1 − layer) (`vit_layer_id`; a head has n_blocks = 0, so factor 1),
+    × `patch_embed_lr_mult` for the patch embedding; no weight decay for biases, norms and LayerScale gammas
+    (`.bias`, "norm", "gamma" in the name: position/CLS/register/mask tokens are decayed, as dinov2 does);
+    `last_layer` parameters get lr 0 before `frozen_until_step`. Parameters with the same three settings share
+    a group, in first-seen order.
+    """
+    fused: dict[tuple[float, bool, bool], dict[str, Any]] = {}
+    for name, param in named_params:
+        if not param.requires_grad:
+            continue
+        lr_scale = decay ** (n_blocks + 1 - vit_layer_id(name, n_blocks)) if n_blocks > 0 else 1.0
+        if "patch_embed" in name:
+            lr_scale *= patch_embed_lr_mult
+        decayed = not (name.endswith(".bias") or "norm" in name or "gamma" in name)
+        last_layer = "last_layer" in name
+        group = fused.setdefault((lr_scale, decayed, last_layer), {
+            "params": [], "lr_scale": lr_scale, "weight_decay_applies": decayed, "lars_exclude": not decayed,
+            "frozen_until_step": frozen_until_step if last_layer else 0})
+        group["params"].append(param)
+    return list(fused.values())

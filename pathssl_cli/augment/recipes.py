@@ -14,10 +14,17 @@ preset that adds Kang et al.'s techniques. `views.BatchViews` turns a recipe int
   blur p 1.0 / 0.1 and solarisation 0 / 0.2; local 96 px crops scale (0.05, 0.4) with blur p 0.5; jitter
   (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale 0.2. 10 local crops, as the released ViT-S/16 runs
   (`--local_crops_number 10`; the argparse default is 8).
+- dinov2: facebookresearch/dinov2 `data/augmentations.py` DataAugmentationDINO with
+  `configs/ssl_default_config.yaml` crops: 2×224 bicubic scale (0.32, 1), 8 local 96 px crops scale
+  (0.05, 0.32) (98 px for patch 14: set augment.local_size), the same jitter and grayscale as DINO,
+  solarisation 0 / 0.2 on the global crops, and blur as the code does it rather than as it reads:
+  dinov2's `transforms.GaussianBlur(p)` hands `1 - p` to torchvision's `RandomApply`, which applies the
+  blur with that probability, so `p=1.0 / 0.1 / 0.5` blur global crop 1 never, global crop 2 with 0.9 and
+  local crops with 0.5; kernel 9 px (`kernel_size=9`), σ ∈ [0.1, 2].
 
-Blur is an exact Gaussian with a 23 px kernel for every method (SwAV's cv2 kernel; PIL's `GaussianBlur`,
-used by DINO, Barlow Twins and MoCo, approximates the same σ with box filters), as torchvision v2
-`GaussianBlur(23, (0.1, 2))`.
+Blur is an exact Gaussian with a 23 px kernel for every method but DINOv2 (9 px) (SwAV's cv2 kernel; PIL's
+`GaussianBlur`, used by DINO, Barlow Twins and MoCo, approximates the same σ with box filters), as
+torchvision v2 `GaussianBlur(23, (0.1, 2))`.
 
 `pathology` = `original` + the four techniques of Kang et al., "Benchmarking Self-Supervised Learning on
 Diverse Pathology Datasets", CVPR 2023, §4 (techniques to adapt SSL for pathology):
@@ -44,7 +51,7 @@ from pathssl_cli.augment.stain import RANDSTAINNA_STD_HYPER, ColorSpace, Distrib
 from pathssl_cli.specs.core import Section
 
 Preset = Literal["original", "pathology"]
-METHODS = ("mocov2", "swav", "barlow_twins", "dino")
+METHODS = ("mocov2", "swav", "barlow_twins", "dino", "dinov2")
 
 
 class StainOptions(Section):
@@ -193,11 +200,23 @@ _ORIGINAL: dict[str, dict[str, object]] = {
         solarize_p=[0.0, 0.2],
         local_solarize_p=0.0,
     ),
+    "dinov2": dict(
+        n_local=8,
+        global_scale=(0.32, 1.0),
+        local_scale=(0.05, 0.32),
+        interpolation="bicubic",
+        blur_p=[0.0, 0.9],  # dinov2 GaussianBlur(p=1.0) / (p=0.1): RandomApply(p=1 - p), see the docstring
+        local_blur_p=0.5,
+        blur_kernel=9,
+        solarize_p=[0.0, 0.2],
+        local_solarize_p=0.0,
+    ),
 }
 
 
 def recipe_for(method: str, preset: Preset = "original", **overrides: object) -> ViewRecipe:
-    """The view recipe of `method` (mocov2, swav, barlow_twins, dino) in `preset`, with field overrides."""
+    """The view recipe of `method` (mocov2, swav, barlow_twins, dino, dinov2) in `preset`, with field
+    overrides."""
     if method not in _ORIGINAL:
         raise ValueError(f"no view recipe for method {method!r}; known: {', '.join(METHODS)}")
     if preset not in ("original", "pathology"):

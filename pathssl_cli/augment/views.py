@@ -1,4 +1,4 @@
-"""View recipes of the four SSL methods and their batched generation on the training device.
+"""View recipes of the SSL methods and their batched generation on the training device.
 
 Contract used by the pretraining loop (keep these names and signatures):
 

@@ -137,13 +137,16 @@ PRESET_RECIPES: dict[str, Literal["pooled", "dino"]] = {"paper": "dino", "eva": 
 
 def resolve_recipe(features: LinearFeatures, preset: str, backbone: Backbone) -> FeatureRecipe:
     """The recipe for `backbone`: 'dino' takes the last blocks' CLS tokens of a ViT and the average pool of a
-    CNN (dino eval_linear.py does the same for torchvision models); 'pooled' the backbone's pooled output;
-    'stages' the average of every feature map (any family)."""
+    CNN (dino eval_linear.py does the same for torchvision models); 'dinov2' the last block's CLS token and
+    mean patch token of a ViT; 'pooled' the backbone's pooled output; 'stages' the average of every feature
+    map (any family)."""
     choice = PRESET_RECIPES[preset] if features.recipe == "preset" else features.recipe
     if choice == "stages":
         return STAGES
     if choice == "pooled" or backbone.info.family != "vit":
         return POOLED
+    if choice == "dinov2":  # CLS ⊕ mean patch token of the last block (dinov2 eval/linear.py n=1, avgpool)
+        return FeatureRecipe("vit_blocks", 1, True)
     depth = len(getattr(backbone.timm_model, "blocks", ()))
     if features.n_last_blocks > depth:
         raise SpecError(f"features.n_last_blocks = {features.n_last_blocks}, but {backbone.name} has {depth} "

@@ -60,7 +60,7 @@ from pathssl_cli.specs.core import Section
 class MethodOptions(Section):
     """Options of one SSL method; each method subclasses this with `name: Literal["<method>"]`."""
 
-    name: str = Field(description="The SSL method: mocov2 | swav | barlow_twins | dino.")
+    name: str = Field(description="The SSL method: mocov2 | swav | barlow_twins | dino | dinov2.")
 
 
 # ---------------------------------------------------------------------------------------- distributed helpers

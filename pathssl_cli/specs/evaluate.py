@@ -136,12 +136,15 @@ class LinearFeatures(Section):
     """The feature recipe: which outputs of the frozen backbone the linear head sees (part of the cache key),
     and whether they are standardised before the probe (applied to the cached features, not part of the key)."""
 
-    recipe: Literal["preset", "pooled", "dino", "stages"] = Field(
+    recipe: Literal["preset", "pooled", "dino", "dinov2", "stages"] = Field(
         default="preset",
         description="'preset' = the optim.preset's protocol ('paper': 'dino', each family's official recipe; "
         "'eva': 'pooled'); 'pooled' = the backbone's pooled output (CNN global average pool, ViT final-norm "
         "CLS; eva); 'dino' = dino eval_linear.py: ViTs concatenate the CLS tokens of the last n_last_blocks "
-        "blocks (+ mean patch token), CNNs use the average pool as dino does for torchvision models; 'stages' = "
+        "blocks (+ mean patch token), CNNs use the average pool as dino does for torchvision models; 'dinov2' = "
+        "the last block's CLS token concatenated with the mean of its patch tokens (registers excluded), the "
+        "probe of dinov2 eval/linear.py (n = 1, avgpool) and of the pathology foundation models trained with "
+        "it (CNNs: the average pool); 'stages' = "
         "the global average of every stage's feature map (ResNet stages 1-4, a ViT's map blocks), concatenated: "
         "early-stage texture and colour statistics for small CPU backbones (resnet_tiny: 368-d, not 96).",
     )

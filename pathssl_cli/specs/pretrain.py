@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from pathssl_cli.augment.recipes import StainOptions, ViewRecipe, recipe_for
-from pathssl_cli.backbones import Network
+from pathssl_cli.backbones import Network, backbone_info
 from pathssl_cli.errors import Problem
 from pathssl_cli.methods import MethodOptionsUnion
 from pathssl_cli.specs.core import BackboneName, InputPath, OutputPath, Section, SpecModel, WeightsRef
@@ -129,7 +129,11 @@ class PretrainOptim(Section):
     lr: float = Field(
         0.2, gt=0, description="Peak lr for 256 images per step; multiplied by batch_size / 256 when "
                                "scale_lr (the linear scaling rule all four official repos use).")
-    scale_lr: bool = Field(True, description="Apply the linear scaling rule lr × batch_size / 256.")
+    scale_lr: bool = Field(True, description="Scale lr with the batch size by `lr_scaling`.")
+    lr_scaling: Literal["linear_256", "sqrt_1024"] = Field(
+        "linear_256", description="How `lr` scales with batch_size when scale_lr: 'linear_256' = lr × "
+        "batch_size / 256 (MoCo, SwAV, Barlow Twins, DINO); 'sqrt_1024' = lr × √(batch_size / 1024), dinov2 "
+        "`optim.scaling_rule: sqrt_wrt_1024` (lr then means the lr of 1024 images per step).")
     final_lr_fraction: float = Field(
         0.0, ge=0, le=1, description="lr at the end of the cosine, as a fraction of the peak: 0 for MoCo "
         "v2, 0.001 for Barlow Twins and SwAV, about 5e-4 for DINO (1e-6 / 0.002).")
@@ -155,7 +159,11 @@ class PretrainOptim(Section):
     def peak_lr(self, global_batch: int) -> float:
         from pathssl_cli.optim import scaled_lr
 
-        return scaled_lr(self.lr, global_batch) if self.scale_lr else self.lr
+        if not self.scale_lr:
+            return self.lr
+        if self.lr_scaling == "sqrt_1024":
+            return self.lr * (global_batch / 1024) ** 0.5
+        return scaled_lr(self.lr, global_batch)
 
 
 class PretrainRun(Section):
@@ -201,7 +209,7 @@ class PretrainSpec(SpecModel):
     data: PretrainData
     model: PretrainModel = Field(default_factory=PretrainModel)
     method: MethodOptionsUnion = Field(description="The SSL method: name = mocov2 | swav | barlow_twins | "
-                                                   "dino, with its options beside it.")
+                                                   "dino | dinov2, with its options beside it.")
     augment: PretrainAugment = Field(default_factory=PretrainAugment)
     optim: PretrainOptim = Field(default_factory=PretrainOptim)
     run: PretrainRun
@@ -215,6 +223,9 @@ class PretrainSpec(SpecModel):
             raise ValueError(f"augment: {_first_line(exc)}") from None
         if self.optim.weight_decay_end is not None and self.optim.weight_decay_end < 0:
             raise ValueError("optim.weight_decay_end must be >= 0")
+        if self.method.name == "dinov2" and backbone_info(self.model.backbone).family != "vit":
+            raise ValueError(f"model.backbone = {self.model.backbone!r} is not a ViT: dinov2 masks patch tokens; "
+                             "use a ViT such as vit_small_patch16_dinov2 or vit_tiny_reg4")
         return self
 
     def check_inputs(self) -> list[Problem]:

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow  # reason: ~40 s on 2 idle cores: a tile store, 4 methods' training steps, one segment predict
+@pytest.mark.slow  # reason: ~45 s on 2 idle cores: a tile store, 5 methods' training steps, one segment predict
 def test_gpu_check_cpu_form_writes_every_measurement(tmp_path: Path) -> None:
     out = tmp_path / "gpu.json"
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PATHSSL_PROGRESS": "0"}
@@ -24,7 +24,7 @@ def test_gpu_check_cpu_form_writes_every_measurement(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["mode"] == "cpu" and result["environment"]["ok"]
     assert result["tile_store"]["ok"] and result["tile_store"]["tiles"] > 0
-    for method in ("mocov2", "swav", "barlow_twins", "dino"):
+    for method in ("mocov2", "swav", "barlow_twins", "dino", "dinov2"):
         row = result[f"train_step/{method}"]
         assert row["ok"], row.get("error")
         assert row["fp32"]["img_s"] > 0 and 0 < row["fp32"]["views_share"] < 1

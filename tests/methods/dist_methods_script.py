@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _dist_common import GLOBAL_BATCH, METHOD_NAMES, N_STEPS, run_steps, shuffle_bn_case
+from _dist_common import GLOBAL_BATCH, METHOD_NAMES, N_STEPS, dinov2_pure_case, run_steps, shuffle_bn_case
 
 
 def main() -> None:
@@ -24,6 +24,9 @@ def main() -> None:
         result = run_steps(name, rank, world, wrap=DistributedDataParallel)
         if rank == 0:
             torch.save(result, out_dir / f"{name}.pt")
+    pure = dinov2_pure_case(rank, world)
+    if rank == 0:
+        torch.save(pure, out_dir / "dinov2_pure.pt")
     method, images = shuffle_bn_case()  # keys of each rank's images, encoded after shuffle-BN, gathered
     local = GLOBAL_BATCH // world
     keys = []

@@ -37,6 +37,7 @@ def distributed_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, d
     common = _common()
     results = {name: torch.load(out_dir / f"{name}.pt", weights_only=True) for name in common.METHOD_NAMES}
     results["shuffle_bn"] = torch.load(out_dir / "shuffle_bn.pt", weights_only=True)
+    results["dinov2_pure"] = torch.load(out_dir / "dinov2_pure.pt", weights_only=True)
     return results
 
 
@@ -66,9 +67,19 @@ def _assert_runs_match(multi: dict, single: dict, gradient_scale: float = 1.0) -
             assert torch.equal(multi["state"][key], value), f"final state {key}"
 
 
-@pytest.mark.parametrize("name", ["mocov2", "swav", "barlow_twins_exact", "dino"])
+@pytest.mark.parametrize("name", ["mocov2", "swav", "barlow_twins_exact", "dino", "dinov2", "dinov2_sinkhorn"])
 def test_two_processes_match_one_process(name: str, distributed_results: dict[str, dict]) -> None:
     _assert_runs_match(distributed_results[name], _common().run_steps(name))
+
+
+def test_dinov2_sinkhorn_and_centres_over_two_processes_equal_one_process(
+        distributed_results: dict[str, dict]) -> None:
+    """Sinkhorn-Knopp (CLS: n = B × W; iBOT: n = the all-reduced masked count, here split 6 + 4 between the
+    ranks) and both centres after two steps, each rank on its share: equal to one process on the whole."""
+    single, multi = _common().dinov2_pure_case(), distributed_results["dinov2_pure"]
+    assert multi["n_masked"].item() == 10
+    for key in ("sk_cls", "sk_masked", "center", "patch_center"):
+        torch.testing.assert_close(multi[key], single[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
 def test_barlow_twins_default_takes_the_official_gradient_one_over_the_world_size(

@@ -17,10 +17,11 @@ ALL_SPECS = sorted(p for p in SPECS.glob("*.toml") if not p.name.startswith("_")
 
 def test_the_paper_grid_and_tiny_specs_are_all_there() -> None:
     names = {p.stem for p in ALL_SPECS}
-    for method in ("mocov2", "swav", "barlow_twins", "dino"):
+    for method in ("mocov2", "swav", "barlow_twins", "dino", "dinov2"):
         assert f"tiny_{method}" in names
+    assert "dinov2_vit_base_patch14_reg4" in names
     for backbone_method in ("mocov2_resnet50", "swav_resnet50", "barlow_twins_resnet50",
-                            "dino_vit_small_patch16", "dino_vit_small_patch8"):
+                            "dino_vit_small_patch16", "dino_vit_small_patch8", "dinov2_vit_small_patch16"):
         assert {f"{backbone_method}_original", f"{backbone_method}_pathology"} <= names
 
 
@@ -39,7 +40,7 @@ def test_spec_validates(path: Path, image_folder: Path) -> None:
 
 def test_original_and_pathology_variants_differ_only_in_the_techniques() -> None:
     originals = sorted(SPECS.glob("*_original.toml"))
-    assert len(originals) == 5
+    assert len(originals) == 6
     for original in originals:
         pathology = original.with_name(original.name.replace("_original", "_pathology"))
         tiles = [f'data.tiles=["{SPECS}"]']
@@ -63,6 +64,28 @@ def test_paper_grid_follows_the_paper(image_folder: Path) -> None:
     assert bt.method.lambd == pytest.approx(0.0051)  # type: ignore[union-attr]
     assert bt.optim.no_decay_lr_scale == pytest.approx(0.0048 / 0.2)
     assert bt.model.drop_path_rate == 0.0
+
+
+def test_dinov2_specs_follow_the_official_config(image_folder: Path) -> None:
+    tiles = [f'data.tiles=["{image_folder}"]']
+    small = load_spec(SPECS / "dinov2_vit_small_patch16_pathology.toml", tiles)
+    method = small.method
+    assert method.name == "dinov2" and small.model.backbone == "vit_small_patch16_dinov2"
+    assert (method.dino.koleo_loss_weight, method.ibot.mask_sample_probability) == (0.1, 0.5)  # type: ignore[union-attr]
+    assert method.ibot.mask_ratio_min_max == (0.1, 0.5) and method.n_local_crops == 8  # type: ignore[union-attr]
+    assert small.optim.peak_lr(2048) == pytest.approx(0.004 * 2 ** 0.5)  # sqrt_wrt_1024
+    assert small.optim.peak_lr(2048) * small.optim.final_lr_fraction == pytest.approx(1e-6, rel=1e-3)
+    # 100 dinov2 epochs of 1250 iterations at 2048 images = Kang et al.'s 200 ImageNet epochs
+    assert small.run.epoch_images // small.data.batch_size == 1250 and small.run.epochs == 100
+    recipe = small.augment.recipe("dinov2", 2, 8)
+    assert recipe.global_scale == (0.32, 1.0) and recipe.local_scale == (0.05, 0.32) and recipe.local_size == 96
+    assert recipe.blur_p == [0.0, 0.9] and recipe.blur_kernel == 9  # as dinov2's inverted RandomApply blurs
+    base = load_spec(SPECS / "dinov2_vit_base_patch14_reg4.toml", tiles)
+    assert base.model.backbone == "vit_base_patch14_reg4_dinov2" and base.augment.local_size == 98
+    assert base.run.epochs * base.run.epoch_images // base.data.batch_size == 125_000  # UNI: 125k iterations
+    assert base.optim.peak_lr(3072) * base.optim.final_lr_fraction == pytest.approx(1e-6, rel=1e-3)
+    with pytest.raises(SpecError, match="not a ViT: dinov2 masks patch tokens"):
+        load_spec(SPECS / "tiny_dinov2.toml", [*tiles, "model.backbone=resnet_tiny"])
 
 
 @pytest.mark.parametrize(("override", "expected"), [

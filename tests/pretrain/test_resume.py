@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -32,9 +33,13 @@ def _assert_same(a: object, b: object, where: str) -> None:
         assert a == b, where
 
 
+# MoCo v2 (queue, key encoder) and DINOv2 (two centres, EMA teacher, per-step block masks, the last layer's lr
+# freeze and the teacher temperature schedule)
+@pytest.mark.parametrize("spec_name", ["tiny_mocov2", "tiny_dinov2"])
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(
-        tile_store: Path, tmp_path: Path, specs_dir: Path, tiny_overrides: Callable[..., list[str]]) -> None:
-    spec_file = specs_dir / "tiny_mocov2.toml"
+        spec_name: str, tile_store: Path, tmp_path: Path, specs_dir: Path,
+        tiny_overrides: Callable[..., list[str]]) -> None:
+    spec_file = specs_dir / f"{spec_name}.toml"
     # 96 tiles at 16 per step: a pass takes 6 steps, so the resumed run crosses into the second pass; one
     # DataLoader worker exercises the worker split of the stream.
     common = {"run.steps": 10, "run.checkpoint_every": 4, "data.workers": 1}
