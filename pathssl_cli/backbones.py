@@ -149,7 +149,8 @@ class Backbone(nn.Module):
 
     def _probe_maps(self) -> tuple[list[int], list[int]]:
         if self._map_shapes is None:
-            size = max(64, 4 * (self.patch_size or 16))
+            patch = self.patch_size or 16
+            size = patch * max(4, -(-64 // patch))  # whole patches: 70 px for DINOv2's 14 px patches
             device = next(self.parameters()).device
             was_training = self.training
             self.eval()

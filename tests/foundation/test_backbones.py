@@ -19,15 +19,16 @@ PAPER_SIZE = {"resnet50", "vit_small_patch16_224", "vit_small_patch8_224", "resn
 
 @pytest.mark.parametrize("name", BACKBONES.names())
 def test_every_registry_entry_gives_pooled_and_dense_features(name: str) -> None:
-    backbone = create_backbone(name, img_size=64).eval()
-    x = torch.randn(2, 3, 64, 64)
+    size = 56 if "patch14" in name else 64  # a ViT's input is whole patches: 4 of DINOv2's 14 px
+    backbone = create_backbone(name, img_size=size).eval()
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         pooled = backbone(x)
         maps = backbone.forward_maps(x)
     assert pooled.shape == (2, backbone.feature_dim)
     assert len(maps) == len(backbone.map_channels) == len(backbone.map_strides) == 4
     for fmap, channels, stride in zip(maps, backbone.map_channels, backbone.map_strides, strict=True):
-        assert fmap.shape == (2, channels, 64 // stride, 64 // stride)
+        assert fmap.shape == (2, channels, size // stride, size // stride)
     if backbone.patch_size is None:
         assert backbone.map_strides == [4, 8, 16, 32]
     else:

@@ -247,7 +247,7 @@ def test_state_dict_round_trip_resumes_exactly(name: str) -> None:
 
 
 def test_registry_and_options_union() -> None:
-    assert METHODS.names() == ["barlow_twins", "dino", "mocov2", "swav"]
+    assert METHODS.names() == ["barlow_twins", "dino", "dinov2", "mocov2", "swav"]
     with pytest.raises(SpecError, match="mocov2"):
         METHODS.get("moco_v2")
     parsed = TypeAdapter(MethodOptionsUnion).validate_python({"name": "swav", "n_prototypes": 7})
