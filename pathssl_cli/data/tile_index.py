@@ -75,7 +75,7 @@ class TileArrays:
         return None if code == NO_LEVEL else self.mpps[code]
 
 
-def _cache_root(store: Path) -> Path:
+def cache_root(store: Path) -> Path:
     """`<store>/.index` when writable, else a per-user cache (a read-only shared store still gets one)."""
     local = store / ".index"
     try:
@@ -168,7 +168,7 @@ def prune_states(root: Path, keep: str, now: float | None = None) -> list[str]:
     return removed
 
 
-def _load_state(folder: Path, names: Iterable[str]) -> tuple[dict[str, np.ndarray], dict]:
+def load_state(folder: Path, names: Iterable[str]) -> tuple[dict[str, np.ndarray], dict]:
     meta = json.loads((folder / "meta.json").read_text())
     return {name: np.load(folder / f"{name}.npy", mmap_mode="r") for name in names}, meta
 
@@ -192,7 +192,7 @@ def cached_arrays(root: Path, state: str, names: Iterable[str],
         else:
             built = False
         mark_used(folder)
-        arrays, meta = _load_state(folder, names)  # under the lock: a prune never races this open
+        arrays, meta = load_state(folder, names)  # under the lock: a prune never races this open
     return arrays, meta, folder, built
 
 
@@ -243,7 +243,7 @@ def open_store(store: str | Path, *, check: bool = True) -> TileArrays:
             _check_shards(store, meta)
         return arrays, meta
 
-    root = _cache_root(store)
+    root = cache_root(store)
     arrays, meta, folder, built = cached_arrays(root, state, _ARRAYS, build)
     if check and not built:
         _check_shards(store, meta)
@@ -276,7 +276,7 @@ def _reopen_store(pin: dict[str, Any]) -> TileArrays:
     else:
         folder = Path(pin["cache"])
         try:
-            arrays, meta = _load_state(folder, _ARRAYS)
+            arrays, meta = load_state(folder, _ARRAYS)
         except FileNotFoundError:
             raise StoreError(f"{pin['store']}: the index state this job opened ({folder}) was removed while it "
                              "ran; states are kept while used (see pathssl_cli.data.tile_index), so something "
