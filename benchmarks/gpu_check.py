@@ -156,10 +156,11 @@ def train_step(spec_name: str, store: Path, tiles: torch.Tensor, batch: int, dev
                           [f'data.tiles=["{store}"]', f"data.batch_size={batch}"], kind="pretrain")
     n_global, n_local = view_counts(spec.method)
     recipe = spec.augment.recipe(spec.method.name, n_global, n_local)
-    wanted = spec.augment.stain_space(spec.method.name)
+    wanted = spec.augment.stain_options(spec.method.name)
     stain = None
     if wanted is not None:
-        stain = fit_stain_stats([t.permute(1, 2, 0).numpy() for t in tiles[:64]], wanted[0], wanted[1], seed=0)
+        stain = fit_stain_stats([t.permute(1, 2, 0).numpy() for t in tiles[:64]], wanted.space, wanted.distribution,
+                                gmm_components=wanted.gmm_components, seed=0)
     row: dict[str, Any] = {"spec": spec_name, "method": spec.method.name, "backbone": spec.model.backbone,
                            "global_size": recipe.global_size, "views": [n_global, n_local]}
     while True:

@@ -26,8 +26,9 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image
 
+from pathssl_cli.augment.recipes import METHODS, ViewRecipe, recipe_for
 from pathssl_cli.augment.stain import StainStats, fit_stain_stats
-from pathssl_cli.augment.views import METHODS, BatchViews, ViewRecipe, recipe_for
+from pathssl_cli.augment.views import BatchViews
 from pathssl_cli.synthetic import labelled_tiles
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

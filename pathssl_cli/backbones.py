@@ -18,18 +18,11 @@ import torch
 from torch import nn
 
 from pathssl_cli.errors import SpecError
+from pathssl_cli.normalization import IMAGENET_MEAN, IMAGENET_STD, NORMALIZATIONS, Normalization
 from pathssl_cli.registry import Registry
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# Lunit's TCGA-pretrained release (Kang et al. 2023, github.com/lunit-io/benchmark-ssl).
-LUNIT_TCGA_MEAN = (0.70322989, 0.53606487, 0.66096631)
-LUNIT_TCGA_STD = (0.21716536, 0.26081574, 0.20723464)
-NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-    "lunit_tcga": (LUNIT_TCGA_MEAN, LUNIT_TCGA_STD),
-}
-Normalization = Literal["auto", "imagenet", "lunit_tcga"]
+#: A named normalisation, or explicit (mean, std) per RGB channel on [0, 1] images.
+NormalizationChoice = Normalization | tuple[tuple[float, ...], tuple[float, ...]]
 #: Which network of a checkpoint holding a teacher and a student (DINO) becomes the backbone; see select_network.
 Network = Literal["auto", "teacher", "student"]
 EXPORT_FORMAT = "pathssl-backbone"
@@ -89,7 +82,8 @@ class Backbone(nn.Module):
     """
 
     def __init__(self, name: str, info: BackboneInfo, timm_model: nn.Module, img_size: int,
-                 mean: tuple[float, float, float], std: tuple[float, float, float]) -> None:
+                 mean: tuple[float, float, float], std: tuple[float, float, float],
+                 normalization_source: str = "given") -> None:
         super().__init__()
         self.name = name
         self.info = info
@@ -97,6 +91,7 @@ class Backbone(nn.Module):
         self.img_size = img_size
         self.mean = mean
         self.std = std
+        self.normalization_source = normalization_source  # where mean/std came from, for run records
         self.feature_dim: int = int(timm_model.num_features)  # type: ignore[arg-type]
         patch = getattr(getattr(timm_model, "patch_embed", None), "patch_size", None)
         self.patch_size: int | None = int(patch[0]) if patch is not None else None
@@ -141,13 +136,13 @@ def _build_timm(info: BackboneInfo, img_size: int, drop_path_rate: float = 0.0) 
 
 
 def create_backbone(name: str, weights: str | Path = "random", img_size: int | None = None,
-                    normalization: Normalization | tuple[tuple[float, ...], tuple[float, ...]] = "auto",
+                    normalization: NormalizationChoice | Any = "auto",
                     *, network: Network = "auto", drop_path_rate: float = 0.0) -> Backbone:
     """Build a registry backbone with random weights or strictly loaded local weights.
 
-    `normalization="auto"` takes the statistics stored with a pathssl export, else ImageNet's; Lunit's released
-    TCGA weights carry no metadata, so give `normalization="lunit_tcga"` for them. `network` picks the network
-    of a checkpoint that holds a teacher and a student (see `select_network`). `drop_path_rate` is the
+    `normalization` is resolved by `resolve_normalization` (a name, explicit (mean, std), or an object with
+    `mean` and `std`, such as the spec table `{mean = [...], std = [...]}`). `network` picks the network of a
+    checkpoint that holds a teacher and a student (see `select_network`). `drop_path_rate` is the
     stochastic-depth rate (timm's: the last block's rate, linear from 0; dino `--drop_path_rate 0.1`); it only
     acts in training mode, and EMA teachers made with `methods.base.frozen_copy` never drop.
     """
@@ -156,22 +151,74 @@ def create_backbone(name: str, weights: str | Path = "random", img_size: int | N
     info = backbone_info(name)
     stored_meta: dict[str, Any] = {}
     state: dict[str, torch.Tensor] | None = None
-    if str(weights) != "random":
-        state, stored_meta = read_weights(Path(weights), network)
+    weights_path = None if str(weights) == "random" else Path(weights)
+    if weights_path is not None:
+        state, stored_meta = read_weights(weights_path, network)
         if img_size is None and "img_size" in stored_meta:
             img_size = int(stored_meta["img_size"])
     size = img_size or info.default_img_size
     model = _build_timm(info, size, drop_path_rate)
     if state is not None:
         load_backbone_state(model, state, source=Path(weights))
-    if isinstance(normalization, tuple):
-        mean, std = tuple(normalization[0]), tuple(normalization[1])
-    elif normalization == "auto":
-        mean = tuple(stored_meta.get("mean", IMAGENET_MEAN))
-        std = tuple(stored_meta.get("std", IMAGENET_STD))
-    else:
-        mean, std = NORMALIZATIONS[normalization]
-    return Backbone(name, info, model, size, mean, std)  # type: ignore[arg-type]
+    mean, std, source = resolve_normalization(normalization, info, weights_path, stored_meta)
+    return Backbone(name, info, model, size, mean, std, source)
+
+
+def resolve_normalization(choice: NormalizationChoice | Any, info: BackboneInfo, weights: Path | None,
+                          stored_meta: dict[str, Any]) -> tuple[tuple[float, float, float],
+                                                                tuple[float, float, float], str]:
+    """(mean, std, where they came from) for a backbone's inputs.
+
+    'auto': the statistics stored with the weights (a pathssl export or checkpoint); else, for a timm release
+    (a `config.json` with `pretrained_cfg` beside the weights file, as timm's Hugging Face layout has it), the
+    release's own statistics; else ImageNet's. 'timm': the statistics of the architecture's default timm
+    release (its `pretrained_cfg`), for a bare file taken from timm. 'imagenet' / 'lunit_tcga': those.
+    Explicit (mean, std) or an object with `mean` and `std` are used as given.
+    """
+    if hasattr(choice, "mean") and hasattr(choice, "std"):
+        return _triple(choice.mean), _triple(choice.std), "given in the spec"
+    if isinstance(choice, tuple):
+        return _triple(choice[0]), _triple(choice[1]), "given"
+    if choice == "auto":
+        if "mean" in stored_meta and "std" in stored_meta:
+            return _triple(stored_meta["mean"]), _triple(stored_meta["std"]), "stored with the weights"
+        released = _timm_release_stats(weights)
+        if released is not None:
+            return released
+        return IMAGENET_MEAN, IMAGENET_STD, "imagenet (default)"
+    if choice == "timm":
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(info.timm_name)
+        if cfg is None or cfg.mean is None or cfg.std is None:
+            raise SpecError(f"model.normalization = 'timm': timm has no default release for {info.timm_name!r} "
+                            "to take mean/std from; give them as {mean = [r, g, b], std = [r, g, b]}")
+        return _triple(cfg.mean), _triple(cfg.std), f"timm pretrained_cfg of {info.timm_name}.{cfg.tag}"
+    mean, std = NORMALIZATIONS[choice]
+    return mean, std, str(choice)
+
+
+def _triple(values: Any) -> tuple[float, float, float]:
+    a, b, c = (float(v) for v in values)
+    return a, b, c
+
+
+def _timm_release_stats(weights: Path | None) -> tuple[tuple[float, float, float], tuple[float, float, float],
+                                                       str] | None:
+    """mean/std of a timm Hugging Face release: `config.json` beside the weights with a `pretrained_cfg`."""
+    if weights is None:
+        return None
+    config = weights.parent / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = data.get("pretrained_cfg", data) if isinstance(data, dict) else None
+    if not isinstance(cfg, dict) or "mean" not in cfg or "std" not in cfg:
+        return None
+    return _triple(cfg["mean"]), _triple(cfg["std"]), f"timm release config {config}"
 
 
 # ------------------------------------------------------------------------------------------------- weights I/O

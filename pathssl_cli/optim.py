@@ -9,7 +9,9 @@ Every parameter group carries two extra keys besides what torch expects:
   weights' lr, facebookresearch/barlowtwins `main.py`);
 - `weight_decay_applies`: False for biases and norm parameters, which get no weight decay (as in the
   official repos).
-LARS additionally reads `lars_exclude` (no trust-ratio adaptation, Barlow Twins' `lars_adaptation_filter`).
+LARS and LARC additionally read `lars_exclude` (no trust-ratio adaptation, Barlow Twins'
+`lars_adaptation_filter`). Which parameters land in which group is the method's rule
+(`SSLMethod.exclude_bias_and_norm`).
 """
 
 from __future__ import annotations
@@ -145,6 +147,56 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
+class LARC(torch.optim.Optimizer):
+    """SGD with momentum wrapped in LARC (apex `LARC(optimizer, trust_coefficient, clip=False)`), SwAV's
+    optimiser (facebookresearch/swav `main_swav.py`).
+
+    Per parameter p with gradient g, lr, weight decay wd, momentum m and trust coefficient eta:
+        if ‖p‖ > 0 and ‖g‖ > 0:  d = (g + wd·p) · eta‖p‖ / (‖g‖ + wd‖p‖ + eps)     (else d = g: no decay)
+        mu = m·mu + d;  p = p − lr·mu
+    It differs from `LARS` (Barlow Twins): the denominator is ‖g‖ + wd‖p‖, not ‖g + wd·p‖, and a parameter
+    with a zero norm gets no weight decay. `clip` (apex's clip=True) caps the adaptive rate at 1 / lr. A group
+    with `lars_exclude` runs as plain SGD with weight decay.
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 0.0, weight_decay: float = 0.0,
+                 momentum: float = 0.9, eta: float = 0.001, eps: float = 1e-8, clip: bool = False) -> None:
+        defaults = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "eta": eta, "eps": eps,
+                    "clip": clip, "lars_exclude": False}
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            wd = group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if group["lars_exclude"]:
+                    d = g.add(p, alpha=wd) if wd != 0 else g
+                else:
+                    param_norm = torch.linalg.vector_norm(p)
+                    grad_norm = torch.linalg.vector_norm(g)
+                    adaptive = group["eta"] * param_norm / (grad_norm + param_norm * wd + group["eps"])
+                    if group["clip"]:
+                        adaptive = torch.clamp(adaptive / max(group["lr"], 1e-30), max=1.0)
+                    usable = (param_norm > 0) & (grad_norm > 0)
+                    # torch.where keeps this free of CPU-GPU syncs (no .item()).
+                    d = torch.where(usable, g.add(p, alpha=wd).mul(adaptive), g)
+                state = self.state[p]
+                if "mu" not in state:
+                    state["mu"] = torch.zeros_like(p)
+                mu = state["mu"]
+                mu.mul_(group["momentum"]).add_(d)
+                p.add_(mu, alpha=-group["lr"])
+        return loss
+
+
 def build_optimizer(name: str, groups: Sequence[dict[str, Any]], *, momentum: float = 0.9,
                     betas: tuple[float, float] = (0.9, 0.999), eta: float = 0.001,
                     no_decay_lr_scale: float = 1.0) -> torch.optim.Optimizer:
@@ -167,6 +219,8 @@ def build_optimizer(name: str, groups: Sequence[dict[str, Any]], *, momentum: fl
         raise ValueError("the method has no trainable parameters")
     if name == "lars":
         return LARS(torch_groups, momentum=momentum, eta=eta)
+    if name == "larc":
+        return LARC(torch_groups, momentum=momentum, eta=eta)
     if name == "sgd":
         return torch.optim.SGD(torch_groups, lr=0.0, momentum=momentum)
     if name == "adamw":

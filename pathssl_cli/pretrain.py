@@ -279,7 +279,7 @@ def _check_resumable(state: dict[str, Any], world: int, steps_per_epoch: int, to
 def _stain_statistics(spec: PretrainSpec, run: RunDir, resumed: dict[str, Any] | None,
                       dist_info: DistInfo, stream: PretrainStream) -> StainStats | None:
     """The RandStainNA statistics: from the checkpoint, the given file, or fitted on a sample of the data."""
-    wanted = spec.augment.stain_space(spec.method.name)
+    wanted = spec.augment.stain_options(spec.method.name)
     if wanted is None:
         return None
     target = run.file("stain_statistics.json")
@@ -287,14 +287,19 @@ def _stain_statistics(spec: PretrainSpec, run: RunDir, resumed: dict[str, Any] |
         return StainStats.from_dict(resumed["stain"])
     if spec.augment.stain_statistics is not None:
         stats = StainStats.load(spec.augment.stain_statistics)
-        if stats.space != wanted[0]:
-            raise SpecError(f"{spec.augment.stain_statistics}: statistics are in {stats.space!r} space but "
-                            f"the recipe asks for {wanted[0]!r}; refit them or set "
-                            "augment.overrides.stain.space")
+        given = {"space": stats.space, "distribution": stats.distribution}
+        asked = {"space": wanted.space, "distribution": wanted.distribution}
+        if given != asked:
+            differ = ", ".join(f"{k} {given[k]!r} (the recipe asks for {asked[k]!r})" for k in given
+                               if given[k] != asked[k])
+            raise SpecError(f"{spec.augment.stain_statistics}: the statistics have {differ}; refit them (leave "
+                            "augment.stain_statistics unset) or set augment.overrides.stain to match the file")
     elif dist_info.is_main:
-        info(f"fitting stain statistics ({wanted[0]}, {wanted[1]}) on {spec.augment.stain_fit_tiles} tiles")
+        info(f"fitting stain statistics ({wanted.space}, {wanted.distribution}) on {spec.augment.stain_fit_tiles} "
+             "tiles")
         sample = stain_images(stream, spec, spec.augment.stain_fit_tiles)
-        stats = fit_stain_stats(sample, wanted[0], wanted[1], seed=spec.run.seed)
+        stats = fit_stain_stats(sample, wanted.space, wanted.distribution, gmm_components=wanted.gmm_components,
+                                seed=spec.run.seed)
     if dist_info.is_main:
         stats.save(target)
     barrier()  # the other ranks read what rank 0 fitted, so every rank samples from the same distribution

@@ -9,14 +9,14 @@ file of the low-label regimes. `eval_transform` is the deterministic evaluation 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import cv2
 import numpy as np
 import torch
 
 from pathssl_cli.data.datasets.bach import open_bach
-from pathssl_cli.data.datasets.base import SPLITS, ClassificationDataset, Split, count_text
+from pathssl_cli.data.datasets.base import SPLITS, ClassificationDataset, DataSource, Split, count_text
 from pathssl_cli.data.datasets.crc import open_crc
 from pathssl_cli.data.datasets.csv_list import open_csv
 from pathssl_cli.data.datasets.folder import open_folder
@@ -25,13 +25,10 @@ from pathssl_cli.data.datasets.pcam import open_pcam
 from pathssl_cli.errors import Problem, SpecError
 from pathssl_cli.registry import Registry
 
-if TYPE_CHECKING:
-    from pathssl_cli.specs.data import DataSection
-
 __all__ = ["DATASETS", "SPLITS", "ClassificationDataset", "DatasetLoader", "EvalTransform", "Split",
            "eval_transform", "layout_problems", "open_dataset"]
 
-DatasetLoader = Callable[["DataSection", Split], ClassificationDataset]
+DatasetLoader = Callable[[DataSource, Split], ClassificationDataset]
 
 DATASETS: Registry[DatasetLoader] = Registry("dataset")
 DATASETS.add("bach", open_bach)
@@ -42,7 +39,7 @@ DATASETS.add("folder", open_folder)
 DATASETS.add("csv", open_csv)
 
 
-def open_dataset(data: DataSection, split: Split) -> ClassificationDataset:
+def open_dataset(data: DataSource, split: Split) -> ClassificationDataset:
     """One split of the dataset the `[data]` section names; `train` is narrowed to `data.train_subset` if set.
 
     Layout problems raise `SpecError` (exit 2) naming what was found, what was expected and the fix; an image
@@ -56,9 +53,9 @@ def open_dataset(data: DataSection, split: Split) -> ClassificationDataset:
     return dataset
 
 
-def apply_subset(dataset: ClassificationDataset, data: DataSection) -> ClassificationDataset:
+def apply_subset(dataset: ClassificationDataset, data: DataSource) -> ClassificationDataset:
     """Narrow the train split to the items of a subset file written by `pathssl subsample`."""
-    from pathssl_cli.data.subsample import read_subset_rows, subset_metadata
+    from pathssl_cli.data.subset_files import read_subset_rows, subset_metadata
 
     path = data.train_subset
     assert path is not None
@@ -92,7 +89,7 @@ def apply_subset(dataset: ClassificationDataset, data: DataSection) -> Classific
     return dataset.select(sorted(position[item] for item, _ in rows))
 
 
-def layout_problems(data: DataSection, splits: Sequence[Split] = SPLITS,
+def layout_problems(data: DataSource, splits: Sequence[Split] = SPLITS,
                     where: str = "data") -> list[Problem]:
     """Every layout problem of the given splits, for a spec's `check_inputs` (so they surface before work)."""
     problems: list[Problem] = []

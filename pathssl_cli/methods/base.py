@@ -169,18 +169,27 @@ class SSLMethod(nn.Module, abc.ABC):
             raise ValueError(f"{type(self).__name__} expects {self.n_global_views} global + "
                              f"{self.n_local_views} local views, got {len(views)}")
 
+    #: Whether biases and norm parameters (1-d tensors) are kept out of weight decay and of LARS/LARC
+    #: adaptation. Each official code has its own rule: barlowtwins `exclude_bias_and_norm` and dino
+    #: `get_params_groups` exclude them; moco (`SGD(model.parameters(), weight_decay=...)`) and swav
+    #: (`LARC(SGD(model.parameters(), ...))`) decay and adapt every parameter.
+    exclude_bias_and_norm: ClassVar[bool] = True
+
     def param_groups(self) -> list[dict]:
-        """Trainable parameters (frozen teacher / key encoder excluded), split for weight decay and LARS:
-        weights get decay; biases and norm parameters (1-d tensors, barlowtwins `exclude_bias_and_norm`, dino
-        `get_params_groups`) get neither weight decay nor LARS adaptation."""
+        """Trainable parameters (frozen teacher / key encoder excluded), split by the method's rule
+        (`exclude_bias_and_norm`): weights get weight decay and LARS/LARC adaptation; biases and norm
+        parameters get neither where the official code excludes them, the same as weights where it does
+        not."""
         decayed: list[nn.Parameter] = []
         not_decayed: list[nn.Parameter] = []
         for p in self.parameters():
             if not p.requires_grad:
                 continue
-            (not_decayed if p.ndim <= 1 else decayed).append(p)
-        return [{"params": decayed, "weight_decay_applies": True},
-                {"params": not_decayed, "weight_decay_applies": False, "lars_exclude": True}]
+            (not_decayed if self.exclude_bias_and_norm and p.ndim <= 1 else decayed).append(p)
+        groups: list[dict] = [{"params": decayed, "weight_decay_applies": True, "lars_exclude": False}]
+        if not_decayed:
+            groups.append({"params": not_decayed, "weight_decay_applies": False, "lars_exclude": True})
+        return groups
 
 
 def backbone_multicrop(backbone: nn.Module, views: Sequence[Tensor]) -> Tensor:

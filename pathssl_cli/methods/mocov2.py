@@ -117,6 +117,8 @@ def enqueue(queue: Tensor, pointer: Tensor, keys: Tensor) -> None:
 class MoCoV2(SSLMethod):
     options_model = MoCoV2Options
     options: MoCoV2Options
+    # moco `main_moco.py`: SGD(model.parameters(), weight_decay=1e-4) decays every parameter
+    exclude_bias_and_norm = False
     queue: Tensor  # (queue_size, out_dim) L2-normalised keys, a ring buffer
     queue_pointer: Tensor  # (1,) long: the next slot to write
 

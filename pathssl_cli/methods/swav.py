@@ -149,6 +149,8 @@ def swav_loss(scores: Tensor, codes: Tensor, crops_for_assign: Sequence[int], te
 class SwAV(SSLMethod):
     options_model = SwAVOptions
     options: SwAVOptions
+    # swav `main_swav.py`: LARC(SGD(model.parameters(), weight_decay=wd)) decays and adapts every parameter
+    exclude_bias_and_norm = False
     queue: Tensor  # (len(crops_for_assign), queue_length, out_dim) embeddings of all ranks, newest first
 
     def __init__(self, backbone: Backbone, options: SwAVOptions, *, steps_per_epoch: int,

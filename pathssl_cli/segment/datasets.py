@@ -256,7 +256,7 @@ def open_source(
 def read_subset_ids(path: Path) -> set[str]:
     """Image ids from a `pathssl subsample` output, a CSV (column id/name/image/path) or a plain list."""
     try:
-        from pathssl_cli.data.subsample import read_subset  # type: ignore[attr-defined]
+        from pathssl_cli.data.subset_files import read_subset
 
         return {Path(str(item)).stem for item in read_subset(path)}
     except (ImportError, SpecError):

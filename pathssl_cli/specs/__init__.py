@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from pathssl_cli.errors import Problem, SpecError
 from pathssl_cli.registry import closest
+from pathssl_cli.specs.building import build_spec
 from pathssl_cli.specs.core import (
     BackboneName,
     InputPath,
@@ -25,11 +26,9 @@ from pathssl_cli.specs.core import (
     Section,
     SpecModel,
     WeightsRef,
-    apply_overrides,
-    build_spec,
-    load_with_extends,
-    validation_problems,
 )
+from pathssl_cli.specs.problems import validation_problems
+from pathssl_cli.specs.toml_files import apply_overrides, load_with_extends
 
 __all__ = [
     "SPEC_KINDS", "BackboneName", "InputPath", "OutputPath", "PathPattern", "Section", "SpecModel", "WeightsRef",

@@ -11,9 +11,9 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pathssl_cli.backbones import Network, Normalization
+from pathssl_cli.backbones import Network
 from pathssl_cli.errors import Problem
-from pathssl_cli.specs.core import BackboneName, OutputPath, Section, SpecModel, WeightsRef
+from pathssl_cli.specs.core import BackboneName, NormalizationSpec, OutputPath, Section, SpecModel, WeightsRef
 from pathssl_cli.specs.data import DataSection
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -36,10 +36,12 @@ class ModelSection(Section):
         "= the teacher, as DINO's eval_linear/eval_knn (`--checkpoint_key teacher`); or 'student'. Files "
         "with one network (exports, Lunit's release, dino's *_pretrain.pth) need 'auto'.",
     )
-    normalization: Normalization = Field(
+    normalization: NormalizationSpec = Field(
         default="auto",
-        description="Input mean/std: 'auto' uses the statistics stored with a pathssl export, else "
-        "ImageNet's; Lunit's TCGA release needs 'lunit_tcga'.",
+        description="Input mean/std: 'auto' uses the statistics stored with a pathssl export or, for a timm "
+        "release, its config.json beside the weights, else ImageNet's; 'timm' = the architecture's default "
+        "timm release (mean = std = 0.5 for vit_small_patch16_224); Lunit's TCGA release needs 'lunit_tcga'; "
+        "or explicit {mean = [r, g, b], std = [r, g, b]} on [0, 1] inputs.",
     )
     img_size: int | None = Field(
         default=None,

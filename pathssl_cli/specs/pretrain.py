@@ -15,8 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from pathssl_cli.augment.stain import ColorSpace, Distribution
-from pathssl_cli.augment.views import ViewRecipe, recipe_for
+from pathssl_cli.augment.recipes import StainOptions, ViewRecipe, recipe_for
 from pathssl_cli.backbones import Network
 from pathssl_cli.errors import Problem
 from pathssl_cli.methods import MethodOptionsUnion
@@ -207,15 +206,16 @@ class PretrainAugment(Section):
         fields.update(self.overrides)
         return recipe_for(method, self.preset, **fields)
 
-    def stain_space(self, method: str) -> tuple[ColorSpace, Distribution] | None:
-        """(space, distribution) when the recipe applies RandStainNA, else None."""
+    def stain_options(self, method: str) -> StainOptions | None:
+        """The recipe's RandStainNA options (space, distribution, components) when it applies RandStainNA."""
         recipe = self.recipe(method, 2, 0)
-        return (recipe.stain.space, recipe.stain.distribution) if recipe.stain.p > 0 else None
+        return recipe.stain if recipe.stain.p > 0 else None
 
 
 class PretrainOptim(Section):
-    name: Literal["lars", "sgd", "adamw"] = Field(
-        "lars", description="LARS (Barlow Twins, SwAV), SGD (MoCo v2) or AdamW (DINO).")
+    name: Literal["lars", "larc", "sgd", "adamw"] = Field(
+        "lars", description="LARS (Barlow Twins), LARC = SGD wrapped in apex's LARC (SwAV), SGD (MoCo v2) or "
+                            "AdamW (DINO).")
     lr: float = Field(
         0.2, gt=0, description="Peak lr for 256 images per step; multiplied by batch_size / 256 when "
                                "scale_lr (the linear scaling rule all four official repos use).")
@@ -236,8 +236,8 @@ class PretrainOptim(Section):
         None, ge=0, description="Weight decay at the end of a cosine schedule (DINO: 0.4); unset = constant.")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD/LARS momentum; 0.9 in every official recipe.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas; torch defaults, as DINO.")
-    lars_eta: float = Field(0.001, gt=0, description="LARS trust coefficient; 0.001 in Barlow Twins and "
-                                                     "SwAV.")
+    lars_eta: float = Field(0.001, gt=0, description="LARS / LARC trust coefficient; 0.001 in Barlow Twins "
+                                                     "and SwAV.")
     no_decay_lr_scale: float = Field(
         1.0, gt=0, description="lr multiplier of biases and norms: Barlow Twins trains them at 0.0048 / 0.2 "
                                "= 0.024 of the weights' lr; 1 elsewhere.")

@@ -11,6 +11,7 @@ from pathssl_cli.errors import Problem
 from pathssl_cli.specs.core import (
     BackboneName,
     InputPath,
+    NormalizationSpec,
     OutputPath,
     PathPattern,
     Section,
@@ -75,10 +76,11 @@ class SegmentModel(Section):
         description="Encoder weights: 'random' or a local file (e.g. a "
         "`pathssl pretrain` export); never downloaded.",
     )
-    normalization: Literal["auto", "imagenet", "lunit_tcga"] = Field(
+    normalization: NormalizationSpec = Field(
         default="auto",
-        description="Input normalisation stats: 'auto' takes those stored with a pathssl export, else "
-        "ImageNet's; 'lunit_tcga' for Lunit's released weights, which carry none.",
+        description="Input normalisation stats: 'auto' takes those stored with a pathssl export (or a timm "
+        "release's config.json), else ImageNet's; 'lunit_tcga' for Lunit's released weights, which carry none; "
+        "'timm' for the architecture's default timm release; or {mean = [...], std = [...]}.",
     )
     mode: Literal["original", "fast", "same"] = Field(
         default="fast",

@@ -35,9 +35,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 
 from pathssl_cli.errors import Problem
-from pathssl_cli.specs.core import BackboneName, OutputPath, Section, SpecModel, _PathMarker
+from pathssl_cli.specs.core import BackboneName, NormalizationSpec, OutputPath, PathMarker, Section, SpecModel
 
-GridPath = Annotated[Path, _PathMarker("output")]
+GridPath = Annotated[Path, PathMarker("output")]
 """An input file resolved against the spec file like every path, but checked for existence by the grid check
 (`pathssl_cli.study.plan`) rather than first: a missing file is then reported with every other problem."""
 
@@ -120,9 +120,9 @@ class BackboneEntry(Section):
         default="random",
         description="'random', a local weights file, or a `pathssl pretrain` run directory (its "
         "backbone.safetensors is used). Never downloaded.")
-    normalization: Literal["auto", "imagenet", "lunit_tcga"] | None = Field(
-        default=None, description="Overrides model.normalization of every spec (Lunit's release: 'lunit_tcga'); "
-                                  "unset keeps each spec's own.")
+    normalization: NormalizationSpec | None = Field(
+        default=None, description="Overrides model.normalization of every spec (Lunit's release: 'lunit_tcga'; "
+                                  "timm's ImageNet ViT-S/16: 'timm'); unset keeps each spec's own.")
 
     @field_validator("name")
     @classmethod

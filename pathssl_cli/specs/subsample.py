@@ -80,10 +80,11 @@ class SubsampleSpec(SpecModel):
 
     def check_inputs(self) -> list[Problem]:
         # Layout errors and fractions too small for a class are input errors: report them before any output.
-        from pathssl_cli.data.subsample import load_items, nested_subsets
+        from pathssl_cli.data.subsets import load_items, nested_subsets
 
         try:
-            items = load_items(self)
+            images = self.images
+            items = load_items(self.data, images.format if images else None, images.root if images else None)
             fractions, seed = self.subsample.fractions, self.subsample.seed
             nested_subsets(items.ids, items.targets, items.classes, fractions, seed)
         except SpecError as error:

@@ -76,6 +76,8 @@ def toml_value(value: Any) -> str:
     """A value as TOML text for `--set` (strings in JSON's escapes, which TOML basic strings share)."""
     if isinstance(value, bool):
         return "true" if value else "false"
+    if hasattr(value, "model_dump"):  # a spec table, e.g. model.normalization = {mean = [...], std = [...]}
+        return toml_value(value.model_dump(mode="json"))
     if isinstance(value, str | Path):
         return json.dumps(str(value))
     if isinstance(value, dict):
@@ -97,7 +99,7 @@ def _weights(entry: Any) -> Path | str:
 
 
 def _read_kind(path: Path) -> str | None:
-    from pathssl_cli.specs.core import load_with_extends
+    from pathssl_cli.specs.toml_files import load_with_extends
 
     kind = load_with_extends(path)[0].get("kind")
     return kind if isinstance(kind, str) else None
@@ -169,7 +171,7 @@ def build_plan(spec: StudySpec) -> Plan:
                         sets.append(f"run.output_dir={toml_value(out)}")
                         needs: tuple[int, ...] = ()
                         if fraction < 1 and subset_index is not None:
-                            from pathssl_cli.data.subsample import subset_file_name
+                            from pathssl_cli.data.subsets import subset_file_name
 
                             subsets = plan.runs[subset_index].output_dir
                             key = "data.subset" if kind == "segment" else "data.train_subset"

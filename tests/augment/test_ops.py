@@ -10,7 +10,7 @@ import torchvision.transforms.v2.functional as TF
 from skimage.color import rgb2hsv
 from torchvision.transforms import InterpolationMode
 
-from pathssl_cli.augment import ops
+from pathssl_cli.augment import color_spaces, crops, ops
 
 TOL = 2e-6
 
@@ -34,10 +34,10 @@ def _per_image(fn, images: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
 def test_resized_crop_flip_matches_torchvision(interpolation: str, size: int, force_matmul: bool) -> None:
     x = _images()
     g = torch.Generator().manual_seed(1)
-    boxes = ops.random_resized_crop_boxes(6, 40, 48, (0.08, 1.0), (3 / 4, 4 / 3), g)
+    boxes = crops.random_resized_crop_boxes(6, 40, 48, (0.08, 1.0), (3 / 4, 4 / 3), g)
     hflip = torch.tensor([True, False, True, False, True, False])
     vflip = torch.tensor([False, True, True, False, False, True])
-    out = ops.resized_crop_flip(x, boxes, size, interpolation, hflip, vflip, force_matmul=force_matmul)
+    out = crops.resized_crop_flip(x, boxes, size, interpolation, hflip, vflip, force_matmul=force_matmul)
     mode = InterpolationMode.BILINEAR if interpolation == "bilinear" else InterpolationMode.BICUBIC
     for b in range(6):
         top, left, h, w = boxes[b].tolist()
@@ -52,7 +52,7 @@ def test_resized_crop_flip_matches_torchvision(interpolation: str, size: int, fo
 
 def test_crop_boxes_follow_scale_and_ratio() -> None:
     g = torch.Generator().manual_seed(2)
-    boxes = ops.random_resized_crop_boxes(4000, 64, 64, (0.2, 0.6), (3 / 4, 4 / 3), g)
+    boxes = crops.random_resized_crop_boxes(4000, 64, 64, (0.2, 0.6), (3 / 4, 4 / 3), g)
     top, left, h, w = boxes.unbind(1)
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= 64).all() and (left + w <= 64).all()
     area = (h * w).float() / 64**2
@@ -68,7 +68,7 @@ def test_crop_boxes_fall_back_to_the_centre_crop() -> None:
     # a 10×100 strip can never hold a square of 90 % of its area: torchvision's fallback is the central crop
     # clipped to the largest allowed ratio: h = 10, w = round(10 · 4/3) = 13, centred
     g = torch.Generator().manual_seed(3)
-    boxes = ops.random_resized_crop_boxes(5, 10, 100, (0.9, 1.0), (3 / 4, 4 / 3), g)
+    boxes = crops.random_resized_crop_boxes(5, 10, 100, (0.9, 1.0), (3 / 4, 4 / 3), g)
     assert boxes.tolist() == [[0, 43, 10, 13]] * 5
 
 
@@ -97,10 +97,10 @@ def test_grayscale_and_solarize_match_torchvision() -> None:
 
 def test_hsv_matches_skimage_and_round_trips() -> None:
     x = _images().double()
-    hsv = ops.rgb_to_hsv(x)
+    hsv = color_spaces.rgb_to_hsv(x)
     expected = torch.from_numpy(rgb2hsv(x.permute(0, 2, 3, 1).numpy())).permute(0, 3, 1, 2)
     torch.testing.assert_close(hsv, expected, atol=1e-9, rtol=0)
-    torch.testing.assert_close(ops.hsv_to_rgb(hsv), x, atol=1e-9, rtol=0)
+    torch.testing.assert_close(color_spaces.hsv_to_rgb(hsv), x, atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("kernel", [5, 23])
@@ -149,24 +149,24 @@ def test_apply_to_touches_only_selected_samples() -> None:
 @pytest.mark.parametrize("force_matmul", [False, True])
 def test_resized_crop_of_selected_rows_equals_cropping_the_selection(force_matmul: bool) -> None:
     x = _images()
-    boxes = ops.random_resized_crop_boxes(
+    boxes = crops.random_resized_crop_boxes(
         6, 40, 48, (0.2, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(5)
     )
     rows = torch.tensor([4, 1, 3])
     flips = torch.tensor([True, False, True])
-    out = ops.resized_crop_flip(x, boxes[rows], 20, "bicubic", flips, ~flips, force_matmul, index=rows)
-    expected = ops.resized_crop_flip(x[rows], boxes[rows], 20, "bicubic", flips, ~flips, force_matmul)
+    out = crops.resized_crop_flip(x, boxes[rows], 20, "bicubic", flips, ~flips, force_matmul, index=rows)
+    expected = crops.resized_crop_flip(x[rows], boxes[rows], 20, "bicubic", flips, ~flips, force_matmul)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
 def test_uint8_crops_equal_torchvision_uint8_resize(interpolation: str) -> None:
     x = (_images() * 255).round().to(torch.uint8)
-    boxes = ops.random_resized_crop_boxes(
+    boxes = crops.random_resized_crop_boxes(
         6, 40, 48, (0.08, 1.0), (3 / 4, 4 / 3), torch.Generator().manual_seed(6)
     )
     hflip = torch.tensor([True, False, True, False, True, False])
-    out = ops.resized_crop_flip(x, boxes, 32, interpolation, hflip)
+    out = crops.resized_crop_flip(x, boxes, 32, interpolation, hflip)
     mode = InterpolationMode.BILINEAR if interpolation == "bilinear" else InterpolationMode.BICUBIC
     for b in range(6):
         top, left, h, w = boxes[b].tolist()
@@ -179,7 +179,7 @@ def test_uint8_crops_equal_torchvision_uint8_resize(interpolation: str) -> None:
         # the batched (accelerator) path on the same input differs by the 8-bit rounding only (fixed-point
         # weights: at most one level). Bicubic in uint8 also clips the overshoot between its two passes, as
         # PIL does, so on this noise it may differ more.
-        batched = ops.resized_crop_flip(x, boxes, 32, interpolation, hflip, force_matmul=True)
+        batched = crops.resized_crop_flip(x, boxes, 32, interpolation, hflip, force_matmul=True)
         assert (batched - out).abs().max() <= 1 / 255 + 1e-6
 
 

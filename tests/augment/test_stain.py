@@ -9,7 +9,7 @@ import pytest
 import torch
 from skimage.color import hed2rgb, lab2rgb, rgb2hed, rgb2hsv, rgb2lab
 
-from pathssl_cli.augment import stain
+from pathssl_cli.augment import color_spaces, stain
 from pathssl_cli.augment.stain import StainStats, fit_stain_stats
 
 
@@ -40,20 +40,20 @@ def _nchw(x: np.ndarray) -> torch.Tensor:
 
 def test_lab_matches_skimage_both_ways() -> None:
     x = _rgb()
-    torch.testing.assert_close(stain.rgb_to_lab(x), _nchw(rgb2lab(_nhwc(x))), atol=1e-9, rtol=0)
+    torch.testing.assert_close(color_spaces.rgb_to_lab(x), _nchw(rgb2lab(_nhwc(x))), atol=1e-9, rtol=0)
     lab = _nchw(rgb2lab(_nhwc(x)))
-    torch.testing.assert_close(stain.lab_to_rgb(lab), _nchw(lab2rgb(_nhwc(lab))), atol=1e-9, rtol=0)
-    torch.testing.assert_close(stain.lab_to_rgb(stain.rgb_to_lab(x)), x, atol=1e-9, rtol=0)
+    torch.testing.assert_close(color_spaces.lab_to_rgb(lab), _nchw(lab2rgb(_nhwc(lab))), atol=1e-9, rtol=0)
+    torch.testing.assert_close(color_spaces.lab_to_rgb(color_spaces.rgb_to_lab(x)), x, atol=1e-9, rtol=0)
 
 
 def test_hed_matches_skimage_and_unclipped_round_trip() -> None:
     x = _rgb()
     hed = _nchw(rgb2hed(_nhwc(x)))
-    torch.testing.assert_close(stain.rgb_to_hed(x), hed, atol=1e-12, rtol=0)
-    torch.testing.assert_close(stain.hed_to_rgb(hed), _nchw(hed2rgb(_nhwc(hed))), atol=1e-12, rtol=0)
+    torch.testing.assert_close(color_spaces.rgb_to_hed(x), hed, atol=1e-12, rtol=0)
+    torch.testing.assert_close(color_spaces.hed_to_rgb(hed), _nchw(hed2rgb(_nhwc(hed))), atol=1e-12, rtol=0)
     # unclipped densities invert exactly, also for pixels outside the H-E-DAB gamut
     torch.testing.assert_close(
-        stain.hed_to_rgb(stain.rgb_to_hed(x.clamp(min=1e-6), clip=False)),
+        color_spaces.hed_to_rgb(color_spaces.rgb_to_hed(x.clamp(min=1e-6), clip=False)),
         x.clamp(min=1e-6),
         atol=1e-9,
         rtol=0,
@@ -62,14 +62,14 @@ def test_hed_matches_skimage_and_unclipped_round_trip() -> None:
 
 def test_hsv_space_round_trips() -> None:
     x = _rgb()
-    hsv = stain.to_space(x, "hsv")
+    hsv = color_spaces.to_space(x, "hsv")
     torch.testing.assert_close(hsv, _nchw(rgb2hsv(_nhwc(x))), atol=1e-9, rtol=0)
-    torch.testing.assert_close(stain.from_space(hsv, "hsv"), x, atol=1e-9, rtol=0)
+    torch.testing.assert_close(color_spaces.from_space(hsv, "hsv"), x, atol=1e-9, rtol=0)
 
 
 @pytest.mark.parametrize("space", ["lab", "hsv", "hed"])
 def test_reinhard_transfer_hits_the_target_statistics(space: str) -> None:
-    values = stain.to_space(_rgb(), space)
+    values = color_spaces.to_space(_rgb(), space)
     target_mean = torch.tensor([[50.0, 3.0, -2.0], [0.4, 0.3, 0.7], [0.1, 0.2, 0.0]], dtype=torch.float64)
     target_std = torch.tensor([[9.0, 4.0, 5.0], [0.1, 0.05, 0.2], [0.03, 0.02, 0.01]], dtype=torch.float64)
     out = stain.reinhard_transfer(values, target_mean, target_std)
@@ -160,7 +160,7 @@ def test_hed_jitter_identity_and_haematoxylin_shift() -> None:
     torch.testing.assert_close(stain.hed_jitter(x, ones, zeros), x, atol=1e-9, rtol=0)
     beta = torch.tensor([[0.02, 0.0, 0.0]] * 3)  # optical density (-ln I)
     out = stain.hed_jitter(x, ones, beta)
-    shift = stain.rgb_to_hed(out, clip=False) - stain.rgb_to_hed(x, clip=False)
+    shift = color_spaces.rgb_to_hed(out, clip=False) - color_spaces.rgb_to_hed(x, clip=False)
     unclipped = ((out > 0) & (out < 1)).all(dim=1)  # pixels where the RGB clip did not interfere
     assert unclipped.float().mean() > 0.5
     expected = 0.02 / -np.log(1e-6)  # rgb_to_hed (skimage) units are OD / -ln(1e-6)
@@ -196,16 +196,16 @@ def test_uint8_lab_matches_skimage_and_image_by_image_matches_one_image() -> Non
     tiles = rng.integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
     tiles[0, :4] = 0  # near-black pixels take the linear branches of both curves
     batch = torch.from_numpy(tiles).permute(0, 3, 1, 2).contiguous()
-    lab = stain.rgb_to_lab(batch)
+    lab = color_spaces.rgb_to_lab(batch)
     assert lab.dtype == torch.float32
     expected = _nchw(rgb2lab(tiles))
     torch.testing.assert_close(lab.double(), expected, atol=2e-4, rtol=0)
     # the CPU conversions loop over images: each row must be what a one-image call gives
     for i in range(3):
-        torch.testing.assert_close(lab[i : i + 1], stain.rgb_to_lab(batch[i : i + 1]), atol=0, rtol=0)
-    back = stain.lab_to_rgb(expected)
+        torch.testing.assert_close(lab[i : i + 1], color_spaces.rgb_to_lab(batch[i : i + 1]), atol=0, rtol=0)
+    back = color_spaces.lab_to_rgb(expected)
     torch.testing.assert_close(back, _nchw(lab2rgb(_nhwc(expected))), atol=1e-9, rtol=0)
-    torch.testing.assert_close(back[2:], stain.lab_to_rgb(expected[2:]), atol=0, rtol=0)
+    torch.testing.assert_close(back[2:], color_spaces.lab_to_rgb(expected[2:]), atol=0, rtol=0)
 
 
 def test_hed_jitter_offset_is_in_optical_density() -> None:
@@ -273,7 +273,7 @@ def test_glass_stays_near_glass_at_the_shipped_segmentation_strength() -> None:
 
 
 def test_randstainna_std_hyper_defaults_to_the_reference_usage() -> None:
-    from pathssl_cli.augment.views import recipe_for
+    from pathssl_cli.augment.recipes import recipe_for
 
     assert recipe_for("dino", "pathology").stain.std_hyper == pytest.approx(-0.3)  # RandStainNA main.py
     stats = fit_stain_stats([(_rgb(1, 16, seed=s)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
@@ -282,3 +282,48 @@ def test_randstainna_std_hyper_defaults_to_the_reference_usage() -> None:
     default = stain.rand_stain(x, stats, torch.Generator().manual_seed(0))
     torch.testing.assert_close(default, stain.rand_stain(x, stats, torch.Generator().manual_seed(0), -0.3))
     assert not torch.allclose(default, stain.rand_stain(x, stats, torch.Generator().manual_seed(0), 0.0))
+
+
+def test_pathology_preset_is_randstainna_gmm_for_every_method() -> None:
+    """Kang et al.'s stain technique is RandStainNA with a Gaussian mixture; the preset drew from one Gaussian."""
+    from pathssl_cli.augment.recipes import METHODS, recipe_for
+
+    for method in METHODS:
+        pathology = recipe_for(method, "pathology").stain
+        assert (pathology.p, pathology.space, pathology.distribution) == (0.8, "lab", "gmm"), method
+        assert recipe_for(method, "original").stain.p == 0.0
+        overridden = recipe_for(method, "pathology", stain={"distribution": "normal"}).stain
+        assert overridden.distribution == "normal" and overridden.p == 0.8
+
+
+def test_gmm_templates_follow_the_mixture_moments() -> None:
+    """Sampled templates have the mixture's mean and covariance (worked out from the parameters in numpy:
+    E = Σ w μ, Cov = Σ w (Σ_k + μ_k μ_kᵀ) − E Eᵀ), including its correlations between channels."""
+    weights = np.array([0.2, 0.5, 0.3])
+    means = np.array([[60.0, 15, -10, 12, 4, 3], [70, 10, -5, 10, 5, 4], [80, 5, 0, 8, 6, 5]])
+    rng = np.random.default_rng(0)
+    covs = []
+    for _ in range(3):
+        a = rng.normal(0, 0.6, (6, 6))
+        covs.append(a @ a.T + 0.05 * np.eye(6))
+    covs = np.stack(covs)
+    stats = StainStats("lab", "gmm", {"weights": weights.tolist(), "means": means.tolist(),
+                                      "covariances": covs.tolist()})
+    target_mean, target_std = stats.sample(400_000, torch.Generator().manual_seed(1))
+    samples = torch.cat([target_mean, target_std], dim=1).numpy()
+    expected_mean = (weights[:, None] * means).sum(0)
+    second = sum(w * (c + np.outer(m, m)) for w, m, c in zip(weights, means, covs, strict=True))
+    expected_cov = second - np.outer(expected_mean, expected_mean)
+    np.testing.assert_allclose(samples.mean(0), expected_mean, atol=0.05)
+    np.testing.assert_allclose(np.cov(samples, rowvar=False), expected_cov, atol=0.6)
+
+
+def test_gmm_fit_recovers_separated_staining_batches() -> None:
+    """Two staining batches with distinct LAB statistics: a 2-component fit puts one component on each."""
+    pale = _he_like(30, seed=3, noise=(3, 6))
+    dark = [np.clip(t.astype(np.int16) - 60, 0, 255).astype(np.uint8) for t in _he_like(30, seed=4, noise=(3, 6))]
+    stats = fit_stain_stats(pale + dark, "lab", "gmm", gmm_components=2, seed=0)
+    lightness = sorted(m[0] for m in stats.params["means"])
+    reference = stain.image_statistics(pale + dark, "lab")
+    np.testing.assert_allclose(lightness, sorted([reference[30:, 0].mean(), reference[:30, 0].mean()]), atol=0.5)
+    np.testing.assert_allclose(sorted(stats.params["weights"]), [0.5, 0.5], atol=1e-6)

@@ -9,9 +9,10 @@ import torchvision.transforms.v2.functional as TF
 from pydantic import ValidationError
 from torchvision.transforms import InterpolationMode
 
-from pathssl_cli.augment import ops
+from pathssl_cli.augment import crops
+from pathssl_cli.augment.recipes import METHODS, recipe_for
 from pathssl_cli.augment.stain import fit_stain_stats
-from pathssl_cli.augment.views import METHODS, BatchViews, recipe_for
+from pathssl_cli.augment.views import BatchViews
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -150,7 +151,7 @@ def test_a_fully_determined_view_equals_torchvision_per_image() -> None:
     )
     images = _batch()
     (view,) = BatchViews(recipe, MEAN, STD)(images, torch.Generator().manual_seed(9))
-    boxes = ops.random_resized_crop_boxes(
+    boxes = crops.random_resized_crop_boxes(
         4, 48, 48, recipe.global_scale, recipe.ratio, torch.Generator().manual_seed(9)
     )  # the first draws of the same seed
     for b in range(4):

@@ -13,20 +13,13 @@ from click.testing import CliRunner
 
 from pathssl_cli.cli import cli
 from pathssl_cli.data.benchmarks import open_dataset
-from pathssl_cli.data.subsample import (
-    minimum_fraction,
-    nested_subsets,
-    read_subset,
-    read_subset_indices,
-    read_subset_rows,
-    subset_file_name,
-    subset_metadata,
-)
+from pathssl_cli.data.subset_files import read_subset, read_subset_indices, read_subset_rows, subset_metadata
+from pathssl_cli.data.subsets import minimum_fraction, nested_subsets, subset_file_name
 from pathssl_cli.errors import SpecError
 from pathssl_cli.specs import load_spec, spec_model
-from pathssl_cli.specs.core import load_with_extends
 from pathssl_cli.specs.data import DataSection
 from pathssl_cli.specs.subsample import SubsampleSpec
+from pathssl_cli.specs.toml_files import load_with_extends
 from pathssl_cli.synthetic import write_image_folder
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pathssl_cli.specs import load_spec, spec_model
-from pathssl_cli.specs.core import load_with_extends
+from pathssl_cli.specs.toml_files import load_with_extends
 
 SPECS = Path(__file__).resolve().parents[2] / "specs" / "evaluate"
 ALL = sorted(SPECS.glob("*.toml"))

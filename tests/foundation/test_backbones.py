@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -9,14 +10,9 @@ import pytest
 import timm
 import torch
 
-from pathssl_cli.backbones import (
-    BACKBONES,
-    IMAGENET_MEAN,
-    LUNIT_TCGA_MEAN,
-    create_backbone,
-    export_backbone,
-)
+from pathssl_cli.backbones import BACKBONES, create_backbone, export_backbone
 from pathssl_cli.errors import SpecError
+from pathssl_cli.normalization import IMAGENET_MEAN, LUNIT_TCGA_MEAN
 
 PAPER_SIZE = {"resnet50", "vit_small_patch16_224", "vit_small_patch8_224", "resnet18", "vit_tiny_patch16_224"}
 
@@ -147,3 +143,47 @@ def test_export_round_trips_through_registry_and_timm(tmp_path: Path) -> None:
 
 def test_paper_backbones_are_registered() -> None:
     assert PAPER_SIZE <= set(BACKBONES.names())
+
+
+def test_timm_release_statistics_reach_the_backbone(tmp_path: Path) -> None:
+    """Issue 20: any non-pathssl file got ImageNet statistics, so timm's ViT-S/16 release (trained with mean = std
+    = 0.5) was fed wrongly normalised inputs. 'timm' takes the architecture's pretrained_cfg, 'auto' reads a timm
+    release's config.json, and explicit statistics are used as given."""
+    from timm.models import get_pretrained_cfg
+
+    from pathssl_cli.specs.core import ExplicitNormalization
+
+    release = tmp_path / "vit_tiny_release"
+    release.mkdir()
+    weights = release / "model.safetensors"
+    export_backbone(create_backbone("vit_tiny"), tmp_path / "export.safetensors")
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(tmp_path / "export.safetensors"), weights)  # the tensors alone, as a timm release
+    assert create_backbone("vit_tiny", weights).mean == IMAGENET_MEAN  # no config.json: ImageNet, as before
+    (release / "config.json").write_text(json.dumps({"architecture": "test_vit", "pretrained_cfg": {
+        "tag": "r160_in1k", "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}}))
+    auto = create_backbone("vit_tiny", weights)
+    assert (auto.mean, auto.std) == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert "config.json" in auto.normalization_source
+    expected = get_pretrained_cfg("vit_small_patch16_224")
+    named = create_backbone("vit_small_patch16_224", normalization="timm", img_size=32)
+    assert named.mean == tuple(expected.mean) == (0.5, 0.5, 0.5) and named.std == tuple(expected.std)
+    given = create_backbone("vit_tiny", normalization=ExplicitNormalization(mean=(0.1, 0.2, 0.3),
+                                                                             std=(0.4, 0.5, 0.6)))
+    assert (given.mean, given.std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+
+
+def test_spec_normalization_accepts_a_table_and_the_paper_vit_row_uses_timm() -> None:
+    from pathssl_cli.specs import load_spec
+
+    specs = Path(__file__).resolve().parents[2] / "specs"
+    spec = load_spec(specs / "evaluate" / "crc_linear.toml", [
+        "model.normalization={mean = [0.5, 0.5, 0.5], std = [0.25, 0.25, 0.25]}"], check_inputs=False)
+    assert tuple(spec.model.normalization.std) == (0.25, 0.25, 0.25)
+    with pytest.raises(SpecError, match="std must be positive"):
+        load_spec(specs / "evaluate" / "crc_linear.toml", [
+            "model.normalization={mean = [0.5, 0.5, 0.5], std = [0, 1, 1]}"], check_inputs=False)
+    study = load_spec(specs / "study" / "paper_classification.toml", check_inputs=False)
+    vit = next(b for b in study.backbones if b.name == "imagenet-vit_small_patch16")
+    assert vit.normalization == "timm"

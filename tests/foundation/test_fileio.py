@@ -64,9 +64,9 @@ def test_temporary_folder_gets_mkdir_mode(tmp_path, umask_022):
 
 def test_index_cache_and_store_files_are_shared_readable(tmp_path, umask_022):
     """The index cache (.index/<state>/*.npy, meta.json) that other users memory-map."""
-    from pathssl_cli.data.tile_index import _write_cache
-
     import numpy as np
+
+    from pathssl_cli.data.tile_index import _write_cache
 
     folder = tmp_path / ".index" / "state1"
     _write_cache(folder, {"shard": np.zeros(3, np.int32)}, {"tiles": 3})

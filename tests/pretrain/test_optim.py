@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from pathssl_cli.optim import (
+    LARC,
     LARS,
     Schedules,
     apply_schedules,
@@ -83,6 +84,47 @@ def test_lars_excluded_group_is_plain_momentum_sgd() -> None:
 def test_lars_zero_parameter_norm_falls_back_to_unit_trust() -> None:
     p = nn.Parameter(torch.zeros(3))
     opt = LARS([{"params": [p]}], lr=1.0, weight_decay=0.0, momentum=0.0, eta=0.001)
+    p.grad = torch.ones(3)
+    opt.step()
+    torch.testing.assert_close(p.detach(), -torch.ones(3))
+
+
+def test_larc_two_steps_by_hand() -> None:
+    """apex LARC (swav): d = (g + wd p) · eta‖p‖ / (‖g‖ + wd‖p‖ + eps), then momentum SGD."""
+    p = nn.Parameter(torch.tensor([3.0, 4.0], dtype=torch.float64))
+    opt = LARC([{"params": [p]}], lr=10.0, weight_decay=0.1, momentum=0.9, eta=0.001, eps=0.0)
+    grad = torch.tensor([0.6, 0.8], dtype=torch.float64)
+    p.grad = grad.clone()
+    opt.step()
+    # ‖g‖ = 1, ‖p‖ = 5: rate = 0.001·5 / (1 + 0.5) = 1/300; d = [0.9, 1.2] / 300 = [0.003, 0.004]
+    torch.testing.assert_close(p.detach(), torch.tensor([2.97, 3.96], dtype=torch.float64))
+    p.grad = grad.clone()
+    opt.step()
+    # ‖p‖ = 4.95: rate = 0.00495 / 1.495; g + 0.1 p = [0.897, 1.196]; mu = 0.9 mu + d; p -= 10 mu
+    rate = 0.00495 / 1.495
+    mu = 0.9 * torch.tensor([0.003, 0.004], dtype=torch.float64) + rate * torch.tensor([0.897, 1.196],
+                                                                                       dtype=torch.float64)
+    torch.testing.assert_close(p.detach(), torch.tensor([2.97, 3.96], dtype=torch.float64) - 10 * mu)
+
+
+def test_larc_differs_from_lars_where_gradient_and_decay_disagree() -> None:
+    """LARS divides by ‖g + wd p‖, LARC by ‖g‖ + wd‖p‖: they agree only when g is parallel to p."""
+    def one_step(optimizer_class: type) -> torch.Tensor:
+        p = nn.Parameter(torch.tensor([1.0, 0.0], dtype=torch.float64))
+        opt = optimizer_class([{"params": [p]}], lr=1.0, weight_decay=0.5, momentum=0.0, eta=1.0)
+        p.grad = torch.tensor([0.0, 1.0], dtype=torch.float64)
+        opt.step()
+        return p.detach()
+
+    # d = g + 0.5 p = [0.5, 1]; LARS: × 1/‖d‖ = 1/1.1180; LARC: × 1/(1 + 0.5) = 1/1.5
+    torch.testing.assert_close(one_step(LARS), torch.tensor([1 - 0.5 / 1.25**0.5, -1 / 1.25**0.5],
+                                                           dtype=torch.float64))
+    torch.testing.assert_close(one_step(LARC), torch.tensor([1 - 0.5 / 1.5, -1 / 1.5], dtype=torch.float64))
+
+
+def test_larc_zero_norm_takes_the_plain_gradient_without_decay() -> None:
+    p = nn.Parameter(torch.zeros(3))
+    opt = LARC([{"params": [p]}], lr=1.0, weight_decay=0.3, momentum=0.0)
     p.grad = torch.ones(3)
     opt.step()
     torch.testing.assert_close(p.detach(), -torch.ones(3))

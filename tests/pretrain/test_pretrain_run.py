@@ -40,6 +40,8 @@ def test_tiny_mocov2_on_a_tile_store_through_the_cli(tile_store: Path, tmp_path:
     assert (out / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stain = json.loads((out / "stain_statistics.json").read_text())
     assert stain["space"] == "lab" and stain["n_images"] == 16
+    # the pathology preset is RandStainNA-GMM (Kang et al.): a 3-component mixture, not a single Gaussian
+    assert stain["distribution"] == "gmm" and len(stain["params"]["weights"]) == 3
 
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["step"] == 4 and state["total_steps"] == 4
@@ -130,3 +132,19 @@ def test_too_few_tiles_is_a_spec_error_before_any_output(image_folder: Path, tmp
                              tiny_overrides(image_folder, out, **{"data.batch_size": 128}))
     assert code == 2 and "fewer than one batch" in output and "96" in output
     assert not out.exists()
+
+
+def test_stain_statistics_of_another_distribution_are_refused(image_folder: Path, tmp_path: Path,
+                                                              specs_dir: Path,
+                                                              tiny_overrides: Callable[..., list[str]]) -> None:
+    """A stain_statistics.json fitted as a single Gaussian would silently replace the preset's mixture."""
+    from pathssl_cli.augment.stain import fit_stain_stats
+    from pathssl_cli.data.tiles import sample_images
+
+    stats_file = tmp_path / "normal.json"
+    fit_stain_stats(sample_images([image_folder], 8, 0), "lab", "normal").save(stats_file)
+    code, output = _pretrain(specs_dir / "tiny_mocov2.toml", tiny_overrides(
+        image_folder, tmp_path / "run", **{"augment.stain_statistics": str(stats_file)}))
+    assert code == 2, output
+    assert "distribution 'normal' (the recipe asks for 'gmm')" in output
+    assert not (tmp_path / "run" / "checkpoints").exists()

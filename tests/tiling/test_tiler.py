@@ -341,9 +341,9 @@ def test_every_opened_slide_is_closed(tmp_path: Path, monkeypatch: pytest.Monkey
                                       slide_without_mpp) -> None:
     """A tiling worker goes through thousands of slides: each is closed when done, tiled or failed (the no-MPP
     slide fails after it was opened), instead of holding its file handle until garbage collection."""
-    from pathssl_cli.tiling import tiler
+    from pathssl_cli.tiling import slide_tiler
 
-    real_open = tiler.open_slide
+    real_open = slide_tiler.open_slide
     opened: list[str] = []
     closed: list[str] = []
 
@@ -359,7 +359,7 @@ def test_every_opened_slide_is_closed(tmp_path: Path, monkeypatch: pytest.Monkey
         opened.append(Path(path).name)
         return slide
 
-    monkeypatch.setattr(tiler, "open_slide", recording_open)
+    monkeypatch.setattr(slide_tiler, "open_slide", recording_open)
     slides = [str(second_slide.path), str(slide_without_mpp.path)]
     spec = load_spec(write_spec(tmp_path, slides, tmp_path / "store", run={"allow_failures": True}))
     summary = run_tile(spec)

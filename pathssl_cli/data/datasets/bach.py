@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pathssl_cli.data.datasets.base import (
     ClassificationDataset,
+    DataSource,
     ImageFileDataset,
     Split,
     carve_val,
@@ -35,9 +35,6 @@ from pathssl_cli.data.datasets.base import (
     stratified_holdout,
 )
 from pathssl_cli.errors import SpecError
-
-if TYPE_CHECKING:
-    from pathssl_cli.specs.data import DataSection
 
 CLASSES = ("Benign", "InSitu", "Invasive", "Normal")
 CSV_NAME = "microscopy_ground_truth.csv"
@@ -77,7 +74,7 @@ def read_ground_truth(csv_path: Path) -> dict[str, str]:
     return labels
 
 
-def open_bach(data: DataSection, split: Split) -> ClassificationDataset:
+def open_bach(data: DataSource, split: Split) -> ClassificationDataset:
     photos = find_photos(Path(data.root))
     labels = read_ground_truth(photos / CSV_NAME)
     classes, files, targets = scan_class_folders(photos, CLASSES, "the four BACH class folders", FIX,

@@ -14,7 +14,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -25,6 +25,28 @@ from pathssl_cli.errors import SpecError, WorkFailed
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
+
+
+
+class DataSource(Protocol):
+    """What a loader reads of the `[data]` table of a spec (`pathssl_cli.specs.data.DataSource` is one).
+
+    A protocol here rather than the spec model itself, so the data layer never imports the spec layer that
+    validates against its registry."""
+
+    @property
+    def dataset(self) -> str: ...
+    @property
+    def root(self) -> Path: ...
+    @property
+    def train_subset(self) -> Path | None: ...
+    @property
+    def val_fraction(self) -> float: ...
+    @property
+    def test_fraction(self) -> float: ...
+    @property
+    def split_seed(self) -> int: ...
+
 
 # Extensions torchvision's ImageFolder accepts, plus the TIFF spellings the pathology benchmarks use.
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".ppm")

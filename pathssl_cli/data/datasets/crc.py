@@ -14,10 +14,10 @@ whose prefix disagrees with its folder is reported as a label mismatch rather th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pathssl_cli.data.datasets.base import (
     ClassificationDataset,
+    DataSource,
     ImageFileDataset,
     Split,
     carve_val,
@@ -27,9 +27,6 @@ from pathssl_cli.data.datasets.base import (
 )
 from pathssl_cli.errors import SpecError
 
-if TYPE_CHECKING:
-    from pathssl_cli.specs.data import DataSection
-
 CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 TRAIN_DIR = "NCT-CRC-HE-100K"
 TEST_DIR = "CRC-VAL-HE-7K"
@@ -37,7 +34,7 @@ FIX = (f"Set data.root to the folder holding {TRAIN_DIR}/ and {TEST_DIR}/ as unz
        "https://zenodo.org/record/1214456, each with the nine class folders " + ", ".join(CLASSES) + ".")
 
 
-def open_crc(data: DataSection, split: Split) -> ClassificationDataset:
+def open_crc(data: DataSource, split: Split) -> ClassificationDataset:
     root = Path(data.root)
     if not (root / TRAIN_DIR).is_dir() and root.name in (TRAIN_DIR, TEST_DIR):
         raise SpecError(f"{root}: data.root points at {root.name}/ itself; it must be the folder that holds "

@@ -21,11 +21,11 @@ from __future__ import annotations
 import csv
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pathssl_cli.data.datasets.base import (
     SPLITS,
     ClassificationDataset,
+    DataSource,
     ImageFileDataset,
     Split,
     announce_once,
@@ -34,9 +34,6 @@ from pathssl_cli.data.datasets.base import (
     stratified_holdout,
 )
 from pathssl_cli.errors import SpecError
-
-if TYPE_CHECKING:
-    from pathssl_cli.specs.data import DataSection
 
 FIX = ("The CSV needs a header row 'path,label' (and optionally ',split' with train/val/test and ',group' "
        "naming the patient/slide/source image).")
@@ -88,7 +85,7 @@ def read_rows(table: Path) -> list[dict[str, str]]:
     return rows
 
 
-def open_csv(data: DataSection, split: Split) -> ClassificationDataset:
+def open_csv(data: DataSource, split: Split) -> ClassificationDataset:
     table = Path(data.root)
     rows = read_rows(table)
     classes = sorted({r["label"] for r in rows})

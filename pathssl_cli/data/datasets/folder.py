@@ -15,10 +15,10 @@ folders. Images are .png/.jpg/.jpeg/.tif/.tiff/.bmp/.webp/.ppm, sorted by name. 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pathssl_cli.data.datasets.base import (
     ClassificationDataset,
+    DataSource,
     ImageFileDataset,
     Split,
     announce_once,
@@ -29,14 +29,11 @@ from pathssl_cli.data.datasets.base import (
 )
 from pathssl_cli.errors import SpecError
 
-if TYPE_CHECKING:
-    from pathssl_cli.specs.data import DataSection
-
 FIX = ("Lay the images out as root/train/<class>/*, root/val/<class>/* (optional) and root/test/<class>/* "
        "(optional).")
 
 
-def open_folder(data: DataSection, split: Split) -> ClassificationDataset:
+def open_folder(data: DataSource, split: Split) -> ClassificationDataset:
     root = Path(data.root)
     train_dir = root / "train"
     if not train_dir.is_dir():

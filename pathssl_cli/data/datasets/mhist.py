@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pathssl_cli import console
 from pathssl_cli.data.datasets.base import (
     ClassificationDataset,
+    DataSource,
     ImageFileDataset,
     Split,
     carve_val,
@@ -27,9 +27,6 @@ from pathssl_cli.data.datasets.base import (
     describe_missing,
 )
 from pathssl_cli.errors import SpecError
-
-if TYPE_CHECKING:
-    from pathssl_cli.specs.data import DataSection
 
 CLASSES = ("HP", "SSA")
 NAME, LABEL, PARTITION = "Image Name", "Majority Vote Label", "Partition"
@@ -39,7 +36,7 @@ FIX = ("Set data.root to the folder holding annotations.csv and images/ as downl
 ANNOTATORS = 7
 
 
-def open_mhist(data: DataSection, split: Split) -> ClassificationDataset:
+def open_mhist(data: DataSource, split: Split) -> ClassificationDataset:
     root = Path(data.root)
     table, images = root / "annotations.csv", root / "images"
     for path, what in ((table, "annotations.csv"), (images, "the images/ folder")):

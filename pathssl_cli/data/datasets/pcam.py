@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import h5py
 import numpy as np
 
-from pathssl_cli.data.datasets.base import ClassificationDataset, Split, describe_missing
+from pathssl_cli.data.datasets.base import ClassificationDataset, DataSource, Split, describe_missing
 from pathssl_cli.errors import SpecError, WorkFailed
-
-if TYPE_CHECKING:
-    from pathssl_cli.specs.data import DataSection
 
 CLASSES = ("no_tumor", "tumor")
 FILE_SPLIT = {"train": "train", "val": "valid", "test": "test"}
@@ -86,7 +83,7 @@ class PCamDataset(ClassificationDataset):
         return state
 
 
-def open_pcam(data: DataSection, split: Split) -> ClassificationDataset:
+def open_pcam(data: DataSource, split: Split) -> ClassificationDataset:
     root = Path(data.root)
     x_path, y_path = pcam_file(root, split, "x"), pcam_file(root, split, "y")
     try:

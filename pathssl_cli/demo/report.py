@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pathssl_cli.demo import DemoState
+    from pathssl_cli.demo.state import DemoState
 
 
 def _top1(record: dict[str, Any] | None, variant: str | None = None) -> tuple[float, float] | None:

@@ -10,39 +10,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
 from pathssl_cli.console import info
+from pathssl_cli.demo.state import DemoState
 from pathssl_cli.errors import WorkFailed
 from pathssl_cli.specs import SpecModel, load_spec
 
 BACKBONE = "resnet_tiny"  # 0.4M parameters: pre-training takes about a minute on 2 CPU cores
 TILE_PX = 64  # tiles, views and evaluation images: small enough for a CPU, large enough to show texture
-
-
-@dataclass
-class DemoState:
-    out: Path
-    method: str
-    started: float = field(default_factory=time.perf_counter)
-    timings: dict[str, float] = field(default_factory=dict)
-    results: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def specs(self) -> Path:
-        return self.out / "specs"
-
-    @property
-    def data(self) -> Path:
-        return self.out / "data"
-
-    @property
-    def runs(self) -> Path:
-        return self.out / "runs"
 
 
 def write_spec(state: DemoState, name: str, spec: dict[str, Any]) -> SpecModel:
@@ -226,7 +205,7 @@ def segment(state: DemoState, backbone: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------- driver
 def run_demo(out: str | Path = "pathssl-demo", method: str = "mocov2") -> dict[str, Any]:
     """Run the whole study on synthetic data into `out`; returns the key numbers (also in summary.json)."""
-    from pathssl_cli.demo_report import summarise, write_report
+    from pathssl_cli.demo.report import summarise, write_report
 
     state = DemoState(out=Path(out).resolve(), method=method)
     state.out.mkdir(parents=True, exist_ok=True)
