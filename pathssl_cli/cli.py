@@ -152,21 +152,30 @@ def backbones_list(as_json: bool) -> None:
 @click.option("--shard-index", type=click.IntRange(min=0), default=None, help="Which part this process tiles.")
 @click.option("--consolidate", is_flag=True,
               help="Afterwards write manifest.parquet + manifest.csv from all parts (once, after all array tasks).")
+@click.option("--coords-only", is_flag=True,
+              help="Write only the slides' coordinate index (output.dir/coords/: tissue grid, MPP, reader) for "
+                   "`pretrain` with data.slides and data.coords_dir = output.dir; no tiles.")
 def tile(spec: Path, overrides: tuple[str, ...], num_shards: int | None, shard_index: int | None,
-         consolidate: bool) -> None:
+         consolidate: bool, coords_only: bool) -> None:
     """Tile whole-slide images at one or more fields of view (µm/px) into WebDataset shards + a Parquet index.
 
     \b
     Example:  pathssl tile specs/tile/tcga_two_fov.toml --set input.slides='["slides/*.svs"]'
     SLURM:    sbatch --array=0-99 --wrap "pathssl tile spec.toml"   then once:  pathssl tile spec.toml --consolidate
+    Slides:   sbatch --array=0-99 --wrap "pathssl tile spec.toml --coords-only"   (pre-train from the slides)
     """
     from pathssl_cli.sharding import resolve_shard
 
+    if coords_only and consolidate:
+        raise click.UsageError("--coords-only writes no tiles, so there is nothing to --consolidate")
     resolve_shard(num_shards, shard_index)  # a bad split is exit 2 before the spec is even read
     loaded = load_command_spec(spec, overrides, "tile")
-    from pathssl_cli.tiling.tiler import run_tile
+    from pathssl_cli.tiling.tiler import run_coords, run_tile
 
-    run_tile(loaded, num_shards=num_shards, shard_index=shard_index, consolidate=consolidate)
+    if coords_only:
+        run_coords(loaded, num_shards=num_shards, shard_index=shard_index)
+    else:
+        run_tile(loaded, num_shards=num_shards, shard_index=shard_index, consolidate=consolidate)
 
 
 # ------------------------------------------------------------------------------------------------- slides

@@ -160,7 +160,8 @@ def _locked_write(folder: Path, slide: Path, csv_mpp: float | None, settings: Co
                   blocking: bool) -> bool:
     """Compute and write the row under the slide's lock unless another process does; False when it is busy."""
     path = coords_path(folder, slide)
-    with exclusive_lock(folder / "locks" / f"{path.stem}.lock", blocking=blocking) as mine:
+    # not the tile store's locks/<slide_id>.lock: tiling the same slide meanwhile must not see it busy
+    with exclusive_lock(folder / "coords" / ".locks" / f"{path.stem}.lock", blocking=blocking) as mine:
         if not mine:
             return False
         if not _is_current(path, slide, csv_mpp, settings):  # another process may have finished it meanwhile
