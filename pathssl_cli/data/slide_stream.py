@@ -296,6 +296,21 @@ class SlideStream(torch.utils.data.IterableDataset):
         finally:
             pool.close()
 
+    def describe(self, positions: list[int]) -> list[dict[str, Any]]:
+        """Where samples of this rank's current epoch come from: slide, µm/px, pyramid level, level-0 x and y of
+        the patch's top-left corner, its side in level-0 pixels, and its tissue fraction (reads the patches)."""
+        plan = _Plan(self, self.epoch)
+        pool = _Pool(self)
+        try:
+            found = []
+            for i in positions:
+                where: dict[str, Any] = {}
+                plan.sample(i, pool, where)
+                found.append(where)
+            return found
+        finally:
+            pool.close()
+
     def sample_images(self, n: int) -> list[np.ndarray]:
         """n patches (H×W×3 uint8) of a fitting epoch no training epoch uses, for the stain statistics."""
         plan = _Plan(self, FIT_EPOCH)
@@ -333,7 +348,7 @@ class _Plan:
             self._draws[key] = (slide, mpps, np.asarray(cells, np.int64), jitter)
         return self._draws[key]
 
-    def sample(self, i: int, pool: _Pool) -> np.ndarray:
+    def sample(self, i: int, pool: _Pool, where: dict[str, Any] | None = None) -> np.ndarray:
         st = self.stream
         visit, j = divmod(i, st.patches_per_visit)
         first = int(self.visits[visit])
@@ -343,14 +358,15 @@ class _Plan:
             if slide in pool.bad:
                 continue
             try:
-                return self._read(self._visit_draws(visit, attempt, slide), j, pool)
+                return self._read(self._visit_draws(visit, attempt, slide), j, pool, where)
             except (SlideError, OSError) as exc:
                 reason = exc.reason if isinstance(exc, SlideError) else f"{type(exc).__name__}: {exc}"
                 pool.fail(slide, reason)
         raise WorkFailed(f"rank {st.rank}: every slide of its share failed to read, e.g. "
                          f"{next(iter(pool.bad.items()), ('?', '?'))}; see {st.bad_slides_log}")
 
-    def _read(self, draws: tuple[int, np.ndarray, np.ndarray, np.ndarray], j: int, pool: _Pool) -> np.ndarray:
+    def _read(self, draws: tuple[int, np.ndarray, np.ndarray, np.ndarray], j: int, pool: _Pool,
+              where: dict[str, Any] | None) -> np.ndarray:
         st, index = self.stream, self.stream.index
         slide, mpps, cells, jitter = draws
         mpp, base = float(mpps[j]), float(index.base_mpp[slide])
@@ -359,7 +375,7 @@ class _Plan:
         cols, cell_px = int(index.cols[slide]), float(index.cell_px[slide])
         width, height = float(index.width[slide]), float(index.height[slide])
         extent = st.size * mpp / base  # level-0 pixels
-        best, best_fraction = None, -1.0
+        best, best_fraction, best_at = None, -1.0, (0.0, 0.0)
         for c in range(j * st.max_tries, (j + 1) * st.max_tries):
             row, col = divmod(int(cells[c]), cols)
             x0 = min(max((col + jitter[c, 0]) * cell_px - extent / 2, 0.0), width - extent)
@@ -370,8 +386,11 @@ class _Plan:
                 interpolation = cv2.INTER_AREA if n > st.size else cv2.INTER_LINEAR
                 region = cv2.resize(region, (st.size, st.size), interpolation=interpolation)
             fraction = patch_tissue_fraction(region, float(index.threshold[slide]))
-            if fraction >= st.min_tissue:
-                return region
             if fraction > best_fraction:
-                best, best_fraction = region, fraction
+                best, best_fraction, best_at = region, fraction, (x0, y0)
+            if fraction >= st.min_tissue:
+                break
+        if where is not None:
+            where.update(slide=index.paths[slide], mpp=mpp, level=choice.level, x=best_at[0], y=best_at[1],
+                         extent=extent, tissue=best_fraction)
         return best  # type: ignore[return-value]
