@@ -31,6 +31,7 @@ import math
 import multiprocessing
 import os
 import random
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.dataset as pa_ds
 import pyarrow.parquet as pq
 
 from pathssl_cli.console import progress
@@ -73,6 +75,7 @@ _SLIDE_ARRAYS = {"base_mpp": np.float64, "width": np.int64, "height": np.int64, 
                  "cols": np.int32, "threshold": np.float32, "cell_start": np.int64, "level_start": np.int64,
                  "downsamples": np.float64}
 _CELL_ARRAYS = {"cell": np.uint32, "cum": np.uint32}
+BUILD_CHUNK = 2000  # rows read at once while building: bounded memory (a TCGA slide's grid is ~100 kB)
 
 
 @dataclass(frozen=True)
@@ -253,55 +256,107 @@ def index_state(slides: list[tuple[Path, float | None]], folder: Path, settings:
     return "s" + digest.hexdigest()[:15]
 
 
-def _build(slides: list[tuple[Path, float | None]], folder: Path,
-           settings: CoordSettings) -> tuple[dict[str, np.ndarray], dict]:
+class _Stale(Exception):
+    """Rows that do not match their slide or the settings (found while building): compute them, build again."""
+
+    def __init__(self, slides: list[tuple[Path, float | None]]) -> None:
+        super().__init__(f"{len(slides)} stale rows")
+        self.slides = slides
+
+
+class _Spill:
+    """A growing array in a temporary file: a build never holds every tissue cell in memory at once."""
+
+    def __init__(self, folder: Path, dtype: type) -> None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.file = tempfile.TemporaryFile(dir=folder)  # beside the cache: the same file system
+        except OSError:
+            self.file = tempfile.TemporaryFile()
+        self.dtype, self.n = np.dtype(dtype), 0
+
+    def append(self, values: np.ndarray) -> None:
+        self.file.write(np.ascontiguousarray(values, self.dtype).tobytes())
+        self.n += len(values)
+
+    def array(self) -> np.ndarray:
+        self.file.flush()
+        return np.memmap(self.file, self.dtype, mode="r", shape=(self.n,)) if self.n else np.empty(0, self.dtype)
+
+
+def _build(slides: list[tuple[Path, float | None]], folder: Path, settings: CoordSettings,
+           scratch: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """The flat arrays from the rows, read BUILD_CHUNK files at a time (threads, columns; no row objects)."""
     per_slide: dict[str, list[float]] = {name: [] for name in _SLIDE_ARRAYS}
-    cells: list[np.ndarray] = []
-    cums: list[np.ndarray] = []
-    paths, readers, bad = [], [], []
-    n_cells = n_levels = 0
-    for slide, csv_mpp in slides:
-        row = _read_row(coords_path(folder, slide))
-        if row is None or {k: row.get(k) for k in _KEY} != _expected_key(slide, csv_mpp, settings):
-            raise StoreError(f"{coords_path(folder, slide)}: the coordinate index of {slide} changed or vanished "
-                             "while this run started (another job rewrote it?); start the run again")
-        if row["error"]:
-            bad.append((str(slide), row["error"] + (f" ({row['fix']})" if row["fix"] else "")))
-            continue
-        grid = np.frombuffer(row["tissue"], np.uint8)
-        where = np.flatnonzero(grid).astype(np.uint32)
-        cells.append(where)
-        cums.append(np.cumsum(grid[where], dtype=np.uint32))
-        for name, value in (("base_mpp", row["base_mpp"]), ("width", row["width"]), ("height", row["height"]),
-                            ("cell_px", row["cell_px"]), ("cols", row["grid_cols"]),
-                            ("threshold", row["saturation_threshold"]), ("cell_start", n_cells),
-                            ("level_start", n_levels)):
-            per_slide[name].append(value)
-        per_slide["downsamples"] += row["level_downsamples"]
-        n_cells += len(where)
-        n_levels += len(row["level_downsamples"])
-        paths.append(str(slide))
-        readers.append(row["reader"])
-    per_slide["cell_start"].append(n_cells)
+    cells, cums = _Spill(scratch, np.uint32), _Spill(scratch, np.uint32)
+    paths, readers, bad, stale = [], [], [], []
+    n_levels = 0
+    for first in range(0, len(slides), BUILD_CHUNK):
+        chunk = slides[first : first + BUILD_CHUNK]
+        files = sorted({str(coords_path(folder, slide)) for slide, _ in chunk})
+        try:
+            table = pa_ds.dataset(files, schema=COORDS_SCHEMA, format="parquet").to_table()
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise StoreError(f"{folder / 'coords'}: a coordinate row vanished or is damaged while this run started "
+                             f"({exc}); start the run again") from None
+        columns = {name: table.column(name).to_pylist() for name in COORDS_SCHEMA.names if name != "tissue"}
+        tissue = table.column("tissue")
+        row_of = {path: i for i, path in enumerate(columns["slide"])}
+        for slide, csv_mpp in chunk:
+            i = row_of.get(str(slide))
+            if i is None or {k: columns[k][i] for k in _KEY} != _expected_key(slide, csv_mpp, settings):
+                stale.append((slide, csv_mpp))
+                continue
+            if columns["error"][i]:
+                fix = columns["fix"][i]
+                bad.append((str(slide), columns["error"][i] + (f" ({fix})" if fix else "")))
+                continue
+            grid = np.frombuffer(tissue[i].as_buffer(), np.uint8)
+            where = np.flatnonzero(grid)
+            per_slide["cell_start"].append(cells.n)
+            per_slide["level_start"].append(n_levels)
+            cells.append(where)
+            cums.append(np.cumsum(grid[where], dtype=np.uint32))
+            for name, column in (("base_mpp", "base_mpp"), ("width", "width"), ("height", "height"),
+                                 ("cell_px", "cell_px"), ("cols", "grid_cols"), ("threshold", "saturation_threshold")):
+                per_slide[name].append(columns[column][i])
+            per_slide["downsamples"] += columns["level_downsamples"][i]
+            n_levels += len(columns["level_downsamples"][i])
+            paths.append(str(slide))
+            readers.append(columns["reader"][i])
+        del table, columns, tissue
+    if stale:
+        raise _Stale(stale)
+    per_slide["cell_start"].append(cells.n)
     per_slide["level_start"].append(n_levels)
     arrays = {name: np.asarray(per_slide[name], dtype) for name, dtype in _SLIDE_ARRAYS.items()}
-    arrays["cell"] = np.concatenate(cells) if cells else np.empty(0, np.uint32)
-    arrays["cum"] = np.concatenate(cums) if cums else np.empty(0, np.uint32)
-    return arrays, {"slides": paths, "readers": readers, "bad": bad, "cells": n_cells}
+    arrays["cell"], arrays["cum"] = cells.array(), cums.array()
+    return arrays, {"slides": paths, "readers": readers, "bad": bad, "cells": cells.n}
 
 
 def open_slide_index(slides: list[tuple[Path, float | None]], folder: Path, settings: CoordSettings,
                      workers: int = 1) -> SlideArrays:
     """The run's slides as flat arrays: rows computed where missing or stale, then built once per node and
-    memory-mapped (a later start with nothing changed only maps them)."""
+    memory-mapped (a later start with nothing changed only maps them: stats of the slides and rows, no read)."""
     folder = Path(folder).absolute()
     root = cache_root(folder)
     state = index_state(slides, folder, settings)
     if not (root / state / "meta.json").exists():
-        ensure_coords(slides, folder, settings, workers)
-        state = index_state(slides, folder, settings)
-    arrays, meta, cache, _ = cached_arrays(root, state, [*_SLIDE_ARRAYS, *_CELL_ARRAYS],
-                                           lambda: _build(slides, folder, settings))
+        missing = [(s, m) for s, m in slides if not coords_path(folder, s).exists()]
+        if missing:
+            ensure_coords(missing, folder, settings, workers)
+            state = index_state(slides, folder, settings)
+    for _ in range(3):  # a row found stale while building is computed again (a changed slide or settings)
+        try:
+            arrays, meta, cache, _ = cached_arrays(root, state, [*_SLIDE_ARRAYS, *_CELL_ARRAYS],
+                                                   lambda: _build(slides, folder, settings, root))
+            break
+        except _Stale as stale:
+            ensure_coords(stale.slides, folder, settings, workers)
+            state = index_state(slides, folder, settings)
+    else:
+        raise StoreError(f"{folder / 'coords'}: coordinate rows keep changing while this run starts (another job "
+                         "rewriting them with other settings?); start the run again")
     pin: dict[str, Any] = {"state": state, "cache": str(cache)} if cache is not None else {
         "state": state, "arrays": arrays, "meta": meta}
     return _slide_arrays(arrays, meta, pin)

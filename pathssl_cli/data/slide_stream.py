@@ -9,7 +9,8 @@
 How an epoch is planned (a pure function of seed, epoch and rank: nothing to checkpoint but the step):
 
 1. *Length*: the tissue's area over the expected patch area (size² × E[mpp²]), so an epoch covers the tissue
-   about once, as a tile store at that field of view would; every rank yields ceil(length / world_size).
+   about once, as a tile store at that field of view would (at least one batch per rank); every rank yields
+   ceil(length / world_size).
 2. *Slides per rank*: the usable slides in a seeded order, cut into world_size contiguous runs of about equal
    tissue area, so ranks read disjoint slides (with fewer slides than ranks every rank reads every slide, at
    positions drawn from its own seeds).
@@ -238,9 +239,11 @@ class SlideStream(torch.utils.data.IterableDataset):
         self._skip = max(0, int(n))
 
     def epoch_length(self) -> int:
-        """Patches per epoch over all ranks: the usable tissue area over the expected patch area."""
+        """Patches per epoch over all ranks: the usable tissue area over the expected patch area, and at least
+        one batch per rank (positions are drawn anew, so a few small slides still make whole batches)."""
         area_um2 = float(self._area.sum()) * GRID_UM * GRID_UM
-        return max(1, round(area_um2 / (self.size * self.size * self.mpp.expected_square())))
+        covering = round(area_um2 / (self.size * self.size * self.mpp.expected_square()))
+        return max(covering, self.batch_size * self.world_size)
 
     def __len__(self) -> int:
         return -(-self.epoch_length() // self.world_size)
