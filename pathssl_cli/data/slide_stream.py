@@ -75,12 +75,16 @@ class MppSampling:
         w = np.asarray(self.weights, np.float64)
         return float(np.dot(w / w.sum(), np.square(self.values)))
 
-    def for_slide(self, base_mpp: float, downsamples: tuple[float, ...], width: int, height: int,
+    def widest(self) -> float:
+        return self.log_uniform[1] if self.log_uniform is not None else max(self.values)
+
+    def for_slide(self, base_mpp: float, side: int,
                   size: int) -> tuple[np.ndarray, np.ndarray] | tuple[float, float] | None:
-        """What this slide can give: (values, probabilities), (low, high), or None. A field of view finer than
-        level 0 (beyond `pathssl tile`'s 2% tolerance) or wider than the slide is left out."""
+        """What a slide whose shorter side is `side` level-0 px can give: (values, probabilities), (low, high),
+        or None. A field of view finer than level 0 (beyond `pathssl tile`'s 2% tolerance) or wider than the
+        slide is left out."""
         finest = base_mpp / (1 + MPP_TOLERANCE)
-        widest = min(width, height) * base_mpp / size
+        widest = side * base_mpp / size
         if self.log_uniform is not None:
             low, high = max(self.log_uniform[0], finest), min(self.log_uniform[1], widest)
             return (low, high) if low <= high else None
@@ -212,10 +216,20 @@ class SlideStream(torch.utils.data.IterableDataset):
 
     def _open(self, index: SlideArrays) -> None:
         self.index = index
-        self._feasible = [self.mpp.for_slide(float(index.base_mpp[s]), index.downsamples(s), int(index.width[s]),
-                                             int(index.height[s]), self.size) for s in range(len(index))]
-        self._area = np.array([index.tissue_cells(s) if self._feasible[s] is not None else 0.0
-                               for s in range(len(index))])
+        # one object per distinct (level-0 µm/px, shorter side up to where it stops limiting), not per slide
+        cap = math.ceil(self.mpp.widest() * self.size / float(np.min(index.base_mpp))) + 1 if len(index) else 1
+        sides = np.minimum(np.minimum(index.width, index.height), cap)
+        found: dict[tuple[float, int], Any] = {}
+        self._feasible = []
+        for base, side in zip(index.base_mpp.tolist(), sides.tolist(), strict=True):
+            key = (base, side)
+            if key not in found:
+                found[key] = self.mpp.for_slide(base, side, self.size)
+            self._feasible.append(found[key])
+        starts, ends = np.asarray(index.cell_start[:-1]), np.asarray(index.cell_start[1:])
+        last = index.cum[np.maximum(ends - 1, 0)] if len(index.cum) else np.zeros(len(ends))
+        usable = np.array([f is not None for f in self._feasible], bool) & (ends > starts)
+        self._area = np.where(usable, last / 255.0, 0.0)  # tissue cells: the sum of their fractions
         if not self._area.any():
             raise ValueError(f"no slide can give {self.size} px patches at the fields of view asked for "
                              f"({self.mpp}); slides left out: {index.bad or 'none'}")
