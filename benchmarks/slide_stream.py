@@ -107,7 +107,8 @@ def _dataset(config: dict):  # type: ignore[no-untyped-def]
 
         return TileStream([Path(config["store"])] * config["replicate"], image_size=224, seed=0, shuffle_buffer=1000,
                           mpp_weights={m: 1.0 for m in config["store_mpps"]}, batch_size=config["batch"])
-    from pathssl_cli.data.slide_index import CoordSettings, open_slide_index
+    from pathssl_cli.data.slide_arrays import open_slide_index
+    from pathssl_cli.data.slide_index import CoordSettings
     from pathssl_cli.data.slide_stream import MppSampling, SlideStream
 
     slides = [(Path(s), None) for s in config["slides"]] * config["replicate"]
@@ -248,7 +249,8 @@ def _print_row(row: dict) -> None:
 # ---------------------------------------------------------------------------------------------- start-up
 def startup_child(slides_file: str, coords: str) -> None:
     """Open the index of the listed slides twice (build, then map); memory per tissue cell."""
-    from pathssl_cli.data.slide_index import CoordSettings, open_slide_index
+    from pathssl_cli.data.slide_arrays import open_slide_index
+    from pathssl_cli.data.slide_index import CoordSettings
     from pathssl_cli.data.slide_stream import MppSampling, SlideStream
 
     slides = [(Path(line), None) for line in Path(slides_file).read_text().split()]

@@ -88,7 +88,8 @@ def _endless(stream, batch: int, workers: int) -> Iterator[torch.Tensor]:  # typ
 
 def data_fed(args: argparse.Namespace, tmp: Path) -> list[dict[str, object]]:
     """Tile store against slides, fp32, alternating per repeat; the ratio is what issue 23 targets."""
-    from pathssl_cli.data.slide_index import CoordSettings, open_slide_index
+    from pathssl_cli.data.slide_arrays import open_slide_index
+    from pathssl_cli.data.slide_index import CoordSettings
     from pathssl_cli.data.slide_stream import MppSampling, SlideStream
     from pathssl_cli.data.tiles import TileStream
     from pathssl_cli.tiling.tiler import run_tile

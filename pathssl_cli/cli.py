@@ -162,18 +162,17 @@ def tile(spec: Path, overrides: tuple[str, ...], num_shards: int | None, shard_i
     \b
     Example:  pathssl tile specs/tile/tcga_two_fov.toml --set input.slides='["slides/*.svs"]'
     SLURM:    sbatch --array=0-99 --wrap "pathssl tile spec.toml"   then once:  pathssl tile spec.toml --consolidate
-    Slides:   sbatch --array=0-99 --wrap "pathssl tile spec.toml --coords-only"   (pre-train from the slides)
+    Slides:   sbatch --array=0-99 --wrap "pathssl tile spec.toml --coords-only"   (pre-train from the slides),
+              then once:  pathssl tile spec.toml --coords-only --consolidate
     """
     from pathssl_cli.sharding import resolve_shard
 
-    if coords_only and consolidate:
-        raise click.UsageError("--coords-only writes no tiles, so there is nothing to --consolidate")
     resolve_shard(num_shards, shard_index)  # a bad split is exit 2 before the spec is even read
     loaded = load_command_spec(spec, overrides, "tile")
     from pathssl_cli.tiling.tiler import run_coords, run_tile
 
     if coords_only:
-        run_coords(loaded, num_shards=num_shards, shard_index=shard_index)
+        run_coords(loaded, num_shards=num_shards, shard_index=shard_index, consolidate=consolidate)
     else:
         run_tile(loaded, num_shards=num_shards, shard_index=shard_index, consolidate=consolidate)
 

@@ -15,7 +15,8 @@ import torch
 
 from pathssl_cli.console import warn
 from pathssl_cli.data.mixed import MixedStream, stain_sample
-from pathssl_cli.data.slide_index import CoordSettings, open_slide_index
+from pathssl_cli.data.slide_arrays import open_slide_index
+from pathssl_cli.data.slide_index import CoordSettings
 from pathssl_cli.data.slide_stream import SlideStream
 from pathssl_cli.data.tiles import TileStream, first_tile_side
 from pathssl_cli.errors import SpecError, WorkFailed

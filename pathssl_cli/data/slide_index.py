@@ -16,37 +16,28 @@ ahead of time (e.g. as a SLURM array) or on first use by `pathssl pretrain`:
 
     np.frombuffer(row["tissue"], np.uint8).reshape(row["grid_rows"], row["grid_cols"])    # the grid, any tool
 
-A run opens the slides it names as a few flat arrays, cached and memory-mapped exactly as the tile index is
-(`pathssl_cli.data.tile_index.cached_arrays`: one builder per node, states kept while used, spawned workers
-reopen the pinned state) in `<coords>/.index/<state>/`. Per tissue cell 8 bytes: `cell` (uint32, row × cols +
-col) and `cum` (uint32, the cumulative 0-255 fractions within its slide, to draw cells in proportion to tissue).
-Per slide a few numbers; paths and readers live in meta.json (one string per slide, never per cell).
+A run opens its slides as flat memory-mapped arrays: `pathssl_cli.data.slide_arrays`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import hashlib
 import math
 import multiprocessing
 import os
 import random
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pa_ds
 import pyarrow.parquet as pq
 
 from pathssl_cli.console import progress
-from pathssl_cli.data.tile_index import cache_root, cached_arrays, mark_used
 from pathssl_cli.fileio import atomic_path, exclusive_lock
 from pathssl_cli.tiling import tissue
-from pathssl_cli.tiling.index import StoreError, file_state
 
 #: Side of a tissue grid cell (µm): 64 µm is a 224 px patch at 0.29 µm/px, so a cell's fraction says where tissue
 #: is at every field of view used for pre-training, while 30,000 slides' tissue cells stay about a gigabyte.
@@ -70,12 +61,7 @@ COORDS_SCHEMA = pa.schema([
     pa.field("tissue", pa.binary()), pa.field("saturation_threshold", pa.float32()),
     pa.field("computed_at", pa.string()),
 ])
-_KEY = ("slide", "slide_bytes", "slide_mtime_ns", "reader_requested", "csv_mpp", "mpp_override", "detection")
-_SLIDE_ARRAYS = {"base_mpp": np.float64, "width": np.int64, "height": np.int64, "cell_px": np.float64,
-                 "cols": np.int32, "threshold": np.float32, "cell_start": np.int64, "level_start": np.int64,
-                 "downsamples": np.float64}
-_CELL_ARRAYS = {"cell": np.uint32, "cum": np.uint32}
-BUILD_CHUNK = 2000  # rows read at once while building: bounded memory (a TCGA slide's grid is ~100 kB)
+ROW_KEY = ("slide", "slide_bytes", "slide_mtime_ns", "reader_requested", "csv_mpp", "mpp_override", "detection")
 
 
 @dataclass(frozen=True)
@@ -92,7 +78,7 @@ def coords_path(folder: Path, slide: Path) -> Path:
     return folder / "coords" / f"{slide_id(slide)}.parquet"
 
 
-def _expected_key(slide: Path, csv_mpp: float | None, settings: CoordSettings) -> dict[str, Any]:
+def expected_key(slide: Path, csv_mpp: float | None, settings: CoordSettings) -> dict[str, Any]:
     try:
         stat = slide.stat()
         size, mtime = int(stat.st_size), int(stat.st_mtime_ns)
@@ -109,7 +95,7 @@ def compute_coords(slide: Path, csv_mpp: float | None, settings: CoordSettings) 
     from pathssl_cli.tiling.slide import SlideError, open_slide, slide_mpp
     from pathssl_cli.tiling.store import slide_id
 
-    row: dict[str, Any] = {**_expected_key(slide, csv_mpp, settings), "slide_id": slide_id(slide),
+    row: dict[str, Any] = {**expected_key(slide, csv_mpp, settings), "slide_id": slide_id(slide),
                            "computed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     handle = None
     try:
@@ -155,8 +141,8 @@ def _read_row(path: Path, columns: list[str] | None = None) -> dict[str, Any] | 
 
 
 def _is_current(path: Path, slide: Path, csv_mpp: float | None, settings: CoordSettings) -> bool:
-    found = _read_row(path, list(_KEY))
-    return found is not None and found == _expected_key(slide, csv_mpp, settings)
+    found = _read_row(path, list(ROW_KEY))
+    return found is not None and found == expected_key(slide, csv_mpp, settings)
 
 
 def _locked_write(folder: Path, slide: Path, csv_mpp: float | None, settings: CoordSettings,
@@ -208,175 +194,3 @@ def ensure_coords(slides: list[tuple[Path, float | None]], folder: Path, setting
     for slide, csv_mpp in busy:  # another process holds them: wait for its row (or compute it if it died)
         _locked_write(folder, slide, csv_mpp, settings, blocking=True)
     return {"slides": len(slides), "computed": len(todo) - len(busy)}
-
-
-# ----------------------------------------------------------------------------------------- the flat arrays
-@dataclass
-class SlideArrays:
-    """The usable slides of a run and their tissue cells (see the module docstring), plus the unusable ones."""
-
-    arrays: dict[str, np.ndarray]  # _SLIDE_ARRAYS (per slide; *_start have one more entry) and _CELL_ARRAYS
-    paths: list[str]
-    readers: list[str]  # the library that read each slide for the index: patches are read with the same one
-    bad: list[tuple[str, str]] = field(default_factory=list)  # (slide, reason) of slides left out
-    pins: list[dict[str, Any]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getattr__(self, name: str) -> np.ndarray:
-        arrays = self.__dict__.get("arrays", {})
-        if name in arrays:
-            return arrays[name]
-        raise AttributeError(name)
-
-    def cells(self, s: int) -> tuple[int, int]:
-        return int(self.arrays["cell_start"][s]), int(self.arrays["cell_start"][s + 1])
-
-    def tissue_cells(self, s: int) -> float:
-        """The slide's tissue area in cells (sum of the cells' fractions)."""
-        start, end = self.cells(s)
-        return float(self.arrays["cum"][end - 1]) / 255 if end > start else 0.0
-
-    def downsamples(self, s: int) -> tuple[float, ...]:
-        start, end = int(self.arrays["level_start"][s]), int(self.arrays["level_start"][s + 1])
-        return tuple(float(d) for d in self.arrays["downsamples"][start:end])
-
-
-def index_state(slides: list[tuple[Path, float | None]], folder: Path, settings: CoordSettings) -> str:
-    """A digest of the slides, their rows' files and the settings: any change makes another state."""
-    digest = hashlib.sha1(f"{DETECTION}\0{settings.reader}\0{settings.mpp_override}\n".encode())
-    for slide, csv_mpp in slides:
-        key = _expected_key(slide, csv_mpp, settings)
-        try:
-            row_state = file_state(coords_path(folder, slide).stat())
-        except OSError:
-            row_state = "missing"
-        digest.update(f"{slide}\0{csv_mpp}\0{key['slide_bytes']}\0{key['slide_mtime_ns']}\0{row_state}\n".encode())
-    return "s" + digest.hexdigest()[:15]
-
-
-class _Stale(Exception):
-    """Rows that do not match their slide or the settings (found while building): compute them, build again."""
-
-    def __init__(self, slides: list[tuple[Path, float | None]]) -> None:
-        super().__init__(f"{len(slides)} stale rows")
-        self.slides = slides
-
-
-class _Spill:
-    """A growing array in a temporary file: a build never holds every tissue cell in memory at once."""
-
-    def __init__(self, folder: Path, dtype: type) -> None:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            self.file = tempfile.TemporaryFile(dir=folder)  # beside the cache: the same file system
-        except OSError:
-            self.file = tempfile.TemporaryFile()
-        self.dtype, self.n = np.dtype(dtype), 0
-
-    def append(self, values: np.ndarray) -> None:
-        self.file.write(np.ascontiguousarray(values, self.dtype).tobytes())
-        self.n += len(values)
-
-    def array(self) -> np.ndarray:
-        self.file.flush()
-        return np.memmap(self.file, self.dtype, mode="r", shape=(self.n,)) if self.n else np.empty(0, self.dtype)
-
-
-def _build(slides: list[tuple[Path, float | None]], folder: Path, settings: CoordSettings,
-           scratch: Path) -> tuple[dict[str, np.ndarray], dict]:
-    """The flat arrays from the rows, read BUILD_CHUNK files at a time (threads, columns; no row objects)."""
-    per_slide: dict[str, list[float]] = {name: [] for name in _SLIDE_ARRAYS}
-    cells, cums = _Spill(scratch, np.uint32), _Spill(scratch, np.uint32)
-    paths, readers, bad, stale = [], [], [], []
-    n_levels = 0
-    for first in range(0, len(slides), BUILD_CHUNK):
-        chunk = slides[first : first + BUILD_CHUNK]
-        files = sorted({str(coords_path(folder, slide)) for slide, _ in chunk})
-        try:
-            table = pa_ds.dataset(files, schema=COORDS_SCHEMA, format="parquet").to_table()
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise StoreError(f"{folder / 'coords'}: a coordinate row vanished or is damaged while this run started "
-                             f"({exc}); start the run again") from None
-        columns = {name: table.column(name).to_pylist() for name in COORDS_SCHEMA.names if name != "tissue"}
-        tissue = table.column("tissue")
-        row_of = {path: i for i, path in enumerate(columns["slide"])}
-        for slide, csv_mpp in chunk:
-            i = row_of.get(str(slide))
-            if i is None or {k: columns[k][i] for k in _KEY} != _expected_key(slide, csv_mpp, settings):
-                stale.append((slide, csv_mpp))
-                continue
-            if columns["error"][i]:
-                fix = columns["fix"][i]
-                bad.append((str(slide), columns["error"][i] + (f" ({fix})" if fix else "")))
-                continue
-            grid = np.frombuffer(tissue[i].as_buffer(), np.uint8)
-            where = np.flatnonzero(grid)
-            per_slide["cell_start"].append(cells.n)
-            per_slide["level_start"].append(n_levels)
-            cells.append(where)
-            cums.append(np.cumsum(grid[where], dtype=np.uint32))
-            for name, column in (("base_mpp", "base_mpp"), ("width", "width"), ("height", "height"),
-                                 ("cell_px", "cell_px"), ("cols", "grid_cols"), ("threshold", "saturation_threshold")):
-                per_slide[name].append(columns[column][i])
-            per_slide["downsamples"] += columns["level_downsamples"][i]
-            n_levels += len(columns["level_downsamples"][i])
-            paths.append(str(slide))
-            readers.append(columns["reader"][i])
-        del table, columns, tissue
-    if stale:
-        raise _Stale(stale)
-    per_slide["cell_start"].append(cells.n)
-    per_slide["level_start"].append(n_levels)
-    arrays = {name: np.asarray(per_slide[name], dtype) for name, dtype in _SLIDE_ARRAYS.items()}
-    arrays["cell"], arrays["cum"] = cells.array(), cums.array()
-    return arrays, {"slides": paths, "readers": readers, "bad": bad, "cells": cells.n}
-
-
-def open_slide_index(slides: list[tuple[Path, float | None]], folder: Path, settings: CoordSettings,
-                     workers: int = 1) -> SlideArrays:
-    """The run's slides as flat arrays: rows computed where missing or stale, then built once per node and
-    memory-mapped (a later start with nothing changed only maps them: stats of the slides and rows, no read)."""
-    folder = Path(folder).absolute()
-    root = cache_root(folder)
-    state = index_state(slides, folder, settings)
-    if not (root / state / "meta.json").exists():
-        missing = [(s, m) for s, m in slides if not coords_path(folder, s).exists()]
-        if missing:
-            ensure_coords(missing, folder, settings, workers)
-            state = index_state(slides, folder, settings)
-    for _ in range(3):  # a row found stale while building is computed again (a changed slide or settings)
-        try:
-            arrays, meta, cache, _ = cached_arrays(root, state, [*_SLIDE_ARRAYS, *_CELL_ARRAYS],
-                                                   lambda: _build(slides, folder, settings, root))
-            break
-        except _Stale as stale:
-            ensure_coords(stale.slides, folder, settings, workers)
-            state = index_state(slides, folder, settings)
-    else:
-        raise StoreError(f"{folder / 'coords'}: coordinate rows keep changing while this run starts (another job "
-                         "rewriting them with other settings?); start the run again")
-    pin: dict[str, Any] = {"state": state, "cache": str(cache)} if cache is not None else {
-        "state": state, "arrays": arrays, "meta": meta}
-    return _slide_arrays(arrays, meta, pin)
-
-
-def _slide_arrays(arrays: dict[str, np.ndarray], meta: dict, pin: dict[str, Any]) -> SlideArrays:
-    return SlideArrays(arrays, meta["slides"], meta["readers"], [tuple(b) for b in meta["bad"]], [pin])
-
-
-def reopen_slide_index(pin: dict[str, Any]) -> SlideArrays:
-    """Exactly the state a pin names (in a spawned worker)."""
-    if "arrays" in pin:
-        return _slide_arrays(pin["arrays"], pin["meta"], pin)
-    from pathssl_cli.data.tile_index import load_state
-
-    cache = Path(pin["cache"])
-    try:
-        arrays, meta = load_state(cache, [*_SLIDE_ARRAYS, *_CELL_ARRAYS])
-    except FileNotFoundError:
-        raise StoreError(f"the coordinate index state this job opened ({cache}) was removed while it ran; resume "
-                         "the run (run.resume = true)") from None
-    mark_used(cache)
-    return _slide_arrays(arrays, meta, pin)

@@ -98,7 +98,7 @@ class PretrainData(Section):
 
     def mpp_sampling(self) -> Any:
         """`data.mpp` as a `pathssl_cli.data.slide_stream.MppSampling`."""
-        from pathssl_cli.data.slide_stream import MppSampling
+        from pathssl_cli.data.fields_of_view import MppSampling
 
         if isinstance(self.mpp, MppRange):
             return MppSampling(log_uniform=(float(self.mpp.log_uniform[0]), float(self.mpp.log_uniform[1])))

@@ -88,14 +88,20 @@ def _errors_csv(results: list[SlideResult]) -> str:
     return buffer.getvalue()
 
 
-def run_coords(spec: TileSpec, *, num_shards: int | None = None, shard_index: int | None = None) -> dict[str, Any]:
+def run_coords(spec: TileSpec, *, num_shards: int | None = None, shard_index: int | None = None,
+               consolidate: bool = False) -> dict[str, Any]:
     """`pathssl tile --coords-only`: the coordinate index rows of this process's part of the slides, written into
     `<output.dir>/coords/` for `pathssl pretrain` to stream patches from (`data.coords_dir = output.dir`). Same
     slide list, split, reader, MPP rules and tissue detector as tiling; no tile is written. Rows that recorded an
-    unusable slide are computed again."""
+    unusable slide are computed again. `consolidate` (once, after the array): also write every row into
+    `<output.dir>/coords.parquet`, so that a first pre-training start reads one file, not one per slide."""
+    from pathssl_cli.data.slide_arrays import CONSOLIDATED_COORDS, consolidate_coords
     from pathssl_cli.data.slide_index import CoordSettings, coords_path, ensure_coords
 
     part = resolve_shard(num_shards, shard_index)
+    if consolidate and part.count > 1:
+        raise SpecError(f"--consolidate reads every slide's row, so it runs once, after all {part.count} parts: run "
+                        "`pathssl tile SPEC --coords-only --consolidate` without a split")
     jobs = part.take(resolve_slides(spec))
     store_dir = Path(spec.output.dir)
     settings = CoordSettings(reader=spec.input.reader, mpp_override=spec.input.mpp_override)
@@ -111,6 +117,9 @@ def run_coords(spec: TileSpec, *, num_shards: int | None = None, shard_index: in
     summary = {"slides": len(jobs), "computed": counts["computed"], "failed": len(failed),
                "seconds": round(time.perf_counter() - started, 3), "part": {"index": part.index, "count": part.count},
                "errors": failed}
+    if consolidate:
+        summary["consolidated"] = consolidate_coords(store_dir, jobs)
+        info(f"{summary['consolidated']} rows consolidated into {store_dir / CONSOLIDATED_COORDS}")
     atomic_write(store_dir / "coords" / f"summary{part.suffix}.json", json.dumps(summary, indent=2) + "\n")
     info(f"{len(jobs) - len(failed)} slide(s) indexed ({counts['computed']} computed now), {len(failed)} unusable, "
          f"in {summary['seconds']:.1f} s")

@@ -15,7 +15,8 @@ import tifffile
 import torch
 
 from pathssl_cli.data import slide_index
-from pathssl_cli.data.slide_index import CoordSettings, open_slide_index
+from pathssl_cli.data.slide_arrays import SlideArrays, open_slide_index
+from pathssl_cli.data.slide_index import CoordSettings, coords_path
 from pathssl_cli.data.slide_stream import MppSampling, SlideStream
 from pathssl_cli.synthetic_slide import write_synthetic_slide
 
@@ -40,7 +41,7 @@ _TRUTH: dict[str, np.ndarray] = {}
 
 
 @pytest.fixture(scope="module")
-def index(slides, tmp_path_factory: pytest.TempPathFactory) -> slide_index.SlideArrays:
+def index(slides, tmp_path_factory: pytest.TempPathFactory) -> SlideArrays:
     return open_slide_index(slides, tmp_path_factory.mktemp("coords"), CoordSettings())
 
 
@@ -91,6 +92,23 @@ def test_tile_coords_only_writes_the_rows_pretraining_reuses(slides, tmp_path: P
     monkeypatch.setattr(slide_index, "compute_coords", lambda *a: pytest.fail("a row was computed again"))
     index = open_slide_index(slides[:2], tmp_path / "store", CoordSettings())
     assert index.paths == [str(s) for s, _ in slides[:2]]
+
+    # --consolidate: a first build at scale reads one file; a row changed since is read from its own file
+    from pathssl_cli.data import slide_arrays
+
+    result = CliRunner().invoke(cli, ["tile", str(spec), "--coords-only", "--consolidate"])
+    assert result.exit_code == 0, result.output
+    read: list[list[str]] = []
+    real_dataset = slide_arrays.pa_ds.dataset
+    monkeypatch.setattr(slide_arrays.pa_ds, "dataset", lambda files, **k: (read.append(files),
+                                                                           real_dataset(files, **k))[1])
+    shutil.rmtree(tmp_path / "store" / ".index")  # a node that has not built this state yet
+    fresh = open_slide_index(slides[:2], tmp_path / "store", CoordSettings())
+    assert read == [] and fresh.paths == index.paths and np.array_equal(fresh.cell, index.cell)
+    changed = coords_path(tmp_path / "store", slides[1][0])
+    changed.write_bytes(changed.read_bytes())  # rewritten: its consolidated copy is no longer current
+    again = open_slide_index(slides[:2], tmp_path / "store", CoordSettings())
+    assert read == [[str(changed)]] and np.array_equal(again.cell, index.cell)
 
 
 def test_the_grid_is_where_the_tissue_is(index) -> None:
