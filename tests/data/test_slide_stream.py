@@ -256,3 +256,22 @@ def test_a_spawned_worker_reopens_the_pinned_index(index) -> None:
     data = pickle.dumps(stream)
     assert len(data) < 4000  # no per-cell array travels
     assert _same(_images(pickle.loads(data)), _images(stream))
+
+
+def test_slides_without_mpp_follow_the_tile_commands_rules(tmp_path: Path) -> None:
+    """No MPP in the metadata: left out with the fix named, unless data.mpp_override or a CSV `mpp` gives one."""
+    import pyarrow.parquet as pq
+
+    from pathssl_cli.specs.tile import resolve_slide_items
+
+    slide = write_synthetic_slide(tmp_path / "nompp.tif", width=512, height=512, mpp=1.0, tile_size=128, n_levels=1,
+                                  seed=7, tissue_fraction=0.5, write_mpp=False).path.resolve()
+    listed = [(slide, None)]
+    left_out = open_slide_index(listed, tmp_path / "a", CoordSettings())
+    assert len(left_out) == 0 and "no MPP" in left_out.bad[0][1] and "mpp_override" in left_out.bad[0][1]
+    overridden = open_slide_index(listed, tmp_path / "b", CoordSettings(mpp_override=1.0))
+    assert len(overridden) == 1 and overridden.base_mpp[0] == 1.0
+    assert pq.read_table(coords_path(tmp_path / "b", slide)).column("mpp_source").to_pylist() == ["override"]
+    (tmp_path / "list.csv").write_text(f"path,mpp\n{slide},0.5\n")
+    from_csv = open_slide_index(resolve_slide_items([str(tmp_path / "list.csv")]), tmp_path / "c", CoordSettings())
+    assert from_csv.base_mpp.tolist() == [0.5]

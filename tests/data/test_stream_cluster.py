@@ -181,11 +181,19 @@ def test_a_tiled_store_and_its_index_cache_are_readable_by_colleagues(tmp_path: 
                         f'size = 64\n[output]\ndir = "{tmp_path / "store"}"\n[run]\nworkers = 1\n')
         run_tile(load_spec(spec))  # type: ignore[arg-type]
         TileStream([tmp_path / "store"], image_size=32)
+        # the coordinate index of `pretrain` from slides: rows, coords.parquet, locks, its cache
+        from pathssl_cli.data.slide_arrays import open_slide_index
+        from pathssl_cli.data.slide_index import CoordSettings
+        from pathssl_cli.tiling.tiler import run_coords
+
+        run_coords(load_spec(spec), consolidate=True)  # type: ignore[arg-type]
+        open_slide_index([((tmp_path / "s.tif").resolve(), None)], tmp_path / "store", CoordSettings())
     finally:
         os.umask(old)
         fileio._umask_cache.clear()
     found = list((tmp_path / "store").rglob("*"))
     assert any(p.suffix == ".tar" for p in found) and any(p.name == "offset.npy" for p in found)
+    assert any(p.name == "coords.parquet" for p in found) and any(p.name == "cell.npy" for p in found)
     for path in found:
         mode = stat.S_IMODE(path.stat().st_mode)
         assert mode == (0o755 if path.is_dir() else 0o644), f"{path.relative_to(tmp_path)}: {oct(mode)}"
