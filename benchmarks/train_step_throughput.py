@@ -101,7 +101,9 @@ def data_fed(args: argparse.Namespace, tmp: Path) -> list[dict[str, object]]:
     tile_spec.write_text(f'kind = "tile"\n[input]\nslides = {json.dumps(slides)}\n[tiles]\nmpp = [0.5, 1.0]\n'
                          f'size = 224\n[output]\ndir = "{tmp / "store"}"\nqc_thumbnails = false\n[run]\nworkers = 1\n')
     run_tile(load_spec(tile_spec))  # type: ignore[arg-type]
-    index = open_slide_index([(Path(s), None) for s in slides], tmp / "coords", CoordSettings())
+    # the two small slides are listed `--replicate` times (and the store as often), so that an epoch outlasts the
+    # timed steps: a DataLoader restarting its workers every step or two would be measured instead of the data
+    index = open_slide_index([(Path(s), None) for s in slides] * args.replicate, tmp / "coords", CoordSettings())
     folder = write_image_folder(tmp, 1, 64, seed=0, splits=("train",))
     rows = []
     for method in args.methods:
@@ -109,7 +111,7 @@ def data_fed(args: argparse.Namespace, tmp: Path) -> list[dict[str, object]]:
         assert isinstance(spec, PretrainSpec)
         batch = spec.data.batch_size
         streams = {
-            "tiles": TileStream([tmp / "store"], image_size=224, mpp_weights={0.5: 1.0, 1.0: 1.0},
+            "tiles": TileStream([tmp / "store"] * args.replicate, image_size=224, mpp_weights={0.5: 1.0, 1.0: 1.0},
                                 shuffle_buffer=1000, batch_size=batch),
             "slides": SlideStream(index, size=224, mpp=MppSampling(values=(0.5, 1.0), weights=(1.0, 1.0)),
                                   batch_size=batch, min_tissue=0.4)}
@@ -143,6 +145,7 @@ def main() -> None:
     parser.add_argument("--data", action="store_true", help="feed the steps from a tile store, then from slides")
     parser.add_argument("--data-workers", type=int, default=1, help="DataLoader workers with --data")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per stream with --data")
+    parser.add_argument("--replicate", type=int, default=40, help="copies of the slides and store with --data")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict[str, object]] = []
