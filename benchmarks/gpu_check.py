@@ -293,6 +293,7 @@ def predict_check(slide: Path, work: Path, shape: dict[str, Any], device: torch.
     spec: Any = load_spec(SPECS / "segment" / f"{shape['segment']}.toml", [
         f'run.output_dir="{work / "segment"}"', f'run.device="{device.type}"', f'predict.inputs=["{slide}"]',
         f"predict.region=[0, 0, {side}, {side}]", "predict.overlay=false",
+        f"predict.mpp={shape['slide_mpp']}",  # the synthetic slide's own resolution: no resampling is timed
         f"predict.batch_size={shape['predict_batch']}", "model.weights=\"random\""], kind="segment",
         check_inputs=False)
     model = build_model(spec)

@@ -35,7 +35,8 @@ def cli(force: bool, threads: int | None) -> None:
     if force:
         from pathssl_cli.runs import FORCE_REPLACE
 
-        FORCE_REPLACE.set(True)
+        token = FORCE_REPLACE.set(True)  # for this invocation only (a library caller may invoke the CLI twice)
+        click.get_current_context().call_on_close(lambda: FORCE_REPLACE.reset(token))
     if threads is not None:
         limit_cpu_threads(threads)
 
@@ -76,7 +77,13 @@ def spec_validate(files: tuple[Path, ...], overrides: tuple[str, ...], no_input_
                 kind = validate_partial(file, overrides)
                 what = f"partial {kind} base" if kind else "partial base without a kind"
             else:
-                what = getattr(load_spec(file, overrides, check_inputs=not no_input_check), "kind", "?")
+                loaded = load_spec(file, overrides, check_inputs=not no_input_check)
+                what = getattr(loaded, "kind", "?")
+                if what == "study" and not no_input_check:  # the grid is checked by the planner
+                    from pathssl_cli.study import plan_problems
+
+                    if problems := plan_problems(loaded):  # type: ignore[arg-type]
+                        raise SpecError(problems)
         except SpecError as exc:
             failed += 1
             click.echo(f"invalid: {file}\n" + "\n".join(f"  {p}" for p in exc.problems), err=True)
@@ -147,34 +154,41 @@ def backbones_list(as_json: bool) -> None:
 @cli.command()
 @spec_argument
 @click.option("--num-shards", type=click.IntRange(min=1), default=None,
-              help="Split the slide list into N disjoint parts (one per machine or array job). Without it a SLURM "
-                   "job array (SLURM_ARRAY_TASK_ID/COUNT) or torchrun's RANK/WORLD_SIZE splits it.")
+              help="Split the slide list into N disjoint parts (one per machine); torchrun's ranks split each part.")
 @click.option("--shard-index", type=click.IntRange(min=0), default=None, help="Which part this process tiles.")
+@click.option("--split-array", is_flag=True,
+              help="Take this SLURM array task's part of the slides (SLURM_ARRAY_TASK_ID/COUNT). Without it an "
+                   "array task tiles every slide (an array over specs).")
 @click.option("--consolidate", is_flag=True,
               help="Afterwards write manifest.parquet + manifest.csv from all parts (once, after all array tasks).")
+@click.option("--force-reader", is_flag=True,
+              help="Continue a store tiled with another input.reader (its slides keep theirs): mixes readers.")
 @click.option("--coords-only", is_flag=True,
               help="Write only the slides' coordinate index (output.dir/coords/: tissue grid, MPP, reader) for "
                    "`pretrain` with data.slides and data.coords_dir = output.dir; no tiles.")
 def tile(spec: Path, overrides: tuple[str, ...], num_shards: int | None, shard_index: int | None,
-         consolidate: bool, coords_only: bool) -> None:
+         split_array: bool, consolidate: bool, force_reader: bool, coords_only: bool) -> None:
     """Tile whole-slide images at one or more fields of view (µm/px) into WebDataset shards + a Parquet index.
 
     \b
     Example:  pathssl tile specs/tile/tcga_two_fov.toml --set input.slides='["slides/*.svs"]'
-    SLURM:    sbatch --array=0-99 --wrap "pathssl tile spec.toml"   then once:  pathssl tile spec.toml --consolidate
-    Slides:   sbatch --array=0-99 --wrap "pathssl tile spec.toml --coords-only"   (pre-train from the slides),
-              then once:  pathssl tile spec.toml --coords-only --consolidate
+    SLURM:    sbatch --array=0-99 --wrap "pathssl tile spec.toml --split-array"
+              then once:  pathssl tile spec.toml --consolidate
+    Slides:   sbatch --array=0-99 --wrap "pathssl tile spec.toml --coords-only --split-array"   (pre-train from
+              the slides), then once:  pathssl tile spec.toml --coords-only --consolidate
     """
     from pathssl_cli.sharding import resolve_shard
 
-    resolve_shard(num_shards, shard_index)  # a bad split is exit 2 before the spec is even read
+    resolve_shard(num_shards, shard_index, array=split_array)  # a bad split is exit 2 before the spec is read
     loaded = load_command_spec(spec, overrides, "tile")
     from pathssl_cli.tiling.tiler import run_coords, run_tile
 
     if coords_only:
-        run_coords(loaded, num_shards=num_shards, shard_index=shard_index, consolidate=consolidate)
+        run_coords(loaded, num_shards=num_shards, shard_index=shard_index, consolidate=consolidate,
+                   split_array=split_array)
     else:
-        run_tile(loaded, num_shards=num_shards, shard_index=shard_index, consolidate=consolidate)
+        run_tile(loaded, num_shards=num_shards, shard_index=shard_index, consolidate=consolidate,
+                 split_array=split_array, force_reader=force_reader)
 
 
 # ------------------------------------------------------------------------------------------------- slides
@@ -190,7 +204,11 @@ def slides() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per slide.")
 @click.option("--csv", "out_csv", type=click.Path(path_type=Path), default=None,
               help="Write one CSV row per slide to this file ('-' for standard output).")
-def slides_info(paths: tuple[str, ...], reader: str, as_json: bool, out_csv: Path | None) -> None:
+@click.option("--mpp-override", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Level-0 µm/px to use over the metadata's (as tile's input.mpp_override and predict's "
+                   "predict.mpp_override); the metadata's value is still shown.")
+def slides_info(paths: tuple[str, ...], reader: str, as_json: bool, out_csv: Path | None,
+                mpp_override: float | None) -> None:
     """Format, reader, levels, MPP and its source, objective, compression, associated images, size; exit 1 if
     any slide is unreadable. Reads metadata only.
 
@@ -199,7 +217,7 @@ def slides_info(paths: tuple[str, ...], reader: str, as_json: bool, out_csv: Pat
     """
     from pathssl_cli.slides.info import write_slides_info
 
-    write_slides_info(list(paths), reader=reader, as_json=as_json, out_csv=out_csv)
+    write_slides_info(list(paths), reader=reader, as_json=as_json, out_csv=out_csv, mpp_override=mpp_override)
 
 
 # ----------------------------------------------------------------------------------------------- pretrain

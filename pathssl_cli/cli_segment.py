@@ -45,21 +45,26 @@ def segment_eval(spec: Path, overrides: tuple[str, ...]) -> None:
 @segment.command("predict")
 @spec_argument
 @click.option("--num-shards", type=click.IntRange(min=1), default=None,
-              help="Split the inputs into N disjoint parts (else SLURM_ARRAY_TASK_ID/COUNT or RANK/WORLD_SIZE).")
+              help="Split the inputs into N disjoint parts (one per machine); torchrun's ranks split each part.")
 @click.option("--shard-index", type=click.IntRange(min=0), default=None, help="Which part this process predicts.")
-def segment_predict(spec: Path, overrides: tuple[str, ...], num_shards: int | None, shard_index: int | None) -> None:
+@click.option("--split-array", is_flag=True,
+              help="Take this SLURM array task's part of the inputs (SLURM_ARRAY_TASK_ID/COUNT). Without it an "
+                   "array task predicts every input (an array over specs).")
+def segment_predict(spec: Path, overrides: tuple[str, ...], num_shards: int | None, shard_index: int | None,
+                    split_array: bool) -> None:
     """Segment nuclei in images or whole-slide regions with overlapping tiles and bounded memory.
 
     \b
     Example:  pathssl segment predict specs/segment/tiny.toml --set predict.inputs='["slide.svs"]'
+    SLURM:    sbatch --array=0-9 --wrap "pathssl segment predict spec.toml --split-array"
     """
     from pathssl_cli.sharding import resolve_shard
 
-    resolve_shard(num_shards, shard_index)  # a bad split is exit 2 before the spec is even read
+    resolve_shard(num_shards, shard_index, array=split_array)  # a bad split is exit 2 before the spec is read
     loaded = load_command_spec(spec, overrides, "segment")
     from pathssl_cli.segment.predict import run_segment_predict
 
-    run_segment_predict(loaded, num_shards=num_shards, shard_index=shard_index)
+    run_segment_predict(loaded, num_shards=num_shards, shard_index=shard_index, split_array=split_array)
 
 
 @segment.command("score")

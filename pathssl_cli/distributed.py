@@ -36,8 +36,14 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    """'auto' picks this rank's GPU when CUDA is present, else the CPU."""
+def resolve_device(device: str = "auto", local_rank: int | None = None) -> torch.device:
+    """'auto' picks this rank's GPU when CUDA is present, else the CPU; 'cuda' is this rank's GPU.
+
+    This rank's GPU is `local_rank`, by default torchrun's LOCAL_RANK (0 outside torchrun): every command
+    resolves its device here, so N ranks on a node use N GPUs, not all cuda:0. An explicit 'cuda:K' is kept.
+    """
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if device == "cuda":

@@ -77,7 +77,9 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
     local_batch = spec.data.batch_size // world
     out = Path(run_cfg.output_dir)
     checkpoint_path = out / CHECKPOINT
-    claim_run_dir(spec, out, is_main=dist_info.is_main)  # a different run there is refused (or moved aside)
+    # A different run there, or one begun from other inputs, is refused (or moved aside); training resumes by
+    # the narrower rule (runs.rule.Rule): a run begun before fingerprints existed still resumes.
+    claim_run_dir(spec, out, rule="resume", is_main=dist_info.is_main)
     if checkpoint_path.exists() and not run_cfg.resume:
         raise SpecError(f"{out} already holds a run ({checkpoint_path}). Set run.resume = true to continue "
                         "it, or choose another run.output_dir.")
@@ -100,7 +102,8 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
     if resumed is not None:
         _check_resumable(resumed, world, data_steps_per_epoch, total_steps, checkpoint_path)
 
-    with open_run(spec, out, seed=run_cfg.seed, world_size=world, is_main=dist_info.is_main) as run:
+    with open_run(spec, out, seed=run_cfg.seed, world_size=world, is_main=dist_info.is_main,
+                  resumed=resumed is not None) as run:
         # -------------------------------------------------------------------------- stain statistics
         stain = _stain_statistics(spec, run, resumed, dist_info, stream)
 

@@ -22,7 +22,7 @@ from pathssl_cli.data.tiles import TileStream, first_tile_side
 from pathssl_cli.errors import SpecError, WorkFailed
 from pathssl_cli.specs.pretrain import PretrainSpec
 from pathssl_cli.specs.tile import resolve_slide_items
-from pathssl_cli.tiling.index import StoreError
+from pathssl_cli.tiling.index import StoreError, is_store
 
 PretrainStream = TileStream | SlideStream | MixedStream
 BAD_SLIDES = "bad_slides.tsv"  # in the run directory: slides that failed mid-run, one line per slide and process
@@ -36,6 +36,16 @@ def open_stream(spec: PretrainSpec, rank: int, world: int, local_batch: int, def
     """This rank's stream. Every sample is `data.tile_size` px (unset: the first tile of `data.tiles`, else the
     recipe's global view size, `default_side`)."""
     data = spec.data
+    if data.mpp_weights:
+        # A folder's tiles carry no µm/px, so no weighted field of view would ever select them: refuse rather
+        # than train on the stores alone while the spec lists the folder.
+        folders = [str(source) for source in data.tiles if not is_store(Path(source))]
+        if folders:
+            raise SpecError(
+                f"data.mpp_weights samples tiles by field of view, but the image folder(s) {', '.join(folders)} "
+                "in data.tiles have no µm/px, so none of their tiles would be drawn. Remove data.mpp_weights "
+                "(every tile is then drawn in proportion), drop the folder(s) from data.tiles, or tile their "
+                "slides with `pathssl tile` to get a store with fields of view")
     try:
         side = int(data.tile_size or (first_tile_side(data.tiles) if data.tiles else default_side))
         tiles = None

@@ -95,10 +95,13 @@ def weights_label(weights: str) -> str:
 
 
 def row_key(record: dict[str, Any]) -> tuple[str, str, str]:
+    """(method, backbone, weights): a checkpoint's teacher and student are two rows ('... (student)')."""
+    weights = weights_label(str(record.get("weights")))
+    network = record.get("weights_network") or "auto"
     return (
         record.get("method") or "-",
         str(record.get("backbone", "?")),
-        weights_label(str(record.get("weights"))),
+        weights if network == "auto" else f"{weights} ({network})",
     )
 
 

@@ -119,3 +119,38 @@ def test_columns_follow_the_paper_order() -> None:
         "crc / knn_k20",
         "crc / knn_k200",
     ]
+
+
+def test_teacher_and_student_of_one_checkpoint_land_in_different_rows(tmp_path: Path) -> None:
+    """Issue 20 §6: `weights_id` and the report's rows ignored `model.weights_network`, so the teacher and the
+    student evaluations of one DINO checkpoint shared a cell (the last one read won)."""
+    import torch
+
+    from pathssl_cli.backbones import create_backbone
+    from pathssl_cli.cli import cli
+    from pathssl_cli.synthetic import write_image_folder
+
+    data = write_image_folder(tmp_path / "data", n_per_class=3, size=32, seed=0)
+    torch.manual_seed(0)
+    state = create_backbone("resnet_tiny", img_size=32).timm_model.state_dict()
+    method = {**{f"backbone.timm_model.{k}": v for k, v in state.items()},
+              **{f"teacher_backbone.timm_model.{k}": v + 0.5 if v.is_floating_point() else v
+                 for k, v in state.items()}}
+    checkpoint = tmp_path / "dino" / "checkpoints" / "last.pt"
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"method": method, "step": 2}, checkpoint)  # the layout of a pathssl DINO checkpoint
+    specs = Path(__file__).resolve().parents[1] / "specs" / "evaluate"
+    records = {}
+    for network in ("auto", "student"):
+        out = tmp_path / "runs" / network
+        result = CliRunner().invoke(cli, [
+            "evaluate", "knn", str(specs / "tiny_knn.toml"), "--set", f"data.root={data}", "--set",
+            f"model.weights={checkpoint}", "--set", f"model.weights_network='{network}'", "--set",
+            f"run.output_dir={out}", "--set", "model.img_size=32", "--set", "knn.k=[3]"])
+        assert result.exit_code == 0, result.output
+        records[network] = json.loads((out / "metrics.json").read_text())
+    assert records["auto"]["weights_id"] != records["student"]["weights_id"]
+    report = run_report([tmp_path / "runs"], tmp_path / "t.md")
+    rows = list(csv.DictReader(report.with_suffix(".csv").open()))
+    assert len(rows) == 2 and len({r["weights"] for r in rows}) == 2
+    assert any("student" in r["weights"] for r in rows)

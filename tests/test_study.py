@@ -110,6 +110,9 @@ set = ["data.train_subset='{tmp_path / "study.toml"}'"]
     assert "labels.fractions" in output  # 1% of 4 images per class keeps none: subsample refuses it
     assert "evaluations[4].spec" in output and "already restricts the training labels" in output
     assert "Traceback" not in output and not (tmp_path / "out").exists()
+    # `spec validate` runs the same planner (the study spec model does not import it).
+    result = CliRunner().invoke(cli, ["spec", "validate", str(path)])
+    assert result.exit_code == 2 and "backbones[0].weights: file not found" in result.output
 
 
 @pytest.mark.slow  # 8 runs then 1 again: ~7 s CPU, ~20 s on a loaded 2-core machine
@@ -183,6 +186,51 @@ def test_a_changed_run_is_refused_unless_forced(data: Path, tmp_path: Path) -> N
     assert len(list((tmp_path / "out" / "runs").glob("linear__cnn__all__seed0.replaced-*"))) == 1
 
 
+def test_another_labels_seed_reruns_the_runs_that_read_the_subsets(data: Path, tmp_path: Path) -> None:
+    """Issue 20 §1: after `labels.seed` 0 → 7 and --force the subset CSV changed, but the linear run that read it
+    said 'done, skipped' and the report pooled its old result with the new seeds."""
+    path = write_study(tmp_path, data)
+    assert study(str(path), "--index", "1")[0] == 0  # linear__cnn__50pct__seed0 and the subsets it needs
+    subset = tmp_path / "out" / "subsets" / "folder-labelled" / "subset_50pct.csv"
+    old = subset.read_bytes()
+    path.write_text(path.read_text().replace("fractions = [0.5, 1.0]", "fractions = [0.5, 1.0]\nseed = 7"))
+    code, output = study(str(path), "--index", "1", "--force")
+    assert code == 0, output
+    assert subset.read_bytes() != old
+    assert "linear__cnn__50pct__seed0: done, skipped" not in output
+    assert "linear__cnn__50pct__seed0: rerunning" in output and "data.train_subset" in output
+    assert statuses(path)["linear__cnn__50pct__seed0"] == "done"
+
+
+def test_weights_replaced_at_the_same_path_rerun_the_runs_that_used_them(data: Path, tmp_path: Path) -> None:
+    """A re-run pretrain writes other weights under the same name: every run that used the old file is stale."""
+    from pathssl_cli.backbones import create_backbone, export_backbone
+
+    weights = tmp_path / "pretrain" / "backbone.safetensors"
+    torch_seed(1)
+    export_backbone(create_backbone("resnet_tiny", img_size=32), weights)
+    path = write_study(tmp_path, data, weights=f'"{weights.parent}"')  # a pretrain run directory
+    assert study(str(path), "--index", "3")[0] == 0  # linear__cnn__all__seed0
+    assert statuses(path)["linear__cnn__all__seed0"] == "done"
+    torch_seed(2)
+    export_backbone(create_backbone("resnet_tiny", img_size=32), weights)
+    found = statuses(path)
+    assert found["linear__cnn__all__seed0"] == "stale"
+    code, output = study(str(path), "--report-only")  # the stale result is not reported as the study's
+    assert code == 1 and "linear__cnn__all__seed0: left out of the report, stale (model.weights" in output
+    code, output = study(str(path), "--index", "3")  # the study's own run: rerun without --force
+    assert code == 0, output
+    assert "linear__cnn__all__seed0: rerunning" in output and "model.weights" in output
+    assert statuses(path)["linear__cnn__all__seed0"] == "done"
+    assert len(list((tmp_path / "out" / "runs").glob("linear__cnn__all__seed0.replaced-*"))) == 1
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
 def test_index_from_slurm_runs_one_run_and_its_subsets(data: Path, tmp_path: Path) -> None:
     path = write_study(tmp_path, data)
     code, output = study(str(path), env={"SLURM_ARRAY_TASK_ID": "5"})
@@ -253,3 +301,26 @@ fractions = [0.5, 1.0]
     rows = [line.split(",") for line in (out / "report.csv").read_text().splitlines()[1:]]
     assert {(r[0], r[1], r[3]) for r in rows} >= {("segment", "pq", "tiny 50%"), ("segment", "pq", "tiny 100%")}
     assert set(statuses(path).values()) == {"done"}
+
+    # Issue 20 §1: the segment digest leaves out what `segment eval` alone reads, and each of these gave
+    # "eval: done" with the old PQ. Another test set is an input that changed: the study re-evaluates (and does
+    # not retrain); other eval settings are a spec change, refused until forced.
+    runs = [out / "runs" / f"tiny__cnn__{fraction}__seed0" for fraction in ("50pct", "all")]
+    logs = [(run / "metrics.jsonl").read_bytes() for run in runs]
+    other = write_consep_like(tmp_path / "other", n_images=3, size=64, seed=5)
+    text = path.read_text()
+    path.write_text(text.replace(f"data.test=['{nuclei}']", f"data.test=['{other}']"))
+    assert set(statuses(path).values()) == {"done", "stale"} and statuses(path)["tiny__cnn__all__seed0"] == "stale"
+    code, output = study(str(path))
+    assert code == 0, output
+    assert "data.test" in output and set(statuses(path).values()) == {"done"}
+    assert json.loads((runs[1] / "metrics.json").read_text())["n_images"] == 3
+    for change in ('"predict.tta=\'dihedral\'"', '"predict.postproc.min_size=50"'):
+        path.write_text(text.replace(f"data.test=['{nuclei}']", f"data.test=['{other}']").replace(
+            '"predict.chunk_size=64"', f'"predict.chunk_size=64", {change}'))
+        assert statuses(path)["tiny__cnn__all__seed0"] == "changed", change
+        code, output = study(str(path), "--force")
+        assert code == 0, output
+        assert set(statuses(path).values()) == {"done"}
+    assert json.loads((runs[1] / "metrics.json").read_text())["postproc"]["min_size"] == 50
+    assert [(run / "metrics.jsonl").read_bytes() for run in runs] == logs  # trained once

@@ -70,6 +70,9 @@ def apply_subset(dataset: ClassificationDataset, data: DataSource) -> Classifica
     mismatched = [f"{key} = {source[key]!r} in the file, {getattr(data, key)!r} in this spec"
                   for key in ("dataset", "val_fraction", "test_fraction", "split_seed")
                   if key in source and source[key] != getattr(data, key)]
+    # A pathssl file written before folds existed (no key) was drawn from the unfolded train split.
+    mismatched += [f"{key} = {source.get(key)!r} in the file, {getattr(data, key)!r} in this spec"
+                   for key in ("folds", "fold") if source and source.get(key) != getattr(data, key)]
     if mismatched:
         raise SpecError(f"{path}: written for another split of the data: {'; '.join(mismatched)}. Rerun "
                         "`pathssl subsample` with this [data] section, or set these fields to the file's "

@@ -126,7 +126,7 @@ def load_items(data: DataSource | None, images_format: str | None = None,
         train = open_dataset(_without_subset(data), "train")
         source = {"kind": "classification", "dataset": data.dataset, "root": str(data.root), "split": "train",
                   "val_fraction": data.val_fraction, "test_fraction": data.test_fraction,
-                  "split_seed": data.split_seed}
+                  "split_seed": data.split_seed, "folds": data.folds, "fold": data.fold}
         return Items(list(train.ids), train.targets, list(train.classes), source)
     if images_root is None:
         raise ValueError("give a [data] table or the images' format and root")

@@ -5,7 +5,8 @@ matrix.
 metrics.json (one per run directory, read by `pathssl report`)::
 
     {"protocol": "linear", "label": "linear", "dataset": "crc", "eval_split": "test",
-     "backbone": "resnet50", "weights": "/path/backbone.safetensors" | "random", "weights_id": "sha256:...",
+     "backbone": "resnet50", "weights": "/path/backbone.safetensors" | "random",
+     "weights_id": "sha256:..." (+ "|network=student" for a DINO checkpoint's student), "weights_network": "auto",
      "method": "dino" | null, "train_subset": null | "/path/subset.csv", "classes": [...],
      "n": {"train": N, "val": N, "eval": N},
      "metrics": {"top1": {"mean": m, "std": s, "values": [per seed]}, "balanced_acc": ..., "macro_f1": ...,
@@ -117,9 +118,7 @@ def frozen_features(spec: Any, need_val: bool = True,
         recipe = recipe(backbone)
     transform = eval_transform(backbone.img_size, backbone.mean, backbone.std)
     device = resolve_device(spec.run.device)
-    identity = weights_identity(spec.model.weights, seed)
-    if spec.model.weights_network != "auto":  # one checkpoint file, two networks: two cache entries
-        identity += f"|network={spec.model.weights_network}"
+    identity = weights_identity(spec.model.weights, seed, spec.model.weights_network)  # per network of a file
     cache_dir = spec.run.cache_dir()
     features: dict[str, Features] = {}
     for name, ds in splits.items():
@@ -137,6 +136,7 @@ def frozen_features(spec: Any, need_val: bool = True,
             ids_sha256=FeatureKey.ids_digest(list(ds.ids), root=Path(spec.data.root)),
             transform=repr(transform),
             recipe=recipe.describe(),
+            precision=spec.run.precision,
         )
         features[name] = cached_features(
             backbone,
@@ -213,7 +213,8 @@ def write_outputs(
         "eval_split": eval_split,
         "backbone": spec.model.backbone,
         "weights": str(spec.model.weights),
-        "weights_id": weights_identity(spec.model.weights, spec.run.seeds[0]),
+        "weights_id": weights_identity(spec.model.weights, spec.run.seeds[0], spec.model.weights_network),
+        "weights_network": spec.model.weights_network,
         "method": pretrain_method(spec.model.weights),
         "train_subset": str(spec.data.train_subset) if spec.data.train_subset else None,
         "classes": classes,

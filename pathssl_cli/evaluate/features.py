@@ -8,9 +8,9 @@ Cache key (sha256 of a canonical JSON): backbone name, the sha256 of the weights
 or replacing a file under the same name invalidates it; "random" weights are keyed by the seed that
 initialised them), the dataset name and root, the split, the ordered item ids (which covers a `train_subset`
 file and the seeded val split) with each image file's size and mtime,
-the transform (image size, mean, std) and the feature recipe (`FeatureRecipe`: which tokens or pooling make
-the vector). One entry is one file written atomically, so a killed extraction leaves no entry and the next
-run redoes that split only.
+the transform (image size, mean, std), the feature recipe (`FeatureRecipe`: which tokens or pooling make
+the vector) and the autocast precision of the extraction (bf16 features are not fp32 features). One entry is
+one file written atomically, so a killed extraction leaves no entry and the next run redoes that split only.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from torch.utils.data import DataLoader, Dataset
 from pathssl_cli.console import info, progress
 from pathssl_cli.distributed import autocast
 from pathssl_cli.fileio import atomic_write
-from pathssl_cli.runs import load_checkpoint, save_checkpoint
+from pathssl_cli.runs import file_sha256, load_checkpoint, save_checkpoint
 
-CACHE_VERSION = 2  # 2: the key holds the feature recipe
+CACHE_VERSION = 3  # 2: the key holds the feature recipe; 3: and the precision
 
 
 @dataclass(frozen=True)
@@ -85,17 +85,14 @@ def recipe_features(backbone: torch.nn.Module, images: torch.Tensor, recipe: Fea
     return torch.cat(parts, dim=1)
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def weights_identity(weights: str | Path, seed: int) -> str:
-    """What identifies the backbone's parameters: the file's content hash, or the seed of a random init."""
-    return f"random:seed={seed}" if str(weights) == "random" else f"sha256:{file_sha256(weights)}"
+def weights_identity(weights: str | Path, seed: int, network: str = "auto") -> str:
+    """What identifies the backbone's parameters: the file's content hash (hashed once per file version per
+    process, `runs.file_sha256`) and, for a file holding a teacher and a student, the network asked for; or the
+    seed of a random init."""
+    if str(weights) == "random":
+        return f"random:seed={seed}"
+    identity = f"sha256:{file_sha256(weights)}"
+    return identity if network == "auto" else f"{identity}|network={network}"
 
 
 @dataclass(frozen=True)
@@ -108,6 +105,7 @@ class FeatureKey:
     ids_sha256: str
     transform: str  # canonical description of the eval transform
     recipe: str = POOLED.describe()  # FeatureRecipe.describe(): which tokens / pooling make the vector
+    precision: str = "fp32"  # autocast precision of the extraction
 
     @staticmethod
     def ids_digest(ids: list[str], root: Path | None = None) -> str:
@@ -243,6 +241,8 @@ def cached_features(
     """Features of `dataset` by `recipe` from the cache when `key` is there, else extracted and stored."""
     if key.recipe != recipe.describe():
         raise ValueError(f"the cache key's recipe {key.recipe} is not the extraction's {recipe.describe()}")
+    if key.precision != precision:
+        raise ValueError(f"the cache key's precision {key.precision} is not the extraction's {precision}")
     hit = load_cached(cache_dir, key)
     if hit is not None:
         if len(hit.targets) == len(dataset) and torch.equal(hit.targets, torch.as_tensor(dataset.targets)):

@@ -14,6 +14,7 @@ horizontal and vertical flips and 90° rotations (the dihedral group: tissue has
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -229,7 +230,9 @@ def train_seed(
 
 def run_finetune(spec: FinetuneSpec) -> dict[str, Any]:
     with distributed_session(spec.run.device) as dist:
-        claim_run_dir(spec, spec.run.output_dir, is_main=dist.is_main)  # resumes only a run of this same spec
+        # Resumes only a run of this same spec begun from the same inputs (the training rule, runs.rule.Rule).
+        claim_run_dir(spec, spec.run.output_dir, rule="resume", is_main=dist.is_main)
+        resumed = any(Path(spec.run.output_dir).glob("last_seed*.pt"))
         splits, eval_split = open_splits(spec.data)
         num_classes = len(splits["train"].classes)
         targets = torch.as_tensor(splits["eval"].targets)
@@ -239,6 +242,7 @@ def run_finetune(spec: FinetuneSpec) -> dict[str, Any]:
             seed=spec.run.seeds[0],
             world_size=dist.world_size,
             is_main=dist.is_main,
+            resumed=resumed,
         ) as run:
             per_seed: list[dict[str, Any]] = []
             first_scores: torch.Tensor | None = None

@@ -6,6 +6,12 @@
 3. For each seed, the (lr, weight decay) with the best validation score is chosen and its kept checkpoint is
    scored on the evaluation split; metrics are reported as mean ± std over seeds.
 
+That is `probe.kind = "minibatch"`, the default. `probe.kind = "lbfgs"` replaces steps 2-3 with a full-batch
+L-BFGS logistic regression whose L2 strength is chosen on val (logreg.py, DINOv2's protocol), and
+`features.normalize = true` standardises the features with the training split's statistics before either probe
+(standardize.py, MAE's BatchNorm-without-affine probe). Both are off in every preset: the paper's protocol trains
+SGD heads on raw features.
+
 Presets (every field can be overridden in `[optim]`):
 
 `paper` — the standard linear protocol, which Kang et al. (CVPR 2023, §5 "linear evaluation") follow. Their
@@ -58,13 +64,18 @@ from pathssl_cli.distributed import resolve_device
 from pathssl_cli.errors import SpecError
 from pathssl_cli.evaluate.common import frozen_features, write_outputs
 from pathssl_cli.evaluate.features import POOLED, STAGES, FeatureRecipe
+from pathssl_cli.evaluate.logreg import lbfgs_probe
 from pathssl_cli.evaluate.metrics import classification_metrics
 from pathssl_cli.evaluate.probe import HeadConfig, ProbeSchedule, steps_for_epochs, train_probes
-from pathssl_cli.runs import claim_run_dir, open_run
+from pathssl_cli.evaluate.standardize import Standardizer
+from pathssl_cli.runs import RunDir, claim_run_dir, open_run
 from pathssl_cli.specs.evaluate import LinearFeatures, LinearOptim, LinearSpec
 
 if TYPE_CHECKING:
     from pathssl_cli.backbones import Backbone
+
+
+Pair = tuple[torch.Tensor, torch.Tensor]  # (N, D) features and their (N,) int64 targets
 
 
 @dataclass(frozen=True)
@@ -162,71 +173,26 @@ def run_linear(spec: LinearSpec) -> dict[str, Any]:
         classes = fset.splits["train"].classes
         num_classes = len(classes)
         train, val, test = fset.features["train"], fset.features["val"], fset.features["eval"]
-        schedule = plan_schedule(plan, len(train.targets))
-        heads = [
-            HeadConfig(lr=lr, weight_decay=wd, seed=seed)
-            for seed in spec.run.seeds
-            for lr in plan.lrs
-            for wd in plan.weight_decays
-        ]
-        info(
-            f"linear: {len(heads)} heads ({len(plan.lrs)} lr × {len(plan.weight_decays)} wd × "
-            f"{len(spec.run.seeds)} seeds), {schedule.steps} steps of {schedule.batch_size} on "
-            f"{len(train.targets)} × {train.features.shape[1]} features"
-        )
-        result = train_probes(
-            train.features,
-            train.targets,
-            val.features,
-            val.targets,
-            num_classes,
-            heads,
-            schedule,
-            device=resolve_device(spec.run.device),
-        )
-        for entry in result.history:
-            run.metrics.log(entry.step, train_loss=entry.train_loss, val_best_of_sweep=max(entry.val))
-
-        eval_scores = result.scores(test.features)  # (G, N, C)
-        per_seed: list[dict[str, Any]] = []
-        first_scores: torch.Tensor | None = None
-        for seed in spec.run.seeds:
-            members = [g for g, h in enumerate(heads) if h.seed == seed]
-            best = max(members, key=lambda g: float(result.best_val[g]))  # first wins a tie: smallest lr, wd
-            metrics = classification_metrics(eval_scores[best], test.targets, num_classes)
-            per_seed.append(
-                {
-                    "seed": seed,
-                    "lr": heads[best].lr,
-                    "weight_decay": heads[best].weight_decay,
-                    f"val_{plan.select_by}": float(result.best_val[best]),
-                    "best_step": int(result.best_step[best]),
-                    **metrics,
-                }
-            )
-            if first_scores is None:
-                first_scores = eval_scores[best]
-        sweep = [
-            {
-                "lr": h.lr,
-                "weight_decay": h.weight_decay,
-                "seed": h.seed,
-                f"val_{plan.select_by}": float(result.best_val[g]),
-                "best_step": int(result.best_step[g]),
-            }
-            for g, h in enumerate(heads)
-        ]
+        # Statistics of the training split only, applied alike to every split (evaluate/standardize.py).
+        scaler = Standardizer.fit(train.features) if spec.features.normalize else None
+        train_x, val_x, test_x = (scaler(f.features) if scaler else f.features for f in (train, val, test))
+        if spec.probe.kind == "lbfgs":
+            per_seed, first_scores, sweep, probe_settings = lbfgs_probe(
+                spec.probe, plan.select_by, (train_x, train.targets), (val_x, val.targets),
+                (test_x, test.targets), num_classes, spec.run.seeds, eval_is_val=fset.eval_split == "val")
+        else:
+            per_seed, first_scores, sweep, probe_settings = _minibatch_probe(
+                spec, plan, run, (train_x, train.targets), (val_x, val.targets), (test_x, test.targets),
+                num_classes)
         run.write_json("sweep.json", sweep)
-        assert first_scores is not None
         settings = {
             "preset": spec.optim.preset,
-            **asdict(plan),
-            "steps_run": schedule.steps,
-            "eval_every": schedule.eval_every,
+            **probe_settings,
             "seeds": spec.run.seeds,
             "extraction_seconds": round(fset.extraction_seconds, 3),
             "feature_dim": int(train.features.shape[1]),
             "feature_recipe": json.loads(fset.recipe.describe()),
+            "feature_normalization": scaler.describe() if scaler else None,
         }
         label = "linear" if spec.data.train_subset is None else f"linear[{spec.data.train_subset.stem}]"
         record = write_outputs(
@@ -244,6 +210,71 @@ def run_linear(spec: LinearSpec) -> dict[str, Any]:
     top1 = record["metrics"]["top1"]
     info(
         f"linear {spec.data.dataset}: top-1 {100 * top1['mean']:.2f} ± {100 * top1['std']:.2f} "
-        f"({fset.eval_split}, {len(spec.run.seeds)} seeds) → {spec.run.output_dir}"
+        f"({fset.eval_split}, {len(per_seed)} seed(s)) → {spec.run.output_dir}"
     )
     return record
+
+
+def _minibatch_probe(
+    spec: LinearSpec, plan: LinearPlan, run: RunDir, train: Pair, val: Pair, evaluation: Pair, num_classes: int
+) -> tuple[list[dict[str, Any]], torch.Tensor, list[dict[str, Any]], dict[str, Any]]:
+    """The [optim] sweep on (features, targets) pairs: (per-seed rows, the first seed's evaluation scores,
+    sweep.json rows, settings)."""
+    schedule = plan_schedule(plan, len(train[1]))
+    heads = [
+        HeadConfig(lr=lr, weight_decay=wd, seed=seed)
+        for seed in spec.run.seeds
+        for lr in plan.lrs
+        for wd in plan.weight_decays
+    ]
+    info(
+        f"linear: {len(heads)} heads ({len(plan.lrs)} lr × {len(plan.weight_decays)} wd × "
+        f"{len(spec.run.seeds)} seeds), {schedule.steps} steps of {schedule.batch_size} on "
+        f"{len(train[1])} × {train[0].shape[1]} features"
+    )
+    result = train_probes(
+        train[0],
+        train[1],
+        val[0],
+        val[1],
+        num_classes,
+        heads,
+        schedule,
+        device=resolve_device(spec.run.device),
+    )
+    for entry in result.history:
+        run.metrics.log(entry.step, train_loss=entry.train_loss, val_best_of_sweep=max(entry.val))
+
+    eval_scores = result.scores(evaluation[0])  # (G, N, C)
+    per_seed: list[dict[str, Any]] = []
+    first_scores: torch.Tensor | None = None
+    for seed in spec.run.seeds:
+        members = [g for g, h in enumerate(heads) if h.seed == seed]
+        best = max(members, key=lambda g: float(result.best_val[g]))  # first wins a tie: smallest lr, wd
+        metrics = classification_metrics(eval_scores[best], evaluation[1], num_classes)
+        per_seed.append(
+            {
+                "seed": seed,
+                "lr": heads[best].lr,
+                "weight_decay": heads[best].weight_decay,
+                f"val_{plan.select_by}": float(result.best_val[best]),
+                "best_step": int(result.best_step[best]),
+                **metrics,
+            }
+        )
+        if first_scores is None:
+            first_scores = eval_scores[best]
+    sweep = [
+        {
+            "lr": h.lr,
+            "weight_decay": h.weight_decay,
+            "seed": h.seed,
+            f"val_{plan.select_by}": float(result.best_val[g]),
+            "best_step": int(result.best_step[g]),
+        }
+        for g, h in enumerate(heads)
+    ]
+    assert first_scores is not None
+    settings = {"probe": "minibatch", **asdict(plan), "steps_run": schedule.steps,
+                "eval_every": schedule.eval_every}
+    return per_seed, first_scores, sweep, settings

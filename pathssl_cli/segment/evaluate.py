@@ -25,7 +25,7 @@ from pathssl_cli.console import info, track
 from pathssl_cli.distributed import resolve_device
 from pathssl_cli.errors import SpecError
 from pathssl_cli.fileio import atomic_path, atomic_write
-from pathssl_cli.runs import open_run
+from pathssl_cli.runs import claim_run_dir, open_run
 from pathssl_cli.segment import metrics as M
 from pathssl_cli.segment.datasets import PanNukeFold
 from pathssl_cli.segment.inference import PatchModel, default_trim, predict_window
@@ -81,7 +81,10 @@ def run_segment_eval(spec: SegmentSpec) -> dict[str, Any]:
     stats: list[dict[str, Any]] = []
     points: dict[str, list[np.ndarray]] = {"tc": [], "tt": [], "pc": [], "pt": []}
     pannuke_rows: list[dict[str, Any]] = []
-    with open_run(spec, run_dir, seed=spec.run.seed) as run:
+    # Its own rule: everything eval depends on (the trained model's sha256, the evaluated split's listing, the
+    # post-processing, TTA and trim) must match a run here, which the training digest leaves out.
+    claim_run_dir(spec, run_dir, "segment eval")
+    with open_run(spec, run_dir, command="segment eval", seed=spec.run.seed) as run:
         for source in sources:
             with ExitStack() as stack:
                 pannuke_pred = None

@@ -31,6 +31,7 @@ from pathssl_cli.errors import PathsslError, SpecError, WorkFailed
 from pathssl_cli.fileio import atomic_path
 from pathssl_cli.runs import open_run
 from pathssl_cli.segment.inference import PatchModel, default_trim, predict_window, tile_step
+from pathssl_cli.segment.predict_names import check_sources, claim_name, unique_inputs
 from pathssl_cli.segment.readers import ImageReader, SlideReader, open_reader
 from pathssl_cli.segment.slide_scale import ChunkTissue, MppSlideReader, slide_metrics
 from pathssl_cli.sharding import resolve_shard
@@ -292,18 +293,20 @@ def expand_inputs(patterns: list[str]) -> list[Path]:
     return found
 
 
-def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None,
-                        shard_index: int | None = None) -> dict[str, Any]:
-    """Segment every `predict.inputs` file (this process's part of them, see `pathssl_cli.sharding`); returns
-    {"outputs": [...], "instances": total}."""
+def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None, shard_index: int | None = None,
+                        split_array: bool = False) -> dict[str, Any]:
+    """Segment every `predict.inputs` file (this process's part of them, see `pathssl_cli.sharding`; torchrun
+    ranks take disjoint parts, each on its own GPU); returns {"outputs": [...], "instances": total}."""
     from pathssl_cli.segment.train import default_model_path, load_model
 
     p = spec.predict
     inputs = expand_inputs(p.inputs)
     if not inputs:
         raise SpecError(f"predict.inputs {p.inputs} matches no file; give image or slide paths or globs")
-    part = resolve_shard(num_shards, shard_index)
-    inputs = part.take(inputs)
+    part = resolve_shard(num_shards, shard_index, array=split_array)
+    inputs = part.take(unique_inputs(inputs))  # the whole list is checked, alike in every array task
+    out_dir = Path(spec.run.output_dir) / "predictions"
+    check_sources(out_dir, [(path, path.stem) for path in inputs])
     model_path = default_model_path(spec)
     if not model_path.exists():
         raise SpecError(f"no trained model at {model_path}: run `pathssl segment train` first or set "
@@ -312,17 +315,22 @@ def run_segment_predict(spec: SegmentSpec, *, num_shards: int | None = None,
     precision = spec.run.precision if device.type == "cuda" else "fp32"
     model = load_model(model_path, device, channels_last=spec.run.channels_last)
     type_names = _type_names(spec, model.config.num_types)
-    out_dir = Path(spec.run.output_dir) / "predictions"
     results: list[dict[str, Any]] = []
     failed: list[str] = []
     used_readers: list[str] = []
-    with open_run(spec, Path(spec.run.output_dir) / f"predict_run{part.suffix}", seed=spec.run.seed) as run:
+    with open_run(spec, Path(spec.run.output_dir) / f"predict_run{part.suffix}", command="segment predict",
+                  seed=spec.run.seed) as run:
+        run.record["shard"] = part.record()
+        if part.count > 1 or "array_ignored" in part.origin:
+            info(f"part {part.index + 1} of {part.count} ({part.source}): {len(inputs)} input(s)"
+                 if part.count > 1 else part.origin["array_ignored"])
         for path in inputs:
             done = output_paths(out_dir, path.stem, p.map_format)
             if all(f.exists() for f in done[:3]):
                 info(f"{path}: outputs exist, skipped (delete them to predict again)")
                 continue
             opened: ImageReader | SlideReader | None = None
+            claim_name(out_dir, path.stem, path)
             try:
                 reader: ImageReader | SlideReader | MppSlideReader
                 opened = reader = open_reader(path, p.region, p.reader)

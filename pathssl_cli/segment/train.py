@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from pathssl_cli.console import info, progress
 from pathssl_cli.distributed import DistInfo, autocast, distributed_session
 from pathssl_cli.errors import Problem, SpecError, WorkFailed
-from pathssl_cli.runs import claim_run_dir, load_checkpoint, open_run, save_checkpoint
+from pathssl_cli.runs import claim_run_dir, load_checkpoint, open_run, save_checkpoint, segment_model_path
+from pathssl_cli.runs.fingerprints import SEGMENT_MODEL_FILE
 from pathssl_cli.segment.datasets import NucleiSource, Subset, open_source, read_subset_ids
 from pathssl_cli.segment.hovernet import HoVerNet, HoVerNetConfig, mode_sizes
 from pathssl_cli.segment.losses import LossWeights, hovernet_loss
@@ -93,7 +94,7 @@ def load_model(path: Path, device: torch.device | str = "cpu", *, channels_last:
 
 
 def default_model_path(spec: SegmentSpec) -> Path:
-    return spec.model.checkpoint or Path(spec.run.output_dir) / "model.pt"
+    return segment_model_path(spec)  # one rule, also what `segment eval` fingerprints
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -179,7 +180,8 @@ def _train(spec: SegmentSpec, dist_info: DistInfo) -> dict[str, Any]:
     ckpt_path = out_dir / "checkpoints" / "last.pt"
     start_phase, start_epoch, global_step, resumed = 1, 0, 0, None
     # The shared run-directory rule; run.resume = false starts over (a different run is moved aside).
-    claim_run_dir(spec, out_dir, force=True if not spec.run.resume else None, is_main=dist_info.is_main)
+    claim_run_dir(spec, out_dir, "segment train", rule="resume", force=True if not spec.run.resume else None,
+                  is_main=dist_info.is_main)
     if spec.run.resume and ckpt_path.exists():
         resumed = load_checkpoint(ckpt_path)
         model.load_state_dict(resumed["model"], strict=True)
@@ -188,7 +190,8 @@ def _train(spec: SegmentSpec, dist_info: DistInfo) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"epochs": 0}
     with open_run(
-        spec, out_dir, seed=spec.run.seed, world_size=dist_info.world_size, is_main=dist_info.is_main
+        spec, out_dir, command="segment train", seed=spec.run.seed, world_size=dist_info.world_size,
+        is_main=dist_info.is_main, resumed=resumed is not None,
     ) as run:
         for phase, epochs, batch_size in (
             (1, t.phase1_epochs, t.batch_size),
@@ -293,7 +296,7 @@ def _train(spec: SegmentSpec, dist_info: DistInfo) -> dict[str, Any]:
                     )
                 summary = {"epochs": summary["epochs"] + 1, **means}
             resumed = None
-        model_path = out_dir / "model.pt"
+        model_path = out_dir / SEGMENT_MODEL_FILE
         if dist_info.is_main:
             save_checkpoint({"model": model.state_dict(), "hovernet": model_record(model)}, model_path)
             summary.update(model=str(model_path), steps=global_step)

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pathssl_cli.slides.readers import DICOM_SUFFIXES, SlideError, metadata_mpp, open_slide
+from pathssl_cli.slides.readers import DICOM_SUFFIXES, SlideError, metadata_mpp, open_slide, slide_mpp
 
 # Files `slides info` picks up when given a folder (a file named outright is always tried).
 SLIDE_SUFFIXES = (
@@ -100,8 +100,11 @@ def _compression(slide: Any, path: Path) -> str | None:
     return "JPEG" if path.suffix.lower() in (".vms", ".vmu") else None
 
 
-def slide_info(path: Path, reader: str = "auto") -> dict[str, Any]:
-    """Metadata of one slide; unreadable slides come back with `error` set and the rest empty."""
+def slide_info(path: Path, reader: str = "auto", mpp_override: float | None = None) -> dict[str, Any]:
+    """Metadata of one slide; unreadable slides come back with `error` set and the rest empty.
+
+    `mpp` is what tile and segment predict would use (`slide_mpp`: `mpp_override` wins), `mpp_source` the
+    metadata key it came from or "override", `metadata_mpp` what the file itself says."""
     started = time.perf_counter()
     row: dict[str, Any] = {"path": str(path), "error": None}
     try:
@@ -112,7 +115,12 @@ def slide_info(path: Path, reader: str = "auto") -> dict[str, Any]:
         return row
     try:
         props = slide.properties
-        mpp, source = metadata_mpp(slide)
+        metadata, key = metadata_mpp(slide)
+        try:
+            mpp, source = slide_mpp(slide, mpp_override, path)
+        except SlideError:
+            mpp, source = None, "missing"
+        source = key if source == "metadata" else source
         vendor = next((props[k] for k in VENDOR_KEYS if props.get(k)), None)
         tif = getattr(slide, "ts_tifffile", None)
         if vendor is None and tif is not None:
@@ -129,6 +137,7 @@ def slide_info(path: Path, reader: str = "auto") -> dict[str, Any]:
             ],
             mpp=mpp,
             mpp_source=source,
+            metadata_mpp=metadata,
             objective_power=_number(next((props[k] for k in POWER_KEYS if props.get(k)), None)),
             compression=_compression(slide, path),
             associated_images=sorted(slide.associated_images),
@@ -143,7 +152,7 @@ def slide_info(path: Path, reader: str = "auto") -> dict[str, Any]:
 
 
 CSV_COLUMNS = (
-    "path", "format", "reader", "reader_version", "width", "height", "levels", "mpp", "mpp_source",
+    "path", "format", "reader", "reader_version", "width", "height", "levels", "mpp", "mpp_source", "metadata_mpp",
     "objective_power", "compression", "associated_images", "file_size_bytes", "error",
 )
 
@@ -171,6 +180,9 @@ def _text(rows: list[dict[str, Any]]) -> str:
             continue
         mpp = (f"{row['mpp']:.4g} µm/px (from {row['mpp_source']})" if row["mpp"] is not None
                else "MISSING (tile needs input.mpp_override or an mpp column)")
+        if row["mpp_source"] == "override":
+            said = row["metadata_mpp"]
+            mpp += f"; the metadata says {said:.4g}" if said is not None else "; none in the metadata"
         levels = ", ".join(f"{lv['width']}x{lv['height']} (/{lv['downsample']:g})" for lv in row["levels"])
         objective = f"{row['objective_power']:g}x" if row["objective_power"] else "unknown"
         lines += [
@@ -184,9 +196,10 @@ def _text(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run_slides_info(items: list[str], *, reader: str = "auto", fmt: str = "text") -> tuple[str, list[dict[str, Any]]]:
+def run_slides_info(items: list[str], *, reader: str = "auto", fmt: str = "text",
+                    mpp_override: float | None = None) -> tuple[str, list[dict[str, Any]]]:
     """Inspect every slide `items` names; returns (the output in `fmt`: text | json | csv, the rows)."""
-    rows = [slide_info(path, reader) for path in expand_slide_paths(items)]
+    rows = [slide_info(path, reader, mpp_override) for path in expand_slide_paths(items)]
     if fmt == "json":
         return json.dumps(rows, indent=2), rows
     if fmt == "csv":
@@ -196,7 +209,8 @@ def run_slides_info(items: list[str], *, reader: str = "auto", fmt: str = "text"
     return (_text(rows) + "\n" if rows else "") + summary, rows
 
 
-def write_slides_info(items: list[str], *, reader: str, as_json: bool, out_csv: Path | None) -> list[dict[str, Any]]:
+def write_slides_info(items: list[str], *, reader: str, as_json: bool, out_csv: Path | None,
+                      mpp_override: float | None = None) -> list[dict[str, Any]]:
     """The `slides info` command: print text or JSON, optionally write CSV; WorkFailed (exit 1) if any failed."""
     import click
 
@@ -204,10 +218,11 @@ def write_slides_info(items: list[str], *, reader: str, as_json: bool, out_csv: 
     from pathssl_cli.fileio import atomic_write
 
     if out_csv is not None and str(out_csv) == "-":
-        text, rows = run_slides_info(items, reader=reader, fmt="csv")
+        text, rows = run_slides_info(items, reader=reader, fmt="csv", mpp_override=mpp_override)
         click.echo(text, nl=False)
     else:
-        text, rows = run_slides_info(items, reader=reader, fmt="json" if as_json else "text")
+        text, rows = run_slides_info(items, reader=reader, fmt="json" if as_json else "text",
+                                     mpp_override=mpp_override)
         click.echo(text)
         if out_csv is not None:
             atomic_write(out_csv, _csv(rows))

@@ -8,9 +8,14 @@ Three readers, each the library that knows its formats best:
 Whatever the reader, the returned object answers the tiffslide/OpenSlide calls the rest of pathssl
 uses: `dimensions`, `level_count`, `level_dimensions`, `level_downsamples`, `properties`,
 `associated_images`, `read_region(location, level, size, as_array=...)` and `close()`, plus
-`reader_name`, `reader_version` (recorded in run.json and the tile store, because readers decode
-differently) and `read_level(level, x, y, width, height)`: RGB uint8 in that level's own pixels.
-A tiffslide slide is returned as the `TiffSlide` itself, so the fast tifffile paths keep working.
+`reader_name` and `reader_version` (recorded in run.json and the tile store, because readers decode
+differently). A tiffslide slide is returned as the `TiffSlide` itself, so the fast tifffile paths keep working;
+the OpenSlide and DICOM adapters add `read_level(level, x, y, width, height)`.
+
+Pixels above level 0 are read in that level's own coordinates (`tiling.slide.LevelReader`, for every reader and
+command), never through a level-0 `read_region`: tiffslide maps a level-0 location back with
+`int(loc / downsample)`, which at a real downsample (2.0003, not 2) lands one level pixel short. Level pixel x
+starts at level-0 x * downsample; a level-0 coordinate goes to the level by `level_pixel` (nearest).
 Nothing here imports torch.
 """
 
@@ -49,6 +54,12 @@ class SlideError(Exception):
 
 class MissingExtra(SlideError):
     """The reader's library is not installed."""
+
+
+def level_pixel(level0: float, downsample: float) -> int:
+    """The level pixel whose corner lies nearest to level-0 coordinate `level0`: the one rule by which every
+    reader and command goes from level 0 to a pyramid level (the way back is exact: x * downsample)."""
+    return round(level0 / downsample)
 
 
 def _version(dist: str) -> str:
@@ -110,7 +121,7 @@ class _Adapter(ABC):
                     as_array: bool = False) -> Any:
         """Like OpenSlide: `location` in level-0 pixels, `size` in pixels of `level`; RGB."""
         ds = self.level_downsamples[level]
-        rgb = self.read_level(level, round(location[0] / ds), round(location[1] / ds), size[0], size[1])
+        rgb = self.read_level(level, level_pixel(location[0], ds), level_pixel(location[1], ds), size[0], size[1])
         if as_array:
             return rgb
         from PIL import Image
@@ -325,6 +336,23 @@ def metadata_mpp(slide: Any) -> tuple[float | None, str]:
         if value > 0:
             return value, source
     return None, "missing"
+
+
+def slide_mpp(slide: Any, override: float | None, path: Path) -> tuple[float, str]:
+    """(µm/px of level 0, where it came from): the one MPP rule of tile, segment predict and slides info.
+
+    An explicit override wins ("override"): metadata can be wrong (libvips writes 1 px/mm, i.e. 1000 µm/px, when
+    it was given no resolution). Else the slide's metadata ("metadata"); neither is a SlideError.
+    """
+    if override is not None:
+        return float(override), "override"
+    mpp, _source = metadata_mpp(slide)
+    if mpp is not None:
+        return mpp, "metadata"
+    raise SlideError(
+        f"{path.name} has no MPP (µm/px) in its metadata",
+        "set input.mpp_override, or give the slide's µm/px in an `mpp` column of a slide CSV",
+    )
 
 
 def slide_readers(requested: str, used: list[str]) -> dict[str, Any]:

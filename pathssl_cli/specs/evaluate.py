@@ -133,7 +133,8 @@ class LinearOptim(Section):
 
 
 class LinearFeatures(Section):
-    """The feature recipe: which outputs of the frozen backbone the linear head sees (part of the cache key)."""
+    """The feature recipe: which outputs of the frozen backbone the linear head sees (part of the cache key),
+    and whether they are standardised before the probe (applied to the cached features, not part of the key)."""
 
     recipe: Literal["preset", "pooled", "dino", "stages"] = Field(
         default="preset",
@@ -154,6 +155,54 @@ class LinearFeatures(Section):
         description="Also concatenate the mean patch token of the last block under 'dino' (ViTs); dino "
         "`--avgpool_patchtokens false` for ViT-S (true for ViT-B).",
     )
+    normalize: bool = Field(
+        default=False,
+        description="Standardise every feature dimension with the training split's mean and std (ddof 0) before "
+        "the probe, the same map for val and test, as MAE's linear probe does with a BatchNorm without affine "
+        "parameters (pathssl_cli.evaluate.standardize). The probe then measures what the features encode, not "
+        "their scale. Off by default: the paper's protocol trains on raw features.",
+    )
+
+
+class LinearProbe(Section):
+    """Which classifier is fitted on the frozen features (sources in pathssl_cli.evaluate.logreg)."""
+
+    kind: Literal["minibatch", "lbfgs"] = Field(
+        default="minibatch",
+        description="'minibatch': the [optim] sweep, SGD or AdamW heads trained on minibatches with the "
+        "preset's protocol (the paper's); 'lbfgs': multinomial logistic regression fitted full-batch by L-BFGS "
+        "(scikit-learn), its L2 strength chosen on val from `cs` and refit on train + val, as DINOv2's "
+        "log_regression.py evaluates (UNI uses the same solver). It is deterministic: one fit serves every "
+        "seed. Of [optim] only preset and select_by apply to it.",
+    )
+    cs: list[float] | None = Field(
+        default=None,
+        description="'lbfgs': inverse L2 strengths C tried on val (objective C·Σ cross-entropy + ½‖W‖², "
+        "scikit-learn's C). Unset = DINOv2's 45 values 10^linspace(-6, 5, 45).",
+    )
+    max_iter: int = Field(
+        default=1000, ge=1,
+        description="'lbfgs': L-BFGS iterations per fit at most; DINOv2's, CLIP's and UNI's 1,000.",
+    )
+    refit: bool = Field(
+        default=True,
+        description="'lbfgs': refit the chosen C on train + val before scoring the evaluation split, as DINOv2 "
+        "and UNI do (never when the evaluation split is val). False scores the model fitted on train alone.",
+    )
+
+    @model_validator(mode="after")
+    def _positive_cs(self) -> LinearProbe:
+        if self.cs is not None and (not self.cs or any(c <= 0 for c in self.cs)):
+            raise ValueError("probe.cs must be a non-empty list of positive inverse L2 strengths, e.g. "
+                             "[0.01, 0.1, 1.0]")
+        return self
+
+
+#: [optim] fields that only the minibatch probe reads (the L-BFGS probe uses preset and select_by).
+MINIBATCH_ONLY = ("optimizer", "lrs", "weight_decays", "epochs", "steps", "batch_size", "lr_schedule",
+                  "eval_every")
+#: [probe] fields that only the L-BFGS probe reads.
+LBFGS_ONLY = ("cs", "max_iter", "refit")
 
 
 class LinearSpec(SpecModel):
@@ -164,7 +213,23 @@ class LinearSpec(SpecModel):
     features: LinearFeatures = Field(
         default_factory=LinearFeatures, description="Feature recipe: `features.recipe = \"dino\"` or "
         "\"pooled\" in one line; by default the preset's.")
+    probe: LinearProbe = Field(
+        default_factory=LinearProbe, description="The classifier: the [optim] minibatch sweep or L-BFGS.")
     run: RunSection
+
+    @model_validator(mode="after")
+    def _options_of_the_chosen_probe(self) -> LinearSpec:
+        if self.probe.kind == "lbfgs":
+            stray = [f"optim.{name}" for name in MINIBATCH_ONLY if getattr(self.optim, name) is not None]
+            other = "minibatch"
+        else:
+            stray = [f"probe.{name}" for name in LBFGS_ONLY if name in self.probe.model_fields_set]
+            other = "lbfgs"
+        if stray:
+            raise ValueError(f"{', '.join(stray)} only apply when probe.kind = \"{other}\", but probe.kind = "
+                             f"\"{self.probe.kind}\" would ignore them; remove them, or set probe.kind = "
+                             f"\"{other}\"")
+        return self
 
     def check_inputs(self) -> list[Problem]:
         return _data_problems(self.data, ("train", "val"))

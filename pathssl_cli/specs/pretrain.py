@@ -54,8 +54,9 @@ class PretrainData(Section):
         "{log_uniform = [0.25, 2.0]}. Each slide draws from those it can give (none finer than its level 0). "
         "Unset = [0.5], `pathssl tile`'s default. For tile stores use mpp_weights.")
     mpp_override: float | None = Field(
-        None, gt=0, description="µm/px to assume for slides whose metadata has no MPP (`pathssl tile`'s "
-        "input.mpp_override). Unset: such a slide is left out with a warning naming it, never guessed.")
+        None, gt=0, description="Level-0 µm/px of every slide of `slides`, winning over the MPP in its metadata "
+        "(`pathssl tile`'s input.mpp_override; a slide CSV's `mpp` column wins over both). Unset: the metadata's; "
+        "a slide without MPP is then left out with a warning naming it, never guessed.")
     reader: SlideReaderName = Field(
         "auto", description="Slide library for `slides` ('auto', 'tiffslide', 'openslide', 'dicom'), as "
         "`pathssl tile`'s input.reader; each slide is read by the library that indexed it.")

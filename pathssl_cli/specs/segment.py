@@ -259,8 +259,9 @@ class SegmentPredict(Section):
     mpp_override: float | None = Field(
         default=None,
         gt=0,
-        description="Level-0 µm/px for slides whose metadata has none (as `pathssl tile`'s "
-        "input.mpp_override); metadata wins where present. None = such slides fail with a clear error.",
+        description="Level-0 µm/px of every slide, winning over its metadata's MPP (as `pathssl tile`'s "
+        "input.mpp_override; recorded as the MPP's source). None = the metadata's MPP; a slide without one "
+        "fails with a clear error.",
     )
     tissue_only: bool = Field(
         default=True,

@@ -34,7 +34,6 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 
-from pathssl_cli.errors import Problem
 from pathssl_cli.specs.core import BackboneName, NormalizationSpec, OutputPath, PathMarker, Section, SpecModel
 
 GridPath = Annotated[Path, PathMarker("output")]
@@ -177,8 +176,6 @@ class StudySpec(SpecModel):
                                            description="segment specs (train, then eval) applied to each backbone.")
     slurm: SlurmSection = Field(default_factory=SlurmSection, description="Resources of `--emit-slurm`.")
 
-    def check_inputs(self) -> list[Problem]:
-        # The whole grid: spec kinds, weights, fractions subsample would refuse, runs sharing a directory.
-        from pathssl_cli.study import plan_problems
-
-        return plan_problems(self)
+    # The grid's own input check (spec kinds, weights, fractions subsample would refuse, runs sharing a
+    # directory) is the planner's, `pathssl_cli.study.plan.build_plan`: `pathssl study` and `pathssl spec
+    # validate` run it before any work. A spec model never imports the command that runs it.

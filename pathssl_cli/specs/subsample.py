@@ -66,7 +66,7 @@ class SubsampleSpec(SpecModel):
     data: DataSection | None = Field(
         default=None,
         description="A classification dataset whose train split is subsampled; the [data] of the evaluation "
-        "specs that will use the files (same val_fraction, test_fraction and split_seed).")
+        "specs that will use the files (same val_fraction, test_fraction, split_seed, folds and fold).")
     images: ImageSource | None = Field(default=None, description="Segmentation images to subsample instead.")
     subsample: SubsampleSection = Field(default_factory=SubsampleSection, description="Fractions and seed.")
     run: SubsampleRun = Field(description="Where to write.")

@@ -4,7 +4,7 @@
 kind = "tile"
 [input]
 slides = ["slides/*.svs"]     # paths, globs, or CSV files with a `path` and an optional `mpp` column
-mpp_override = 0.25           # only used for slides whose metadata lacks MPP
+mpp_override = 0.25           # level-0 µm/px of every slide, over its metadata (unset: the metadata's)
 [tiles]
 mpp = [0.25, 0.5]             # fields of view in µm/px (about 40x and 20x)
 size = 224
@@ -58,9 +58,11 @@ class TileInput(Section):
     mpp_override: float | None = Field(
         default=None,
         gt=0,
-        description="µm/px to assume for slides whose metadata has no MPP. Unset by default so that such "
-        "a slide "
-        "is an error naming it: guessing a resolution silently would tile at the wrong field of view.",
+        description="Level-0 µm/px of every slide, winning over the MPP in its metadata (which can be "
+        "wrong: libvips writes 1000 µm/px when given no resolution); recorded as the MPP's source per slide. "
+        "A slide CSV's `mpp` column wins over it for its slide. Unset by default: the metadata's MPP is used, "
+        "and a slide without one is an error naming it (guessing a resolution silently would tile at the wrong "
+        "field of view).",
     )
     reader: SlideReaderName = Field(
         default="auto",

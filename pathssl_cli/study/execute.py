@@ -1,8 +1,9 @@
-"""Running a study: status of each run, the runs in order, failures that do not stop the grid, SLURM arrays.
+"""Running a study: the runs in order, failures that do not stop the grid, SLURM arrays.
 
-A run is skipped when done with an unchanged spec (the run-directory rule of `pathssl_cli.runs`), retried when
-it failed, resumed by its own command when it was interrupted, and refused when its spec changed unless
-forced. A kill -9 loses at most the run in progress: every run keeps its own `run.json`.
+A run is skipped when done with an unchanged spec and unchanged inputs (`study.status`), retried when it failed,
+resumed by its own command when it was interrupted, rerun when stale (an input changed: the old run is moved
+aside), and refused when its spec changed unless forced. A kill -9 loses at most the run in progress: every run
+keeps its own `run.json`.
 """
 
 from __future__ import annotations
@@ -12,47 +13,15 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pathssl_cli.console import info
 from pathssl_cli.errors import PathsslError, Problem, SpecError, WorkFailed
 from pathssl_cli.fileio import atomic_write, write_json
-from pathssl_cli.runs import FORCE_REPLACE, open_run, run_state
+from pathssl_cli.runs import FORCE_REPLACE, move_aside, open_run
 from pathssl_cli.study.plan import Plan, PlannedRun, build_plan
-
-#: Status words of the plan: done, failed, pending (nothing there yet), interrupted (run.json says running:
-#: killed, or running now in another task), changed (its directory holds a run of another spec).
-STATUS_WORDS = ("done", "failed", "pending", "interrupted", "changed")
-
-
-@dataclass(frozen=True)
-class Status:
-    word: str
-    error: str | None = None
-    changes: tuple[str, ...] = ()
-
-
-def run_status(run: PlannedRun) -> Status:
-    try:
-        spec = run.load(check_inputs=False)
-    except SpecError as exc:
-        return Status("pending", error=str(exc))
-    dirs = [run.output_dir] + ([run.output_dir / "eval"] if run.kind == "segment" else [])
-    states = [run_state(spec, d) for d in dirs]
-    for state in states:
-        if state.status == "different":
-            return Status("changed", changes=state.changes)
-    for state in states:
-        if state.status == "failed":
-            return Status("failed", error=state.error)
-    words = [s.status for s in states]
-    if all(w == "done" for w in words):
-        return Status("done")
-    if "interrupted" in words:
-        return Status("interrupted")
-    return Status("pending")
+from pathssl_cli.study.status import STATUS_WORDS, Status, run_status
 
 
 # ----------------------------------------------------------------------------------------------- dry run
@@ -68,7 +37,7 @@ def print_plan(plan: Plan) -> dict[str, int]:
         if status.error and status.word == "failed":
             print(f"      error: {status.error}")
         if status.changes:
-            print(f"      changed: {'; '.join(status.changes[:5])}")
+            print(f"      {status.word}: {'; '.join(status.changes[:5])}")
     print(f"{len(plan.runs)} runs: " + ", ".join(f"{n} {w}" for w, n in counts.items() if n))
     return counts
 
@@ -139,6 +108,8 @@ def run_plan(plan: Plan, indices: list[int], *, force: bool) -> list[tuple[Plann
                 continue
             verb = {"failed": "retrying", "interrupted": "resuming", "changed": "replacing"}.get(status.word,
                                                                                                    "running")
+            if status.word == "stale":
+                verb = _set_aside(run, status)
             info(f"[{index}] {run.name}: {verb} ...")
             started = time.monotonic()
             try:
@@ -157,6 +128,12 @@ def run_plan(plan: Plan, indices: list[int], *, force: bool) -> list[tuple[Plann
         FORCE_REPLACE.reset(token)
         _write_plan_record(plan, outcome)
     return failures
+
+
+def _set_aside(run: PlannedRun, status: Status) -> str:
+    """Move a stale run's directories aside (the study made them, so it replaces them as --force would)."""
+    moved = [f"{path} → {move_aside(path).name}" for path in status.stale if path.exists()]
+    return (f"rerunning, its inputs changed ({'; '.join(status.changes[:3])}); moved aside: {', '.join(moved)}")
 
 
 def _write_plan_record(plan: Plan, outcome: dict[str, dict[str, Any]]) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from pathssl_cli.console import warn
 from pathssl_cli.report import Result, write_study_tables
 from pathssl_cli.study.plan import Plan, PlannedRun
+from pathssl_cli.study.status import run_status
 
 CLASSIFICATION_METRICS = ("top1", "balanced_acc", "macro_f1", "auroc")
 SEGMENT_METRICS = ("pq", "aji", "dice")
@@ -26,10 +27,13 @@ def _column(run: PlannedRun, variant: str | None = None) -> str:
 
 
 def run_results(run: PlannedRun) -> list[Result]:
-    """The results of one finished run; [] for an unfinished one (its run.json is not 'done')."""
-    from pathssl_cli.study.execute import run_status
-
-    if run.kind == "subsample" or run_status(run).word != "done" or run.backbone is None:
+    """The results of one finished run; [] for one not done (unfinished, failed, stale or of another spec)."""
+    if run.kind == "subsample" or run.backbone is None:
+        return []
+    status = run_status(run)
+    if status.word in ("stale", "changed"):  # its metrics.json is there, but not the result of this study
+        warn(f"{run.name}: left out of the report, {status.word} ({'; '.join(status.changes[:2])}); rerun the study")
+    if status.word != "done":
         return []
     path = run.output_dir / "metrics.json"
     try:

@@ -1,7 +1,7 @@
 """The tile store's index: one Parquet schema that `pathssl tile` writes and every reader reads.
 
     store/parts/<slide_id>.parquet    one row per tile of one slide; its presence marks the slide complete
-    store/slides/<slide_id>.parquet   one row per slide: path, MPP, size, the reader that opened it
+    store/slides/<slide_id>.parquet   one row per slide: path, MPP and its source, size, the reader that opened it
     store/manifest.parquet            every part in one file: written only on request (`pathssl tile --consolidate`)
     store/manifest.csv                the same as CSV, an export for spreadsheets; never read back
 
@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pa_csv
-import pyarrow.dataset as pa_ds
 import pyarrow.parquet as pq
 
 from pathssl_cli.errors import SpecError
@@ -57,6 +56,7 @@ SLIDE_SCHEMA = pa.schema([
     pa.field("reader_version", pa.string()),
     pa.field("tiles", pa.int64()),
     pa.field("tiled_at", pa.string()),  # UTC, ISO 8601
+    pa.field("mpp_source", pa.string()),  # metadata | override | csv; empty in stores written before it existed
 ])
 TILE_COLUMNS = tuple(TILE_SCHEMA.names)
 CONSOLIDATED = "manifest.parquet"
@@ -66,6 +66,14 @@ _PARTS_KEY = b"pathssl.parts_state"  # consolidated file's metadata: the parts i
 
 class StoreError(SpecError):
     """A tile store that cannot be read as it is (exit 2: nothing started); says which store and the fix."""
+
+
+def _pa_ds() -> Any:
+    """`pyarrow.dataset`, imported on first read: it pulls in pandas (about half a CPU-second), which a tiling
+    worker, that only writes parts, never needs; `pathssl tile --workers N` pays that start-up once per worker."""
+    import pyarrow.dataset
+
+    return pyarrow.dataset
 
 
 def part_path(store: Path, slide_id: str) -> Path:
@@ -142,7 +150,7 @@ def read_tiles(store: str | Path, columns: list[str] | None = None) -> pa.Table:
     files, _ = index_source(store)
     wanted = list(dict.fromkeys([*(columns or TILE_COLUMNS), "shard", "offset"]))
     try:
-        table = pa_ds.dataset([str(f) for f in files], schema=TILE_SCHEMA, format="parquet").to_table(columns=wanted)
+        table = _pa_ds().dataset([str(f) for f in files], schema=TILE_SCHEMA, format="parquet").to_table(columns=wanted)
     except (pa.ArrowInvalid, OSError) as exc:
         raise StoreError(f"{store}: cannot read the tile index: {_damaged_part(files) or exc}. Delete that part "
                          "and run `pathssl tile SPEC` again: it re-tiles only slides without a part") from None
@@ -169,9 +177,9 @@ def read_locations(store: str | Path) -> tuple[list[str], dict[str, np.ndarray]]
     files, _ = index_source(store)
     schema = TILE_SCHEMA.set(TILE_SCHEMA.get_field_index("shard"),
                              pa.field("shard", pa.dictionary(pa.int32(), pa.string()), nullable=False))
-    fmt = pa_ds.ParquetFileFormat(read_options=pa_ds.ParquetReadOptions(dictionary_columns=["shard"]))
+    fmt = _pa_ds().ParquetFileFormat(read_options=_pa_ds().ParquetReadOptions(dictionary_columns=["shard"]))
     try:
-        table = pa_ds.dataset([str(f) for f in files], schema=schema, format=fmt).to_table(
+        table = _pa_ds().dataset([str(f) for f in files], schema=schema, format=fmt).to_table(
             columns=["shard", "offset", "nbytes", "mpp", "shard_bytes"])
     except (pa.ArrowInvalid, OSError) as exc:
         raise StoreError(f"{store}: cannot read the tile index: {_damaged_part(files) or exc}. Delete that part "
@@ -207,7 +215,7 @@ def read_slides(store: str | Path) -> pa.Table:
     files = sorted((Path(store) / "slides").glob("[!.]*.parquet"))
     if not files:
         return SLIDE_SCHEMA.empty_table()
-    return pa_ds.dataset([str(f) for f in files], schema=SLIDE_SCHEMA, format="parquet").to_table()
+    return _pa_ds().dataset([str(f) for f in files], schema=SLIDE_SCHEMA, format="parquet").to_table()
 
 
 def tiles_in_store(store: Path) -> int:

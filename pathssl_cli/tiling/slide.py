@@ -9,32 +9,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-# Slides are opened in one place for every command (pathssl_cli.slides); re-exported for the tiler.
-from pathssl_cli.slides.readers import SlideError, metadata_mpp, open_slide
+# Slides are opened, and their MPP resolved, in one place for every command (pathssl_cli.slides); re-exported for
+# the tiler.
+from pathssl_cli.slides.readers import SlideError, open_slide, slide_mpp
 
 __all__ = ["LevelChoice", "LevelReader", "SlideError", "choose_level", "open_slide", "slide_mpp", "standalone_jpeg"]
 
 # A level whose µm/px is within 2% of the target is used as is: scanners report e.g. 0.2527 for a
 # nominal 0.25 µm/px, and resampling by 1% costs time and blurs while changing nothing visible.
 MPP_TOLERANCE = 0.02
-
-
-def slide_mpp(slide: Any, override: float | None, path: Path) -> tuple[float, str]:
-    """(µm/px of level 0, where it came from); an override wins only where metadata lacks MPP."""
-    mpp, _source = metadata_mpp(slide)
-    if mpp is not None:
-        return mpp, "metadata"
-    if override is not None:
-        return float(override), "override"
-    raise SlideError(
-        f"{path.name} has no MPP (µm/px) in its metadata",
-        "set input.mpp_override, or give the slide's µm/px in an `mpp` column of a slide CSV",
-    )
 
 
 @dataclass(frozen=True)
@@ -182,6 +169,12 @@ class LevelReader:
         first_row = y // self.tile_h
         for key in [k for k in self._cache if k[0] < first_row]:
             del self._cache[key]
+
+    def bound_cache(self, max_bytes: int) -> None:
+        """For reads in no particular order (segment predict's windows): drop every cached tile once they
+        hold more than `max_bytes`, so memory stays bounded while neighbouring reads still share tiles."""
+        if sum(tile.nbytes for tile in self._cache.values()) > max_bytes:
+            self._cache.clear()
 
     def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         """RGB uint8 region at this level; pixels outside the level are white."""

@@ -58,6 +58,10 @@ class TileSettings:
             "max_white": self.max_white,
             "max_black": self.max_black,
             "jpeg_quality": self.jpeg_quality,
+            # Readers decode differently and may even pick other levels of one file (OpenSlide sees one level
+            # of the OME pyramid where tiffslide sees three); the override now replaces every slide's MPP.
+            "reader": self.reader,
+            "mpp_override": self.mpp_override,
         }
 
 
@@ -73,6 +77,8 @@ class SlideResult:
     copied: int = 0  # tiles whose compressed bytes were passed through unchanged
     notes: list[str] = field(default_factory=list)  # fields of view this slide cannot give, and why
     reader: str = ""  # "<library> <version>" that decoded this slide
+    mpp: float | None = None  # level-0 µm/px used
+    mpp_source: str = ""  # metadata | override (input.mpp_override) | csv (the slide CSV's mpp column)
 
 
 def _encode(rgb: np.ndarray, quality: int) -> bytes:
@@ -227,12 +233,13 @@ def _already_done(settings: TileSettings, sid: str, result: SlideResult) -> Slid
     return result
 
 
-def _slide_row(path: Path, slide: Any, base_mpp: float) -> dict[str, Any]:
+def _slide_row(path: Path, slide: Any, base_mpp: float, mpp_source: str) -> dict[str, Any]:
     """The store's per-slide columns; `reader_name`/`reader_version` are set by the slide opener when it
     chose a reader other than the default."""
     return {
         "slide": str(path),
         "base_mpp": base_mpp,
+        "mpp_source": mpp_source,
         "width": int(slide.dimensions[0]),
         "height": int(slide.dimensions[1]),
         "levels": int(slide.level_count),
@@ -251,7 +258,9 @@ def _tile_locked(path: Path, csv_mpp: float | None, settings: TileSettings, sid:
     try:
         slide = open_slide(path, settings.reader)
         result.reader = f"{slide.reader_name} {slide.reader_version}"
-        base_mpp = csv_mpp if csv_mpp is not None else slide_mpp(slide, settings.mpp_override, path)[0]
+        # The one MPP rule: an explicit value wins over metadata, the slide CSV's own over the spec's.
+        base_mpp, source = slide_mpp(slide, csv_mpp if csv_mpp is not None else settings.mpp_override, path)
+        result.mpp, result.mpp_source = base_mpp, "csv" if csv_mpp is not None else source
         targets = _feasible_fields_of_view(slide, base_mpp, settings, result)
         mask = tissue_mask(slide, base_mpp)
         if not mask.mask.any():
@@ -270,7 +279,7 @@ def _tile_locked(path: Path, csv_mpp: float | None, settings: TileSettings, sid:
             boxes_per_fov.append(boxes)
         if settings.qc:
             _write_qc(settings.store_dir / "qc" / f"{sid}.png", mask, boxes_per_fov)
-        writer.commit(_slide_row(path, slide, base_mpp))
+        writer.commit(_slide_row(path, slide, base_mpp, result.mpp_source))
     except SlideError as exc:
         writer.abort()
         result.status, result.error, result.fix = "failed", exc.reason, exc.fix

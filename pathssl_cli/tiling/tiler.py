@@ -30,20 +30,46 @@ from pathssl_cli.tiling import index
 from pathssl_cli.tiling.slide_tiler import SlideResult, TileSettings, tile_slide
 
 
-def _check_store_settings(settings: TileSettings) -> None:
+def _check_store_settings(settings: TileSettings, force_reader: bool = False) -> dict[str, Any] | None:
+    """Refuse (exit 2) a store made with settings that change the tiles; returns the reader change that
+    `force_reader` let through, for run.json. Settings a store's tiling.json predates are recorded now; the reader
+    of such a store is judged by the readers its slides were tiled with."""
     marker = settings.store_dir / "tiling.json"
     wanted = settings.fingerprint()
-    if marker.exists():
-        found = json.loads(marker.read_text())
-        if found != wanted:
-            changed = ", ".join(f"{k}: {found.get(k)} -> {v}" for k, v in wanted.items() if found.get(k) != v)
-            raise SpecError(
-                f"{settings.store_dir} already holds tiles made with other settings ({changed}). "
-                "Use a new output.dir, or delete the old store to re-tile.",
-                "output.dir",
-            )
-    else:
+    if not marker.exists():
         atomic_write(marker, json.dumps(wanted, indent=2) + "\n")
+        return None
+    found = json.loads(marker.read_text())
+    changed = {k: (found[k], v) for k, v in wanted.items() if k in found and found[k] != v}
+    if "reader" not in found:
+        used = sorted({r for r in index.read_slides(settings.store_dir).column("reader").to_pylist() if r})
+        if settings.reader != "auto" and any(r != settings.reader for r in used):
+            changed["reader"] = (used, settings.reader)
+    forced = None
+    if "reader" in changed and force_reader:
+        before = changed.pop("reader")[0]
+        forced = {"store": before if isinstance(before, list) else [before], "now": settings.reader}
+        info(f"{settings.store_dir}: tiled with reader {before!r}, now {settings.reader!r} (--force-reader): the "
+             "store mixes readers; each slide's is in slides/<slide_id>.parquet")
+    if "reader" in changed:
+        before = changed["reader"][0]
+        raise SpecError(
+            f"{settings.store_dir} was tiled with reader {before!r} and this run asks for {settings.reader!r}: "
+            "readers decode differently and may choose other pyramid levels, so the store would mix them. Set "
+            f"input.reader back, use a new output.dir, or pass --force-reader to mix them knowingly.",
+            "input.reader",
+        )
+    if changed:
+        described = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
+        raise SpecError(
+            f"{settings.store_dir} already holds tiles made with other settings ({described}). "
+            "Use a new output.dir, or delete the old store to re-tile.",
+            "output.dir",
+        )
+    missing = {k: v for k, v in wanted.items() if k not in found and not (k == "reader" and forced)}
+    if missing:  # a store from before these were recorded: record them, so later runs are compared
+        atomic_write(marker, json.dumps({**found, **missing}, indent=2) + "\n")
+    return forced
 
 
 def _run_jobs(
@@ -89,7 +115,7 @@ def _errors_csv(results: list[SlideResult]) -> str:
 
 
 def run_coords(spec: TileSpec, *, num_shards: int | None = None, shard_index: int | None = None,
-               consolidate: bool = False) -> dict[str, Any]:
+               consolidate: bool = False, split_array: bool = False) -> dict[str, Any]:
     """`pathssl tile --coords-only`: the coordinate index rows of this process's part of the slides, written into
     `<output.dir>/coords/` for `pathssl pretrain` to stream patches from (`data.coords_dir = output.dir`). Same
     slide list, split, reader, MPP rules and tissue detector as tiling; no tile is written. Rows that recorded an
@@ -98,7 +124,7 @@ def run_coords(spec: TileSpec, *, num_shards: int | None = None, shard_index: in
     from pathssl_cli.data.slide_arrays import CONSOLIDATED_COORDS, consolidate_coords
     from pathssl_cli.data.slide_index import CoordSettings, coords_path, ensure_coords
 
-    part = resolve_shard(num_shards, shard_index)
+    part = resolve_shard(num_shards, shard_index, array=split_array)
     if consolidate and part.count > 1:
         raise SpecError(f"--consolidate reads every slide's row, so it runs once, after all {part.count} parts: run "
                         "`pathssl tile SPEC --coords-only --consolidate` without a split")
@@ -132,15 +158,17 @@ def run_coords(spec: TileSpec, *, num_shards: int | None = None, shard_index: in
 
 
 def run_tile(
-    spec: TileSpec, *, num_shards: int | None = None, shard_index: int | None = None, consolidate: bool = False
+    spec: TileSpec, *, num_shards: int | None = None, shard_index: int | None = None, consolidate: bool = False,
+    split_array: bool = False, force_reader: bool = False,
 ) -> dict[str, Any]:
-    """Tile the spec's slides (this process's part of them, see `pathssl_cli.sharding`) into the store.
+    """Tile the spec's slides (this process's part of them, see `pathssl_cli.sharding`; `split_array`: the SLURM
+    array task's part; `force_reader`: continue a store made with another slide reader) into the store.
 
     `consolidate`: afterwards write manifest.parquet and its CSV export from all parts; only for a process
     that covers the whole slide list (run it once after the array tasks: it skips every complete slide).
     Returns the summary.
     """
-    part = resolve_shard(num_shards, shard_index)
+    part = resolve_shard(num_shards, shard_index, array=split_array)
     if consolidate and part.count > 1:
         raise SpecError(
             f"--consolidate reads every part of the store, so it runs once, after all {part.count} parts "
@@ -165,7 +193,7 @@ def run_tile(
         reader=spec.input.reader,
     )
     store_dir.mkdir(parents=True, exist_ok=True)
-    _check_store_settings(settings)
+    forced = _check_store_settings(settings, force_reader)
     suffix = part.suffix
     with open_run(spec, store_dir, world_size=parts, is_main=index_ == 0) as run:
         started = time.perf_counter()
@@ -173,6 +201,11 @@ def run_tile(
             f"tiling {len(jobs)} slide(s) at {settings.mpps} µm/px into {store_dir}"
             + (f" (part {index_ + 1} of {parts}, from {part.source})" if parts > 1 else "")
         )
+        if "array_ignored" in part.origin:
+            info(part.origin["array_ignored"])
+        run.record["shard"] = part.record()
+        if forced:
+            run.record["reader_forced"] = forced
         results = _run_jobs(jobs, settings, spec.run.workers)
         run.record["slide_readers"] = slide_readers(spec.input.reader, [r.reader for r in results])
         seconds = time.perf_counter() - started
@@ -198,7 +231,7 @@ def run_tile(
             "tiles_by_mpp": by_fov,
             "seconds": round(seconds, 3),
             "tiles_per_s": round(new_tiles / seconds, 1) if seconds > 0 else None,
-            "part": {"index": index_, "count": parts},
+            "part": part.record(),
             "per_slide": [asdict(r) for r in results],
         }
         atomic_write(store_dir / f"errors{suffix}.csv", _errors_csv(results))

@@ -93,3 +93,17 @@ def test_cached_features_equal_direct_extraction(
         direct = torch.stack([backbone(transform(ds.load_image(i))[None])[0] for i in range(len(ds))])
     torch.testing.assert_close(cached.features["eval"].features, direct, rtol=1e-4, atol=1e-5)
     assert cached.features["eval"].targets.tolist() == ds.targets.tolist()
+
+
+def test_features_extracted_in_bf16_are_not_reused_by_an_fp32_run(
+    tiny_folder: Path, tiny_weights: Path, tmp_path: Path, extract_calls: list[str]
+) -> None:
+    """Issue 20 §6: the cache key had no precision, so an fp32 run reused bf16 features and reported fp32."""
+    out = tmp_path / "runs" / "a"
+    low = frozen_features(knn_spec(tiny_folder, tiny_weights, out, "run.precision='bf16'"), need_val=False)
+    assert len(extract_calls) == 2
+    full = frozen_features(knn_spec(tiny_folder, tiny_weights, out), need_val=False)
+    assert len(extract_calls) == 4 and not full.features["train"].cache_hit
+    assert not torch.equal(low.features["train"].features, full.features["train"].features)
+    again = frozen_features(knn_spec(tiny_folder, tiny_weights, out, "run.precision='bf16'"), need_val=False)
+    assert len(extract_calls) == 4 and torch.equal(again.features["train"].features, low.features["train"].features)

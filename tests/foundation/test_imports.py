@@ -121,3 +121,31 @@ def test_every_module_imports_first() -> None:
                           timeout=600, cwd=PACKAGE.parent)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip() == ""
+
+
+def _all_imports(name: str, file: Path, known: set[str]) -> set[str]:
+    """Every pathssl_cli module `name` imports anywhere: at the top, inside functions and under TYPE_CHECKING.
+
+    A deferred import avoids the ImportError of a cycle but not the cycle: the layers still reach up and down
+    into each other (issue 20 §7). So the house is checked with these too."""
+    found: set[str] = set()
+    package = name if file.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return {m for m in found if m in known and m != name and not name.startswith(m + ".")}
+
+
+def test_layers_read_top_down_even_through_deferred_imports() -> None:
+    modules = _module_names()
+    graph = {name: _all_imports(name, file, set(modules)) for name, file in modules.items()}
+    assert "pathssl_cli.specs.study" in graph["pathssl_cli.study.plan"]  # the walk sees function-level imports
+    assert _cycles(graph) == []

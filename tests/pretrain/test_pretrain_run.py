@@ -148,3 +148,17 @@ def test_stain_statistics_of_another_distribution_are_refused(image_folder: Path
     assert code == 2, output
     assert "distribution 'normal' (the recipe asks for 'gmm')" in output
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_mpp_weights_with_an_image_folder_is_refused(tile_store: Path, image_folder: Path, tmp_path: Path,
+                                                     specs_dir: Path,
+                                                     tiny_overrides: Callable[..., list[str]]) -> None:
+    """Issue 20 §5: image-folder tiles carry no µm/px, so no weighted field of view selected them and 0 of a
+    folder's tiles reached an epoch, silently. The combination is a spec error naming the folder and the fix."""
+    out = tmp_path / "mixed"
+    code, output = _pretrain(specs_dir / "tiny_mocov2.toml", [
+        *tiny_overrides(tile_store, out, **{"data.mpp_weights": '{"0.5" = 1.0, "1.0" = 1.0}'}),
+        f'data.tiles=["{tile_store}", "{image_folder}"]'])
+    assert code == 2, output
+    assert str(image_folder) in output and "data.mpp_weights" in output and "Traceback" not in output
+    assert not out.exists()

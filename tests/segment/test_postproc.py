@@ -235,3 +235,32 @@ def test_channel_argmax_matches_numpy_with_ties() -> None:
     channels = rng.integers(0, 3, (5, 400)).astype(np.float32)  # many ties: the first maximum must win
     where = np.flatnonzero(rng.random(400) > 0.3)
     np.testing.assert_array_equal(_argmax_channels(channels, where), np.argmax(channels[:, where], axis=0))
+
+
+@pytest.mark.parametrize("noise", [0.05, 0.2])
+def test_instance_maps_identical_to_official_on_consep(official: ModuleType, shared_data: Path, noise: float) -> None:
+    """The vectorised pipeline and its shortcuts (see the module docstring) give the official instances exactly:
+    the same pixel sets, whatever the ids."""
+    from pathssl_cli.segment.io import read_consep_label
+
+    labels = sorted((shared_data / "nuclei" / "consep-tiles" / "Labels").glob("*.mat"))[6:14]
+    rng = np.random.default_rng(1)
+    for path in labels:
+        label = read_consep_label(path)
+        outputs = official.ideal_outputs(label.inst_map, label.type_map, 5, rng, noise=noise)
+        ref, ours = official.official_postprocess(*outputs)[0], hovernet_postprocess(*outputs)[0]
+        assert np.array_equal(ref > 0, ours > 0), path.name
+        pairs = np.unique(np.stack([ref[ref > 0], ours[ours > 0]]), axis=1)
+        assert pairs.shape[1] == len(np.unique(ref[ref > 0])) == len(np.unique(ours[ours > 0])), path.name
+
+
+def test_energy_shortcuts_give_the_official_bits() -> None:
+    """-blur((1 - overall) * fg) (official) == blur over a reflect-101 padding of (overall - 1) * fg, inside."""
+    rng = np.random.default_rng(0)
+    overall = rng.random((61, 47), dtype=np.float32)
+    overall[rng.random(overall.shape) < 0.2] = 1.0  # exact zeros of 1 - overall
+    fg = rng.random(overall.shape) < 0.7
+    reference = -cv2.GaussianBlur((1.0 - overall.astype(np.float64)) * fg, (3, 3), 0)
+    shifted = np.subtract(overall, 1.0, dtype=np.float64) * fg
+    padded = cv2.GaussianBlur(cv2.copyMakeBorder(shifted, 1, 1, 1, 1, cv2.BORDER_REFLECT_101), (3, 3), 0)
+    assert np.array_equal(padded[1:-1, 1:-1], reference)  # == treats -0.0 and 0.0 alike, as the flood does

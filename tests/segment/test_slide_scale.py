@@ -37,8 +37,10 @@ def test_level_and_pixels_follow_the_tile_rules(slide_path: Path) -> None:
     assert coarse.geometry.level == 1 and coarse.geometry.scale == pytest.approx(2.4)
     assert (coarse.width, coarse.height) == (250, 250)
     level1 = np.asarray(slide.read_region((100, 50), 1, (300, 300), as_array=True))[..., :3]
-    np.testing.assert_array_equal(coarse.read(0, 0, 250, 250),
-                                  cv2.resize(level1, (250, 250), interpolation=cv2.INTER_AREA))
+    # The box of 250 grid px is exactly 300 level px here, so OpenCV's area resize is an independent reference
+    # (it rounds its float32 sums its own way: within one grey level).
+    area = cv2.resize(level1, (250, 250), interpolation=cv2.INTER_AREA)
+    assert np.abs(coarse.read(0, 0, 250, 250).astype(np.int16) - area).max() <= 1
     assert MppSlideReader(slide, slide_path, None, 0.25, None).geometry.level == 0
 
 
@@ -78,3 +80,33 @@ def test_glass_is_skipped_and_geometry_is_level0(slide_path: Path, tmp_path: Pat
     ring = np.array(features[0]["geometry"]["coordinates"][0])
     first = next(r for r in records if str(r["id"]) == features[0]["id"])
     np.testing.assert_allclose(ring[:-1], np.array(first["contour"]))
+
+
+def test_geojson_at_a_pyramid_level_is_in_exact_level0_coordinates(shared_data: Path, tmp_path: Path) -> None:
+    """Issue 20 §2: at predict.mpp 1.0 on the OME pyramid (level 1, downsample 2.000337) the nuclei of the
+    stand-in model are the dark components of level 1's own pixels, and each one's JSON centroid is its level-1
+    centroid times the downsample. Reading level 1 one pixel off put every centroid ~2 level-0 px away."""
+    import tifffile
+    import torch
+    from scipy import ndimage
+
+    from pathssl_cli.slides.readers import open_slide
+
+    path = shared_data / "wsi" / "CMU-1-Small-Region-pyramid.ome.tif"
+    slide = open_slide(path, "tiffslide")
+    reader = MppSlideReader(slide, path, (1001, 1203, 700, 500), 1.0, None)
+    g = reader.geometry
+    assert g.level == 1 and g.downsample == pytest.approx(2.000337, abs=1e-6)
+    out = segment_image(ThresholdModel(), reader, tmp_path, "pyr", chunk_size=1024, chunk_margin=64,
+                        postprocess=components, to_level0=reader.to_level0, overlay=False)
+    # The reference: level 1 decoded by tifffile, cut at the level pixel nearest the region's corner.
+    lx, ly = round(1001 / g.downsample), round(1203 / g.downsample)
+    level1 = tifffile.imread(path, series=0, level=1)[ly : ly + reader.height, lx : lx + reader.width]
+    dark = (torch.from_numpy(level1).permute(2, 0, 1).float().div(255.0).mean(0) < 0.5).numpy()
+    labels, count = ndimage.label(dark)
+    centres = np.array(ndimage.center_of_mass(dark, labels, range(1, count + 1)))[:, ::-1]  # (x, y) level 1
+    want = (centres + np.array([lx, ly])) * g.downsample
+    got = np.array([r["centroid"] for r in json.loads(out.instances.read_text())])
+    want, got = (a[np.lexsort((a[:, 1], a[:, 0]))] for a in (want, got))
+    assert count > 50 and got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-6)

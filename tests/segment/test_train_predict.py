@@ -274,6 +274,49 @@ def test_eval_on_a_pannuke_fold(tmp_path: Path) -> None:
     np.testing.assert_equal(rescored["bpq"], result["bpq"])
 
 
+@pytest.mark.parametrize("change", ["predict.tta='dihedral'", "predict.postproc.min_size=50", "data.test",
+                                    "model.pt"])
+def test_eval_refuses_a_run_made_with_other_eval_inputs(tmp_path: Path, change: str) -> None:
+    """Issue 20 §1: the segment digest leaves out what only `segment eval` reads, so each of these printed the
+    old PQ's run as 'eval: done'. Now eval compares its own inputs: refused (exit 2, naming it) until forced."""
+    from pathssl_cli.runs import save_checkpoint
+    from pathssl_cli.segment.train import build_model, model_record
+    from pathssl_cli.specs import load_spec
+
+    test_dir = _write_generic(tmp_path / "test", 1, seed=1)
+    other = _write_generic(tmp_path / "other", 2, seed=2)
+    sets = ["data.format='generic'", f"data.train=['{test_dir}']", f"data.test=['{test_dir}']", "data.num_types=5",
+            f"run.output_dir='{tmp_path / 'run'}'"]
+    spec = load_spec(TINY_SPEC, sets, check_inputs=False)
+
+    def save_model(seed: int) -> None:
+        torch.manual_seed(seed)
+        model = build_model(spec).eval()
+        save_checkpoint({"model": model.state_dict(), "hovernet": model_record(model)}, tmp_path / "run" / "model.pt")
+
+    save_model(0)
+    args = ["segment", "eval", str(TINY_SPEC), *[w for item in sets for w in ("--set", item)]]
+    _invoke(*args)
+    before = (tmp_path / "run" / "eval" / "metrics.json").read_bytes()
+    if change == "model.pt":  # retrained: another model under the same name
+        save_model(1)
+        extra: list[str] = []
+        named = "model.checkpoint"
+    elif change == "data.test":
+        extra = ["--set", f"data.test=['{other}']"]
+        named = "data.test"
+    else:
+        extra = ["--set", change]
+        named = change.split("=")[0]
+    result = CliRunner().invoke(cli, [*args, *extra])
+    assert result.exit_code == 2, result.output
+    assert named in result.output and "--force" in result.output and "Traceback" not in result.output
+    assert (tmp_path / "run" / "eval" / "metrics.json").read_bytes() == before
+    result = CliRunner().invoke(cli, ["--force", *args, *extra])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "run").glob("eval.replaced-*/metrics.json"))) == 1
+
+
 def test_invalid_segment_spec_exits_2() -> None:
     result = CliRunner().invoke(
         cli, ["segment", "train", str(TINY_SPEC), "--set", "data.format=pannuke", "--set", "data.num_types=3"]

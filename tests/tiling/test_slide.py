@@ -48,7 +48,8 @@ def test_choose_level_refuses_upsampling() -> None:
 def test_mpp_from_metadata_override_and_missing(synthetic_slide, slide_without_mpp) -> None:
     with_mpp = open_slide(synthetic_slide.path)
     assert slide_mpp(with_mpp, None, synthetic_slide.path) == (pytest.approx(1.0), "metadata")
-    assert slide_mpp(with_mpp, 0.3, synthetic_slide.path)[1] == "metadata"  # override only fills a gap
+    # An explicit override wins over metadata (issue 20 §5: metadata can be wrong, e.g. libvips' 1000 µm/px).
+    assert slide_mpp(with_mpp, 0.3, synthetic_slide.path) == (0.3, "override")
     without = open_slide(slide_without_mpp.path)
     assert slide_mpp(without, 0.3, slide_without_mpp.path) == (0.3, "override")
     with pytest.raises(SlideError, match=r"nompp\.tif has no MPP") as info:

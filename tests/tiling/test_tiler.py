@@ -18,7 +18,7 @@ import tiffslide
 
 from pathssl_cli.errors import SpecError, WorkFailed
 from pathssl_cli.specs import load_spec
-from pathssl_cli.tiling.index import CSV_EXPORT, consolidate, read_tiles
+from pathssl_cli.tiling.index import CSV_EXPORT, consolidate, read_slides, read_tiles
 from pathssl_cli.tiling.store import iter_shard
 from pathssl_cli.tiling.tiler import run_tile
 
@@ -334,7 +334,7 @@ def test_cli_shard_arguments(tmp_path: Path, second_slide, slide_without_mpp) ->
     ok = CliRunner().invoke(cli, ["tile", str(spec), "--num-shards", "2", "--shard-index", "1"])
     assert ok.exit_code == 0, ok.output
     summary = json.loads((tmp_path / "store" / "summary-1-of-2.json").read_text())
-    assert summary["slides"] == 1 and summary["part"] == {"index": 1, "count": 2}
+    assert summary["slides"] == 1 and summary["part"] == {"index": 1, "count": 2, "source": "arguments"}
 
 
 def test_every_opened_slide_is_closed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, second_slide,
@@ -366,3 +366,38 @@ def test_every_opened_slide_is_closed(tmp_path: Path, monkeypatch: pytest.Monkey
     assert summary["done"] == 1 and summary["failed"] == 1
     assert sorted(opened) == ["nompp.tif", "syn2.tif"]
     assert sorted(closed) == sorted(opened)
+
+
+def test_resuming_with_another_reader_is_refused_unless_forced(tmp_path: Path, synthetic_slide,
+                                                               second_slide) -> None:
+    """Issue 20 §5: the reader was not in the store's settings, so a resumed store could mix tiffslide and
+    OpenSlide tiles (for the OME pyramid they even choose different levels). Another reader is exit 2 naming both
+    unless --force-reader; a store whose tiling.json predates the field is judged by its slides' readers."""
+    pytest.importorskip("openslide", reason="extra 'openslide' not installed: pip install -e '.[openslide]'")
+    from click.testing import CliRunner
+
+    from pathssl_cli.cli import cli
+
+    store = tmp_path / "store"
+    first = write_spec(tmp_path, [str(synthetic_slide.path)], store, input={"reader": "tiffslide"})
+    assert run_tile(load_spec(first))["done"] == 1
+    both = [str(synthetic_slide.path), str(second_slide.path)]
+    spec = write_spec(tmp_path, both, store, input={"reader": "openslide"})
+    result = CliRunner().invoke(cli, ["tile", str(spec)])
+    assert result.exit_code == 2, result.output
+    assert "'tiffslide'" in result.output and "'openslide'" in result.output and "--force-reader" in result.output
+    assert len(list((store / "parts").glob("*.parquet"))) == 1  # nothing was added
+
+    marker = json.loads((store / "tiling.json").read_text())
+    assert marker["reader"] == "tiffslide"
+    del marker["reader"]  # as a store written before the reader was recorded
+    (store / "tiling.json").write_text(json.dumps(marker))
+    result = CliRunner().invoke(cli, ["tile", str(spec)])
+    assert result.exit_code == 2 and "tiffslide" in result.output, result.output
+
+    result = CliRunner().invoke(cli, ["tile", str(spec), "--force-reader"])
+    assert result.exit_code == 0, result.output
+    readers = {row["reader"] for row in read_slides(store).to_pylist()}
+    assert readers == {"tiffslide", "openslide"}
+    assert json.loads((store / "run.json").read_text())["reader_forced"] == {"store": ["tiffslide"],
+                                                                             "now": "openslide"}

@@ -14,6 +14,9 @@ ids are the `path` cells as written.
 (LC25000's tiles are rotated and flipped copies of fewer originals). Every hold-out made here (test, val)
 keeps each group whole on one side, so a copy of a training image is never scored as unseen; an empty cell
 makes the row its own group. An explicit `split` column is taken as written.
+
+With `data.folds` = K and `data.fold` = k (a CSV without a split column), the groups are dealt into K
+class-stratified folds instead: fold k is test, fold k + 1 val, the rest train (folds.py).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathssl_cli.data.datasets.base import (
     count_text,
     stratified_holdout,
 )
+from pathssl_cli.data.datasets.folds import fold_split
 from pathssl_cli.errors import SpecError
 
 FIX = ("The CSV needs a header row 'path,label' (and optionally ',split' with train/val/test and ',group' "
@@ -89,6 +93,12 @@ def open_csv(data: DataSource, split: Split) -> ClassificationDataset:
     table = Path(data.root)
     rows = read_rows(table)
     classes = sorted({r["label"] for r in rows})
+    if data.folds is not None:
+        if "split" in rows[0]:
+            raise SpecError(f"{table}: data.folds makes the splits, but this CSV has a 'split' column that "
+                            "makes them too. Remove data.folds and data.fold, or drop the column.")
+        pool = CsvDataset(split, table.parent, classes, rows)
+        return fold_split(pool, split, data.folds, data.fold or 0, data.split_seed, str(table))
     if "split" not in rows[0]:
         pool = CsvDataset(split, table.parent, classes, rows)
         rest, test = stratified_holdout(pool.ids, pool.targets, classes, data.test_fraction, data.split_seed,
