@@ -101,9 +101,10 @@ def data_fed(args: argparse.Namespace, tmp: Path) -> list[dict[str, object]]:
     tile_spec.write_text(f'kind = "tile"\n[input]\nslides = {json.dumps(slides)}\n[tiles]\nmpp = [0.5, 1.0]\n'
                          f'size = 224\n[output]\ndir = "{tmp / "store"}"\nqc_thumbnails = false\n[run]\nworkers = 1\n')
     run_tile(load_spec(tile_spec))  # type: ignore[arg-type]
-    # the two small slides are listed `--replicate` times (and the store as often), so that an epoch outlasts the
-    # timed steps: a DataLoader restarting its workers every step or two would be measured instead of the data
-    index = open_slide_index([(Path(s), None) for s in slides] * args.replicate, tmp / "coords", CoordSettings())
+    # the store is listed `--replicate` times so that its epochs outlast the timed steps (a DataLoader restarting
+    # its workers every step would be measured instead of the data); the slides are not: each copy would be a slide
+    # of its own, opened and cached apart. Their epoch is a batch; in-process (workers 0) they stay open across.
+    index = open_slide_index([(Path(s), None) for s in slides], tmp / "coords", CoordSettings())
     folder = write_image_folder(tmp, 1, 64, seed=0, splits=("train",))
     rows = []
     for method in args.methods:
@@ -143,9 +144,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--data", action="store_true", help="feed the steps from a tile store, then from slides")
-    parser.add_argument("--data-workers", type=int, default=1, help="DataLoader workers with --data")
+    parser.add_argument("--data-workers", type=int, default=0,
+                        help="DataLoader workers with --data (0: in-process, as the CPU recipes)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per stream with --data")
-    parser.add_argument("--replicate", type=int, default=40, help="copies of the slides and store with --data")
+    parser.add_argument("--replicate", type=int, default=40, help="copies of the store with --data")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict[str, object]] = []

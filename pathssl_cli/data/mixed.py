@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pathssl_cli.data.slide_stream import SlideStream, _Plan, _Pool
+from pathssl_cli.data.slide_stream import SlideStream, _Plan
 from pathssl_cli.data.tile_index import TileReader, mark_pins_used
 from pathssl_cli.data.tiles import TileStream, _to_tensor, load_tile, sample_images
 
@@ -62,7 +62,7 @@ class MixedStream(torch.utils.data.IterableDataset):
         order = self.tiles.rank_order()
         plan = _Plan(self.slides, self.epoch)
         reader = TileReader(self.tiles.index, max_open=self.tiles._open_shards)
-        pool = _Pool(self.slides)
+        pool = self.slides.pool_for(info is None)
         tile_j = int(np.count_nonzero(which[: self._skip]))
         slide_j = self._skip - tile_j
         try:
@@ -79,7 +79,8 @@ class MixedStream(torch.utils.data.IterableDataset):
                     slide_j += 1
         finally:
             reader.close()
-            pool.close()
+            if info is not None:
+                pool.close()
 
 
 def stain_sample(stream: TileStream | SlideStream | MixedStream, tile_sources: Sequence[Path], n: int,

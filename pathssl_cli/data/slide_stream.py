@@ -22,7 +22,10 @@ How an epoch is planned (a pure function of seed, epoch and rank: nothing to che
    tissue cell (in proportion to its tissue fraction) and position inside the cell come from a generator seeded
    with (seed, epoch, rank, visit). The field of view is drawn from those the slide can give (`pathssl tile`'s
    rule: no upsampling beyond its finest level), read from the coarsest pyramid level at least that fine,
-   then resized (area) to `size`. A patch whose own pixels are less than `min_tissue` tissue (the detector's
+   then resized (area) to `size`. Where that level is JPEG and the patch is 2, 4 or 8 times coarser (a 40x
+   scan with levels 4x apart read at 20x, a single-level slide), its tiles are decoded at that scale by
+   libjpeg's scaled IDCT (within a grey level on average of decoding in full and area-resizing, at a
+   fraction of the cost). A patch whose own pixels are less than `min_tissue` tissue (the detector's
    saturation threshold for that slide) is replaced by the next of `max_tries` positions; after that the most
    tissue-rich of them is kept, so the sample count never changes.
 5. *Worker split* as in `pathssl_cli.data.tiles`: chunk c of `batch_size` samples goes to worker c mod
@@ -80,12 +83,51 @@ class _TileCache:
             self.bytes -= self.tiles.popitem(last=False)[1].nbytes
 
 
-class _CachedLevel(LevelReader):
-    """A pyramid level read through the worker's shared tile cache instead of the row-band cache of tiling."""
+#: An Adobe APP14 segment saying "no colour transform": Aperio writes RGB-coded JPEG tiles (photometric RGB), which
+#: a JPEG decoder would otherwise take for YCbCr.
+_ADOBE_RGB = bytes.fromhex("FFEE000E41646F626500640000000000")
+_REDUCED_FLAGS = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
-    def __init__(self, slide: Any, level: int, cache: _TileCache, key: tuple) -> None:
+
+def dct_reduction(page: Any, ratio: float) -> int:
+    """1, 2, 4 or 8: the scale at which libjpeg can decode this level's tiles for a patch `ratio` times coarser
+    than the level (a JPEG IDCT at 1/r costs about 1/r² of a full decode and replaces most of the resize)."""
+    if (page is None or page.compression != 7 or page.samplesperpixel != 3 or page.planarconfig != 1
+            or page.photometric not in (2, 6)):
+        return 1
+    reduce = 1
+    while reduce < 8 and ratio >= 2 * reduce * (1 - 1e-6) and page.tilewidth % (2 * reduce) == 0 \
+            and page.tilelength % (2 * reduce) == 0:
+        reduce *= 2
+    return reduce
+
+
+class _CachedLevel(LevelReader):
+    """A pyramid level read through the worker's shared tile cache instead of the row-band cache of tiling;
+    with `reduce` > 1, a JPEG level decoded at 1/reduce scale (a virtual level of its own pixel grid)."""
+
+    def __init__(self, slide: Any, level: int, cache: _TileCache, key: tuple, reduce: int = 1) -> None:
         super().__init__(slide, level)
-        self._shared, self._key = cache, key
+        self._shared, self._key, self.reduce = cache, key, reduce
+        if reduce > 1:
+            assert self.page is not None  # dct_reduction is 1 without a tiled JPEG page
+            self.tile_h, self.tile_w = self.tile_h // reduce, self.tile_w // reduce
+            self.width, self.height = -(-self.width // reduce), -(-self.height // reduce)
+            self._prefix = bytes(self.page.jpegtables[:-2]) if self.page.jpegtables else b""
+            self._adobe = _ADOBE_RGB if self.page.photometric == 2 else b""
+
+    def _decode(self, row: int, col: int) -> np.ndarray:
+        if self.reduce == 1:
+            return super()._decode(row, col)
+        self.decoded += 1
+        data = self.raw_tile(row, col)
+        # tables = SOI ... EOI; tile = SOI ... EOI -> SOI [Adobe] tables tile-body: one self-contained stream
+        stream = data[:2] + self._adobe + (self._prefix[2:] + data[2:] if self._prefix else data[2:])
+        bgr = cv2.imdecode(np.frombuffer(stream, np.uint8), _REDUCED_FLAGS[self.reduce])
+        if bgr is None:
+            raise SlideError(f"level {self.level}: cannot decode internal tile ({row}, {col})",
+                             "the file is corrupt or truncated")
+        return np.ascontiguousarray(bgr[..., ::-1])
 
     def tile(self, row: int, col: int) -> np.ndarray:
         key = (*self._key, row, col)
@@ -101,12 +143,14 @@ class _Pool:
 
     def __init__(self, stream: SlideStream) -> None:
         self.stream = stream
-        self.open: OrderedDict[int, tuple[Any, dict[int, _CachedLevel]]] = OrderedDict()
+        self.open: OrderedDict[int, tuple[Any, dict[tuple[int, int], _CachedLevel]]] = OrderedDict()
         self.cache = _TileCache(stream.cache_mb * 2**20)
         self.bad: dict[int, str] = {}
         self.opens = 0
 
-    def level(self, s: int, level: int) -> _CachedLevel:
+    def level(self, s: int, level: int, ratio: float = 1.0) -> _CachedLevel:
+        """The reader of `level` of slide s, decoding at the coarsest JPEG scale a patch `ratio` times coarser
+        than the level allows (`dct_reduction`)."""
         entry = self.open.get(s)
         if entry is None:
             index = self.stream.index
@@ -119,9 +163,12 @@ class _Pool:
         else:
             self.open.move_to_end(s)
         readers = entry[1]
-        if level not in readers:
-            readers[level] = _CachedLevel(entry[0], level, self.cache, (s, level))
-        return readers[level]
+        if (level, 1) not in readers:
+            readers[level, 1] = _CachedLevel(entry[0], level, self.cache, (s, level, 1))
+        reduce = dct_reduction(readers[level, 1].page, ratio)
+        if (level, reduce) not in readers:
+            readers[level, reduce] = _CachedLevel(entry[0], level, self.cache, (s, level, reduce), reduce)
+        return readers[level, reduce]
 
     def fail(self, s: int, reason: str) -> None:
         self.bad[s] = reason
@@ -190,7 +237,8 @@ class SlideStream(torch.utils.data.IterableDataset):
                              f"({self.mpp}); slides left out: {index.bad or 'none'}")
 
     def __getstate__(self) -> dict:
-        state = {k: v for k, v in self.__dict__.items() if k not in ("index", "_feasible", "_area")}
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("index", "_feasible", "_area", "_kept_pool", "_pool_pid")}
         state["_pins"] = self.index.pins
         return state
 
@@ -259,14 +307,25 @@ class SlideStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
         plan = _Plan(self, self.epoch)
-        pool = _Pool(self)
+        pool = self.pool_for(info is None)
         try:
             for position in range(self._skip, len(self)):
                 if ((position - self._skip) // self.batch_size) % workers != worker:
                     continue
                 yield torch.from_numpy(plan.sample(position, pool)).permute(2, 0, 1).contiguous()
         finally:
-            pool.close()
+            if info is not None:
+                pool.close()
+
+    def pool_for(self, in_process: bool) -> _Pool:
+        """The open slides to read with. Iterated in-process (DataLoader num_workers = 0) they stay open from one
+        epoch to the next, with their decoded tiles (small slides make epochs of a batch or two); a DataLoader
+        worker opens its own, never a forked copy of these (their file offsets are shared with the parent)."""
+        if not in_process:
+            return _Pool(self)
+        if self.__dict__.get("_pool_pid") != os.getpid():
+            self._kept_pool, self._pool_pid = _Pool(self), os.getpid()
+        return self._kept_pool
 
     def describe(self, positions: list[int]) -> list[dict[str, Any]]:
         """Where samples of this rank's current epoch come from: slide, µm/px, pyramid level, level-0 x and y of
@@ -343,7 +402,9 @@ class _Plan:
         slide, mpps, cells, jitter = draws
         mpp, base = float(mpps[j]), float(index.base_mpp[slide])
         choice = choose_level(base, index.downsamples(slide), mpp, st.size)
-        reader = pool.level(slide, choice.level)
+        reader = pool.level(slide, choice.level, choice.read_size / st.size)
+        scale = choice.downsample * reader.reduce  # level-0 pixels per pixel of what is decoded
+        n = round(choice.read_size / reader.reduce)
         cols, cell_px = int(index.cols[slide]), float(index.cell_px[slide])
         width, height = float(index.width[slide]), float(index.height[slide])
         extent = st.size * mpp / base  # level-0 pixels
@@ -352,8 +413,7 @@ class _Plan:
             row, col = divmod(int(cells[c]), cols)
             x0 = min(max((col + jitter[c, 0]) * cell_px - extent / 2, 0.0), width - extent)
             y0 = min(max((row + jitter[c, 1]) * cell_px - extent / 2, 0.0), height - extent)
-            n = choice.read_size
-            region = reader.read(int(x0 / choice.downsample + 0.5), int(y0 / choice.downsample + 0.5), n, n)
+            region = reader.read(int(x0 / scale + 0.5), int(y0 / scale + 0.5), n, n)
             if n != st.size:
                 interpolation = cv2.INTER_AREA if n > st.size else cv2.INTER_LINEAR
                 region = cv2.resize(region, (st.size, st.size), interpolation=interpolation)
@@ -364,5 +424,5 @@ class _Plan:
                 break
         if where is not None:
             where.update(slide=index.paths[slide], mpp=mpp, level=choice.level, x=best_at[0], y=best_at[1],
-                         extent=extent, tissue=best_fraction)
+                         extent=extent, tissue=best_fraction, reduce=reader.reduce)
         return best  # type: ignore[return-value]

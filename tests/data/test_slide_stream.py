@@ -275,3 +275,42 @@ def test_slides_without_mpp_follow_the_tile_commands_rules(tmp_path: Path) -> No
     (tmp_path / "list.csv").write_text(f"path,mpp\n{slide},0.5\n")
     from_csv = open_slide_index(resolve_slide_items([str(tmp_path / "list.csv")]), tmp_path / "c", CoordSettings())
     assert from_csv.base_mpp.tolist() == [0.5]
+
+
+def _reference(where: dict, size: int) -> np.ndarray:
+    """The patch decoded in full from level 0 with tifffile and averaged over r × r blocks (r = the decode scale):
+    what libjpeg's scaled IDCT stands for, at the same pixel grid (positions on multiples of r)."""
+    with tifffile.TiffFile(where["slide"]) as tif:
+        level = tif.series[0].levels[0].asarray()
+    r = where["reduce"]
+    n = round(round(where["extent"]) / r)
+    x, y = int(where["x"] / r + 0.5) * r, int(where["y"] / r + 0.5) * r
+    block = level[y : y + n * r, x : x + n * r].reshape(n, r, n, r, 3).mean(axis=(1, 3))
+    assert n == size
+    return np.rint(block).astype(np.uint8)
+
+
+@pytest.mark.parametrize("mpp", [2.0, 4.0])
+def test_coarser_patches_of_a_jpeg_level_are_decoded_at_scale(tmp_path: Path, mpp: float) -> None:
+    """A single-level slide read 2 or 4 times coarser: libjpeg's scaled decode, within a grey level on average of
+    decoding in full and area-resizing (YCbCr JPEG tiles here; Aperio's RGB-coded ones in the next test)."""
+    slide = write_synthetic_slide(tmp_path / "one.tif", width=768, height=768, mpp=1.0, tile_size=128, n_levels=1,
+                                  seed=9, tissue_fraction=0.6).path.resolve()
+    index = open_slide_index([(slide, None)], tmp_path / "coords", CoordSettings())
+    stream = _stream(index, mpp=MppSampling(values=(mpp,), weights=(1.0,)), min_tissue=0.0)
+    images = _images(stream)[:4]
+    for image, where in zip(images, stream.describe(list(range(4))), strict=True):
+        assert where["reduce"] == int(mpp)
+        diff = np.abs(image.permute(1, 2, 0).numpy().astype(int) - _reference(where, SIZE).astype(int))
+        assert diff.mean() < 1.5, diff.mean()
+
+
+def test_aperio_rgb_coded_jpeg_tiles_keep_their_colours_at_scale(shared_data: Path, tmp_path: Path) -> None:
+    svs = (shared_data / "wsi" / "CMU-1-Small-Region.svs").resolve()
+    index = open_slide_index([(svs, None)], tmp_path / "coords", CoordSettings())
+    stream = SlideStream(index, size=224, mpp=MppSampling(values=(1.0,), weights=(1.0,)), patches_per_visit=4,
+                         min_tissue=0.0)
+    for image, where in zip(_images(stream)[:3], stream.describe([0, 1, 2]), strict=True):
+        assert where["reduce"] == 2  # 1 µm/px from the 0.499 µm/px level: half-scale decode
+        reference = _reference(where, 224)
+        assert np.abs(image.permute(1, 2, 0).numpy().astype(int) - reference.astype(int)).mean() < 2.0
