@@ -22,8 +22,9 @@ measurement is a fresh process: the first `workers` batches of an epoch (start-u
 
 Start-up (`startup`): the coordinate index of N slides, built from replicated rows (hard links to one real slide
 with a tissue grid of `--cells` tissue cells each, as `stream_scale.py` replicates tile indexes): seconds to the
-first open (rows read and the flat arrays built) and to a later open (mapped), and the process's memory per tissue
-cell, at two sizes, so per-slide and per-cell costs separate and extrapolate to 30,000 slides.
+first open (rows read from the per-slide files and the flat arrays built), to a later open (mapped), and to a first
+open from `coords.parquet` (`--consolidate`), and the process's memory per tissue cell, at two sizes, so per-slide
+and per-cell costs separate and extrapolate to 30,000 slides.
 
     python benchmarks/slide_stream.py --wsistream-python /work/wsistream-venv/bin/python
     python benchmarks/slide_stream.py startup --slides 30000 --cells 2000
@@ -319,18 +320,26 @@ def startup(args: argparse.Namespace, work: Path) -> None:
         slides_file, coords = replicated_rows(work, n_slides, cells)
         cold = startup_open(slides_file, coords)
         warm = startup_open(slides_file, coords)
-        results.append({"slides": n_slides, "cells_per_slide": cells, "cold": cold, "warm": warm})
+        # the same first build from coords.parquet (`pathssl tile --coords-only --consolidate`): one file to read
+        sys.path.insert(0, str(ROOT))
+        from pathssl_cli.data.slide_arrays import consolidate_coords
+
+        consolidate_coords(coords, [(Path(line), None) for line in slides_file.read_text().split()])
+        shutil.rmtree(coords / ".index")
+        consolidated = startup_open(slides_file, coords)
+        results.append({"slides": n_slides, "cells_per_slide": cells, "cold": cold, "warm": warm,
+                        "consolidated": consolidated})
         print(f"{n_slides} slides x {cells} tissue cells: first open {cold['first_open_s']:.1f} s, later open "
               f"{warm['first_open_s']:.2f} s, epoch plan (rank 0 of 8) {warm['plan_s']:.2f} s; memory "
               f"{warm['rss_mb'] * 2**20 / warm['cells']:.1f} B per tissue cell after a later open and the plan "
-              f"(peak {cold['peak_rss_mb'] * 2**20 / cold['cells']:.1f} B while building; the mapped index: 8 B)",
-              flush=True)
+              f"(peak {cold['peak_rss_mb'] * 2**20 / cold['cells']:.1f} B while building; the mapped index: 8 B); "
+              f"first open from coords.parquet {consolidated['first_open_s']:.1f} s", flush=True)
         shutil.rmtree(coords)
         shutil.rmtree(slides_file.with_name(f"links-{n_slides}-{cells}"))
     # seconds = per_slide * slides + per_cell * cells, from the two sizes
     import numpy as np
 
-    for key in ("cold", "warm"):
+    for key in ("cold", "warm", "consolidated"):
         matrix = np.array([[r["slides"], r["slides"] * r["cells_per_slide"]] for r in results], float)
         per_slide, per_cell = np.linalg.solve(matrix, [r[key]["first_open_s"] for r in results])
         at_scale = per_slide * 30_000 + per_cell * 30_000 * 30_000
