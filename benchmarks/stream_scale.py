@@ -9,11 +9,17 @@ machine distorts less); then the PSS of the rank and its workers (/proc/<pid>/sm
 once in total, so memory-mapped index pages are not counted once per worker). Memory and start-up are marginal:
 (big store - small store) / (tiles added). Small-store runs of the two implementations alternate.
 
+Shard opens per tile read (issue 20 §4: on Lustre each open is a metadata-server round trip): rank 0 of world
+sizes 1, 8 and 64 iterates its whole epoch over a store of `--opens-tiles` tiles in shards of 2,000 with a
+shuffle buffer of 10,000 (the pretrain default), JPEG decoding stubbed out, counting `os.open` of shards.
+
     python benchmarks/stream_scale.py                                   # this tree only
     python benchmarks/stream_scale.py --baseline-src /work/main         # and the code at that path (old index)
+    python benchmarks/stream_scale.py --opens-only --baseline-src OLD --baseline-parts parquet
 
 The baseline (the manifest-CSV index of earlier versions) gets the same stores with CSV parts, and, since it
 needs ~1.7 KB per tile per process, a smaller big store (`--baseline-tiles`); per-tile figures compare.
+`--baseline-parts parquet` compares against a checkout that already reads Parquet parts.
 """
 
 from __future__ import annotations
@@ -87,6 +93,40 @@ def child(store: str, workers: int, batches: int, batch: int) -> None:
                       "first_batch_s": first_s, "first_batch_cpu_s": first_cpu,
                       "tiles_per_s": tiles_per_s, "tiles_per_cpu_s": tiles_per_cpu_s, "pss_rank": pss_bytes(me),
                       "pss_workers": sum(workers_pss), "n_workers": len(workers_pss)}))
+
+
+def child_opens(store: str, world: int, buffer: int) -> None:
+    """Shard opens per tile of rank 0 at `world` ranks (runs with the implementation under test on sys.path)."""
+    import numpy as np
+
+    from pathssl_cli.data import tiles
+
+    opened = [0]
+    real_open = os.open
+
+    def counting(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path).endswith(".tar"):
+            opened[0] += 1
+        return real_open(path, flags, *args, **kwargs)
+
+    stub = np.zeros((1, 1, 3), np.uint8)
+    tiles.decode = lambda data: stub  # the shard reads are what is measured, not JPEG decoding
+    tiles._to_tensor = lambda image, size: image
+    stream = tiles.TileStream([Path(store)], image_size=224, seed=0, shuffle_buffer=buffer, rank=0,
+                              world_size=world)
+    os.open = counting
+    read = sum(1 for _ in stream)
+    os.open = real_open
+    print(json.dumps({"world": world, "tiles": read, "opens": opened[0], "opens_per_tile": opened[0] / read}))
+
+
+def measure_opens(src: Path, store: Path, world: int, buffer: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(src), "PATHSSL_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, __file__, "--child-opens", str(store), "--world", str(world),
+                          "--buffer", str(buffer)], env=env, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise SystemExit(f"opens measurement failed ({src}, {store}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure(src: Path, store: Path, args: argparse.Namespace) -> dict:
@@ -176,6 +216,23 @@ def replicate(base: Path, dest: Path, n_tiles: int, csv_parts: bool) -> int:
     return replicas * table.num_rows
 
 
+def opens_table(base: Path, work: Path, impls: dict, args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Shard opens per tile read by rank 0 at world sizes 1, 8 and 64, per implementation."""
+    results: dict[str, list[dict]] = {}
+    for name, (src, _, csv_parts) in impls.items():
+        store = work / f"{name.replace(' ', '_')}-opens"
+        replicate(base, store, args.opens_tiles, csv_parts)
+        results[name] = [measure_opens(src, store, world, args.opens_buffer) for world in (1, 8, 64)]
+        shutil.rmtree(store)
+    print(f"shard opens per tile read (rank 0; {args.opens_tiles} tiles in shards of 2,000, shuffle buffer "
+          f"{args.opens_buffer})")
+    print(f"  {'world size':<12}" + "".join(f"{name:>14}" for name in results))
+    for row in range(3):
+        cells = "".join(f"{results[name][row]['opens_per_tile']:>14.4f}" for name in results)
+        print(f"  {results[next(iter(results))][row]['world']:<12}{cells}")
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -188,9 +245,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="throughput runs per implementation (median)")
     parser.add_argument("--work", type=Path, help="work folder (default: a temporary one, removed)")
+    parser.add_argument("--baseline-parts", choices=("csv", "parquet"), default="csv",
+                        help="index format the baseline reads (csv: versions before the Parquet parts)")
+    parser.add_argument("--opens-tiles", type=int, default=1_000_000,
+                        help="tiles of the store for the shard-opens measurement")
+    parser.add_argument("--opens-buffer", type=int, default=10_000, help="shuffle buffer for the opens measurement")
+    parser.add_argument("--opens-only", action="store_true", help="only the shard-opens measurement")
+    parser.add_argument("--child-opens", help=argparse.SUPPRESS)
+    parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--buffer", type=int, default=10_000, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child, args.workers, args.batches, args.batch)
+        return
+    if args.child_opens:
+        child_opens(args.child_opens, args.world, args.buffer)
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="stream_scale-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -198,7 +267,10 @@ def main() -> None:
         base = fat_store(small_store(work), work / "fat", args.small_tiles)
         impls = {"this tree": (ROOT, args.tiles, False)}
         if args.baseline_src:
-            impls["baseline"] = (args.baseline_src.resolve(), args.baseline_tiles, True)
+            impls["baseline"] = (args.baseline_src.resolve(), args.baseline_tiles, args.baseline_parts == "csv")
+        opens = opens_table(base, work, impls, args)
+        if args.opens_only:
+            return
         stores = {}
         for name, (_src, n_big, csv_parts) in impls.items():
             tag = name.replace(" ", "_")
@@ -252,7 +324,7 @@ def main() -> None:
                   f"start-up {new['start_s_per_million'] / old['start_s_per_million']:.3f}, "
                   f"tiles/s {new['tiles_per_s_small'] / old['tiles_per_s_small']:.2f}, "
                   f"tiles per CPU-second {new['tiles_per_cpu_s_small'] / old['tiles_per_cpu_s_small']:.2f}")
-        print(json.dumps(report, indent=1))
+        print(json.dumps({"report": report, "opens": opens}, indent=1))
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -163,23 +163,32 @@ def backbones_list(as_json: bool) -> None:
               help="Afterwards write manifest.parquet + manifest.csv from all parts (once, after all array tasks).")
 @click.option("--force-reader", is_flag=True,
               help="Continue a store tiled with another input.reader (its slides keep theirs): mixes readers.")
+@click.option("--coords-only", is_flag=True,
+              help="Write only the slides' coordinate index (output.dir/coords/: tissue grid, MPP, reader) for "
+                   "`pretrain` with data.slides and data.coords_dir = output.dir; no tiles.")
 def tile(spec: Path, overrides: tuple[str, ...], num_shards: int | None, shard_index: int | None,
-         split_array: bool, consolidate: bool, force_reader: bool) -> None:
+         split_array: bool, consolidate: bool, force_reader: bool, coords_only: bool) -> None:
     """Tile whole-slide images at one or more fields of view (µm/px) into WebDataset shards + a Parquet index.
 
     \b
     Example:  pathssl tile specs/tile/tcga_two_fov.toml --set input.slides='["slides/*.svs"]'
     SLURM:    sbatch --array=0-99 --wrap "pathssl tile spec.toml --split-array"
               then once:  pathssl tile spec.toml --consolidate
+    Slides:   sbatch --array=0-99 --wrap "pathssl tile spec.toml --coords-only --split-array"   (pre-train from
+              the slides), then once:  pathssl tile spec.toml --coords-only --consolidate
     """
     from pathssl_cli.sharding import resolve_shard
 
     resolve_shard(num_shards, shard_index, array=split_array)  # a bad split is exit 2 before the spec is read
     loaded = load_command_spec(spec, overrides, "tile")
-    from pathssl_cli.tiling.tiler import run_tile
+    from pathssl_cli.tiling.tiler import run_coords, run_tile
 
-    run_tile(loaded, num_shards=num_shards, shard_index=shard_index, consolidate=consolidate,
-             split_array=split_array, force_reader=force_reader)
+    if coords_only:
+        run_coords(loaded, num_shards=num_shards, shard_index=shard_index, consolidate=consolidate,
+                   split_array=split_array)
+    else:
+        run_tile(loaded, num_shards=num_shards, shard_index=shard_index, consolidate=consolidate,
+                 split_array=split_array, force_reader=force_reader)
 
 
 # ------------------------------------------------------------------------------------------------- slides

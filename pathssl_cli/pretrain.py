@@ -29,8 +29,7 @@ from torch import nn
 from pathssl_cli.augment.stain import StainStats, fit_stain_stats
 from pathssl_cli.augment.views import BatchViews
 from pathssl_cli.backbones import create_backbone, export_backbone
-from pathssl_cli.console import info, progress
-from pathssl_cli.data.tiles import TileStream, first_tile_side, sample_images
+from pathssl_cli.console import info, progress, warn
 from pathssl_cli.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -41,6 +40,7 @@ from pathssl_cli.distributed import (
 from pathssl_cli.errors import SpecError, WorkFailed
 from pathssl_cli.methods import create_method
 from pathssl_cli.optim import apply_schedules, build_optimizer, build_schedules
+from pathssl_cli.pretrain_data import PretrainStream, left_out_slides, open_stream, stain_images
 from pathssl_cli.runs import RunDir, claim_run_dir, load_checkpoint, open_run, save_checkpoint
 from pathssl_cli.specs.pretrain import PretrainSpec, view_counts
 
@@ -89,11 +89,12 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
 
     # ---------------------------------------------------------------------------------------- data
     # (before the run directory is made: a problem with the tiles is a spec error, nothing started)
-    stream = _open_stream(spec, rank, world, local_batch)
+    stream = open_stream(spec, rank, world, local_batch, recipe.global_size)
     data_steps_per_epoch = len(stream) // local_batch  # every rank streams len(stream) tiles a pass
     if data_steps_per_epoch == 0:
-        raise SpecError(f"data.tiles hold {stream.epoch_length()} usable tiles, fewer than one batch "
-                        f"(data.batch_size = {spec.data.batch_size}); add tiles or lower the batch size")
+        raise SpecError(f"data holds {stream.epoch_length()} usable tiles or slide patches per epoch, fewer "
+                        f"than one batch (data.batch_size = {spec.data.batch_size}); add data or lower the batch "
+                        "size")
     # The epoch of schedules and methods: a pass over the tiles, or run.epoch_images (ImageNet epochs).
     steps_per_epoch = (max(1, run_cfg.epoch_images // spec.data.batch_size) if run_cfg.epoch_images
                        else data_steps_per_epoch)
@@ -104,7 +105,7 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
     with open_run(spec, out, seed=run_cfg.seed, world_size=world, is_main=dist_info.is_main,
                   resumed=resumed is not None) as run:
         # -------------------------------------------------------------------------- stain statistics
-        stain = _stain_statistics(spec, run, resumed, dist_info)
+        stain = _stain_statistics(spec, run, resumed, dist_info, stream)
 
         # ------------------------------------------------------------------------------------ model
         torch.manual_seed(run_cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
@@ -216,6 +217,12 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
                                    "steps_per_epoch": steps_per_epoch, "global_batch": spec.data.batch_size,
                                    "final_loss": losses[-1][1] if losses else None,
                                    "checkpoint": str(checkpoint_path)}
+        left_out = left_out_slides(stream, out)
+        if left_out:
+            run.record["slides_left_out"] = [{"slide": path, "reason": why} for path, why in left_out]
+            warn(f"{len(left_out)} slide(s) were left out of pre-training (their patches came from the other "
+                 "slides): " + "; ".join(f"{path}: {why}" for path, why in left_out[:20])
+                 + (f" (and {len(left_out) - 20} more, listed in run.json)" if len(left_out) > 20 else ""))
         if dist_info.is_main:
             # the network the method's official evaluation uses: DINO's teacher (unless method.export), else
             # the student / query encoder
@@ -230,32 +237,7 @@ def _pretrain(spec: PretrainSpec, dist_info: DistInfo) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- helpers
-def _open_stream(spec: PretrainSpec, rank: int, world: int, local_batch: int) -> TileStream:
-    """This rank's tile stream; every tile is brought to `data.tile_size` (unset: the first source's first
-    tile's side) before the views crop and resize it."""
-    if spec.data.mpp_weights:
-        from pathssl_cli.tiling.index import is_store
-
-        # A folder's tiles carry no µm/px, so no weighted field of view would ever select them: refuse rather
-        # than train on the stores alone while the spec lists the folder.
-        folders = [str(source) for source in spec.data.tiles if not is_store(Path(source))]
-        if folders:
-            raise SpecError(
-                f"data.mpp_weights samples tiles by field of view, but the image folder(s) {', '.join(folders)} "
-                "in data.tiles have no µm/px, so none of their tiles would be drawn. Remove data.mpp_weights "
-                "(every tile is then drawn in proportion), drop the folder(s) from data.tiles, or tile their "
-                "slides with `pathssl tile` to get a store with fields of view")
-    try:
-        tile_side = spec.data.tile_size or first_tile_side(spec.data.tiles)
-        return TileStream(list(spec.data.tiles), image_size=int(tile_side),
-                          mpp_weights={float(k): v for k, v in spec.data.mpp_weights.items()} or None,
-                          seed=spec.run.seed, shuffle_buffer=spec.data.shuffle_buffer, rank=rank,
-                          world_size=world, batch_size=local_batch)
-    except (FileNotFoundError, ValueError) as exc:
-        raise SpecError(f"data.tiles: {exc}") from None
-
-
-def _batches(stream: TileStream, local_batch: int, workers: int, steps_per_epoch: int, start_step: int,
+def _batches(stream: PretrainStream, local_batch: int, workers: int, steps_per_epoch: int, start_step: int,
              pin_memory: bool) -> Iterator[torch.Tensor]:
     """Endless uint8 batches; epoch e is steps [e·S, (e+1)·S), so any step's data position is known."""
     epoch, step_in_epoch = divmod(start_step, steps_per_epoch)
@@ -298,8 +280,8 @@ def _check_resumable(state: dict[str, Any], world: int, steps_per_epoch: int, to
 
 
 def _stain_statistics(spec: PretrainSpec, run: RunDir, resumed: dict[str, Any] | None,
-                      dist_info: DistInfo) -> StainStats | None:
-    """The RandStainNA statistics: from the checkpoint, the given file, or fitted on a sample of the tiles."""
+                      dist_info: DistInfo, stream: PretrainStream) -> StainStats | None:
+    """The RandStainNA statistics: from the checkpoint, the given file, or fitted on a sample of the data."""
     wanted = spec.augment.stain_options(spec.method.name)
     if wanted is None:
         return None
@@ -318,7 +300,7 @@ def _stain_statistics(spec: PretrainSpec, run: RunDir, resumed: dict[str, Any] |
     elif dist_info.is_main:
         info(f"fitting stain statistics ({wanted.space}, {wanted.distribution}) on {spec.augment.stain_fit_tiles} "
              "tiles")
-        sample = sample_images(spec.data.tiles, spec.augment.stain_fit_tiles, spec.run.seed)
+        sample = stain_images(stream, spec, spec.augment.stain_fit_tiles)
         stats = fit_stain_stats(sample, wanted.space, wanted.distribution, gmm_components=wanted.gmm_components,
                                 seed=spec.run.seed)
     if dist_info.is_main:

@@ -80,8 +80,12 @@ def write_synthetic_slide(
     write_mpp: bool = True,
     tissue_fraction: float = 0.45,
     mask_downsample: int = 16,
+    compression: str = "jpeg",
 ) -> SlideTruth:
     """Write a pyramidal, tiled JPEG TIFF of H&E-like tissue on a white background.
+
+    `compression`: "jpeg" (quality `jpeg_quality`) or "jpeg2000" (lossy at the same quality level, as Leica
+    and some Aperio scanners write), for tests and benchmarks of both codecs.
 
     Level k is level 0 area-downsampled by 2**k, stored as a SubIFD of level 0 (the layout of
     OME-TIFF and of libvips/bfconvert pyramids, which tiffslide reads). MPP is stored in the
@@ -91,6 +95,8 @@ def write_synthetic_slide(
     """
     import tifffile  # local: only slide writing needs it
 
+    if compression not in ("jpeg", "jpeg2000"):
+        raise ValueError(f"compression must be 'jpeg' or 'jpeg2000', got {compression!r}")
     if tile_size % (2 ** (n_levels - 1)) or tile_size % 16:
         raise ValueError(f"tile_size {tile_size} must be a multiple of 16 and of 2**(n_levels-1)")
     path = Path(path)
@@ -172,7 +178,7 @@ def write_synthetic_slide(
         dtype=np.uint8,
         tile=(tile_size, tile_size),
         photometric="rgb",
-        compression="jpeg",
+        compression=compression,
         compressionargs={"level": jpeg_quality},
         metadata=None,
     )

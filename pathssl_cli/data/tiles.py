@@ -15,10 +15,13 @@ decoding is the only work a worker does):
    sequence, and every position of the epoch draws its level with probability proportional to its weight
    (Kang et al.'s multi-FoV technique); a level that runs out starts again in a new order.
    The epoch has as many tiles as the weighted levels hold.
-2. *Rank split*: position p goes to rank p mod world_size; shorter ranks wrap around to the start so that
-   every rank yields the same number of tiles (DDP steps stay in lock-step), as DistributedSampler does.
+2. *Rank split*: rank r takes the r-th of world_size contiguous blocks of the sequence, so it reads a few
+   shards at a time, as WebDataset splits shards by node (position p mod world_size made every rank touch
+   every shard: 0.90 shard opens per tile at 8 ranks, 0.99 at 64). The epoch is padded by wrapping around to
+   its start, so that every rank yields the same number of tiles (DDP steps stay in lock-step).
 3. *Shuffle buffer* per rank, over tile indices (cheap, so every worker replays it): a buffer of
-   `shuffle_buffer` tiles; each incoming tile takes the place of a random one, which is emitted.
+   `shuffle_buffer` tiles; each incoming tile takes the place of a random one, which is emitted. Each worker
+   keeps open as many shards as the buffer spans (`open_shards`), so a shard is opened about once per worker.
 4. *Worker split*: the rank stream is cut into chunks of `batch_size`; chunk i goes to DataLoader worker
    i mod num_workers. A DataLoader with that batch size takes batch i from worker i mod num_workers, so it
    yields exactly the rank stream whatever the number of workers, and `skip(n)` resumes exactly.
@@ -30,12 +33,15 @@ the CPU worker. Tile stores follow the contract of `pathssl_cli.tiling.store` (P
 
 Memory: the tiles' locations are flat numpy arrays (`pathssl_cli.data.tile_index`), memory-mapped from a cache
 beside the store and built once per process, so a rank and its workers share them (~17 bytes per tile); each
-worker holds its rank order (4 bytes per tile of the rank) and reads members by offset.
+worker holds its rank order (4 bytes per tile of the rank) and reads members by offset. A spawned worker
+reopens exactly the index states the main process opened (`tile_index.reopen`), whatever was added since.
 """
 
 from __future__ import annotations
 
 import io
+import math
+import resource
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +56,10 @@ from pathssl_cli.data.tile_index import (
     TileArrays,
     TileReader,
     damaged_message,
+    mark_pins_used,
     open_sources,
     release_freed_memory,
+    reopen,
 )
 
 __all__ = ["IMAGE_SUFFIXES", "TileRef", "TileStream", "decode", "first_tile_side", "sample_images"]
@@ -192,18 +200,24 @@ class TileStream(torch.utils.data.IterableDataset):
         self._skip = 0
         self._open()
 
-    def _open(self) -> None:
-        self.index = open_sources(self._sources)  # once per process per store state; memory-mapped
+    def _open(self, pins: list[dict] | None = None) -> None:
+        # once per process per store state; memory-mapped. A spawned worker reopens the states the main process
+        # pinned: the store's newest state may hold parts an array job published since.
+        self.index = open_sources(self._sources) if pins is None else reopen(pins)
         self.refs = _Refs(self.index)
         self._groups, self._weights = self._fields_of_view(self._mpp_weights)
+        self._open_shards = open_shards(self.shuffle_buffer, self._groups, self.index.shard)
 
     def __getstate__(self) -> dict:
         # A spawned DataLoader worker reopens the memory maps instead of receiving a pickled copy of them.
-        return {k: v for k, v in self.__dict__.items() if k not in ("index", "refs", "_groups", "_weights")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("index", "refs", "_groups", "_weights")}
+        state["_pins"] = self.index.pins
+        return state
 
     def __setstate__(self, state: dict) -> None:
+        pins = state.pop("_pins")
         self.__dict__.update(state)
-        self._open()
+        self._open(pins)
 
     def _fields_of_view(self, mpp_weights: dict[float, float] | None) -> tuple[list[np.ndarray], np.ndarray]:
         dtype = np.int32 if len(self.index) < 2**31 else np.int64
@@ -265,19 +279,24 @@ class TileStream(torch.utils.data.IterableDataset):
         return order
 
     def rank_order(self) -> np.ndarray:
-        """This rank's tile indices for the epoch: rank split (with wrap-around), then the shuffle buffer."""
+        """This rank's tile indices for the epoch: its contiguous block (the epoch padded by wrapping around to
+        its start), then the shuffle buffer."""
         order = self.global_order()
         per_rank = -(-len(order) // self.world_size)
-        mine = np.resize(order, per_rank * self.world_size)[self.rank :: self.world_size]
+        start = self.rank * per_rank
+        mine = order[start : start + per_rank]
+        if len(mine) < per_rank:  # the last ranks' blocks run past the end: they continue from the start
+            mine = np.concatenate([mine, np.resize(order, per_rank - len(mine))])
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, 0xB0F])
         return _shuffle_buffer(mine, self.shuffle_buffer, rng)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        mark_pins_used(self.index.pins)  # this job still maps these index states: no prune may remove them
         order = self.rank_order()
         release_freed_memory()  # the order's temporaries: several times its size, freed but kept by malloc
-        reader = TileReader(self.index)
+        reader = TileReader(self.index, max_open=self._open_shards)
         try:
             for position in range(self._skip, len(order)):
                 # batches are counted from the skip point: a resumed DataLoader again asks worker 0 first
@@ -286,6 +305,29 @@ class TileStream(torch.utils.data.IterableDataset):
                 yield _to_tensor(load_tile(self.index, int(order[position]), reader), self.image_size)
         finally:
             reader.close()
+
+
+def open_shards(shuffle_buffer: int, groups: list[np.ndarray], shard: np.ndarray) -> int:
+    """Shard files a worker keeps open: as many as the shuffle buffer spans, so each is opened about once.
+
+    A tile that entered the buffer k tiles ago is still there with probability (1 - 1/B)^k ≈ exp(-k/B), so of
+    the shard that entered j shards of T tiles ago about B·(1 - exp(-T/B))·exp(-jT/B) tiles remain: more than
+    1/20 while j ≤ (B/T)·ln(20·B·(1 - exp(-T/B))) (a simulation of the LRU at B = 10,000, T = 2,000 gives
+    1.2 opens per shard at that size, 6 at half of it). Each weighted field of view is its own interleaved
+    sequence of shards. Bounded by a quarter of the process's file-descriptor limit.
+    """
+    total = 0
+    for group in groups:
+        if len(group) == 0:
+            continue
+        in_group = shard[group]
+        shards = 1 + int(np.count_nonzero(in_group[1:] != in_group[:-1]))  # blocks: the index is shard-sorted
+        per_shard = len(group) / shards
+        remaining = 20 * shuffle_buffer * -math.expm1(-per_shard / shuffle_buffer)
+        total += math.ceil(shuffle_buffer / per_shard * math.log(max(remaining, 2.0))) + 4
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = 1024 if soft == resource.RLIM_INFINITY else max(8, soft // 4)
+    return max(8, min(total, limit))
 
 
 def _load_tiles(index: TileArrays, positions: np.ndarray) -> list[np.ndarray]:

@@ -3,12 +3,14 @@
 `[method]` is the options model of the method named by `name` (`pathssl_cli.methods`); `[augment]` picks the
 view recipe of that method in the `original` or `pathology` preset (`pathssl_cli.augment.views.recipe_for`)
 with optional per-field overrides. Settings counted in epochs (as the official recipes count them) use one
-pass over the tiles of `data.tiles` per epoch, or `run.epoch_images` images (1281167 = ImageNet epochs).
+pass over the data per epoch (the tiles of `data.tiles`; for `data.slides`, patches covering their tissue once),
+or `run.epoch_images` images (1281167 = ImageNet epochs).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
@@ -17,16 +19,63 @@ from pathssl_cli.augment.recipes import StainOptions, ViewRecipe, recipe_for
 from pathssl_cli.backbones import Network, backbone_info
 from pathssl_cli.errors import Problem
 from pathssl_cli.methods import MethodOptionsUnion
-from pathssl_cli.specs.core import BackboneName, InputPath, OutputPath, Section, SpecModel, WeightsRef
+from pathssl_cli.specs.core import BackboneName, InputPath, OutputPath, PathPattern, Section, SpecModel, WeightsRef
+from pathssl_cli.specs.tile import MAGNIFICATION_MPP, SlideReaderName
 
 PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16"]
 
 
+class MppRange(Section):
+    log_uniform: tuple[float, float] = Field(
+        description="[low, high] µm/px: each slide patch's field of view is drawn log-uniformly in it (as "
+        "continuous-magnification pre-training does, e.g. [0.25, 2.0]).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> MppRange:
+        low, high = self.log_uniform
+        if not 0.05 <= low <= high <= 64:
+            raise ValueError(f"log_uniform needs 0.05 <= low <= high <= 64 µm/px, got {list(self.log_uniform)}")
+        return self
+
+
 class PretrainData(Section):
     tiles: list[InputPath] = Field(
-        min_length=1, description="Tile stores written by `pathssl tile` (a folder with parts/*.parquet and "
-                                  "shards/) or folders of images (searched recursively); all are mixed into "
-                                  "one stream.")
+        default_factory=list, description="Tile stores written by `pathssl tile` (a folder with parts/*.parquet "
+        "and shards/) or folders of images (searched recursively); all are mixed into one stream (with "
+        "`slides`, in proportion to each one's epoch length).")
+    slides: list[PathPattern] = Field(
+        default_factory=list, description="Whole slides to cut patches from on the fly, no tile store: files, "
+        "globs (`**` allowed) or CSV files with a `path` and an optional `mpp` column (µm/px, overrides the "
+        "metadata for that slide), as `pathssl tile` reads them. Relative paths are resolved against the spec "
+        "file's folder (CSV paths against the CSV's folder).")
+    mpp: list[float | str] | dict[str, float] | MppRange | None = Field(
+        None, description="Fields of view of slide patches (µm/px): a list [0.25, 0.5] (equal weights; "
+        "'40x'/'20x'/'10x'/'5x' allowed), weights {\"0.25\" = 1, \"0.5\" = 2} (Kang et al.'s multi-FoV) or "
+        "{log_uniform = [0.25, 2.0]}. Each slide draws from those it can give (none finer than its level 0). "
+        "Unset = [0.5], `pathssl tile`'s default. For tile stores use mpp_weights.")
+    mpp_override: float | None = Field(
+        None, gt=0, description="Level-0 µm/px of every slide of `slides`, winning over the MPP in its metadata "
+        "(`pathssl tile`'s input.mpp_override; a slide CSV's `mpp` column wins over both). Unset: the metadata's; "
+        "a slide without MPP is then left out with a warning naming it, never guessed.")
+    reader: SlideReaderName = Field(
+        "auto", description="Slide library for `slides` ('auto', 'tiffslide', 'openslide', 'dicom'), as "
+        "`pathssl tile`'s input.reader; each slide is read by the library that indexed it.")
+    coords_dir: OutputPath | None = Field(
+        None, description="Folder of the slides' coordinate index (coords/<slide_id>.parquet: tissue grid, "
+        "MPP, reader), computed where missing with `pathssl tile`'s tissue detector, or written ahead of time "
+        "by `pathssl tile SPEC --coords-only` into that spec's output.dir. Unset = "
+        "$XDG_CACHE_HOME/pathssl/coords (~/.cache/pathssl/coords), shared by every run of this user.")
+    min_tissue: float = Field(
+        0.4, ge=0, le=1, description="Smallest fraction of a slide patch's own pixels that the tissue detector "
+        "calls tissue (saturation above that slide's threshold); else the next position is tried. 0.4: on the "
+        "CMU-1 sample, 90% of the tiles `pathssl tile` keeps (mask fraction >= 0.5) have >= 0.44, and 75% of "
+        "tiles at the tissue border (mask < 0.25) have <= 0.16.")
+    patches_per_visit: int = Field(
+        16, ge=1, description="Consecutive slide patches read from one slide before the next (amortises "
+        "opening it and reuses its decoded tiles); a batch of B mixes B / patches_per_visit visits.")
+    open_slides: int = Field(
+        8, ge=1, description="Slides in use at a time per rank, and kept open by each DataLoader worker: a "
+        "batch mixes patches of this many slides, and each is opened about once per epoch per worker.")
     batch_size: int = Field(
         256, ge=1, description="Global batch: images per optimiser step summed over all ranks (each rank "
                                "gets batch_size / world_size). The lr is scaled from it by the linear "
@@ -47,6 +96,48 @@ class PretrainData(Section):
     workers: int = Field(
         4, ge=0, description="DataLoader processes that read shards and decode JPEG per rank; the "
                              "augmentations run batched on the training device, so a few are enough.")
+
+    def mpp_sampling(self) -> Any:
+        """`data.mpp` as a `pathssl_cli.data.slide_stream.MppSampling`."""
+        from pathssl_cli.data.fields_of_view import MppSampling
+
+        if isinstance(self.mpp, MppRange):
+            return MppSampling(log_uniform=(float(self.mpp.log_uniform[0]), float(self.mpp.log_uniform[1])))
+        if isinstance(self.mpp, dict):
+            pairs = sorted(self.mpp.items(), key=lambda kv: float(kv[0]))
+            return MppSampling(values=tuple(float(k) for k, _ in pairs), weights=tuple(v for _, v in pairs))
+        values = tuple(_as_mpp(v) for v in (self.mpp or [0.5]))
+        return MppSampling(values=values, weights=(1.0,) * len(values))
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> PretrainData:
+        if not self.tiles and not self.slides:
+            raise ValueError("give data.tiles (tile stores, image folders), data.slides (whole slides), or both")
+        if self.mpp is not None and not self.slides:
+            raise ValueError("data.mpp sets the fields of view of slide patches; there are no data.slides. For "
+                             "a tile store's levels use data.mpp_weights")
+        if self.mpp_weights and not self.tiles:
+            raise ValueError("data.mpp_weights weights a tile store's levels; there are no data.tiles. For "
+                             "slides use data.mpp")
+        if isinstance(self.mpp, list):
+            if not self.mpp:
+                raise ValueError("data.mpp is empty; give at least one field of view")
+            for value in self.mpp:
+                mpp = _as_mpp(value)
+                if not 0.05 <= mpp <= 64:
+                    raise ValueError(f"data.mpp: µm/px must lie in [0.05, 64], got {value}")
+        if isinstance(self.mpp, dict):
+            for key, weight in self.mpp.items():
+                try:
+                    mpp = float(key)
+                except ValueError:
+                    raise ValueError(f"data.mpp key {key!r} is not a number of µm/px such as '0.5' (or use "
+                                     "{log_uniform = [low, high]})") from None
+                if not 0.05 <= mpp <= 64 or weight < 0:
+                    raise ValueError(f"data.mpp needs µm/px keys in [0.05, 64] and weights >= 0, got {key}={weight}")
+            if sum(self.mpp.values()) <= 0:
+                raise ValueError("data.mpp weights are all zero; give one field of view a positive weight")
+        return self
 
     @model_validator(mode="after")
     def _check_weights(self) -> PretrainData:
@@ -231,6 +322,8 @@ class PretrainSpec(SpecModel):
     def check_inputs(self) -> list[Problem]:
         where = f"{self.source_file}: " if self.source_file else ""
         problems = []
+        if self.data.slides:
+            problems += _slide_problems(self.data.slides, f"{where}data.slides")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if self.data.batch_size % world:
             problems.append(Problem(f"{where}data.batch_size", f"{self.data.batch_size} images per step "
@@ -239,9 +332,36 @@ class PretrainSpec(SpecModel):
         return problems
 
 
+def _as_mpp(value: float | str) -> float:
+    if isinstance(value, str):
+        if value.lower() not in MAGNIFICATION_MPP:
+            raise ValueError(f"data.mpp: unknown magnification {value!r}; use µm/px or one of "
+                             f"{', '.join(MAGNIFICATION_MPP)}")
+        return MAGNIFICATION_MPP[value.lower()]
+    return float(value)
+
+
 def view_counts(options: Any) -> tuple[int, int]:
     """(global, local) views the method consumes; two-view methods have no n_*_crops options."""
     return int(getattr(options, "n_global_crops", 2)), int(getattr(options, "n_local_crops", 0))
+
+
+def _slide_problems(items: list[str], where: str) -> list[Problem]:
+    """A path without glob characters names one file that must exist; a pattern must match at least one."""
+    import re
+
+    from pathssl_cli.specs.tile import resolve_slide_items
+
+    missing = [Problem(f"{where}[{i}]", f"file not found: {item}. Fix the path, or use a glob pattern or a CSV "
+                       "list for slides that may be absent.")
+               for i, item in enumerate(items) if not re.search(r"[*?\[]", item) and not Path(item).exists()]
+    if missing:
+        return missing
+    try:
+        found = resolve_slide_items(items)
+    except (ValueError, OSError) as exc:
+        return [Problem(where, str(exc))]
+    return [] if found else [Problem(where, f"no slide matched {items}. Check the paths or glob patterns.")]
 
 
 def _first_line(exc: Exception) -> str:

@@ -231,8 +231,13 @@ def resolve_slides(spec: TileSpec) -> list[tuple[Path, float | None]]:
     Missing paths listed in a CSV are kept: they are reported per slide in errors.csv, not as a spec error,
     so one lost file does not stop a run over thousands (a missing path in the spec itself is a spec error).
     """
+    return resolve_slide_items(spec.input.slides)
+
+
+def resolve_slide_items(items: list[str]) -> list[tuple[Path, float | None]]:
+    """`resolve_slides` for any list of paths, globs and CSV files (also `pretrain`'s `data.slides`)."""
     found: dict[Path, float | None] = {}
-    for item in spec.input.slides:
+    for item in items:
         if item.lower().endswith(".csv") and not re.search(r"[*?\[]", item):
             for path, mpp in _read_slide_csv(Path(item)):
                 found[path.resolve()] = mpp

@@ -100,12 +100,20 @@ def part_files(store: Path) -> list[os.DirEntry]:
         return []
 
 
+def file_state(stat: os.stat_result) -> str:
+    """What identifies one version of a file: size, mtime, inode and ctime.
+
+    Size and mtime alone miss a same-size rewrite within the file system's timestamp granularity (1 s on some
+    Lustre mounts); a rewrite published by rename gets a new inode, and any change a new ctime.
+    """
+    return f"{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ino}\0{stat.st_ctime_ns}"
+
+
 def parts_state(parts: list[os.DirEntry]) -> str:
-    """A digest of the parts' names, sizes and modification times: changes whenever a part is added or replaced."""
+    """A digest of the parts' names and file states: changes whenever a part is added or replaced."""
     digest = hashlib.sha1()
     for entry in parts:
-        stat = entry.stat()
-        digest.update(f"{entry.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(f"{entry.name}\0{file_state(entry.stat())}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -124,8 +132,7 @@ def index_source(store: str | Path) -> tuple[list[Path], str]:
         return [Path(e.path) for e in parts], parts_state(parts)
     consolidated = store / CONSOLIDATED
     if consolidated.exists():
-        stat = consolidated.stat()
-        return [consolidated], f"c{stat.st_size:x}{stat.st_mtime_ns:x}"
+        return [consolidated], "c" + hashlib.sha1(file_state(consolidated.stat()).encode()).hexdigest()[:15]
     hint = _legacy_hint(store)
     raise StoreError(hint or f"{store}: not a tile store (no parts/*.parquet or {CONSOLIDATED}). Create one "
                      "with `pathssl tile SPEC`.")

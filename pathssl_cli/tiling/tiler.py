@@ -17,6 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
+
 from pathssl_cli.console import info, progress
 from pathssl_cli.errors import SpecError, WorkFailed
 from pathssl_cli.fileio import atomic_write
@@ -110,6 +112,49 @@ def _errors_csv(results: list[SlideResult]) -> str:
         if r.status == "failed":
             writer.writerow([r.path, r.error, r.fix])
     return buffer.getvalue()
+
+
+def run_coords(spec: TileSpec, *, num_shards: int | None = None, shard_index: int | None = None,
+               consolidate: bool = False, split_array: bool = False) -> dict[str, Any]:
+    """`pathssl tile --coords-only`: the coordinate index rows of this process's part of the slides, written into
+    `<output.dir>/coords/` for `pathssl pretrain` to stream patches from (`data.coords_dir = output.dir`). Same
+    slide list, split, reader, MPP rules and tissue detector as tiling; no tile is written. Rows that recorded an
+    unusable slide are computed again. `consolidate` (once, after the array): also write every row into
+    `<output.dir>/coords.parquet`, so that a first pre-training start reads one file, not one per slide."""
+    from pathssl_cli.data.slide_arrays import CONSOLIDATED_COORDS, consolidate_coords
+    from pathssl_cli.data.slide_index import CoordSettings, coords_path, ensure_coords
+
+    part = resolve_shard(num_shards, shard_index, array=split_array)
+    if consolidate and part.count > 1:
+        raise SpecError(f"--consolidate reads every slide's row, so it runs once, after all {part.count} parts: run "
+                        "`pathssl tile SPEC --coords-only --consolidate` without a split")
+    jobs = part.take(resolve_slides(spec))
+    store_dir = Path(spec.output.dir)
+    settings = CoordSettings(reader=spec.input.reader, mpp_override=spec.input.mpp_override)
+    started = time.perf_counter()
+    info(f"coordinate index of {len(jobs)} slide(s) into {store_dir / 'coords'}"
+         + (f" (part {part.index + 1} of {part.count}, from {part.source})" if part.count > 1 else ""))
+    counts = ensure_coords(jobs, store_dir, settings, spec.run.workers, recompute_errors=True)
+    failed = []
+    for slide, _ in jobs:
+        row = pq.read_table(coords_path(store_dir, slide), columns=["error", "fix"]).to_pylist()[0]
+        if row["error"]:
+            failed.append({"slide": str(slide), "error": row["error"], "fix": row["fix"]})
+    summary = {"slides": len(jobs), "computed": counts["computed"], "failed": len(failed),
+               "seconds": round(time.perf_counter() - started, 3), "part": {"index": part.index, "count": part.count},
+               "errors": failed}
+    if consolidate:
+        summary["consolidated"] = consolidate_coords(store_dir, jobs)
+        info(f"{summary['consolidated']} rows consolidated into {store_dir / CONSOLIDATED_COORDS}")
+    atomic_write(store_dir / "coords" / f"summary{part.suffix}.json", json.dumps(summary, indent=2) + "\n")
+    info(f"{len(jobs) - len(failed)} slide(s) indexed ({counts['computed']} computed now), {len(failed)} unusable, "
+         f"in {summary['seconds']:.1f} s")
+    if failed and not spec.run.allow_failures:
+        listed = store_dir / "coords" / f"summary{part.suffix}.json"
+        raise WorkFailed(f"{len(failed)} of {len(jobs)} slide(s) cannot be used, e.g. {failed[0]['slide']}: "
+                         f"{failed[0]['error']}. All are listed in {listed} (set run.allow_failures = true to exit 0 "
+                         "anyway; pre-training leaves them out)")
+    return summary
 
 
 def run_tile(

@@ -79,12 +79,25 @@ class TissueMask:
         return np.where(y_ok[:, None] & x_ok[None, :], total / area, 0.0)
 
 
+def _blurred_saturation(rgb: np.ndarray) -> np.ndarray:
+    saturation = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
+    return cv2.medianBlur(saturation, 5)  # removes sensor noise and thin pen strokes
+
+
+def _threshold(saturation: np.ndarray) -> float:
+    otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    return float(np.clip(otsu, MIN_SATURATION, MAX_THRESHOLD))
+
+
+def saturation_threshold(rgb: np.ndarray) -> float:
+    """The HSV saturation (0-255) above which `detect_tissue` calls a pixel of this thumbnail tissue."""
+    return _threshold(_blurred_saturation(rgb))
+
+
 def detect_tissue(rgb: np.ndarray, mpp: float) -> np.ndarray:
     """Boolean tissue mask of an RGB image at `mpp` µm/px (a thumbnail)."""
-    saturation = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
-    saturation = cv2.medianBlur(saturation, 5)  # removes sensor noise and thin pen strokes
-    otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    mask = saturation > float(np.clip(otsu, MIN_SATURATION, MAX_THRESHOLD))
+    saturation = _blurred_saturation(rgb)
+    mask = saturation > _threshold(saturation)
     # Closing joins tissue split by pale regions (fat, mucus, tears); opening removes specks.
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, _disk(CLOSE_UM / mpp))
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _disk(OPEN_UM / mpp))

@@ -208,7 +208,7 @@ def test_index_is_cached_by_the_parts_state_and_memory_mapped(tmp_path: Path) ->
     _make_store(tmp_path, slides=3, per_level=3, first_id=100)  # a third slide joins the store
     second = tile_index.open_store(tmp_path)
     states = [p.name for p in (tmp_path / ".index").iterdir() if not p.name.startswith(".")]
-    assert len(second) == 18 and len(states) == 1 and states != [cache.name]  # the old state is pruned
+    assert len(second) == 18 and len(states) == 2 and cache.name in states  # a job may still map the old one
     stream = TileStream([tmp_path], image_size=SIDE)
     assert stream.index is second and len(list(stream)) == 18
 

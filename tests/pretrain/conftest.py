@@ -40,6 +40,16 @@ def tile_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def slide_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two 512 px synthetic slides at 1 µm/px (levels at 1, 2 and 4 µm/px) to pre-train from directly."""
+    from pathssl_cli.synthetic_slide import write_synthetic_slide
+
+    folder = tmp_path_factory.mktemp("slides")
+    return [write_synthetic_slide(folder / f"s{i}.tif", width=512, height=512, mpp=1.0, tile_size=128, n_levels=3,
+                                  seed=60 + i, tissue_fraction=0.5).path for i in range(2)]
+
+
+@pytest.fixture(scope="session")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """96 synthetic 32 px tissue tiles (16 per texture) as an image folder."""
     return write_image_folder(tmp_path_factory.mktemp("folder"), 16, TILE, seed=0, splits=("train",))

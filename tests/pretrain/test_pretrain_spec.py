@@ -25,9 +25,23 @@ def test_the_paper_grid_and_tiny_specs_are_all_there() -> None:
         assert {f"{backbone_method}_original", f"{backbone_method}_pathology"} <= names
 
 
+@pytest.fixture(scope="module")
+def slide_list(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A slide CSV (its slides need not exist to validate a spec: they are per-slide problems at run time)."""
+    path = tmp_path_factory.mktemp("slides") / "slides.csv"
+    path.write_text("path\nslide.svs\n")
+    return path
+
+
+def _sources(path: Path, image_folder: Path, slide_list: Path) -> list[str]:
+    if path.stem.endswith("_slides"):
+        return [f'data.slides=["{slide_list}"]']
+    return [f'data.tiles=["{image_folder}"]']
+
+
 @pytest.mark.parametrize("path", ALL_SPECS, ids=lambda p: p.stem)
-def test_spec_validates(path: Path, image_folder: Path) -> None:
-    spec = load_spec(path, [f'data.tiles=["{image_folder}"]'], kind="pretrain")
+def test_spec_validates(path: Path, image_folder: Path, slide_list: Path) -> None:
+    spec = load_spec(path, _sources(path, image_folder, slide_list), kind="pretrain")
     assert isinstance(spec, PretrainSpec)
     n_global, n_local = (getattr(spec.method, "n_global_crops", 2), getattr(spec.method, "n_local_crops", 0))
     recipe = spec.augment.recipe(spec.method.name, n_global, n_local)
@@ -49,6 +63,54 @@ def test_original_and_pathology_variants_differ_only_in_the_techniques() -> None
         assert a.model_dump(exclude=ignore) == b.model_dump(exclude=ignore), original.name
         assert (a.augment.preset, b.augment.preset) == ("original", "pathology")
         assert len(b.data.mpp_weights) == 2 and len(a.data.mpp_weights) == 1  # multi-FoV only in pathology
+
+
+def test_slide_variants_differ_from_the_paper_specs_only_in_their_data(image_folder: Path,
+                                                                         slide_list: Path) -> None:
+    """Issue 23: every paper spec has a `_slides` twin whose fields of view are the twin's mpp_weights."""
+    variants = sorted([*SPECS.glob("*_original_slides.toml"), *SPECS.glob("*_pathology_slides.toml")])
+    assert len(variants) == 10
+    for variant in variants:
+        twin = variant.with_name(variant.name.replace("_slides", ""))
+        a = load_spec(twin, [f'data.tiles=["{image_folder}"]'])
+        b = load_spec(variant, [f'data.slides=["{slide_list}"]'])
+        ignore = {"run": {"output_dir"}, "data": True}
+        assert a.model_dump(exclude=ignore) == b.model_dump(exclude=ignore), variant.name
+        assert b.data.tiles == [] and b.data.mpp == a.data.mpp_weights  # type: ignore[attr-defined]
+        assert b.data.tile_size == 224 and a.data.batch_size == b.data.batch_size
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    (["data.tiles=[]"], "give data.tiles"),
+    (["data.mpp=[0.5]"], "there are no data.slides"),
+    (["data.tiles=[]", "data.slides=['SLIDES']", 'data.mpp_weights={"0.5"=1.0}'], "there are no data.tiles"),
+    (["data.slides=['SLIDES']", 'data.mpp={"big"=1.0}'], "not a number of µm/px"),
+    (["data.slides=['SLIDES']", "data.mpp=['3x']"], "unknown magnification"),
+    (["data.slides=['SLIDES']", "data.mpp={log_uniform=[2.0, 0.5]}"], "low <= high"),
+    (["data.slides=['/nowhere/*.svs']"], "no slide matched"),
+    (["data.slides=['/nowhere/a.svs']"], "file not found"),
+])
+def test_slide_settings_are_checked(override: list[str], expected: str, image_folder: Path,
+                                    slide_list: Path) -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec(SPECS / "tiny_mocov2.toml", [f'data.tiles=["{image_folder}"]',
+                                               *(o.replace("SLIDES", str(slide_list)) for o in override)])
+    assert expected in str(info.value)
+
+
+def test_slide_fields_of_view_in_every_form(slide_list: Path) -> None:
+    def sampling(value: str):  # type: ignore[no-untyped-def]
+        spec = load_spec(SPECS / "tiny_mocov2.toml", ["data.tiles=[]", f'data.slides=["{slide_list}"]',
+                                                       f"data.mpp={value}"])
+        return spec.data.mpp_sampling()  # type: ignore[attr-defined]
+
+    assert sampling("['40x', 0.5]").values == (0.25, 0.5)
+    weighted = sampling('{"1.0" = 1.0, "0.25" = 3.0}')
+    assert weighted.values == (0.25, 1.0) and weighted.weights == (3.0, 1.0)
+    ranged = sampling("{log_uniform = [0.25, 2.0]}")
+    assert ranged.log_uniform == (0.25, 2.0)
+    # E[mpp²] of log-uniform on [a, b], worked out by hand: (b² - a²) / (2 ln(b / a))
+    assert ranged.expected_square() == pytest.approx((4.0 - 0.0625) / (2 * 2.0794415416798357))
 
 
 def test_paper_grid_follows_the_paper(image_folder: Path) -> None:

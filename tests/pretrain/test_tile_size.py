@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pathssl_cli.data.tiles import first_tile_side
-from pathssl_cli.pretrain import _open_stream
+from pathssl_cli.data.tiles import TileStream, first_tile_side
+from pathssl_cli.pretrain_data import open_stream
 from pathssl_cli.specs import load_spec
 from pathssl_cli.specs.pretrain import PretrainSpec
 
@@ -35,6 +35,12 @@ def _spec(sources: tuple[Path, ...], seed: int, tmp_path: Path, *extra: str) -> 
                                                   f"run.output_dir={tmp_path / 'run'}", *extra], kind="pretrain")
     assert isinstance(spec, PretrainSpec)
     return spec
+
+
+def _open_stream(spec: PretrainSpec, rank: int, world: int, batch: int) -> TileStream:
+    stream = open_stream(spec, rank, world, batch, default_side=64)  # the default side is for slides alone
+    assert isinstance(stream, TileStream)
+    return stream
 
 
 def test_unset_tile_size_is_the_first_sources_side_whatever_the_seed(mixed_sides: tuple[Path, Path],
