@@ -22,6 +22,7 @@ metrics.json carries one "seed" for symmetry with the other protocols.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -32,11 +33,11 @@ from pathssl_cli.data.benchmarks import ClassificationDataset, open_dataset
 from pathssl_cli.distributed import resolve_device
 from pathssl_cli.errors import SpecError
 from pathssl_cli.evaluate.common import FeatureSet, frozen_features, summarise, write_outputs
-from pathssl_cli.evaluate.features import Features
+from pathssl_cli.evaluate.features import POOLED, STAGES, FeatureRecipe, Features
 from pathssl_cli.evaluate.metrics import classification_metrics
 from pathssl_cli.runs import claim_run_dir, open_run
 from pathssl_cli.specs.data import DataSection
-from pathssl_cli.specs.evaluate import KnnSpec
+from pathssl_cli.specs.evaluate import KnnFeatures, KnnSpec
 
 
 @torch.no_grad()
@@ -102,12 +103,22 @@ def val_is_carved(data: DataSection) -> bool:
         return False
 
 
+def knn_recipe(features: KnnFeatures, family: str) -> FeatureRecipe:
+    """The feature recipe `features.recipe` names for a backbone of `family` ('dinov2' is a ViT's; CNNs pool)."""
+    if features.recipe == "stages":
+        return STAGES
+    if features.recipe == "dinov2" and family == "vit":
+        return FeatureRecipe("vit_blocks", 1, True)
+    return POOLED
+
+
 def run_knn(spec: KnnSpec) -> dict[str, Any]:
     """kNN of the evaluation split against the training partition (`knn_neighbours`), for every k of `[knn]`;
     metrics.json reports the first k as the run's result and the others as variants."""
     claim_run_dir(spec, spec.run.output_dir)
     with open_run(spec, spec.run.output_dir, seed=spec.run.seeds[0]) as run:
-        fset = frozen_features(spec, need_val=val_is_carved(spec.data))
+        fset = frozen_features(spec, need_val=val_is_carved(spec.data),
+                               recipe=lambda backbone: knn_recipe(spec.features, backbone.info.family))
         num_classes = len(fset.splits["train"].classes)
         train, train_split, neighbours = knn_neighbours(fset, spec.data)
         query = fset.features["eval"]
@@ -134,6 +145,7 @@ def run_knn(spec: KnnSpec) -> dict[str, Any]:
             "temperature": spec.knn.temperature,
             "extraction_seconds": round(fset.extraction_seconds, 3),
             "feature_dim": int(train.features.shape[1]),
+            "feature_recipe": json.loads(fset.recipe.describe()),
             "neighbours": neighbours,
             "deterministic": True,  # no seed changes the vote given the weights: seeds are not replicates
         }

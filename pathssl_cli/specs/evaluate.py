@@ -250,11 +250,25 @@ class KnnSection(Section):
     )
 
 
+class KnnFeatures(Section):
+    """Which outputs of the frozen backbone the neighbours are searched in (part of the feature cache key)."""
+
+    recipe: Literal["pooled", "dinov2", "stages"] = Field(
+        default="pooled",
+        description="'pooled' = the backbone's pooled output (CNN average pool, ViT final-norm CLS), what dino "
+        "eval_knn.py searches; 'dinov2' = a ViT's last-block CLS token ⊕ mean patch token (CNNs: the average "
+        "pool); 'stages' = every stage's global average, concatenated (resnet_tiny: 368-d), as the linear "
+        "probe's recipe of the same name. Features are L2-normalised before the cosine search either way.",
+    )
+
+
 class KnnSpec(SpecModel):
     kind: Literal["knn"] = "knn"
     data: DataSection
     model: ModelSection = Field(default_factory=ModelSection, description="Backbone and weights to evaluate.")
     knn: KnnSection = Field(default_factory=KnnSection, description="Neighbour counts and temperature.")
+    features: KnnFeatures = Field(default_factory=KnnFeatures, description="Feature recipe: `features.recipe "
+                                  "= \"stages\"` for small CPU backbones.")
     run: RunSection
 
     def check_inputs(self) -> list[Problem]:

@@ -164,3 +164,27 @@ def test_knn_keeps_an_official_val_split_out(tiny_folder: Path, tmp_path: Path) 
     record = run_knn(_knn_spec(tiny_folder, tmp_path / "run"))  # type: ignore[arg-type]
     assert record["n"]["train"] == len(list((tiny_folder / "train").rglob("*.png")))
     assert record["settings"]["neighbours"] == "train"
+
+
+def test_knn_searches_the_features_the_recipe_names(tiny_folder: Path, tmp_path: Path) -> None:
+    """`features.recipe = "stages"` searches every stage's average pool (resnet_tiny: 368-d), not the 96-d pool,
+    and metrics.json records the recipe."""
+    import json
+
+    from pathssl_cli.backbones import create_backbone
+    from pathssl_cli.evaluate.features import STAGES, recipe_features
+    from pathssl_cli.evaluate.knn import run_knn
+    from pathssl_cli.specs.evaluate import KnnSpec
+
+    pooled = run_knn(_knn_spec(tiny_folder, tmp_path / "pooled"))  # type: ignore[arg-type]
+    spec = _knn_spec(tiny_folder, tmp_path / "stages")
+    staged_spec = KnnSpec.model_validate({**spec.model_dump(), "features": {"recipe": "stages"}})  # type: ignore
+    staged = run_knn(staged_spec)
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet_tiny", "random", 32)
+    stage_dim = sum(backbone.map_channels)
+    assert pooled["settings"]["feature_dim"] == backbone.feature_dim == 96
+    assert staged["settings"]["feature_dim"] == stage_dim == 368
+    assert json.loads((tmp_path / "stages" / "metrics.json").read_text())["settings"]["feature_recipe"]["kind"] \
+        == "stages"
+    assert recipe_features(backbone.eval(), torch.zeros(1, 3, 32, 32), STAGES).shape == (1, stage_dim)
