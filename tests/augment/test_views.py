@@ -78,6 +78,23 @@ OFFICIAL = {
         solarize_p=[0.0, 0.2],
         interpolation="bicubic",
     ),
+    # dinov2/data/augmentations.py DataAugmentationDINO with ssl_default_config.yaml's crops. Its GaussianBlur
+    # is a RandomApply with keep_p = 1 - p (dinov2/data/transforms.py), so the p=1.0 / 0.1 / 0.5 it is given
+    # blur the first global crop never, the second 90% of the time and local crops half of the time.
+    "dinov2": dict(
+        n_local=8,
+        global_scale=(0.32, 1.0),
+        local_scale=(0.05, 0.32),
+        brightness=0.4,
+        contrast=0.4,
+        saturation=0.2,
+        hue=0.1,
+        blur_p=[0.0, 0.9],
+        local_blur_p=0.5,
+        blur_kernel=9,
+        solarize_p=[0.0, 0.2],
+        interpolation="bicubic",
+    ),
 }
 
 
