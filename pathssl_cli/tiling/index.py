@@ -139,7 +139,11 @@ def index_source(store: str | Path) -> tuple[list[Path], str]:
 
 
 def is_store(path: Path) -> bool:
-    return (path / "parts").is_dir() or (path / CONSOLIDATED).exists() or (path / CSV_EXPORT).exists()
+    """Whether `path` is a tile store: an index (parts/ or manifest.parquet), or an older store's manifest.csv
+    beside its shards/. A manifest.csv alone is not: image folders often ship one (the Kather 2016 sample's
+    lists its labels), and they are read as image folders."""
+    return ((path / "parts").is_dir() or (path / CONSOLIDATED).exists()
+            or ((path / CSV_EXPORT).exists() and (path / "shards").is_dir()))
 
 
 def read_tiles(store: str | Path, columns: list[str] | None = None) -> pa.Table:

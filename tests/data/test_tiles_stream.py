@@ -151,6 +151,22 @@ def test_image_folders_mix_with_stores_and_are_resized(store, tmp_path: Path) ->
         TileStream([tmp_path / "empty"], image_size=SIDE)
 
 
+def test_an_image_folder_with_its_own_manifest_csv_is_an_image_folder(tmp_path: Path) -> None:
+    # Datasets ship a manifest.csv of labels (the shared Kather 2016 sample does); only a store's index, or an
+    # older store's manifest.csv beside its shards/, makes a folder a tile store.
+    folder = tmp_path / "dataset"
+    (folder / "class_a").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((12, 12, 3), _colour(200 + i))).save(folder / "class_a" / f"t{i}.png")
+    (folder / "manifest.csv").write_text("path,label\nclass_a/t0.png,class_a\n")
+    assert sorted(_ids(TileStream([folder], image_size=SIDE, seed=0))) == [200, 201, 202]
+    (folder / "shards").mkdir()  # now it looks like a store of an older pathssl: refused with the fix
+    from pathssl_cli.tiling.index import StoreError
+
+    with pytest.raises(StoreError, match="older pathssl"):
+        TileStream([folder], image_size=SIDE)
+
+
 def test_sample_images_is_seeded_and_without_replacement(store) -> None:
     root, ids = store
     first = sample_images([root], 10, seed=0)
