@@ -80,7 +80,7 @@ def test_each_arm_adds_exactly_its_technique_to_the_recipe(plan: Any) -> None:
         assert arm.data.tiles == (recipe.data.tiles if name in ("two_fov", "pathology") else swapped), name
         # Nothing else differs from the recipe: not its method, optimiser, sizes, batch, or length per step.
         assert _without(arm.model_dump(), ARM_FIELDS) == _without(recipe.model_dump(), ARM_FIELDS), name
-        assert arm.run.steps == int(plan.spec.study.pretrain_set[0].split("=")[1])
+        assert arm.run.steps == recipe.run.steps  # the recipe as shipped, at its full length
 
 
 def _without(dump: dict[str, Any], fields: set[tuple[str, str]]) -> dict[str, Any]:
@@ -92,12 +92,17 @@ def test_the_probes_read_the_recipes_backbone_on_slide_folds(plan: Any) -> None:
     recipe = load_spec(RECIPE, check_inputs=False)
     linear = next(r for r in plan.stage("evaluate") if r.entry == "linear").load(check_inputs=False)
     knn = next(r for r in plan.stage("evaluate") if r.entry == "knn").load(check_inputs=False)
-    for spec in (linear, knn):
-        assert spec.model.backbone == recipe.model.backbone
-        assert spec.model.img_size == recipe.augment.global_size
+    probes = {"linear": load_spec(ROOT / "specs" / "evaluate" / "cpu_real_linear.toml", check_inputs=False),
+              "knn": load_spec(ROOT / "specs" / "evaluate" / "cpu_real_knn.toml", check_inputs=False)}
+    for spec, own in ((linear, probes["linear"]), (knn, probes["knn"])):
+        assert spec.model.backbone == own.model.backbone == recipe.model.backbone
+        # the recipe's own probes, only the data and where results go differ
+        assert spec.model_dump(exclude={"data", "run", "source_file"}) == own.model_dump(
+            exclude={"data", "run", "source_file"})
         assert spec.data.dataset == "csv" and spec.data.root == HERE / "kather2016_dev_slides.csv"
         assert spec.data.folds == 5
     assert linear.probe.kind == "lbfgs" and linear.features.normalize and linear.optim.select_by == "balanced_acc"
+    assert linear.features.recipe == knn.features.recipe == "stages"
     assert all(r.deterministic for r in plan.stage("evaluate"))  # the seeds of a pre-training are its replicates
 
 
