@@ -6,6 +6,15 @@ query tiles seen under a stain shift (each query's RGB channels scaled by U(0.85
 or labs). On clean tiles alone the synthetic textures are separable by colour, so even random features reach
 ~98%; the shift leaves texture as the cue, which is what self-supervision with colour and stain augmentation
 teaches.
+
+The held-out set has 200 tiles per texture (600 gallery, 600 queries): with the former 40 per class (120
+queries) one query was 0.8 points and the gains differed by up to 6 points from those on 600 queries (seed 0 on
+120 queries: MoCo v2 +0.142, Barlow Twins +0.125, SwAV +0.108, DINO +0.025), so a few tiles decided a margin. Measured on 600 queries (seed-0 random init 0.655; pre-training
+seeds 0 / 1 / 2 with `run.seed`, 200 steps, 1 thread, the steps of `_learns`): MoCo v2 +0.097 / +0.115 /
++0.132, SwAV +0.095 / +0.068 / +0.092, Barlow Twins +0.065 / +0.035 / +0.070. The margins sit below the worst
+seed and at or above ~1.5 standard errors of a paired difference on 600 queries (~2 points). DINO's student
+(its ViT's random init 0.710) gains +0.002 / +0.000 / -0.013, and +0.005 after 600 steps: tiny_dino does not
+learn this task (its former +5 points were 120-query noise), so its case fails until its recipe learns.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from pathssl_cli.synthetic import labelled_tiles, write_image_folder
 SPECS = Path(__file__).resolve().parents[2] / "specs" / "pretrain"
 SIZE = 32
 K = 5
+HELD_OUT_PER_CLASS = 200  # held-out tiles per texture, half gallery, half queries (see the docstring)
 
 
 def knn_accuracy(gallery: torch.Tensor, gallery_labels: torch.Tensor, queries: torch.Tensor,
@@ -54,7 +64,7 @@ def _features(backbone_name: str, weights: str | Path, images: np.ndarray, netwo
 
 
 def shifted_knn(backbone_name: str, weights: str | Path, network: str = "auto") -> float:
-    images, labels = labelled_tiles(40, SIZE, seed=123)  # held out: the training folder uses seed 0
+    images, labels = labelled_tiles(HELD_OUT_PER_CLASS, SIZE, seed=123)  # held out: the training folder uses seed 0
     gains = np.random.default_rng(5).uniform(0.85, 1.15, (len(images), 1, 1, 3))
     shifted = np.clip(images * gains, 0, 255).astype(np.uint8)
     y = torch.from_numpy(labels)
@@ -86,11 +96,13 @@ def _learns(method: str, steps: int, margin: float, folder: Path, out: Path) -> 
 
 
 def test_mocov2_learns(texture_folder: Path, tmp_path: Path) -> None:
-    _learns("mocov2", 200, 0.10, texture_folder, tmp_path / "mocov2")
+    _learns("mocov2", 200, 0.06, texture_folder, tmp_path / "mocov2")
 
 
 @pytest.mark.slow  # 1-4 min each on 2 cores; together with MoCo v2 they exceed this area's test budget
 @pytest.mark.parametrize("method", ["swav", "barlow_twins", "dino"])
 def test_other_methods_learn(method: str, texture_folder: Path, tmp_path: Path) -> None:
-    # DINO's ViT sees 4x4 patches of these 32 px tiles and learns least in 200 steps (+5 points measured)
-    _learns(method, 200, 0.03 if method == "dino" else 0.08, texture_folder, tmp_path / method)
+    # Margins from the measured gains (module docstring). DINO's ViT sees 4x4 patches of these 32 px tiles and
+    # measurably learns nothing in 200 steps: 0.03 is the margin a learning recipe must clear, not one it clears.
+    margins = {"swav": 0.05, "barlow_twins": 0.03, "dino": 0.03}
+    _learns(method, 200, margins[method], texture_folder, tmp_path / method)
