@@ -9,7 +9,8 @@ teaches.
 
 The held-out set has 200 tiles per texture (600 gallery, 600 queries): with the former 40 per class (120
 queries) one query was 0.8 points and the gains differed by up to 6 points from those on 600 queries (seed 0 on
-120 queries: MoCo v2 +0.142, Barlow Twins +0.125, SwAV +0.108, DINO +0.025), so a few tiles decided a margin. Measured on 600 queries (seed-0 random init 0.655; pre-training
+120 queries: MoCo v2 +0.142, Barlow Twins +0.125, SwAV +0.108, DINO +0.025), so a few tiles decided a margin.
+Measured on 600 queries (seed-0 random init 0.655; pre-training
 seeds 0 / 1 / 2 with `run.seed`, 200 steps, 1 thread, the steps of `_learns`): MoCo v2 +0.097 / +0.115 /
 +0.132, SwAV +0.095 / +0.068 / +0.092, Barlow Twins +0.065 / +0.035 / +0.070. The margins sit below the worst
 seed and at or above ~1.5 standard errors of a paired difference on 600 queries (~2 points). DINO's student
@@ -100,7 +101,11 @@ def test_mocov2_learns(texture_folder: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # 1-4 min each on 2 cores; together with MoCo v2 they exceed this area's test budget
-@pytest.mark.parametrize("method", ["swav", "barlow_twins", "dino"])
+@pytest.mark.parametrize("method", ["swav", "barlow_twins", pytest.param("dino", marks=pytest.mark.xfail(
+    strict=True, raises=AssertionError,
+    reason="tiny_dino does not learn this task in 200 CPU steps (student gains +0.002 / +0.000 / -0.013 over "
+           "seeds 0-2, module docstring); strict: the day it clears the margin this case fails until the mark "
+           "goes"))])
 def test_other_methods_learn(method: str, texture_folder: Path, tmp_path: Path) -> None:
     # Margins from the measured gains (module docstring). DINO's ViT sees 4x4 patches of these 32 px tiles and
     # measurably learns nothing in 200 steps: 0.03 is the margin a learning recipe must clear, not one it clears.
