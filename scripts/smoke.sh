@@ -89,7 +89,7 @@ wait "$study_pid" 2>/dev/null || true
 run 0 "${study[@]}"
 says "done, skipped"
 need "$work/study/report.md" "$work/study/report.csv" "$work/study/report.png" "$work/study/plan.json"
-grep -q "mean ± std over seeds" "$work/study/report.md" || fail "report.md has no study table"
+grep -q "mean ± std over replicates" "$work/study/report.md" || fail "report.md has no study table"
 run 0 "${study[@]}" --dry-run
 says "17 runs: 17 done"
 echo "smoke passed in $(( $(date +%s) - started )) s ($work)"
