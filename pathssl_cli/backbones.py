@@ -219,7 +219,8 @@ def resolve_normalization(choice: NormalizationChoice | Any, info: BackboneInfo,
     Explicit (mean, std) or an object with `mean` and `std` are used as given.
     """
     if hasattr(choice, "mean") and hasattr(choice, "std"):
-        return _triple(choice.mean), _triple(choice.std), "given in the spec"
+        given: Any = choice  # an ExplicitNormalization or any object with mean and std
+        return _triple(given.mean), _triple(given.std), "given in the spec"
     if isinstance(choice, tuple):
         return _triple(choice[0]), _triple(choice[1]), "given"
     if choice == "auto":

@@ -138,9 +138,9 @@ def _resample(level: Any, ax: float, ay: float, step: float, rows: int, cols: in
     along = _area_rows if shrink else _bilinear_rows
     # Separable, each pass along the first axis of a 2-D view, where gathering rows is a contiguous copy.
     height, width = block.shape[:2]
-    out = along(block.reshape(height, width * 3), ay - y_lo, step, rows).reshape(rows, width, 3)
-    out = np.ascontiguousarray(out.transpose(1, 0, 2)).reshape(width, rows * 3)
-    out = along(out, ax - x_lo, step, cols).reshape(cols, rows, 3).transpose(1, 0, 2)
+    by_rows = along(block.reshape(height, width * 3), ay - y_lo, step, rows).reshape(rows, width, 3)
+    columns_first = np.ascontiguousarray(by_rows.transpose(1, 0, 2)).reshape(width, rows * 3)
+    out = along(columns_first, ax - x_lo, step, cols).reshape(cols, rows, 3).transpose(1, 0, 2)
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
