@@ -34,6 +34,9 @@ HISTORY: dict[str, dict[int, str]] = {
         5: "808d81b: weight decay and LARS/LARC follow each method's official code (SwAV: LARC over every "
            "parameter; MoCo v2 and SwAV decay biases and norms)",
         6: _TIMM_RELEASE,
+        7: "6493f23: patches streamed from slides (data.slides) whose JPEG level is 2, 4 or 8 times finer than "
+           "needed are decoded at that scale by libjpeg's scaled IDCT (was a full decode, then area resizing): "
+           "the pixels a spec with slides trains on differ by about a grey level on average",
     },
     "linear": {
         1: "4c50b7a: pooled features; a DINO checkpoints/last.pt was evaluated through its student",
