@@ -142,12 +142,15 @@ class SSLMethod(nn.Module, abc.ABC):
 
     @property
     def exported_network(self) -> str:
-        """Which network `exported_backbone` returns, for the run's summary."""
-        return "student"
+        """Which network `exported_backbone` returns, for the run's summary: `options.export` for the methods
+        with an EMA teacher (DINO, DINOv2; 'teacher' by default), else the student."""
+        return str(getattr(self.options, "export", "student"))
 
     def exported_backbone(self) -> Backbone:
         """The backbone `pathssl pretrain` exports: the network the method's official evaluation uses (the
-        student / query encoder here; DINO overrides it with its teacher)."""
+        student / query encoder, or the EMA teacher of DINO and DINOv2: their `teacher_backbone`)."""
+        if self.exported_network == "teacher":
+            return self.teacher_backbone  # type: ignore[return-value]  # a frozen_copy of the Backbone
         return self.backbone
 
     def epoch_of(self, step: int) -> int:

@@ -183,15 +183,6 @@ class DINO(SSLMethod):
         self.teacher_momentum = momentum_schedule(options.momentum_teacher, total_steps, cosine_to_one=True)
         self.freeze_last_layer_steps = round(options.freeze_last_layer_epochs * steps_per_epoch)
 
-    @property
-    def exported_network(self) -> str:
-        return self.options.export
-
-    def exported_backbone(self) -> Backbone:
-        if self.options.export == "teacher":
-            return self.teacher_backbone  # type: ignore[return-value]  # a frozen_copy of the Backbone
-        return self.backbone
-
     def forward(self, views: list[Tensor], step: int) -> tuple[Tensor, dict[str, float]]:
         self.check_views(views)
         student_output = self.head(backbone_multicrop(self.backbone, views))

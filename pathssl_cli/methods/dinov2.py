@@ -193,15 +193,6 @@ class DINOv2(SSLMethod):
                                                 total_steps)
         self.freeze_last_layer_steps = round(options.freeze_last_layer_epochs * steps_per_epoch)
 
-    @property
-    def exported_network(self) -> str:
-        return self.options.export
-
-    def exported_backbone(self) -> Backbone:
-        if self.options.export == "teacher":
-            return self.teacher_backbone  # type: ignore[return-value]  # a frozen_copy of the Backbone
-        return self.backbone
-
     def _student_modules(self) -> list[tuple[str, list[tuple[str, nn.Parameter]]]]:
         """(module, named parameters) of each student module as dinov2 has them: the backbone (with its
         mask token), the DINO head and the iBOT head."""
