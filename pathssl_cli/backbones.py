@@ -70,7 +70,8 @@ BACKBONES.add("vit_base_patch14_reg4_dinov2", BackboneInfo(
     "vit_base_patch14_reg4_dinov2", "vit", 224, "ViT-B/14 with 4 registers (dinov2 vitb14_reg4)",
     vit_map_blocks=(2, 5, 8, 11)))
 # No LayerScale here: at 1e-5 a 6-block ViT's blocks stay near the identity for the few hundred steps a CPU
-# run makes (its DINOv2 run on real tiles learned nothing over random init; without it, specs/pretrain/tiny_dinov2)
+# run makes (with it, a DINOv2 run on real tiles learned nothing over random init; specs/pretrain/tiny_dinov2
+# learns without it)
 BACKBONES.add("vit_tiny_reg4", BackboneInfo(
     "test_vit", "vit", 64, "vit_tiny with 4 registers, for DINOv2 on CPU",
     timm_kwargs={"patch_size": 8, **_REG4}, vit_map_blocks=(1, 2, 3, 5)))
