@@ -46,6 +46,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from pathssl_cli.backbones import Backbone
+from pathssl_cli.console import warn
 from pathssl_cli.distributed import (  # noqa: F401 - re-exported for the method modules
     all_reduce_sum,
     all_reduce_sum_with_grad,
@@ -91,6 +92,17 @@ def momentum_schedule(base: float, total_steps: int, cosine_to_one: bool) -> np.
 def at_step(schedule: np.ndarray, step: int) -> float:
     """The schedule's value at `step`, holding the last value if a run goes past its planned length."""
     return float(schedule[min(max(step, 0), len(schedule) - 1)])
+
+
+def warn_if_warmup_outlasts_run(field: str, warmup_steps: int, total_steps: int, start: float,
+                                end: float) -> None:
+    """DINO and DINOv2 set the teacher-temperature warm-up in epochs (30 officially). A run shorter than its
+    warm-up never reaches the temperature its spec names, so its targets are not the ones the spec says: a
+    warning, not an error, since a short debugging run is legitimate."""
+    if warmup_steps > total_steps and start != end:
+        warn(f"{field} spans {warmup_steps} steps but the run has {total_steps}: the teacher temperature never "
+             f"reaches {end} (it warms up from {start}). Shorten the warm-up, or hold the temperature "
+             f"(warmup_teacher_temp = teacher_temp) as specs/pretrain/tiny_dinov2.toml does")
 
 
 @torch.no_grad()

@@ -33,6 +33,7 @@ from pathssl_cli.methods.base import (
     at_step,
     ema_update,
     frozen_copy,
+    warn_if_warmup_outlasts_run,
     without_autocast,
     world_size,
 )
@@ -138,8 +139,9 @@ def koleo_loss(x: Tensor, eps: float = 1e-8) -> Tensor:
 
 def teacher_temperature_schedule(start: float, end: float, warmup_steps: int, total_steps: int) -> np.ndarray:
     """Per-step teacher temperature: linspace(start, end, warmup_steps), then `end` (dinov2 `CosineScheduler`
-    with base = final = teacher_temp)."""
-    warmup = np.linspace(start, end, min(warmup_steps, total_steps))
+    with base = final = teacher_temp). A warm-up longer than the run keeps its rate and is cut at the run's end,
+    as DINO's per-epoch warm-up is (dinov2 asserts instead); `warn_if_warmup_outlasts_run` says so."""
+    warmup = np.linspace(start, end, warmup_steps)[:total_steps]
     return np.concatenate([warmup, np.full(max(total_steps - len(warmup), 1), end)])
 
 
@@ -186,9 +188,11 @@ class DINOv2(SSLMethod):
         self.register_buffer("dino_center", torch.zeros(1, options.dino.head_n_prototypes))
         self.register_buffer("ibot_center", torch.zeros(1, 1, ibot_dim))
         teacher = options.teacher
+        warmup_steps = round(teacher.warmup_teacher_temp_epochs * steps_per_epoch)
+        warn_if_warmup_outlasts_run("method.teacher.warmup_teacher_temp_epochs", warmup_steps, total_steps,
+                                    teacher.warmup_teacher_temp, teacher.teacher_temp)
         self.teacher_temp = teacher_temperature_schedule(
-            teacher.warmup_teacher_temp, teacher.teacher_temp,
-            round(teacher.warmup_teacher_temp_epochs * steps_per_epoch), total_steps)
+            teacher.warmup_teacher_temp, teacher.teacher_temp, warmup_steps, total_steps)
         self.teacher_momentum = cosine_schedule(teacher.momentum_teacher, teacher.final_momentum_teacher,
                                                 total_steps)
         self.freeze_last_layer_steps = round(options.freeze_last_layer_epochs * steps_per_epoch)

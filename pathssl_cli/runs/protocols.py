@@ -37,6 +37,8 @@ HISTORY: dict[str, dict[int, str]] = {
         7: "6493f23: patches streamed from slides (data.slides) whose JPEG level is 2, 4 or 8 times finer than "
            "needed are decoded at that scale by libjpeg's scaled IDCT (was a full decode, then area resizing): "
            "the pixels a spec with slides trains on differ by about a grey level on average",
+        8: "DINOv2's teacher-temperature warm-up, when longer than the run, keeps its per-step rate and is cut at "
+           "the run's end (it was compressed into the run, reaching teacher_temp early); DINO and DINOv2 warn",
     },
     "linear": {
         1: "4c50b7a: pooled features; a DINO checkpoints/last.pt was evaluated through its student",

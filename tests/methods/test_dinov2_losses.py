@@ -188,3 +188,10 @@ def test_teacher_temperature_warms_up_per_step_then_holds() -> None:
     temps = teacher_temperature_schedule(0.04, 0.07, warmup_steps=4, total_steps=7)
     np.testing.assert_allclose(temps[:7], [0.04, 0.05, 0.06, 0.07, 0.07, 0.07, 0.07])
     np.testing.assert_allclose(teacher_temperature_schedule(0.04, 0.07, 0, 3), [0.07, 0.07, 0.07])
+
+
+def test_a_warmup_longer_than_the_run_keeps_its_rate_and_is_cut() -> None:
+    # 20 warm-up steps in an 8-step run: step k is at 0.04 + 0.03 k / 19, as if the run went on (it used to be
+    # compressed into the 8 steps, reaching 0.07 at step 7: not the warm-up the spec names)
+    temps = teacher_temperature_schedule(0.04, 0.07, warmup_steps=20, total_steps=8)
+    np.testing.assert_allclose(temps[:8], [0.04 + 0.03 * k / 19 for k in range(8)])

@@ -191,3 +191,21 @@ def test_clips_each_student_module_on_its_own_and_ema_follows() -> None:
     student = method.backbone.state_dict()
     for key, value in method.teacher_backbone.state_dict().items():
         torch.testing.assert_close(value, m * before[key] + (1 - m) * student[key])
+
+
+# ------------------------------------------------------------------------------------------ short-run warning
+@pytest.mark.parametrize(("warmup_epochs", "warmup_temp", "warned"), [
+    (10, 0.04, True),    # 20 warm-up steps in an 8-step run: the teacher never reaches 0.07
+    (10, 0.07, False),   # held temperature: nothing to reach
+    (4, 0.04, False),    # the warm-up fits the run
+])
+def test_a_warmup_longer_than_the_run_is_warned_about(warmup_epochs: int, warmup_temp: float, warned: bool,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    options = DINOv2Options(dino=HEAD, ibot=HEAD, n_local_crops=2, teacher={
+        "warmup_teacher_temp_epochs": warmup_epochs, "warmup_teacher_temp": warmup_temp, "teacher_temp": 0.07})
+    method = create_method(create_backbone("vit_tiny_reg4"), options, steps_per_epoch=2, total_steps=8)
+    err = capsys.readouterr().err
+    assert ("never reaches 0.07" in err) == warned, err
+    assert ("method.teacher.warmup_teacher_temp_epochs spans 20 steps" in err) == warned
+    last_step = method.teacher_temp[7]  # total_steps = 8
+    assert last_step == pytest.approx(0.04 + 0.03 * 7 / 19 if warned else 0.07)
