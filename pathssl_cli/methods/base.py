@@ -94,14 +94,15 @@ def at_step(schedule: np.ndarray, step: int) -> float:
     return float(schedule[min(max(step, 0), len(schedule) - 1)])
 
 
-def warn_if_warmup_outlasts_run(field: str, warmup_steps: int, total_steps: int, start: float,
-                                end: float) -> None:
-    """DINO and DINOv2 set the teacher-temperature warm-up in epochs (30 officially). A run shorter than its
-    warm-up never reaches the temperature its spec names, so its targets are not the ones the spec says: a
-    warning, not an error, since a short debugging run is legitimate."""
-    if warmup_steps > total_steps and start != end:
-        warn(f"{field} spans {warmup_steps} steps but the run has {total_steps}: the teacher temperature never "
-             f"reaches {end} (it warms up from {start}). Shorten the warm-up, or hold the temperature "
+def warn_if_warmup_outlasts_run(field: str, warmup: int, run: int, start: float, end: float,
+                                unit: str = "steps") -> None:
+    """DINO and DINOv2 set the teacher-temperature warm-up in epochs (30 officially), DINO scheduling it per
+    epoch and DINOv2 per step (`unit`). A run shorter than its warm-up never reaches the temperature its spec
+    names, so its targets are not the ones the spec says: a warning, not an error, since a short debugging run
+    is legitimate."""
+    if warmup > run and start != end:
+        warn(f"{field} spans {warmup} {unit} but the run has {run}: the teacher temperature never reaches {end} "
+             f"(it warms up from {start}). Shorten the warm-up, or hold the temperature "
              f"(warmup_teacher_temp = teacher_temp) as specs/pretrain/tiny_dinov2.toml does")
 
 

@@ -180,10 +180,10 @@ class DINO(SSLMethod):
         self.teacher_backbone = frozen_copy(backbone)
         self.teacher_head = frozen_copy(self.head)
         self.register_buffer("center", torch.zeros(1, options.out_dim))
-        warn_if_warmup_outlasts_run("method.warmup_teacher_temp_epochs",
-                                    options.warmup_teacher_temp_epochs * steps_per_epoch, total_steps,
-                                    options.warmup_teacher_temp, options.teacher_temp)
-        self.teacher_temp = teacher_temperature_schedule(options, math.ceil(total_steps / steps_per_epoch))
+        n_epochs = math.ceil(total_steps / steps_per_epoch)
+        warn_if_warmup_outlasts_run("method.warmup_teacher_temp_epochs", options.warmup_teacher_temp_epochs,
+                                    n_epochs, options.warmup_teacher_temp, options.teacher_temp, unit="epochs")
+        self.teacher_temp = teacher_temperature_schedule(options, n_epochs)
         self.teacher_momentum = momentum_schedule(options.momentum_teacher, total_steps, cosine_to_one=True)
         self.freeze_last_layer_steps = round(options.freeze_last_layer_epochs * steps_per_epoch)
 

@@ -224,6 +224,20 @@ def test_dino_freezes_last_layer_clips_and_centres_on_global_crops() -> None:
     assert all(p.grad is not None for p in method.head.last_layer.parameters())
 
 
+@pytest.mark.parametrize(("steps_per_epoch", "warmup_epochs", "warned"), [
+    (2, 5, True),    # 8 steps = 4 epochs < 5 warm-up epochs: the last epoch is at 0.04 + 0.03 * 3 / 4
+    (3, 3, False),   # 8 steps = 3 epochs (the last one short): the warm-up ends in the run's last epoch
+    (2, 2, False),
+])
+def test_dino_warns_when_its_per_epoch_warmup_outlasts_the_run(
+        steps_per_epoch: int, warmup_epochs: int, warned: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    method = make("dino", steps_per_epoch=steps_per_epoch, warmup_teacher_temp_epochs=warmup_epochs)
+    err = capsys.readouterr().err
+    assert ("method.warmup_teacher_temp_epochs spans" in err) == warned, err
+    last_epoch = method.teacher_temp[(8 - 1) // steps_per_epoch]
+    assert last_epoch == pytest.approx(0.04 + 0.03 * 3 / 4 if warned else 0.07)
+
+
 def test_dino_schedules() -> None:
     method = make("dino", steps_per_epoch=2)  # 8 steps = 4 epochs, warm-up 2 epochs 0.04 -> 0.07
     assert [round(t, 6) for t in method.teacher_temp[:4]] == [0.04, 0.07, 0.07, 0.07]
