@@ -30,7 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_learns_real import gain_over_random, knn_scores, slide_split  # noqa: F401 - the fixture, shared
+from test_learns_real import (  # noqa: F401 - slide_split: the fixture, shared
+    gain_over_random,
+    knn_scores,
+    pretraining_overrides,
+    slide_split,
+)
 
 from pathssl_cli.pretrain import run_pretrain
 from pathssl_cli.specs import load_spec
@@ -43,11 +48,7 @@ def test_tiny_dinov2_on_slides_it_never_saw_beats_random_init_without_collapse(
         shared_data: Path, slide_split: tuple[Path, Path], tmp_path: Path) -> None:  # noqa: F811
     table, pool = slide_split
     out = tmp_path / "pretrain"
-    patches = shared_data / "patches"
-    spec = load_spec(SPECS / "pretrain" / "tiny_dinov2.toml", [
-        f'data.tiles=["{pool}", "{patches / "lc25000-colon"}", "{patches / "nct-crc-he-100k"}", '
-        f'"{shared_data / "nuclei" / "consep-tiles" / "Images"}"]',
-        "data.tile_size=224", f"run.output_dir={out}", "run.checkpoint_every=100000"])
+    spec = load_spec(SPECS / "pretrain" / "tiny_dinov2.toml", pretraining_overrides(shared_data, pool, out))
     run_pretrain(spec)  # type: ignore[arg-type]
 
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -15,7 +15,8 @@ points at least. Measured (1 thread, the recipe as shipped): random init 0.550 /
 run gave 0.603. The linear probe (standardised L-BFGS) is not the check here: with two slides held out of
 pre-training it puts the recipe 0-2 points above random init (the spec's header), within seed noise.
 
-`slide_split`, `knn_scores` and `gain_over_random` also serve tests/pretrain/test_learns_dinov2.py.
+`slide_split`, `pretraining_overrides`, `knn_scores` and `gain_over_random` also serve
+tests/pretrain/test_learns_dinov2.py.
 """
 
 from __future__ import annotations
@@ -59,6 +60,15 @@ def slide_split(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return table, pool
 
 
+def pretraining_overrides(shared_data: Path, pool: Path, out: Path) -> list[str]:
+    """A pre-training spec's sources replaced by the held-out split's pool (the other dev slides) and every other
+    real tile sample, each tile resized to 224 px first (CoNSeP's 256 px tiles too), writing to `out`."""
+    patches = shared_data / "patches"
+    return [f'data.tiles=["{pool}", "{patches / "lc25000-colon"}", "{patches / "nct-crc-he-100k"}", '
+            f'"{shared_data / "nuclei" / "consep-tiles" / "Images"}"]',
+            "data.tile_size=224", f"run.output_dir={out}", "run.checkpoint_every=100000"]
+
+
 def knn_scores(table: Path, weights: str | Path, init_seed: int, out: Path, *overrides: str) -> list[float]:
     """Balanced accuracy of the recipe's kNN probe (`overrides` on top) at each split seed."""
     scores = []
@@ -88,11 +98,7 @@ def test_pretraining_beats_random_init_on_slides_it_never_saw(shared_data: Path,
                                                                tmp_path: Path) -> None:
     table, pool = slide_split
     out = tmp_path / "pretrain"
-    patches = shared_data / "patches"
-    spec = load_spec(SPECS / "pretrain" / "cpu_real.toml", [
-        f'data.tiles=["{pool}", "{patches / "lc25000-colon"}", "{patches / "nct-crc-he-100k"}", '
-        f'"{shared_data / "nuclei" / "consep-tiles" / "Images"}"]',
-        f"run.output_dir={out}", "run.checkpoint_every=100000"])
+    spec = load_spec(SPECS / "pretrain" / "cpu_real.toml", pretraining_overrides(shared_data, pool, out))
     run_pretrain(spec)  # type: ignore[arg-type]
 
     random_init = [knn_scores(table, "random", seed, tmp_path / f"random{seed}") for seed in (0, 10, 20)]
